@@ -1,0 +1,121 @@
+//! Body types shared by the stages: one boxed body for everything the gateway sends, and a
+//! wrapper that gives up on a stalled upstream stream.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty, Full};
+use tokio::time::{Instant, Sleep};
+
+/// Error type carried by streamed bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The one body type of requests to the upstream and responses to the client.
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// A complete body from bytes.
+pub fn full(bytes: impl Into<Bytes>) -> BoxBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty() -> BoxBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// The upstream sent no body frame for longer than the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream body idle for longer than the configured timeout")]
+pub struct IdleTimeout;
+
+pin_project_lite::pin_project! {
+    /// Fails the stream when the inner body produces no frame for `idle`. Without it a
+    /// stalled upstream would hold the client connection (and a pool slot) forever.
+    pub struct IdleTimeoutBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: Sleep,
+        idle: Duration,
+    }
+}
+
+impl<B> IdleTimeoutBody<B> {
+    /// Wraps `inner`; the clock starts now.
+    pub fn new(inner: B, idle: Duration) -> Self {
+        IdleTimeoutBody {
+            inner,
+            sleep: tokio::time::sleep(idle),
+            idle,
+        }
+    }
+}
+
+impl<B> Body for IdleTimeoutBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            this.sleep.as_mut().reset(Instant::now() + *this.idle);
+            return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
+        }
+        ready!(this.sleep.poll(cx));
+        Poll::Ready(Some(Err(Box::new(IdleTimeout))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body that is never ready, like a stalled upstream.
+    struct Stalled;
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    /// A stalled body fails after the idle timeout instead of hanging forever.
+    #[tokio::test(start_paused = true)]
+    async fn stalled_body_times_out() {
+        let body = IdleTimeoutBody::new(Stalled, Duration::from_secs(1));
+        let err = body.collect().await.err().expect("must fail");
+        assert!(err.downcast_ref::<IdleTimeout>().is_some());
+    }
+
+    /// A body that keeps producing is not cut off.
+    #[tokio::test(start_paused = true)]
+    async fn live_body_passes() {
+        let body = IdleTimeoutBody::new(full("hello"), Duration::from_secs(1));
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"hello");
+    }
+}

@@ -1,0 +1,460 @@
+//! Configuration: the TOML file of DESIGN.md's interface contract, environment overrides
+//! (`SMARTGATE__SECTION__KEY`), validation with errors that name the key, and the masked
+//! rendering `check-config` prints.
+//!
+//! Unknown keys are errors everywhere: a typo must never silently turn a check off.
+
+mod env;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use units::{BaseUrl, ByteSize, Dur};
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The public listener.
+    pub server: ServerConfig,
+    /// The admin listener (health, readiness, metrics).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The protected FHIR server.
+    pub upstream: UpstreamConfig,
+    /// How bearer tokens are checked.
+    pub auth: AuthConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Hot reload of this file.
+    #[serde(default)]
+    pub reload: ReloadConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the public listener.
+    pub listen: SocketAddr,
+    /// The FHIR base URL as clients see it; its path is the prefix the gateway serves.
+    pub public_base_url: BaseUrl,
+    /// Serve TLS with these PEM files (reloaded when they change).
+    pub tls: Option<TlsConfig>,
+    /// Largest request body forwarded; larger → 413.
+    #[serde(default = "defaults::max_request_body")]
+    pub max_request_body: ByteSize,
+    /// How long in-flight requests may finish after SIGTERM.
+    #[serde(default = "defaults::shutdown_grace")]
+    pub shutdown_grace: Dur,
+    /// How long a client may take to send request headers (also the keep-alive idle limit).
+    #[serde(default = "defaults::header_read_timeout")]
+    pub header_read_timeout: Dur,
+}
+
+/// `[server.tls]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of `/healthz`, `/readyz`, `/metrics`.
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: defaults::admin_listen(),
+        }
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// FHIR base of the protected server.
+    pub url: BaseUrl,
+    /// Time allowed for the upstream's response headers.
+    #[serde(default = "defaults::upstream_timeout")]
+    pub timeout: Dur,
+    /// Time allowed to open a TCP (and TLS) connection.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Longest pause allowed between two pieces of a response body.
+    #[serde(default = "defaults::upstream_idle_timeout")]
+    pub idle_timeout: Dur,
+    /// Headers added to every upstream request (credentials for the upstream itself).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Forward the client's `Authorization` header (off: the upstream never sees tokens).
+    #[serde(default)]
+    pub forward_authorization: bool,
+    /// Extra PEM CA certificates trusted for an https upstream (beside the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// Other base URLs the upstream writes for itself in links (rewritten too).
+    #[serde(default)]
+    pub aliases: Vec<BaseUrl>,
+    /// Idle keep-alive connections kept per upstream host.
+    #[serde(default = "defaults::pool_max_idle")]
+    pub pool_max_idle_per_host: usize,
+    /// How long an idle pooled connection is kept.
+    #[serde(default = "defaults::pool_idle_timeout")]
+    pub pool_idle_timeout: Dur,
+    /// Largest FHIR JSON response the gateway holds in memory to rewrite or verify;
+    /// larger ones are refused with 502 rather than passed on unchecked.
+    #[serde(default = "defaults::max_response_buffer")]
+    pub max_response_buffer: ByteSize,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// How bearer tokens are checked.
+    pub mode: AuthMode,
+}
+
+/// `auth.mode`
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No token check: every request is forwarded. For benchmarks and local trials only;
+    /// the gateway warns at start.
+    None,
+    /// JWT access tokens validated against a JWKS.
+    Jwt,
+    /// RFC 7662 token introspection.
+    Introspection,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `auto` (text on a terminal, JSON otherwise), `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `smartgate=debug,info`.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Auto,
+            level: defaults::log_level(),
+        }
+    }
+}
+
+/// `log.format`
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text on a terminal, JSON lines otherwise.
+    #[default]
+    Auto,
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[reload]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Watch the configuration (and TLS) files and reload on change; SIGHUP always reloads.
+    #[serde(default = "defaults::yes")]
+    pub watch: bool,
+    /// How often the files are checked for changes.
+    #[serde(default = "defaults::watch_interval")]
+    pub interval: Dur,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch: true,
+            interval: defaults::watch_interval(),
+        }
+    }
+}
+
+mod defaults {
+    use super::{ByteSize, Dur};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    pub fn max_request_body() -> ByteSize {
+        ByteSize(16 << 20)
+    }
+    pub fn max_response_buffer() -> ByteSize {
+        ByteSize(32 << 20)
+    }
+    pub fn shutdown_grace() -> Dur {
+        Dur(Duration::from_secs(20))
+    }
+    pub fn header_read_timeout() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn admin_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9090))
+    }
+    pub fn upstream_timeout() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn connect_timeout() -> Dur {
+        Dur(Duration::from_secs(5))
+    }
+    pub fn upstream_idle_timeout() -> Dur {
+        Dur(Duration::from_secs(60))
+    }
+    pub fn pool_max_idle() -> usize {
+        64
+    }
+    pub fn pool_idle_timeout() -> Dur {
+        Dur(Duration::from_secs(90))
+    }
+    pub fn log_level() -> String {
+        "info".to_owned()
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn watch_interval() -> Dur {
+        Dur(Duration::from_secs(2))
+    }
+}
+
+/// A configuration that cannot be used, naming the file, the key and the value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("{path}: not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A key has a wrong, missing or unknown value.
+    #[error("{path}: {key}: {message}{}", env_note(.env_var))]
+    Key {
+        /// The file.
+        path: String,
+        /// Dotted key, e.g. `upstream.url`.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+        /// The environment variable the value came from, when it did.
+        env_var: Option<String>,
+    },
+}
+
+fn env_note(var: &Option<String>) -> String {
+    match var {
+        Some(v) => format!(" (set by environment variable {v})"),
+        None => String::new(),
+    }
+}
+
+impl ConfigError {
+    /// The dotted key this error is about, if any.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Key { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `SMARTGATE__…` overrides from `env`, and validates.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string(), env)
+    }
+
+    /// Parses configuration text; `origin` names it in errors.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_owned(),
+            message: e.message().to_owned() + &line_of(text, e.span()),
+        })?;
+        let overridden =
+            env::apply(&mut table, env).map_err(|(var, message)| ConfigError::Key {
+                path: origin.to_owned(),
+                key: var.clone(),
+                message,
+                env_var: Some(var),
+            })?;
+        let key_error = |key: String, message: String| {
+            let env_var = overridden
+                .iter()
+                .find(|(k, _)| key == *k || key.starts_with(&format!("{k}.")))
+                .map(|(_, v)| v.clone());
+            ConfigError::Key {
+                path: origin.to_owned(),
+                key,
+                message,
+                env_var,
+            }
+        };
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let key = if key == "." {
+                    "(top level)".to_owned()
+                } else {
+                    key
+                };
+                key_error(key, e.inner().message().trim().to_owned())
+            })?;
+        config.validate().map_err(|(k, m)| key_error(k, m))?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot: header syntax, cross-key rules.
+    fn validate(&self) -> Result<(), (String, String)> {
+        for (name, value) in &self.upstream.headers {
+            let key = format!("upstream.headers.{name}");
+            let parsed: http::HeaderName = name
+                .parse()
+                .map_err(|_| (key.clone(), format!("{name:?} is not a valid header name")))?;
+            if crate::proxy::headers::is_hop_by_hop(&parsed) || parsed == http::header::HOST {
+                return Err((
+                    key,
+                    format!("{name:?} is managed by the gateway and cannot be set"),
+                ));
+            }
+            http::HeaderValue::from_str(value)
+                .map_err(|_| (key, "is not a valid header value".to_owned()))?;
+        }
+        if self.server.max_request_body.0 == 0 {
+            return Err((
+                "server.max_request_body".into(),
+                "must be greater than 0".into(),
+            ));
+        }
+        if self.upstream.timeout.0.is_zero() {
+            return Err(("upstream.timeout".into(), "must be greater than 0".into()));
+        }
+        if self.upstream.connect_timeout.0.is_zero() {
+            return Err((
+                "upstream.connect_timeout".into(),
+                "must be greater than 0".into(),
+            ));
+        }
+        if self.upstream.idle_timeout.0.is_zero() {
+            return Err((
+                "upstream.idle_timeout".into(),
+                "must be greater than 0".into(),
+            ));
+        }
+        if self.reload.interval.0 < std::time::Duration::from_millis(100) {
+            return Err((
+                "reload.interval".into(),
+                format!("{} is too short (at least 100ms)", self.reload.interval),
+            ));
+        }
+        if self.server.listen == self.admin.listen && self.server.listen.port() != 0 {
+            return Err((
+                "admin.listen".into(),
+                format!("{} is also server.listen", self.admin.listen),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err((
+                "log.level".into(),
+                format!("{:?} is not a log filter: {e}", self.log.level),
+            ));
+        }
+        match self.auth.mode {
+            AuthMode::None => {}
+            mode @ (AuthMode::Jwt | AuthMode::Introspection) => {
+                return Err((
+                    "auth.mode".into(),
+                    format!(
+                        "{:?} is not available in this version yet (supported: \"none\")",
+                        mode_name(mode)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets replaced by `"***"`.
+    pub fn to_masked_toml(&self) -> String {
+        let mut masked = self.clone();
+        for value in masked.upstream.headers.values_mut() {
+            *value = "***".to_owned();
+        }
+        toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn mode_name(mode: AuthMode) -> &'static str {
+    match mode {
+        AuthMode::None => "none",
+        AuthMode::Jwt => "jwt",
+        AuthMode::Introspection => "introspection",
+    }
+}
+
+impl fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(mode_name(*self))
+    }
+}
+
+/// `" (line N)"` for a parser span, so operators can find the spot.
+fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => {
+            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

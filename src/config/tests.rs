@@ -1,0 +1,187 @@
+use super::*;
+use std::time::Duration;
+
+const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+public_base_url = "https://fhir.example.org/r4"
+
+[upstream]
+url = "http://127.0.0.1:8081/fhir"
+
+[auth]
+mode = "none"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "test.toml", Vec::new())
+}
+
+fn parse_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::parse(
+        text,
+        "test.toml",
+        env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+}
+
+fn err(text: &str) -> String {
+    parse(text).unwrap_err().to_string()
+}
+
+/// A minimal file gets the documented defaults.
+#[test]
+fn minimal_file_has_defaults() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.server.max_request_body.0, 16 << 20);
+    assert_eq!(c.server.shutdown_grace.0, Duration::from_secs(20));
+    assert_eq!(c.upstream.timeout.0, Duration::from_secs(30));
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9090");
+    assert!(!c.upstream.forward_authorization);
+    assert_eq!(c.server.public_base_url.path, "/r4");
+}
+
+/// The example configuration shipped in config/ is valid.
+#[test]
+fn example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/smartgate.example.toml");
+    Config::load(Path::new(path), Vec::new()).unwrap();
+}
+
+/// Errors name the key, the value and what is expected.
+#[test]
+fn bad_url_names_key_and_value() {
+    let e = err(&MINIMAL.replace("http://127.0.0.1:8081/fhir", "not a url"));
+    assert!(
+        e.contains("upstream.url: \"not a url\" is not an absolute http(s) URL"),
+        "{e}"
+    );
+}
+
+/// Typos are errors, not silently ignored keys.
+#[test]
+fn unknown_key_is_an_error() {
+    let e = err(&MINIMAL.replace("[auth]", "[auth]\nmodee = \"jwt\""));
+    assert!(e.contains("auth") && e.contains("modee"), "{e}");
+    let e = err(&format!("{MINIMAL}\n[serverr]\nx = 1\n"));
+    assert!(e.contains("serverr"), "{e}");
+}
+
+/// A missing required key is named.
+#[test]
+fn missing_key_is_named() {
+    let e = err(&MINIMAL.replace("url = \"http://127.0.0.1:8081/fhir\"", ""));
+    assert!(e.contains("upstream") && e.contains("url"), "{e}");
+}
+
+/// Durations and sizes are checked where they are written.
+#[test]
+fn bad_duration_names_key() {
+    let e = err(&MINIMAL.replace("[upstream]", "[upstream]\ntimeout = \"30x\""));
+    assert!(
+        e.contains("upstream.timeout: \"30x\" is not a duration"),
+        "{e}"
+    );
+    let e = err(&MINIMAL.replace("[server]", "[server]\nmax_request_body = \"lots\""));
+    assert!(e.contains("server.max_request_body"), "{e}");
+}
+
+/// Header credentials must be valid headers and not ones the gateway manages.
+#[test]
+fn upstream_headers_validated() {
+    let e = err(&format!(
+        "{MINIMAL}\n[upstream.headers]\n\"Bad Name\" = \"x\"\n"
+    ));
+    assert!(e.contains("upstream.headers.Bad Name"), "{e}");
+    let e = err(&format!(
+        "{MINIMAL}\n[upstream.headers]\nConnection = \"x\"\n"
+    ));
+    assert!(e.contains("managed by the gateway"), "{e}");
+}
+
+/// Syntax errors say which line.
+#[test]
+fn syntax_error_has_line() {
+    let e = err("[server]\nlisten = \n");
+    assert!(e.contains("not valid TOML") && e.contains("line 2"), "{e}");
+}
+
+/// Environment variables override file values, typed like the file.
+#[test]
+fn env_overrides() {
+    let c = parse_env(
+        MINIMAL,
+        &[
+            ("SMARTGATE__UPSTREAM__URL", "http://other:9000/base"),
+            ("SMARTGATE__UPSTREAM__TIMEOUT", "5s"),
+            ("SMARTGATE__UPSTREAM__FORWARD_AUTHORIZATION", "true"),
+            ("SMARTGATE__UPSTREAM__POOL_MAX_IDLE_PER_HOST", "8"),
+            ("SMARTGATE__UPSTREAM__HEADERS__X_API_KEY", "12345"),
+            (
+                "SMARTGATE__UPSTREAM__ALIASES",
+                r#"["http://fhir:8081/fhir"]"#,
+            ),
+            ("OTHER_VAR", "ignored"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.upstream.url.as_string(), "http://other:9000/base");
+    assert_eq!(c.upstream.timeout.0, Duration::from_secs(5));
+    assert!(c.upstream.forward_authorization);
+    assert_eq!(c.upstream.pool_max_idle_per_host, 8);
+    assert_eq!(c.upstream.aliases.len(), 1);
+    // Digits for a header value would be an integer; header values are strings.
+    assert!(
+        parse_env(
+            MINIMAL,
+            &[("SMARTGATE__UPSTREAM__HEADERS__X_API_KEY", "abc")]
+        )
+        .unwrap()
+        .upstream
+        .headers
+        .contains_key("x-api-key")
+    );
+}
+
+/// A bad override names the variable it came from.
+#[test]
+fn env_error_names_variable() {
+    let e = parse_env(MINIMAL, &[("SMARTGATE__UPSTREAM__URL", "nope")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("upstream.url") && e.contains("SMARTGATE__UPSTREAM__URL"),
+        "{e}"
+    );
+    let e = parse_env(MINIMAL, &[("SMARTGATE__SERVER__LISTN", "x")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listn"), "{e}");
+    let e = parse_env(MINIMAL, &[("SMARTGATE__SERVER____X", "x")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("empty level"), "{e}");
+}
+
+/// Modes that are not built yet are refused rather than silently treated as `none`.
+#[test]
+fn unavailable_auth_mode_refused() {
+    let e = err(&MINIMAL.replace("mode = \"none\"", "mode = \"jwt\""));
+    assert!(e.contains("auth.mode"), "{e}");
+    let e = err(&MINIMAL.replace("mode = \"none\"", "mode = \"bogus\""));
+    assert!(e.contains("auth.mode"), "{e}");
+}
+
+/// check-config never prints upstream credentials.
+#[test]
+fn masked_output_hides_secrets() {
+    let c = parse(&format!(
+        "{MINIMAL}\n[upstream.headers]\nAuthorization = \"Basic c2VjcmV0\"\n"
+    ))
+    .unwrap();
+    let out = c.to_masked_toml();
+    assert!(!out.contains("c2VjcmV0"), "{out}");
+    assert!(out.contains("***"), "{out}");
+    // The masked output is itself a valid configuration (secrets aside).
+    assert!(parse(&out).is_ok(), "{out}");
+}

@@ -1,0 +1,165 @@
+//! The request-path error type and its one renderer.
+//!
+//! Every refusal or failure a client can see is a [`GatewayError`]. Each variant knows its
+//! HTTP status, its FHIR `OperationOutcome` issue code and a short, stable `reason` used as
+//! a metric label and in the access log. The `match`es below have no catch-all arm, so a
+//! new variant forces a decision about how it is rendered.
+//!
+//! Nothing internal (upstream addresses, error chains, stack traces) is rendered: the
+//! client gets the variant's fixed text; operators get the detail in the log.
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::body::{BoxBody, full};
+
+/// Media type of every body the gateway writes itself.
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+/// Why a request did not get an upstream answer.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum GatewayError {
+    // --- client ---
+    /// The path is not under `server.public_base_url` (or is not a gateway endpoint).
+    #[error("no such endpoint")]
+    NotFound,
+    /// The request is malformed in a way the gateway refuses to guess about.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// The request body is larger than `server.max_request_body`.
+    #[error("request body exceeds the configured limit")]
+    PayloadTooLarge,
+
+    // --- upstream ---
+    /// The upstream refused the connection or broke the exchange.
+    #[error("upstream unreachable")]
+    UpstreamUnreachable,
+    /// The upstream did not connect or answer within the configured time.
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    /// The upstream answered with something the gateway cannot pass on safely.
+    #[error("upstream response unusable: {0}")]
+    UpstreamInvalid(&'static str),
+    /// The gateway is not ready to serve (for example: not started up fully).
+    #[error("service unavailable")]
+    Unavailable,
+
+    // --- internal ---
+    /// A bug or resource failure inside the gateway.
+    #[error("internal error")]
+    Internal,
+}
+
+impl GatewayError {
+    /// HTTP status sent to the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::NotFound => StatusCode::NOT_FOUND,
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::UpstreamInvalid(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable, low-cardinality reason code for metrics and the access log.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            GatewayError::NotFound => "not_found",
+            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::PayloadTooLarge => "payload_too_large",
+            GatewayError::UpstreamUnreachable => "upstream_unreachable",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::UpstreamInvalid(_) => "upstream_invalid",
+            GatewayError::Unavailable => "unavailable",
+            GatewayError::Internal => "internal",
+        }
+    }
+
+    /// FHIR R4 `IssueType` code (http://hl7.org/fhir/R4/valueset-issue-type.html).
+    fn issue_code(&self) -> &'static str {
+        match self {
+            GatewayError::NotFound => "not-found",
+            GatewayError::BadRequest(_) => "invalid",
+            GatewayError::PayloadTooLarge => "too-costly",
+            GatewayError::UpstreamUnreachable => "transient",
+            GatewayError::UpstreamTimeout => "timeout",
+            GatewayError::UpstreamInvalid(_) => "exception",
+            GatewayError::Unavailable => "transient",
+            GatewayError::Internal => "exception",
+        }
+    }
+
+    /// Human-readable text for the client. Fixed strings only: never upstream detail.
+    fn diagnostics(&self) -> String {
+        match self {
+            GatewayError::NotFound => "No FHIR endpoint at this address.".to_owned(),
+            GatewayError::BadRequest(why) => format!("Bad request: {why}."),
+            GatewayError::PayloadTooLarge => "Request body exceeds the size limit.".to_owned(),
+            GatewayError::UpstreamUnreachable => "The FHIR server could not be reached.".to_owned(),
+            GatewayError::UpstreamTimeout => "The FHIR server did not answer in time.".to_owned(),
+            GatewayError::UpstreamInvalid(why) => {
+                format!("The FHIR server's response could not be passed on: {why}.")
+            }
+            GatewayError::Unavailable => "The gateway is not ready; retry later.".to_owned(),
+            GatewayError::Internal => "Internal gateway error.".to_owned(),
+        }
+    }
+
+    /// Renders this error as a FHIR `OperationOutcome` response.
+    pub fn into_response(self) -> Response<BoxBody> {
+        let status = self.status();
+        let mut resp = operation_outcome(status, self.issue_code(), &self.diagnostics());
+        if matches!(self, GatewayError::Unavailable) {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        resp
+    }
+}
+
+/// A FHIR `OperationOutcome` with one error issue.
+pub fn operation_outcome(status: StatusCode, code: &str, diagnostics: &str) -> Response<BoxBody> {
+    let body = serde_json::json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{ "severity": "error", "code": code, "diagnostics": diagnostics }]
+    });
+    let bytes = Bytes::from(body.to_string());
+    let mut resp = Response::new(full(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// Every error renders as an OperationOutcome with no internal detail.
+    #[tokio::test]
+    async fn renders_operation_outcome() {
+        let resp = GatewayError::UpstreamTimeout.into_response();
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(resp.headers()[CONTENT_TYPE], FHIR_JSON);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["resourceType"], "OperationOutcome");
+        assert_eq!(v["issue"][0]["code"], "timeout");
+    }
+
+    /// 503 tells clients when to come back.
+    #[test]
+    fn unavailable_has_retry_after() {
+        let resp = GatewayError::Unavailable.into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().contains_key(http::header::RETRY_AFTER));
+    }
+}

@@ -1,0 +1,117 @@
+//! Structural edits of FHIR JSON Bundles: the URL fields that point back at the server.
+
+use serde_json::Value;
+
+/// Cheap test for whether a FHIR JSON body may hold something [`rewrite_links`] would
+/// change: only Bundles carry links. A body that names `Bundle` only through JSON escapes
+/// contains `\u`, so it is caught too.
+pub fn may_need_link_rewrite(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"Bundle").is_some() || memchr::memmem::find(body, b"\\u").is_some()
+}
+
+/// Rewrites `Bundle.link[].url`, `Bundle.entry[].fullUrl` and
+/// `Bundle.entry[].response.location` with `map` (which returns `None` to keep a URL),
+/// descending into Bundles nested as entry resources. Returns whether anything changed.
+///
+/// FHIR R4 bundle.html: `link.url` and `fullUrl` are absolute URLs on the server, and so
+/// would reveal the upstream's address.
+pub fn rewrite_links(resource: &mut Value, map: &dyn Fn(&str) -> Option<String>) -> bool {
+    let Some(obj) = resource.as_object_mut() else {
+        return false;
+    };
+    if obj.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return false;
+    }
+    let mut changed = false;
+    if let Some(links) = obj.get_mut("link").and_then(Value::as_array_mut) {
+        for link in links {
+            changed |= rewrite_field(link, "url", map);
+        }
+    }
+    if let Some(entries) = obj.get_mut("entry").and_then(Value::as_array_mut) {
+        for entry in entries {
+            changed |= rewrite_field(entry, "fullUrl", map);
+            if let Some(response) = entry.get_mut("response") {
+                changed |= rewrite_field(response, "location", map);
+            }
+            if let Some(inner) = entry.get_mut("resource") {
+                changed |= rewrite_links(inner, map);
+            }
+        }
+    }
+    changed
+}
+
+fn rewrite_field(obj: &mut Value, field: &str, map: &dyn Fn(&str) -> Option<String>) -> bool {
+    let Some(slot) = obj.get_mut(field) else {
+        return false;
+    };
+    let Some(new) = slot.as_str().and_then(map) else {
+        return false;
+    };
+    *slot = Value::String(new);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn up(url: &str) -> Option<String> {
+        url.strip_prefix("http://up/fhir")
+            .map(|rest| format!("https://pub/r4{rest}"))
+    }
+
+    /// Links, fullUrls, response locations and nested bundles are rewritten; resource
+    /// content that merely mentions the upstream is not touched.
+    #[test]
+    fn rewrites_bundle_fields() {
+        let mut b = json!({
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "link": [{"relation": "next", "url": "http://up/fhir?_getpages=abc"}],
+            "entry": [
+                {"fullUrl": "http://up/fhir/Patient/1",
+                 "resource": {"resourceType": "Patient", "id": "1",
+                              "text": {"div": "see http://up/fhir/Patient/1"}}},
+                {"response": {"status": "201", "location": "http://up/fhir/Patient/2/_history/1"}},
+                {"resource": {"resourceType": "Bundle", "link": [{"url": "http://up/fhir/x"}]}}
+            ]
+        });
+        assert!(rewrite_links(&mut b, &up));
+        assert_eq!(b["link"][0]["url"], "https://pub/r4?_getpages=abc");
+        assert_eq!(b["entry"][0]["fullUrl"], "https://pub/r4/Patient/1");
+        assert_eq!(
+            b["entry"][0]["resource"]["text"]["div"],
+            "see http://up/fhir/Patient/1"
+        );
+        assert_eq!(
+            b["entry"][1]["response"]["location"],
+            "https://pub/r4/Patient/2/_history/1"
+        );
+        assert_eq!(
+            b["entry"][2]["resource"]["link"][0]["url"],
+            "https://pub/r4/x"
+        );
+    }
+
+    /// Non-bundles and odd shapes are left alone without error.
+    #[test]
+    fn ignores_non_bundles_and_odd_shapes() {
+        let mut p = json!({"resourceType": "Patient", "link": [{"url": "http://up/fhir/x"}]});
+        assert!(!rewrite_links(&mut p, &up));
+        let mut odd =
+            json!({"resourceType": "Bundle", "link": "nope", "entry": [1, null, {"fullUrl": 3}]});
+        assert!(!rewrite_links(&mut odd, &up));
+        assert!(!rewrite_links(&mut json!([1, 2]), &up));
+    }
+
+    /// The pre-filter never skips a Bundle, escaped or not.
+    #[test]
+    fn prefilter() {
+        assert!(may_need_link_rewrite(br#"{"resourceType":"Bundle"}"#));
+        assert!(may_need_link_rewrite(br#"{"resourceType":"Bund\u006ce"}"#));
+        assert!(!may_need_link_rewrite(br#"{"resourceType":"Patient"}"#));
+    }
+}

@@ -1,0 +1,42 @@
+//! smartgate: a SMART on FHIR policy enforcement gateway.
+//!
+//! The binary is a thin shell over [`run`]; tests boot the same gateway in-process with
+//! [`Gateway::bind`] on port 0. The request flow (DESIGN.md) lives in [`pipeline`], one
+//! module per stage.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod fhir;
+pub mod metrics;
+pub mod pipeline;
+pub mod proxy;
+pub mod server;
+pub mod state;
+
+use std::future::Future;
+use std::path::PathBuf;
+
+pub use config::Config;
+pub use server::{Gateway, GatewayHandle, StartError};
+
+/// Binds and serves the gateway until `shutdown` completes, then drains and returns.
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    env: Vec<(String, String)>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let gateway = Gateway::bind(config, config_path, env).await?;
+    tracing::info!(
+        public = %gateway.public_addr(),
+        admin = %gateway.admin_addr(),
+        "smartgate listening"
+    );
+    gateway.serve(shutdown).await;
+    Ok(())
+}

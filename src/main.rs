@@ -1,0 +1,144 @@
+//! The `smartgate` command: parses the command line, sets up logging and signals, and
+//! calls the library.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use smartgate::config::{Config, LogFormat};
+
+/// SMART on FHIR policy enforcement gateway.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Configuration file (same as `serve --config FILE`).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve,
+    /// Validate the configuration and print it as it takes effect (secrets masked).
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(path) = cli.config else {
+        eprintln!("error: --config FILE is required (see config/smartgate.example.toml)");
+        return ExitCode::from(2);
+    };
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = match Config::load(&path, env.iter().cloned()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => {
+            print!("{}", config.to_masked_toml());
+            eprintln!("configuration OK: {}", path.display());
+            ExitCode::SUCCESS
+        }
+        Command::Serve => serve(config, &path, env),
+    }
+}
+
+fn serve(config: Config, path: &Path, env: Vec<(String, String)>) -> ExitCode {
+    init_logging(&config);
+    if config.auth.mode == smartgate::config::AuthMode::None {
+        tracing::warn!(
+            "auth.mode = \"none\": requests are forwarded WITHOUT any token check; \
+             use this only for trials and benchmarks"
+        );
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let gateway = smartgate::Gateway::bind(config, Some(path.to_path_buf()), env).await?;
+        tracing::info!(
+            public = %gateway.public_addr(),
+            admin = %gateway.admin_addr(),
+            version = env!("CARGO_PKG_VERSION"),
+            "smartgate listening"
+        );
+        let handle = gateway.handle();
+        tokio::spawn(reload_on_sighup(handle));
+        gateway.serve(shutdown_signal()).await;
+        Ok::<(), smartgate::StartError>(())
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match config.log.format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// SIGHUP re-reads the configuration file.
+async fn reload_on_sighup(handle: smartgate::GatewayHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload by file change only");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading configuration");
+        let _ = handle.reload();
+    }
+}

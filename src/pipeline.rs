@@ -1,0 +1,350 @@
+//! The request flow of DESIGN.md as named stages, in order:
+//! route → (authenticate → classify → authorize) → forward → respond, with `log` (metrics
+//! and the access line) run for every request, answered, refused or failed.
+//!
+//! Authentication and the SMART decision are not part of this version: `auth.mode` can
+//! only be `none`, so every routed request gets the pass-through [`Plan`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::body::{BoxBody, full};
+use crate::error::GatewayError;
+use crate::fhir::bundle;
+use crate::metrics::status_class;
+use crate::proxy::headers::{ClientSide, X_REQUEST_ID};
+use crate::state::{Shared, Snapshot};
+
+/// The boxed future of one request, as the connection's service returns it.
+pub type ResponseFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Response<BoxBody>, Infallible>> + Send>,
+>;
+
+/// Facts about the client connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Client address.
+    pub peer: std::net::SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// What the forward and respond stages must do for one request. Produced by the
+/// authorization stage; forward takes it, so nothing is forwarded without one.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Buffer FHIR JSON responses to rewrite upstream links.
+    pub rewrite_links: bool,
+}
+
+impl Plan {
+    /// Forward as is; only rewrite the upstream's address out of the response.
+    fn pass_through() -> Plan {
+        Plan {
+            rewrite_links: true,
+        }
+    }
+}
+
+/// Low-cardinality route class, the `route` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// A FHIR REST request under the public base.
+    Fhir,
+    /// Anything else.
+    NotFound,
+}
+
+impl Route {
+    fn label(self) -> &'static str {
+        match self {
+            Route::Fhir => "fhir",
+            Route::NotFound => "not_found",
+        }
+    }
+}
+
+/// Per-request facts gathered along the way for the `log` stage.
+struct Ctx {
+    route: Route,
+    upstream_time: Option<Duration>,
+    reason: Option<&'static str>,
+}
+
+/// Handles one request end to end. Never fails: errors become OperationOutcome responses.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody>, Infallible> {
+    let started = Instant::now();
+    shared.metrics.inflight.inc();
+    let snap = shared.snapshot.load_full();
+    let request_id = crate::proxy::headers::request_id(req.headers());
+    let method = req.method().clone();
+    let mut ctx = Ctx {
+        route: Route::NotFound,
+        upstream_time: None,
+        reason: None,
+    };
+
+    let mut resp = match serve(&shared, &snap, &conn, req, &request_id, &mut ctx).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            ctx.reason = Some(e.reason());
+            e.into_response()
+        }
+    };
+    resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+    log(&shared, &ctx, &method, resp.status(), started, &request_id);
+    shared.metrics.inflight.dec();
+    Ok(resp)
+}
+
+async fn serve(
+    shared: &Shared,
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    ctx: &mut Ctx,
+) -> Result<Response<BoxBody>, GatewayError> {
+    // route
+    let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let rel = snap
+        .urls
+        .strip_public(path_and_query)
+        .ok_or(GatewayError::NotFound)?;
+    ctx.route = Route::Fhir;
+    let upstream_uri = snap.upstream.uri_for(rel)?;
+
+    // authenticate, classify, authorize: auth.mode = "none" (see module docs).
+    let plan = Plan::pass_through();
+
+    // forward
+    let limit = snap.config.server.max_request_body.0;
+    if declared_length(req.headers()).is_some_and(|n| n > limit) {
+        return Err(GatewayError::PayloadTooLarge);
+    }
+    let client = ClientSide {
+        ip: conn.peer.ip(),
+        proto: if conn.tls { "https" } else { "http" },
+        host: req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        }),
+    };
+    let method = req.method().clone();
+    let (mut parts, body) = req.into_parts();
+    parts.uri = upstream_uri;
+    // The upstream connection's protocol is negotiated separately from the client's.
+    parts.version = Version::HTTP_11;
+    let body = limited(body, limit);
+    let (resp, upstream_time) = snap
+        .upstream
+        .send(Request::from_parts(parts, body), &client, request_id)
+        .await
+        .map_err(|failure| {
+            shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&[failure.kind()])
+                .inc();
+            failure.to_error()
+        })?;
+    ctx.upstream_time = Some(upstream_time);
+    shared
+        .metrics
+        .upstream_duration
+        .observe(upstream_time.as_secs_f64());
+
+    // respond
+    respond(shared, snap, plan, &method, resp).await
+}
+
+/// The response stage: the upstream's address out of headers and FHIR JSON bodies.
+async fn respond(
+    shared: &Shared,
+    snap: &Snapshot,
+    plan: Plan,
+    method: &Method,
+    mut resp: Response<BoxBody>,
+) -> Result<Response<BoxBody>, GatewayError> {
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        if let Some(new) = resp
+            .headers()
+            .get(&name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| snap.urls.to_public(v))
+        {
+            match HeaderValue::from_str(&new) {
+                Ok(v) => resp.headers_mut().insert(name, v),
+                Err(_) => resp.headers_mut().remove(name),
+            };
+        }
+    }
+
+    let bodiless = *method == Method::HEAD
+        || resp.status() == StatusCode::NO_CONTENT
+        || resp.status() == StatusCode::NOT_MODIFIED;
+    if !plan.rewrite_links || bodiless || !is_fhir_json(&resp) {
+        return Ok(resp);
+    }
+    if resp
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        // We asked for identity; an encoded body cannot be inspected, so it cannot pass.
+        return Err(GatewayError::UpstreamInvalid("encoded body"));
+    }
+
+    let limit = snap.config.upstream.max_response_buffer.0;
+    if declared_length(resp.headers()).is_some_and(|n| n > limit) {
+        count(shared, "too_large");
+        return Err(GatewayError::UpstreamInvalid(
+            "response too large to inspect",
+        ));
+    }
+    let (mut parts, body) = resp.into_parts();
+    let bytes = match limited(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            count(shared, "too_large");
+            return Err(GatewayError::UpstreamInvalid(
+                "response too large to inspect",
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream response body failed");
+            shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&["response_body"])
+                .inc();
+            return Err(GatewayError::UpstreamUnreachable);
+        }
+    };
+
+    let bytes = rewrite_body(shared, snap, bytes);
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    Ok(Response::from_parts(parts, full(bytes)))
+}
+
+/// Parses a FHIR JSON body only when it may hold links, rewrites them structurally, and
+/// re-serialises only when something changed.
+fn rewrite_body(shared: &Shared, snap: &Snapshot, bytes: Bytes) -> Bytes {
+    if !bundle::may_need_link_rewrite(&bytes) {
+        count(shared, "skipped");
+        return bytes;
+    }
+    let mut doc: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(doc) => doc,
+        Err(_) => {
+            // Not JSON after all: nothing structural to rewrite.
+            count(shared, "unparsed");
+            return bytes;
+        }
+    };
+    if !bundle::rewrite_links(&mut doc, &|url| snap.urls.to_public(url)) {
+        count(shared, "unchanged");
+        return bytes;
+    }
+    match serde_json::to_vec(&doc) {
+        Ok(v) => {
+            count(shared, "rewritten");
+            Bytes::from(v)
+        }
+        Err(_) => bytes,
+    }
+}
+
+fn count(shared: &Shared, result: &str) {
+    shared
+        .metrics
+        .response_rewrites
+        .with_label_values(&[result])
+        .inc();
+}
+
+/// A body that fails once more than `limit` bytes have passed. A plain function, not
+/// inline in the async stages: keeps the generic error conversion out of their futures.
+fn limited<B>(body: B, limit: u64) -> BoxBody
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<crate::body::BoxError>,
+{
+    Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed()
+}
+
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// `application/fhir+json`, `application/json` or the DSTU2 `application/json+fhir`.
+fn is_fhir_json<B>(resp: &Response<B>) -> bool {
+    let Some(ct) = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    [
+        "application/fhir+json",
+        "application/json",
+        "application/json+fhir",
+    ]
+    .iter()
+    .any(|t| essence.eq_ignore_ascii_case(t))
+}
+
+/// The `log` stage: metrics and one access line, for every request.
+fn log(
+    shared: &Shared,
+    ctx: &Ctx,
+    method: &Method,
+    status: StatusCode,
+    started: Instant,
+    request_id: &HeaderValue,
+) {
+    let elapsed = started.elapsed();
+    let route = ctx.route.label();
+    shared
+        .metrics
+        .requests
+        .with_label_values(&[route, status_class(status)])
+        .inc();
+    shared
+        .metrics
+        .request_duration
+        .with_label_values(&[route])
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(
+        target: "smartgate::access",
+        request_id = request_id.to_str().unwrap_or("-"),
+        method = method.as_str(),
+        route,
+        status = status.as_u16(),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        upstream_ms = ctx.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
+        reason = ctx.reason,
+    );
+}

@@ -1,0 +1,255 @@
+//! Forwarding to the upstream FHIR server: pooled client, header hygiene, credentials,
+//! timeouts. Knows HTTP, not SMART: what may be forwarded is decided before this runs.
+
+pub mod headers;
+pub mod urls;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::{BoxBody, IdleTimeoutBody};
+use crate::config::{BaseUrl, UpstreamConfig};
+use crate::error::GatewayError;
+use headers::ClientSide;
+
+/// Why building the upstream client failed (at start or reload).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    /// `upstream.ca_file` could not be read or holds no certificate.
+    #[error("upstream.ca_file: {0}")]
+    CaFile(String),
+}
+
+/// How an upstream exchange failed; a metric label and the client-facing error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// TCP connect refused or reset.
+    Connect,
+    /// TCP connect did not finish within `upstream.connect_timeout`.
+    ConnectTimeout,
+    /// No response headers within `upstream.timeout`.
+    Timeout,
+    /// The request body broke the size limit while streaming.
+    RequestBodyTooLarge,
+    /// The client's request body failed while streaming (client went away).
+    RequestBody,
+    /// Protocol error, reset, or anything else from the exchange.
+    Protocol,
+}
+
+impl UpstreamFailure {
+    /// Label for `smartgate_upstream_errors_total{kind}`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect => "connect",
+            UpstreamFailure::ConnectTimeout => "connect_timeout",
+            UpstreamFailure::Timeout => "timeout",
+            UpstreamFailure::RequestBodyTooLarge => "request_body_too_large",
+            UpstreamFailure::RequestBody => "request_body",
+            UpstreamFailure::Protocol => "protocol",
+        }
+    }
+
+    /// What the client is told.
+    pub fn to_error(self) -> GatewayError {
+        match self {
+            UpstreamFailure::Connect | UpstreamFailure::Protocol => {
+                GatewayError::UpstreamUnreachable
+            }
+            UpstreamFailure::RequestBody => GatewayError::BadRequest("request body incomplete"),
+            UpstreamFailure::ConnectTimeout | UpstreamFailure::Timeout => {
+                GatewayError::UpstreamTimeout
+            }
+            UpstreamFailure::RequestBodyTooLarge => GatewayError::PayloadTooLarge,
+        }
+    }
+}
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, BoxBody>;
+
+/// The protected FHIR server: where it is and how to talk to it.
+pub struct Upstream {
+    base: BaseUrl,
+    client: HttpClient,
+    extra_headers: HeaderMap,
+    forward_authorization: bool,
+    timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Upstream {
+    /// Builds the pooled client from `[upstream]`.
+    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout.0));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UpstreamSetupError::CaFile(e.to_string()))?
+        .with_root_certificates(root_store(cfg)?)
+        .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout.0)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+
+        let mut extra_headers = HeaderMap::new();
+        for (name, value) in &cfg.headers {
+            // Validated with the configuration; a failure here would be a bug, so skip
+            // rather than panic.
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                let mut v = v;
+                v.set_sensitive(true);
+                extra_headers.insert(n, v);
+            }
+        }
+
+        Ok(Upstream {
+            base: cfg.url.clone(),
+            client,
+            extra_headers,
+            forward_authorization: cfg.forward_authorization,
+            timeout: cfg.timeout.0,
+            idle_timeout: cfg.idle_timeout.0,
+        })
+    }
+
+    /// The upstream URL for `rel` (the request's path-and-query after the public base).
+    pub fn uri_for(&self, rel: &str) -> Result<Uri, GatewayError> {
+        format!(
+            "{}://{}{}{}",
+            self.base.scheme, self.base.authority, self.base.path, rel
+        )
+        .parse()
+        .map_err(|_| GatewayError::BadRequest("unparseable request target"))
+    }
+
+    /// `(host, port)` of the upstream, for readiness probes.
+    pub fn host_port(&self) -> (String, u16) {
+        let default = if self.base.scheme == "https" { 443 } else { 80 };
+        match self.base.authority.parse::<http::uri::Authority>() {
+            Ok(a) => (
+                a.host().trim_matches(['[', ']']).to_owned(),
+                a.port_u16().unwrap_or(default),
+            ),
+            Err(_) => (self.base.authority.clone(), default),
+        }
+    }
+
+    /// Sends `req` (whose URI is already the upstream URI) with cleaned headers, and
+    /// returns the response with hop-by-hop headers removed and an idle-guarded body, plus
+    /// the time to response headers.
+    pub async fn send(
+        &self,
+        mut req: Request<BoxBody>,
+        client: &ClientSide,
+        request_id: &HeaderValue,
+    ) -> Result<(Response<BoxBody>, Duration), UpstreamFailure> {
+        let h = req.headers_mut();
+        headers::remove_hop_by_hop(h);
+        h.remove(header::HOST);
+        // The gateway must see plain bodies to rewrite and verify them.
+        h.remove(header::ACCEPT_ENCODING);
+        if !self.forward_authorization {
+            h.remove(header::AUTHORIZATION);
+        }
+        headers::add_forwarded(h, client);
+        h.insert(&headers::X_REQUEST_ID, request_id.clone());
+        for (name, value) in &self.extra_headers {
+            h.insert(name, value.clone());
+        }
+
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        let elapsed = started.elapsed();
+        let resp = match result {
+            Err(_) => return Err(UpstreamFailure::Timeout),
+            Ok(Err(e)) => return Err(classify(&e)),
+            Ok(Ok(resp)) => resp,
+        };
+        let idle = self.idle_timeout;
+        let mut resp = resp.map(|b| IdleTimeoutBody::new(b, idle).boxed());
+        headers::remove_hop_by_hop(resp.headers_mut());
+        Ok((resp, elapsed))
+    }
+}
+
+/// Sorts a client error into the failure kinds, walking its cause chain.
+fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamFailure {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut body_error = false;
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return UpstreamFailure::RequestBodyTooLarge;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut && e.is_connect() {
+                return UpstreamFailure::ConnectTimeout;
+            }
+        }
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            body_error |= h.is_user();
+        }
+        source = err.source();
+    }
+    if e.is_connect() {
+        UpstreamFailure::Connect
+    } else if body_error {
+        UpstreamFailure::RequestBody
+    } else {
+        UpstreamFailure::Protocol
+    }
+}
+
+fn root_store(cfg: &UpstreamConfig) -> Result<rustls::RootCertStore, UpstreamSetupError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates are not fatal: a private CA may be all that's needed.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = &cfg.ca_file {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| UpstreamSetupError::CaFile(format!("{}: {e}", path.display())))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| UpstreamSetupError::CaFile(format!("{}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(UpstreamSetupError::CaFile(format!(
+                "{}: no PEM certificate found",
+                path.display()
+            )));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| UpstreamSetupError::CaFile(format!("{}: {e}", path.display())))?;
+        }
+    }
+    Ok(roots)
+}

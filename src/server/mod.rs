@@ -1,0 +1,360 @@
+//! Listeners, connections, TLS, the file watch, and graceful drain.
+
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pipeline::{self, ConnInfo};
+use crate::proxy::UpstreamSetupError;
+use crate::state::{ReloadError, Shared, Snapshot};
+use tls::TlsState;
+
+/// A failure to start, naming what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener address could not be bound.
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// `server.listen` or `admin.listen`.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TLS files are unusable.
+    #[error("{0}")]
+    Tls(String),
+    /// The upstream client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamSetupError),
+}
+
+/// A bound, not yet serving gateway. Binding first lets callers (tests, the binary) learn
+/// the actual addresses when configured with port 0.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    public: TcpListener,
+    admin: TcpListener,
+    tls: Option<Arc<TlsState>>,
+}
+
+/// A cheap handle to a running gateway: reload, metrics, addresses.
+#[derive(Clone)]
+pub struct GatewayHandle {
+    shared: Arc<Shared>,
+}
+
+impl GatewayHandle {
+    /// Re-reads the configuration file now (what SIGHUP does).
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        self.shared.reload()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// The configuration currently in force.
+    pub fn current_config(&self) -> Config {
+        self.shared.snapshot.load().config.clone()
+    }
+}
+
+impl Gateway {
+    /// Compiles the configuration and binds both listeners. `config_path` is re-read on
+    /// reload, with the same `env` overrides.
+    pub async fn bind(
+        config: Config,
+        config_path: Option<PathBuf>,
+        env: Vec<(String, String)>,
+    ) -> Result<Gateway, StartError> {
+        let tls = match &config.server.tls {
+            Some(t) => Some(Arc::new(TlsState::load(t).map_err(StartError::Tls)?)),
+            None => None,
+        };
+        let public = bind("server.listen", config.server.listen).await?;
+        let admin = bind("admin.listen", config.admin.listen).await?;
+        let snapshot = Snapshot::compile(config)?;
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics: Metrics::new(),
+            config_path,
+            env,
+        });
+        Ok(Gateway {
+            shared,
+            public,
+            admin,
+            tls,
+        })
+    }
+
+    /// Address of the public listener.
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public.local_addr().unwrap_or(([0, 0, 0, 0], 0).into())
+    }
+
+    /// Address of the admin listener.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(([0, 0, 0, 0], 0).into())
+    }
+
+    /// A handle for reloads and metrics.
+    pub fn handle(&self) -> GatewayHandle {
+        GatewayHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests
+    /// finish for up to `server.shutdown_grace`, and returns.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Gateway {
+            shared,
+            public,
+            admin,
+            tls,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+
+        let admin_task = tokio::spawn(serve_admin(shared.clone(), admin, stop_rx.clone()));
+        let watch_task = tokio::spawn(watch_files(shared.clone(), tls.clone(), stop_rx.clone()));
+
+        // Each connection task holds a sender; when all are gone, the drain is complete.
+        let (conn_tx, mut conn_rx) = mpsc::channel::<()>(1);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let header_timeout = shared.snapshot.load().config.server.header_read_timeout.0;
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        let builder = Arc::new(builder);
+
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = public.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let conn = Arc::new(ConnInfo {
+                peer,
+                tls: tls.is_some(),
+            });
+            tokio::spawn(connection(
+                shared.clone(),
+                builder.clone(),
+                tls.clone(),
+                stream,
+                conn,
+                header_timeout,
+                stop_rx.clone(),
+                conn_tx.clone(),
+            ));
+        }
+
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+        drop(public);
+        let _ = stop_tx.send(true);
+        drop(conn_tx);
+        let grace = shared.snapshot.load().config.server.shutdown_grace.0;
+        if tokio::time::timeout(grace, conn_rx.recv()).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "shutdown grace period over; closing remaining connections"
+            );
+        }
+        watch_task.abort();
+        admin_task.abort();
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn connection(
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<Arc<TlsState>>,
+    stream: TcpStream,
+    conn: Arc<ConnInfo>,
+    handshake_timeout: Duration,
+    stop: watch::Receiver<bool>,
+    _drain: mpsc::Sender<()>,
+) {
+    match tls {
+        None => serve_io(shared, &builder, stream, conn, stop).await,
+        Some(tls) => {
+            let accept = tls.acceptor().accept(stream);
+            match tokio::time::timeout(handshake_timeout, accept).await {
+                Ok(Ok(stream)) => serve_io(shared, &builder, stream, conn, stop).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn serve_io<I>(
+    shared: Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    conn: Arc<ConnInfo>,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| -> pipeline::ResponseFuture {
+        Box::pin(pipeline::handle(shared.clone(), conn.clone(), req))
+    });
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        r = connection.as_mut() => r,
+        () = stopped(&mut stop) => {
+            // Finish the request in flight, refuse new ones on this connection.
+            auto::Connection::graceful_shutdown(connection.as_mut());
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+async fn serve_admin(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        let stream = tokio::select! {
+            () = stopped(&mut stop) => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(crate::admin::handle(shared, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Polls the configuration file and the TLS files; reloads when one changes. Polling
+/// (rather than inotify) also sees Kubernetes ConfigMap updates, which swap a symlink.
+async fn watch_files(
+    shared: Arc<Shared>,
+    tls: Option<Arc<TlsState>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut config_seen = shared.config_path.as_deref().map(fingerprint);
+    let mut tls_seen = tls_paths(&shared).map(|(c, k)| (fingerprint(&c), fingerprint(&k)));
+    loop {
+        let snap = shared.snapshot.load_full();
+        let interval = snap.config.reload.interval.0;
+        let watching = snap.config.reload.watch;
+        drop(snap);
+        tokio::select! {
+            () = stopped(&mut stop) => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if !watching {
+            continue;
+        }
+        if let Some(path) = shared.config_path.as_deref() {
+            let now = Some(fingerprint(path));
+            if now != config_seen {
+                // Debounce: editors and ConfigMap updates write in several steps.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                config_seen = Some(fingerprint(path));
+                let _ = shared.reload();
+            }
+        }
+        if let (Some(tls), Some((cert, key))) = (&tls, tls_paths(&shared)) {
+            let now = Some((fingerprint(&cert), fingerprint(&key)));
+            if now != tls_seen {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                tls_seen = Some((fingerprint(&cert), fingerprint(&key)));
+                let cfg = shared.snapshot.load().config.server.tls.clone();
+                let result = match cfg {
+                    Some(cfg) => tls.reload(&cfg),
+                    None => Err("server.tls removed; restart to serve plain HTTP".to_owned()),
+                };
+                let label = match &result {
+                    Ok(()) => {
+                        tracing::info!("TLS certificate reloaded");
+                        "success"
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS reload failed; keeping the current certificate");
+                        "failure"
+                    }
+                };
+                shared.metrics.tls_reloads.with_label_values(&[label]).inc();
+            }
+        }
+    }
+}
+
+fn tls_paths(shared: &Shared) -> Option<(PathBuf, PathBuf)> {
+    let snap = shared.snapshot.load();
+    snap.config
+        .server
+        .tls
+        .as_ref()
+        .map(|t| (t.cert.clone(), t.key.clone()))
+}
+
+/// Modification time and length; `None` parts when the file is missing.
+fn fingerprint(path: &Path) -> (Option<SystemTime>, Option<u64>) {
+    match std::fs::metadata(path) {
+        Ok(m) => (m.modified().ok(), Some(m.len())),
+        Err(_) => (None, None),
+    }
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

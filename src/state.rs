@@ -1,0 +1,117 @@
+//! The compiled, immutable snapshot every request reads, and the state shared by all
+//! connections: one `ArcSwap` of the snapshot, the metrics, and what reload needs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::urls::UrlMap;
+use crate::proxy::{Upstream, UpstreamSetupError};
+
+/// Everything a request needs from the configuration, compiled once per (re)load.
+/// A request loads it once and sees one consistent configuration throughout.
+pub struct Snapshot {
+    /// The validated configuration this was compiled from.
+    pub config: Config,
+    /// Public ↔ upstream URL mapping.
+    pub urls: UrlMap,
+    /// The upstream client.
+    pub upstream: Upstream,
+}
+
+impl Snapshot {
+    /// Compiles a validated configuration.
+    pub fn compile(config: Config) -> Result<Snapshot, UpstreamSetupError> {
+        let upstream = Upstream::new(&config.upstream)?;
+        let urls = UrlMap::new(
+            &config.server.public_base_url,
+            &config.upstream.url,
+            &config.upstream.aliases,
+        );
+        Ok(Snapshot {
+            config,
+            urls,
+            upstream,
+        })
+    }
+}
+
+/// Why a reload was refused (the old snapshot keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The gateway was started from a configuration value, not a file.
+    #[error("no configuration file to reload")]
+    NoFile,
+    /// The file is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The upstream client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamSetupError),
+}
+
+/// State shared by every connection of one gateway.
+pub struct Shared {
+    /// The current snapshot.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Metrics of this gateway.
+    pub metrics: Metrics,
+    /// The file the configuration came from, for reloads.
+    pub config_path: Option<PathBuf>,
+    /// The environment overrides in force at start, re-applied on every reload.
+    pub env: Vec<(String, String)>,
+}
+
+impl Shared {
+    /// Re-reads the configuration file: parse → validate → compile → swap. On any error
+    /// the current snapshot stays; the error is logged and counted.
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let result = self.try_reload();
+        let label = if result.is_ok() { "success" } else { "failure" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
+        match &result {
+            Ok(()) => tracing::info!("configuration reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; keeping the previous configuration")
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<(), ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
+        let config = Config::load(path, self.env.iter().cloned())?;
+        let old = self.snapshot.load();
+        warn_restart_only(&old.config, &config);
+        let snapshot = Snapshot::compile(config)?;
+        self.snapshot.store(Arc::new(snapshot));
+        Ok(())
+    }
+}
+
+/// Listener settings cannot change on a running process; say so instead of ignoring it.
+fn warn_restart_only(old: &Config, new: &Config) {
+    let changes = [
+        ("server.listen", old.server.listen != new.server.listen),
+        ("admin.listen", old.admin.listen != new.admin.listen),
+        (
+            "server.tls",
+            old.server.tls.is_some() != new.server.tls.is_some(),
+        ),
+        ("log", old.log != new.log),
+    ];
+    for (key, changed) in changes {
+        if changed {
+            tracing::warn!(
+                key,
+                "changed in the configuration file; takes effect after a restart"
+            );
+        }
+    }
+}
