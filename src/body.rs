@@ -107,7 +107,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stalled_body_times_out() {
         let body = IdleTimeoutBody::new(Stalled, Duration::from_secs(1));
-        let err = body.collect().await.err().expect("must fail");
+        let err = body.collect().await.expect_err("must fail");
         assert!(err.downcast_ref::<IdleTimeout>().is_some());
     }
 

@@ -92,10 +92,10 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientSide) {
         IpAddr::V6(v6) => format!("\"[{v6}]\""),
     };
     let mut element = format!("for={node};proto={}", client.proto);
-    if let Some(host) = client.host.as_ref().and_then(|h| h.to_str().ok()) {
-        if host.bytes().all(is_host_char) {
-            element.push_str(&format!(";host=\"{host}\""));
-        }
+    if let Some(host) = client.host.as_ref().and_then(|h| h.to_str().ok())
+        && host.bytes().all(is_host_char)
+    {
+        element.push_str(&format!(";host=\"{host}\""));
     }
     let prior: Vec<&str> = headers
         .get_all(&FORWARDED)

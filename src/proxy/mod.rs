@@ -206,10 +206,11 @@ fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamFailure {
         if err.is::<http_body_util::LengthLimitError>() {
             return UpstreamFailure::RequestBodyTooLarge;
         }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut && e.is_connect() {
-                return UpstreamFailure::ConnectTimeout;
-            }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+            && e.is_connect()
+        {
+            return UpstreamFailure::ConnectTimeout;
         }
         if let Some(h) = err.downcast_ref::<hyper::Error>() {
             body_error |= h.is_user();

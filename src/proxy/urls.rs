@@ -41,10 +41,10 @@ impl UrlMap {
     /// anything else is returned unchanged (`None`).
     pub fn to_public(&self, url: &str) -> Option<String> {
         for (_, base_str) in &self.upstream {
-            if let Some(rest) = strip_prefix_ci(url, base_str) {
-                if boundary(rest) {
-                    return Some(format!("{}{rest}", self.public_str));
-                }
+            if let Some(rest) = strip_prefix_ci(url, base_str)
+                && boundary(rest)
+            {
+                return Some(format!("{}{rest}", self.public_str));
             }
         }
         if url.starts_with('/') && !url.starts_with("//") {
