@@ -1,0 +1,169 @@
+//! The `smartgate` binary: check-config messages, and a SIGTERM drain.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::json;
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_smartgate");
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("smartgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// check-config exits non-zero with a message naming the key, the value and what is
+/// expected; for a good file it prints the effective configuration with secrets masked.
+#[test]
+fn check_config_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = config(
+        "http://127.0.0.1:1/fhir",
+        "[upstream.headers]\nAuthorization = \"Basic c2VjcmV0\"\n",
+    );
+    let cases = [
+        (
+            good.replace("http://127.0.0.1:1/fhir", "not a url"),
+            "upstream.url: \"not a url\" is not an absolute http(s) URL",
+        ),
+        (
+            good.replace("timeout = \"5s\"", "timeout = \"5 seconds\""),
+            "upstream.timeout: \"5 seconds\" is not a duration",
+        ),
+        (
+            good.replace("[auth]", "[auth]\nmod = \"jwt\""),
+            "auth.mod: unknown field `mod`, expected `mode`",
+        ),
+        (
+            good.replace(
+                "listen = \"127.0.0.1:0\"\npublic",
+                "listen = \"everywhere\"\npublic",
+            ),
+            "server.listen",
+        ),
+    ];
+    for (text, expected) in cases {
+        let path = write_config(&dir, &text);
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{expected}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "expected {expected:?} in {err}");
+    }
+
+    let path = write_config(&dir, &good);
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("Authorization = \"***\""), "{printed}");
+    assert!(!printed.contains("c2VjcmV0"), "{printed}");
+
+    // Environment overrides are applied and named in errors.
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("SMARTGATE__UPSTREAM__TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SMARTGATE__UPSTREAM__TIMEOUT"), "{err}");
+
+    // A missing file names the file.
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", "/nonexistent/smartgate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/smartgate.toml"));
+}
+
+/// SIGTERM stops accepting, lets the in-flight request finish, and exits 0.
+#[tokio::test]
+async fn sigterm_drains_in_flight_request() {
+    let up = FakeUpstream::start(Arc::new(|_: &Seen| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            json_response(StatusCode::OK, &json!({"slow": true}))
+        })
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &config(&up.base(), "[log]\nformat = \"json\"\nlevel = \"info\"\n"),
+    );
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The listening line carries the port chosen for 127.0.0.1:0.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("gateway did not start");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if let Some(public) = v.get("public").and_then(|p| p.as_str()) {
+            break public.to_owned();
+        }
+    };
+
+    let url = format!("http://{addr}/r4/Patient/1");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    // Wait until the upstream has the request, then signal.
+    for _ in 0..100 {
+        if !up.requests().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.requests().len(), 1, "request did not reach the upstream");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["slow"], true);
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+
+    // The access log line has the request, and no token or body.
+    let lines: Vec<String> = rx.try_iter().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("smartgate::access") && l.contains("\"status\":200")),
+        "{lines:#?}"
+    );
+}

@@ -1,0 +1,260 @@
+//! Reload, TLS, HTTP/2, admin endpoints and metrics.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use support::*;
+
+/// An upstream that answers with its own name, to tell two apart.
+async fn named(name: &'static str) -> FakeUpstream {
+    FakeUpstream::start(Arc::new(move |_: &Seen| {
+        Box::pin(std::future::ready(json_response(
+            StatusCode::OK,
+            &json!({"upstream": name}),
+        )))
+    }))
+    .await
+}
+
+/// A reload between two requests switches the upstream; in-flight config is one snapshot.
+#[tokio::test]
+async fn reload_switches_upstream() {
+    let (a, b) = (named("a").await, named("b").await);
+    let gw = TestGateway::boot(&config(&a.base(), "")).await;
+    let (_, _, body) = get(&gw.url("/r4/Patient")).await;
+    assert_eq!(json(&body)["upstream"], "a");
+
+    gw.rewrite_config(&config(&b.base(), ""));
+    gw.handle.reload().unwrap();
+    let (_, _, body) = get(&gw.url("/r4/Patient")).await;
+    assert_eq!(json(&body)["upstream"], "b");
+    assert!(
+        metrics(&gw)
+            .await
+            .contains("smartgate_config_reloads_total{result=\"success\"} 1")
+    );
+    gw.stop().await;
+}
+
+/// An invalid file is refused, counted, and the previous configuration keeps serving.
+#[tokio::test]
+async fn invalid_reload_keeps_old_config() {
+    let (a, b) = (named("a").await, named("b").await);
+    let gw = TestGateway::boot(&config(&a.base(), "")).await;
+    for broken in [
+        config(&b.base(), "").replace("[upstream]", "[upstream]\ntimout = \"1s\""),
+        config("not a url", ""),
+        "this is = not [toml".to_owned(),
+    ] {
+        gw.rewrite_config(&broken);
+        let err = gw.handle.reload().unwrap_err().to_string();
+        assert!(!err.is_empty());
+        let (status, _, body) = get(&gw.url("/r4/Patient")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json(&body)["upstream"], "a", "after {broken}");
+    }
+    assert!(
+        metrics(&gw)
+            .await
+            .contains("smartgate_config_reloads_total{result=\"failure\"} 3")
+    );
+    gw.stop().await;
+}
+
+/// The file watch picks up a change without a signal.
+#[tokio::test]
+async fn file_watch_reloads() {
+    let (a, b) = (named("a").await, named("b").await);
+    let watch = "[reload]\nwatch = true\ninterval = \"100ms\"";
+    let gw =
+        TestGateway::boot(&config(&a.base(), "").replace("[reload]\nwatch = false", watch)).await;
+    // Let the watcher take its first look, and make sure the mtime moves on coarse clocks.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    gw.rewrite_config(&config(&b.base(), "").replace("[reload]\nwatch = false", watch));
+    let mut switched = false;
+    for _ in 0..100 {
+        let (_, _, body) = get(&gw.url("/r4/Patient")).await;
+        if json(&body)["upstream"] == "b" {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(switched, "file change was not picked up");
+    gw.stop().await;
+}
+
+/// An HTTP/2 (prior knowledge) client is served and forwarded to an HTTP/1.1 upstream.
+#[tokio::test]
+async fn h2_client_to_h1_upstream() {
+    let up = FakeUpstream::echo().await;
+    let gw = TestGateway::boot(&config(&up.base(), "")).await;
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<smartgate::body::BoxBody>();
+    let req = Request::post(gw.url("/r4/Patient"))
+        .body(body("{\"resourceType\":\"Patient\"}"))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(json(&b)["len"], 26);
+    assert_eq!(up.requests()[0].method, http::Method::POST);
+    gw.stop().await;
+}
+
+struct TestCert {
+    cert_pem: String,
+    key_pem: String,
+    der: rustls::pki_types::CertificateDer<'static>,
+}
+
+fn make_cert(name: &str) -> TestCert {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    TestCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        der: cert.der().clone(),
+    }
+}
+
+/// A TLS client that trusts exactly `cert`, offering h2 and http/1.1.
+async fn tls_get(
+    addr: std::net::SocketAddr,
+    cert: &rustls::pki_types::CertificateDer<'static>,
+    path: &str,
+) -> (http::Version, StatusCode, Bytes) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("gateway.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("https://gateway.test{path}"))
+        .body(smartgate::body::empty())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let (v, s) = (resp.version(), resp.status());
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    (v, s, b)
+}
+
+/// The TLS listener serves h2 over rustls, and picks up a new certificate from disk.
+#[tokio::test]
+async fn tls_listener_and_certificate_reload() {
+    let up = FakeUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let first = make_cert("gateway.test");
+    std::fs::write(&cert_path, &first.cert_pem).unwrap();
+    std::fs::write(&key_path, &first.key_pem).unwrap();
+    let tls = format!(
+        "[server.tls]\ncert = \"{}\"\nkey = \"{}\"",
+        cert_path.display(),
+        key_path.display()
+    );
+    let text = config(&up.base(), "")
+        .replace("[admin]", &format!("{tls}\n\n[admin]"))
+        .replace(
+            "[reload]\nwatch = false",
+            "[reload]\nwatch = true\ninterval = \"100ms\"",
+        );
+    let gw = TestGateway::boot(&text).await;
+
+    let (version, status, body) = tls_get(gw.addr, &first.der, "/r4/Patient").await;
+    assert_eq!(version, http::Version::HTTP_2);
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["uri"], "/fhir/Patient");
+    assert_eq!(up.requests()[0].headers["x-forwarded-proto"], "https");
+
+    // Rotate: the new certificate is served without a restart.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = make_cert("gateway.test");
+    std::fs::write(&key_path, &second.key_pem).unwrap();
+    std::fs::write(&cert_path, &second.cert_pem).unwrap();
+    let mut rotated = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if metrics(&gw)
+            .await
+            .contains("smartgate_tls_reloads_total{result=\"success\"} 1")
+        {
+            rotated = true;
+            break;
+        }
+    }
+    assert!(rotated, "certificate change not picked up");
+    let (_, status, _) = tls_get(gw.addr, &second.der, "/r4/Patient").await;
+    assert_eq!(status, StatusCode::OK);
+    gw.stop().await;
+}
+
+/// /healthz answers; /readyz follows the upstream; /metrics has every documented family.
+#[tokio::test]
+async fn admin_endpoints() {
+    let up = FakeUpstream::echo().await;
+    let gw = TestGateway::boot(&config(&up.base(), "")).await;
+    let admin = |p: &str| format!("http://{}{}", gw.admin, p);
+    assert_eq!(get(&admin("/healthz")).await.0, StatusCode::OK);
+    assert_eq!(get(&admin("/readyz")).await.0, StatusCode::OK);
+    get(&gw.url("/r4/Patient")).await;
+    get(&gw.url("/nowhere")).await;
+    let m = metrics(&gw).await;
+    for family in [
+        "smartgate_requests_total{route=\"fhir\",status_class=\"2xx\"} 1",
+        "smartgate_requests_total{route=\"not_found\",status_class=\"4xx\"} 1",
+        "smartgate_request_duration_seconds_bucket",
+        "smartgate_upstream_duration_seconds_bucket",
+        "smartgate_inflight_requests 0",
+        "smartgate_config_reloads_total",
+        "smartgate_build_info{version=",
+    ] {
+        assert!(m.contains(family), "missing {family} in\n{m}");
+    }
+    // Bounded labels: no path or id ever becomes a label value.
+    assert!(!m.contains("Patient"), "{m}");
+    assert_eq!(get(&admin("/other")).await.0, StatusCode::NOT_FOUND);
+    gw.stop().await;
+
+    // Upstream gone → not ready.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw = TestGateway::boot(&config(&format!("http://127.0.0.1:{port}/fhir"), "")).await;
+    let (status, _, body) = get(&format!("http://{}/readyz", gw.admin)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&body).contains("upstream"));
+    assert_eq!(
+        get(&format!("http://{}/healthz", gw.admin)).await.0,
+        StatusCode::OK
+    );
+    gw.stop().await;
+}
