@@ -36,11 +36,15 @@ pub struct IdleTimeout;
 pin_project_lite::pin_project! {
     /// Fails the stream when the inner body produces no frame for `idle`. Without it a
     /// stalled upstream would hold the client connection (and a pool slot) forever.
+    ///
+    /// The timer is armed only when the inner body first has nothing ready, and is not
+    /// re-armed per frame: progress is a timestamp, checked when the timer fires. A body
+    /// that is already buffered never touches the timer wheel.
     pub struct IdleTimeoutBody<B> {
         #[pin]
         inner: B,
-        #[pin]
-        sleep: Sleep,
+        sleep: Option<Pin<Box<Sleep>>>,
+        last_progress: Instant,
         idle: Duration,
     }
 }
@@ -50,7 +54,8 @@ impl<B> IdleTimeoutBody<B> {
     pub fn new(inner: B, idle: Duration) -> Self {
         IdleTimeoutBody {
             inner,
-            sleep: tokio::time::sleep(idle),
+            sleep: None,
+            last_progress: Instant::now(),
             idle,
         }
     }
@@ -68,13 +73,26 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
+        let this = self.project();
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            this.sleep.as_mut().reset(Instant::now() + *this.idle);
+            if this.sleep.is_some() {
+                *this.last_progress = Instant::now();
+            }
             return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
         }
-        ready!(this.sleep.poll(cx));
-        Poll::Ready(Some(Err(Box::new(IdleTimeout))))
+        loop {
+            let deadline = *this.last_progress + *this.idle;
+            let sleep = this
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
+            ready!(sleep.as_mut().poll(cx));
+            if Instant::now() >= *this.last_progress + *this.idle {
+                return Poll::Ready(Some(Err(Box::new(IdleTimeout))));
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -109,6 +127,34 @@ mod tests {
         let body = IdleTimeoutBody::new(Stalled, Duration::from_secs(1));
         let err = body.collect().await.expect_err("must fail");
         assert!(err.downcast_ref::<IdleTimeout>().is_some());
+    }
+
+    /// A body that pauses shorter than the timeout, again and again, is not cut off even
+    /// when the pauses add up to more than the timeout.
+    #[tokio::test(start_paused = true)]
+    async fn slow_but_steady_body_passes() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                tx.send(Bytes::from_static(b"x")).await.unwrap();
+            }
+        });
+        let body = IdleTimeoutBody::new(Channel(rx), Duration::from_secs(1));
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"xxxxx");
+    }
+
+    struct Channel(tokio::sync::mpsc::Receiver<Bytes>);
+    impl Body for Channel {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+        }
     }
 
     /// A body that keeps producing is not cut off.

@@ -3,13 +3,32 @@
 //! fixed set of values: never ids, never raw paths.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Route labels known in advance; their series are resolved once, not per request.
+pub const ROUTES: &[&str] = &["fhir", "not_found"];
+
+/// Results of inspecting a FHIR JSON response (`smartgate_response_rewrites_total`).
+pub const REWRITE_RESULTS: &[&str] =
+    &["skipped", "unparsed", "unchanged", "rewritten", "too_large"];
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Per-route series, resolved once: the label lookup (a hash and a lock) stays off the
+/// hot path.
+struct RouteSeries {
+    route: &'static str,
+    by_class: [IntCounter; 5],
+    duration: Histogram,
+}
 
 /// All metrics of one gateway.
 pub struct Metrics {
     registry: Registry,
+    routes: Vec<RouteSeries>,
+    rewrites: Vec<(&'static str, IntCounter)>,
     /// `smartgate_requests_total{route,status_class}`
     pub requests: IntCounterVec,
     /// `smartgate_request_duration_seconds{route}`
@@ -123,8 +142,23 @@ impl Metrics {
             tls_reloads.with_label_values(&[r]);
         }
 
+        let routes = ROUTES
+            .iter()
+            .map(|&route| RouteSeries {
+                route,
+                by_class: STATUS_CLASSES.map(|c| requests.with_label_values(&[route, c])),
+                duration: request_duration.with_label_values(&[route]),
+            })
+            .collect();
+        let rewrites = REWRITE_RESULTS
+            .iter()
+            .map(|&r| (r, response_rewrites.with_label_values(&[r])))
+            .collect();
+
         Metrics {
             registry,
+            routes,
+            rewrites,
             requests,
             request_duration,
             upstream_duration,
@@ -133,6 +167,32 @@ impl Metrics {
             config_reloads,
             tls_reloads,
             response_rewrites,
+        }
+    }
+
+    /// Counts one answered request and its duration.
+    pub fn observe_request(&self, route: &'static str, status: http::StatusCode, secs: f64) {
+        let class = status_class(status);
+        match self.routes.iter().find(|r| r.route == route) {
+            Some(series) => {
+                let i = STATUS_CLASSES.iter().position(|c| *c == class).unwrap_or(4);
+                series.by_class[i].inc();
+                series.duration.observe(secs);
+            }
+            None => {
+                self.requests.with_label_values(&[route, class]).inc();
+                self.request_duration
+                    .with_label_values(&[route])
+                    .observe(secs);
+            }
+        }
+    }
+
+    /// Counts one inspected FHIR JSON response by result.
+    pub fn count_rewrite(&self, result: &'static str) {
+        match self.rewrites.iter().find(|(r, _)| *r == result) {
+            Some((_, c)) => c.inc(),
+            None => self.response_rewrites.with_label_values(&[result]).inc(),
         }
     }
 

@@ -18,7 +18,6 @@ use hyper::body::Incoming;
 use crate::body::{BoxBody, full};
 use crate::error::GatewayError;
 use crate::fhir::bundle;
-use crate::metrics::status_class;
 use crate::proxy::headers::{ClientSide, X_REQUEST_ID};
 use crate::state::{Shared, Snapshot};
 
@@ -34,6 +33,8 @@ pub struct ConnInfo {
     pub peer: std::net::SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// Index of the worker thread serving the connection.
+    pub worker: usize,
 }
 
 /// What the forward and respond stages must do for one request. Produced by the
@@ -150,7 +151,12 @@ async fn serve(
     let body = limited(body, limit);
     let (resp, upstream_time) = snap
         .upstream
-        .send(Request::from_parts(parts, body), &client, request_id)
+        .send(
+            conn.worker,
+            Request::from_parts(parts, body),
+            &client,
+            request_id,
+        )
         .await
         .map_err(|failure| {
             shared
@@ -270,12 +276,8 @@ fn rewrite_body(shared: &Shared, snap: &Snapshot, bytes: Bytes) -> Bytes {
     }
 }
 
-fn count(shared: &Shared, result: &str) {
-    shared
-        .metrics
-        .response_rewrites
-        .with_label_values(&[result])
-        .inc();
+fn count(shared: &Shared, result: &'static str) {
+    shared.metrics.count_rewrite(result);
 }
 
 /// A body that fails once more than `limit` bytes have passed. A plain function, not
@@ -329,14 +331,7 @@ fn log(
     let route = ctx.route.label();
     shared
         .metrics
-        .requests
-        .with_label_values(&[route, status_class(status)])
-        .inc();
-    shared
-        .metrics
-        .request_duration
-        .with_label_values(&[route])
-        .observe(elapsed.as_secs_f64());
+        .observe_request(route, status, elapsed.as_secs_f64());
     tracing::info!(
         target: "smartgate::access",
         request_id = request_id.to_str().unwrap_or("-"),

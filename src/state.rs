@@ -25,7 +25,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles a validated configuration.
     pub fn compile(config: Config) -> Result<Snapshot, UpstreamSetupError> {
-        let upstream = Upstream::new(&config.upstream)?;
+        let upstream = Upstream::new(&config.upstream, config.server.worker_threads())?;
         let urls = UrlMap::new(
             &config.server.public_base_url,
             &config.upstream.url,

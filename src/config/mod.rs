@@ -56,6 +56,19 @@ pub struct ServerConfig {
     /// How long a client may take to send request headers (also the keep-alive idle limit).
     #[serde(default = "defaults::header_read_timeout")]
     pub header_read_timeout: Dur,
+    /// Worker threads, each with its own event loop and upstream pool; 0 = one per CPU.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+impl ServerConfig {
+    /// The number of worker threads to run.
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 /// `[server.tls]`
@@ -366,6 +379,12 @@ impl Config {
             }
             http::HeaderValue::from_str(value)
                 .map_err(|_| (key, "is not a valid header value".to_owned()))?;
+        }
+        if self.server.workers > 1024 {
+            return Err((
+                "server.workers".into(),
+                format!("{} is more than 1024", self.server.workers),
+            ));
         }
         if self.server.max_request_body.0 == 0 {
             return Err((

@@ -76,9 +76,13 @@ impl UpstreamFailure {
 type HttpClient = Client<HttpsConnector<HttpConnector>, BoxBody>;
 
 /// The protected FHIR server: where it is and how to talk to it.
+///
+/// Holds one connection pool per worker thread: a worker only uses its own pool, so a
+/// request and the upstream connection it rides on are always driven by the same thread
+/// (no cross-thread wake-ups, the way an nginx worker owns its connections).
 pub struct Upstream {
     base: BaseUrl,
-    client: HttpClient,
+    clients: Vec<HttpClient>,
     extra_headers: HeaderMap,
     forward_authorization: bool,
     timeout: Duration,
@@ -86,8 +90,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the pooled client from `[upstream]`.
-    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
+    /// Builds `workers` pooled clients from `[upstream]`.
+    pub fn new(cfg: &UpstreamConfig, workers: usize) -> Result<Upstream, UpstreamSetupError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -107,12 +111,16 @@ impl Upstream {
             .enable_all_versions()
             .wrap_connector(http);
 
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout.0)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+        let clients = (0..workers.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(cfg.pool_idle_timeout.0)
+                    .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .build(connector.clone())
+            })
+            .collect();
 
         let mut extra_headers = HeaderMap::new();
         for (name, value) in &cfg.headers {
@@ -130,7 +138,7 @@ impl Upstream {
 
         Ok(Upstream {
             base: cfg.url.clone(),
-            client,
+            clients,
             extra_headers,
             forward_authorization: cfg.forward_authorization,
             timeout: cfg.timeout.0,
@@ -162,9 +170,10 @@ impl Upstream {
 
     /// Sends `req` (whose URI is already the upstream URI) with cleaned headers, and
     /// returns the response with hop-by-hop headers removed and an idle-guarded body, plus
-    /// the time to response headers.
+    /// the time to response headers. `worker` picks the calling worker's own pool.
     pub async fn send(
         &self,
+        worker: usize,
         mut req: Request<BoxBody>,
         client: &ClientSide,
         request_id: &HeaderValue,
@@ -184,7 +193,8 @@ impl Upstream {
         }
 
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        let client = &self.clients[worker % self.clients.len()];
+        let result = tokio::time::timeout(self.timeout, client.request(req)).await;
         let elapsed = started.elapsed();
         let resp = match result {
             Err(_) => return Err(UpstreamFailure::Timeout),

@@ -124,6 +124,10 @@ impl Gateway {
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests
     /// finish for up to `server.shutdown_grace`, and returns.
+    ///
+    /// Connections are served by `server.workers` threads, each running its own
+    /// single-threaded event loop over a clone of the listening socket; the admin
+    /// listener and the file watch run on the caller's runtime.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let Gateway {
             shared,
@@ -132,14 +136,105 @@ impl Gateway {
             tls,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (kill_tx, kill_rx) = watch::channel(false);
 
         let admin_task = tokio::spawn(serve_admin(shared.clone(), admin, stop_rx.clone()));
         let watch_task = tokio::spawn(watch_files(shared.clone(), tls.clone(), stop_rx.clone()));
 
-        // Each connection task holds a sender; when all are gone, the drain is complete.
+        // Each connection holds a sender; when all are gone, the drain is complete.
         let (conn_tx, mut conn_rx) = mpsc::channel::<()>(1);
+        // Each worker holds a sender until its thread has finished.
+        let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+        let workers = shared.snapshot.load().config.server.worker_threads();
+        match public.into_std() {
+            Ok(listener) => {
+                for worker in 0..workers {
+                    let ctx = Worker {
+                        index: worker,
+                        shared: shared.clone(),
+                        tls: tls.clone(),
+                        stop: stop_rx.clone(),
+                        kill: kill_rx.clone(),
+                        conn_tx: conn_tx.clone(),
+                        _done: done_tx.clone(),
+                    };
+                    let spawned = listener.try_clone().and_then(|l| {
+                        std::thread::Builder::new()
+                            .name(format!("smartgate-w{worker}"))
+                            .spawn(move || ctx.run(l))
+                    });
+                    if let Err(e) = spawned {
+                        tracing::error!(error = %e, worker, "cannot start worker thread");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot hand the listener to the workers"),
+        }
+        drop(done_tx);
+        drop(conn_tx);
+
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+        let _ = stop_tx.send(true);
+        let grace = shared.snapshot.load().config.server.shutdown_grace.0;
+        if tokio::time::timeout(grace, conn_rx.recv()).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "shutdown grace period over; closing remaining connections"
+            );
+        }
+        let _ = kill_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), done_rx.recv()).await;
+        watch_task.abort();
+        admin_task.abort();
+    }
+}
+
+/// One worker thread: its own event loop, accepting on a clone of the public socket.
+struct Worker {
+    index: usize,
+    shared: Arc<Shared>,
+    tls: Option<Arc<TlsState>>,
+    stop: watch::Receiver<bool>,
+    kill: watch::Receiver<bool>,
+    conn_tx: mpsc::Sender<()>,
+    _done: mpsc::Sender<()>,
+}
+
+impl Worker {
+    fn run(self, listener: std::net::TcpListener) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, worker = self.index, "cannot start worker runtime");
+                return;
+            }
+        };
+        // Dropping the runtime after block_on cancels connections still open past the
+        // grace period.
+        runtime.block_on(self.accept_loop(listener));
+    }
+
+    async fn accept_loop(mut self, listener: std::net::TcpListener) {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, worker = self.index, "cannot register listener");
+                return;
+            }
+        };
+        let header_timeout = self
+            .shared
+            .snapshot
+            .load()
+            .config
+            .server
+            .header_read_timeout
+            .0;
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        let header_timeout = shared.snapshot.load().config.server.header_read_timeout.0;
         builder
             .http1()
             .timer(TokioTimer::new())
@@ -150,11 +245,10 @@ impl Gateway {
             .keep_alive_interval(Some(Duration::from_secs(30)));
         let builder = Arc::new(builder);
 
-        tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
-                () = &mut shutdown => break,
-                accepted = public.accept() => match accepted {
+                () = stopped(&mut self.stop) => break,
+                accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -167,33 +261,23 @@ impl Gateway {
             let _ = stream.set_nodelay(true);
             let conn = Arc::new(ConnInfo {
                 peer,
-                tls: tls.is_some(),
+                tls: self.tls.is_some(),
+                worker: self.index,
             });
             tokio::spawn(connection(
-                shared.clone(),
+                self.shared.clone(),
                 builder.clone(),
-                tls.clone(),
+                self.tls.clone(),
                 stream,
                 conn,
                 header_timeout,
-                stop_rx.clone(),
-                conn_tx.clone(),
+                self.stop.clone(),
+                self.conn_tx.clone(),
             ));
         }
-
-        tracing::info!("shutting down: no new connections; draining in-flight requests");
-        drop(public);
-        let _ = stop_tx.send(true);
-        drop(conn_tx);
-        let grace = shared.snapshot.load().config.server.shutdown_grace.0;
-        if tokio::time::timeout(grace, conn_rx.recv()).await.is_err() {
-            tracing::warn!(
-                ?grace,
-                "shutdown grace period over; closing remaining connections"
-            );
-        }
-        watch_task.abort();
-        admin_task.abort();
+        drop(listener);
+        drop(self.conn_tx);
+        stopped(&mut self.kill).await;
     }
 }
 
