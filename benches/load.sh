@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
+UPSTREAM_TYPE=${UPSTREAM_TYPE:-application/fhir+json}
 PATH_UNDER_BASE=${PATH_UNDER_BASE:-/Patient/example}
 
 for tool in nginx wrk; do
@@ -42,30 +43,44 @@ UP=$(free_port); NGX=$(free_port); SG=$(free_port); SGA=$(free_port)
 # A FHIR Patient, as a small static upstream would return it.
 PATIENT='{"resourceType":"Patient","id":"example","meta":{"versionId":"1","lastUpdated":"2024-01-01T00:00:00Z"},"active":true,"name":[{"use":"official","family":"Chalmers","given":["Peter","James"]}],"gender":"male","birthDate":"1974-12-25"}'
 
-cat >"$WORK/nginx.conf" <<NGINX
-worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
+# nginx instance $1 (upstream | proxy), with worker count $2 and server blocks on stdin.
+start_nginx() {
+  mkdir -p "$WORK/$1"
+  { cat <<NGINX
+worker_processes $2;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
-  client_body_temp_path $WORK/body;
-  proxy_temp_path $WORK/proxy;
-  fastcgi_temp_path $WORK/fcgi;
-  uwsgi_temp_path $WORK/uwsgi;
-  scgi_temp_path $WORK/scgi;
+  client_body_temp_path $WORK/$1/body;
+  proxy_temp_path $WORK/$1/proxy;
+  fastcgi_temp_path $WORK/$1/fcgi;
+  uwsgi_temp_path $WORK/$1/uwsgi;
+  scgi_temp_path $WORK/$1/scgi;
   keepalive_requests 1000000;
+NGINX
+    cat
+    echo "}"
+  } >"$WORK/$1/nginx.conf"
+  nginx -c "$WORK/$1/nginx.conf" -p "$WORK/$1" -g 'daemon off;' &
+  PIDS+=($!)
+  eval "NGINX_${1^^}=$!"
+}
 
-  # The tiny static upstream.
+# The tiny static upstream: its own nginx process, the same for every target.
+start_nginx upstream 1 <<NGINX
   server {
     listen 127.0.0.1:$UP;
     location /fhir/ {
-      default_type application/fhir+json;
+      default_type $UPSTREAM_TYPE;
       return 200 '$PATIENT';
     }
   }
+NGINX
 
-  # The baseline proxy.
+# The baseline proxy: as many workers as smartgate has (one per CPU).
+start_nginx proxy auto <<NGINX
   upstream fhir { server 127.0.0.1:$UP; keepalive 128; }
   server {
     listen 127.0.0.1:$NGX;
@@ -78,10 +93,7 @@ http {
       proxy_set_header X-Forwarded-Proto \$scheme;
     }
   }
-}
 NGINX
-nginx -c "$WORK/nginx.conf" -p "$WORK" -g 'daemon off;' &
-PIDS+=($!)
 
 cat >"$WORK/smartgate.toml" <<TOML
 [server]
@@ -101,6 +113,7 @@ watch = false
 TOML
 "$BIN" serve --config "$WORK/smartgate.toml" 2>"$WORK/smartgate.log" &
 PIDS+=($!)
+SMARTGATE_PID=$!
 
 wait_up() {
   for _ in $(seq 100); do
@@ -118,28 +131,48 @@ diff <(curl -fsS "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE") \
      <(curl -fsS "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE") >/dev/null \
   || { echo "proxies disagree on the body" >&2; exit 1; }
 
-# wrk's summary → "rps p99_ms"
+# CPU seconds (user + system) used so far by the processes given as PIDs.
+cpu_seconds() {
+  local ticks=0 pid
+  for pid in "$@"; do
+    for task in /proc/"$pid"/task/*/stat; do
+      ticks=$((ticks + $(awk '{print $14 + $15}' "$task" 2>/dev/null || echo 0)))
+    done
+  done
+  python3 -c "print($ticks / $(getconf CLK_TCK))"
+}
+
+# wrk's summary → "rps p99_ms cpu_us_per_request", the CPU measured over the processes
+# whose PIDs follow the URL.
 measure() {
-  local out rps p99
-  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$1")
+  local out rps p99 url=$1 c0 c1 cpu_per_req
+  shift
+  c0=$(cpu_seconds "$@")
+  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency "$url")
+  c1=$(cpu_seconds "$@")
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")
-  if grep -q "Non-2xx" <<<"$out"; then echo "non-2xx answers from $1" >&2; echo "$out" >&2; exit 1; fi
-  echo "$rps $p99"
+  if grep -q "Non-2xx" <<<"$out"; then echo "non-2xx answers from $url" >&2; echo "$out" >&2; exit 1; fi
+  total=$(awk '/requests in/ {print $1}' <<<"$out")
+  cpu_per_req=$(python3 -c "print(f'{($c1 - $c0) * 1e6 / max($total, 1):.1f}')")
+  echo "$rps $p99 $cpu_per_req"
 }
 
 # Warm-up, then the measured runs, back to back.
 wrk -t1 -c8 -d2s "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE" >/dev/null
 wrk -t1 -c8 -d2s "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE" >/dev/null
 
-read -r d_rps d_p99 < <(measure "http://127.0.0.1:$UP/fhir$PATH_UNDER_BASE")
-read -r n_rps n_p99 < <(measure "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE")
-read -r s_rps s_p99 < <(measure "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE")
+# nginx's master process does no request work; its workers are its children.
+nginx_pids() { echo "$1" $(pgrep -P "$1"); }
+read -r d_rps d_p99 d_cpu < <(measure "http://127.0.0.1:$UP/fhir$PATH_UNDER_BASE" $(nginx_pids "$NGINX_UPSTREAM"))
+read -r n_rps n_p99 n_cpu < <(measure "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE" $(nginx_pids "$NGINX_PROXY"))
+read -r s_rps s_p99 s_cpu < <(measure "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE" "$SMARTGATE_PID")
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
-printf '\n%-22s %12s %10s %12s %12s\n' target "req/s" "p99 ms" "vs nginx" "vs direct"
-printf '%-22s %12.0f %10.2f %12s %12s\n' direct "$d_rps" "$d_p99" "$(ratio "$d_rps" "$n_rps")" 1.00
-printf '%-22s %12.0f %10.2f %12s %12s\n' "nginx proxy_pass" "$n_rps" "$n_p99" 1.00 "$(ratio "$n_rps" "$d_rps")"
-printf '%-22s %12.0f %10.2f %12s %12s\n' "smartgate pass-through" "$s_rps" "$s_p99" "$(ratio "$s_rps" "$n_rps")" "$(ratio "$s_rps" "$d_rps")"
+printf '\n%-24s %10s %8s %9s %10s %14s\n' target "req/s" "p99 ms" "vs nginx" "vs direct" "CPU us/req"
+printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "direct (upstream)" "$d_rps" "$d_p99" "$(ratio "$d_rps" "$n_rps")" 1.00 "$d_cpu (upstream)"
+printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx proxy_pass" "$n_rps" "$n_p99" 1.00 "$(ratio "$n_rps" "$d_rps")" "$n_cpu (proxy)"
+printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate pass-through" "$s_rps" "$s_p99" "$(ratio "$s_rps" "$n_rps")" "$(ratio "$s_rps" "$d_rps")" "$s_cpu (proxy)"
 echo
-echo "p99 smartgate / nginx: $(ratio "$s_p99" "$n_p99")  (${DURATION}s per target, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores)"
+echo "smartgate / nginx: throughput $(ratio "$s_rps" "$n_rps"), p99 $(ratio "$s_p99" "$n_p99"), CPU per request $(ratio "$s_cpu" "$n_cpu")"
+echo "(${DURATION}s per target, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores; one run)"

@@ -185,3 +185,17 @@ fn masked_output_hides_secrets() {
     // The masked output is itself a valid configuration (secrets aside).
     assert!(parse(&out).is_ok(), "{out}");
 }
+
+/// The configuration embedded in the Kubernetes example stays valid.
+#[test]
+fn kubernetes_example_config_is_valid() {
+    let yaml = include_str!("../../deploy/kubernetes/sidecar.yaml");
+    let start = yaml.find("smartgate.toml: |").unwrap();
+    let block: String = yaml[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    Config::parse(&block, "sidecar.yaml", Vec::new()).unwrap();
+}
