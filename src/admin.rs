@@ -39,11 +39,14 @@ pub async fn handle<B>(shared: Arc<Shared>, req: Request<B>) -> Response<BoxBody
     }
 }
 
-/// Ready when a snapshot is loaded (always, once started) and the upstream accepts a TCP
-/// connection. The check is a bare connect: cheap for the upstream, and it is what fails
+/// Ready when a snapshot is loaded (always, once started), tokens can be judged (signing
+/// keys loaded and fresh enough), and the upstream accepts a TCP connection. The check is a bare connect: cheap for the upstream, and it is what fails
 /// when the upstream is down or unroutable.
 async fn readiness(shared: &Shared) -> Result<(), String> {
     let snap = shared.snapshot.load_full();
+    if let Some(auth) = &snap.auth {
+        auth.readiness()?;
+    }
     let (host, port) = snap.upstream.host_port();
     match tokio::time::timeout(
         PROBE_TIMEOUT,

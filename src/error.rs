@@ -31,6 +31,21 @@ pub enum GatewayError {
     #[error("request body exceeds the configured limit")]
     PayloadTooLarge,
 
+    // --- token ---
+    /// No bearer token (RFC 6750 §3.1: a challenge without an error code).
+    #[error("no bearer token")]
+    MissingToken,
+    /// The token is refused (RFC 6750 §3.1 `invalid_token`), with a coarse description.
+    #[error("invalid token: {0}")]
+    InvalidToken(&'static str),
+    /// The request carries its token wrongly (RFC 6750 §3.1 `invalid_request`).
+    #[error("invalid request: {0}")]
+    InvalidRequest(&'static str),
+    /// The token could not be judged: the authorization server or its keys are out of
+    /// reach. 503, not 401: the client must not throw a good token away.
+    #[error("token verification unavailable")]
+    AuthUnavailable,
+
     // --- upstream ---
     /// The upstream refused the connection or broke the exchange.
     #[error("upstream unreachable")]
@@ -58,6 +73,9 @@ impl GatewayError {
             GatewayError::NotFound => StatusCode::NOT_FOUND,
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::MissingToken | GatewayError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::UpstreamInvalid(_) => StatusCode::BAD_GATEWAY,
@@ -72,6 +90,10 @@ impl GatewayError {
             GatewayError::NotFound => "not_found",
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::PayloadTooLarge => "payload_too_large",
+            GatewayError::MissingToken => "missing_token",
+            GatewayError::InvalidToken(_) => "invalid_token",
+            GatewayError::InvalidRequest(_) => "invalid_request",
+            GatewayError::AuthUnavailable => "auth_unavailable",
             GatewayError::UpstreamUnreachable => "upstream_unreachable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::UpstreamInvalid(_) => "upstream_invalid",
@@ -86,6 +108,10 @@ impl GatewayError {
             GatewayError::NotFound => "not-found",
             GatewayError::BadRequest(_) => "invalid",
             GatewayError::PayloadTooLarge => "too-costly",
+            GatewayError::MissingToken => "login",
+            GatewayError::InvalidToken(_) => "login",
+            GatewayError::InvalidRequest(_) => "invalid",
+            GatewayError::AuthUnavailable => "transient",
             GatewayError::UpstreamUnreachable => "transient",
             GatewayError::UpstreamTimeout => "timeout",
             GatewayError::UpstreamInvalid(_) => "exception",
@@ -100,6 +126,12 @@ impl GatewayError {
             GatewayError::NotFound => "No FHIR endpoint at this address.".to_owned(),
             GatewayError::BadRequest(why) => format!("Bad request: {why}."),
             GatewayError::PayloadTooLarge => "Request body exceeds the size limit.".to_owned(),
+            GatewayError::MissingToken => "A bearer token is required.".to_owned(),
+            GatewayError::InvalidToken(why) => format!("The bearer token is not valid ({why})."),
+            GatewayError::InvalidRequest(why) => format!("Invalid request: {why}."),
+            GatewayError::AuthUnavailable => {
+                "The token could not be verified now; retry later.".to_owned()
+            }
             GatewayError::UpstreamUnreachable => "The FHIR server could not be reached.".to_owned(),
             GatewayError::UpstreamTimeout => "The FHIR server did not answer in time.".to_owned(),
             GatewayError::UpstreamInvalid(why) => {
@@ -110,11 +142,28 @@ impl GatewayError {
         }
     }
 
-    /// Renders this error as a FHIR `OperationOutcome` response.
-    pub fn into_response(self) -> Response<BoxBody> {
+    /// Renders this error as a FHIR `OperationOutcome` response; `realm` goes into
+    /// `WWW-Authenticate` challenges.
+    pub fn into_response(self, realm: &str) -> Response<BoxBody> {
         let status = self.status();
         let mut resp = operation_outcome(status, self.issue_code(), &self.diagnostics());
-        if matches!(self, GatewayError::Unavailable) {
+        let challenge = match self {
+            GatewayError::MissingToken => Some(format!("Bearer realm=\"{realm}\"")),
+            GatewayError::InvalidToken(why) => Some(format!(
+                "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{why}\""
+            )),
+            GatewayError::InvalidRequest(why) => Some(format!(
+                "Bearer realm=\"{realm}\", error=\"invalid_request\", error_description=\"{why}\""
+            )),
+            _ => None,
+        };
+        if let Some(v) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+        }
+        if matches!(
+            self,
+            GatewayError::Unavailable | GatewayError::AuthUnavailable
+        ) {
             resp.headers_mut()
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
@@ -146,7 +195,7 @@ mod tests {
     /// Every error renders as an OperationOutcome with no internal detail.
     #[tokio::test]
     async fn renders_operation_outcome() {
-        let resp = GatewayError::UpstreamTimeout.into_response();
+        let resp = GatewayError::UpstreamTimeout.into_response("r");
         assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(resp.headers()[CONTENT_TYPE], FHIR_JSON);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -158,8 +207,43 @@ mod tests {
     /// 503 tells clients when to come back.
     #[test]
     fn unavailable_has_retry_after() {
-        let resp = GatewayError::Unavailable.into_response();
+        let resp = GatewayError::Unavailable.into_response("r");
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(resp.headers().contains_key(http::header::RETRY_AFTER));
+        let resp = GatewayError::AuthUnavailable.into_response("r");
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().contains_key(http::header::RETRY_AFTER));
+        assert!(!resp.headers().contains_key(http::header::WWW_AUTHENTICATE));
+    }
+
+    /// RFC 6750 §3: challenges with the realm, and error codes only when a token was sent.
+    #[test]
+    fn bearer_challenges() {
+        let www = |e: GatewayError| {
+            let r = e.into_response("fhir");
+            (
+                r.status(),
+                r.headers()[http::header::WWW_AUTHENTICATE]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        };
+        assert_eq!(
+            www(GatewayError::MissingToken),
+            (StatusCode::UNAUTHORIZED, "Bearer realm=\"fhir\"".to_owned())
+        );
+        assert_eq!(
+            www(GatewayError::InvalidToken("expired")),
+            (
+                StatusCode::UNAUTHORIZED,
+                "Bearer realm=\"fhir\", error=\"invalid_token\", error_description=\"expired\""
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            www(GatewayError::InvalidRequest("x")).0,
+            StatusCode::BAD_REQUEST
+        );
     }
 }

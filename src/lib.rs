@@ -8,11 +8,13 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod config;
 pub mod error;
 pub mod fhir;
 pub mod metrics;
+pub mod outbound;
 pub mod pipeline;
 pub mod proxy;
 pub mod server;

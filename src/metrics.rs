@@ -45,6 +45,12 @@ pub struct Metrics {
     pub tls_reloads: IntCounterVec,
     /// `smartgate_response_rewrites_total{result}`: FHIR JSON bodies inspected.
     pub response_rewrites: IntCounterVec,
+    /// `smartgate_token_validations_total{mode,result}`
+    pub token_validations: IntCounterVec,
+    /// `smartgate_token_cache_total{event}`: hit, miss, eviction.
+    pub token_cache: IntCounterVec,
+    /// `smartgate_jwks_fetches_total{result}`
+    pub jwks_fetches: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -114,6 +120,24 @@ impl Metrics {
             &["result"],
         )
         .expect("static metric definition");
+        let token_validations = IntCounterVec::new(
+            Opts::new(
+                "smartgate_token_validations_total",
+                "Bearer token verdicts, by mode and result (valid or the refusal reason)",
+            ),
+            &["mode", "result"],
+        )
+        .expect("static metric definition");
+        let token_cache = IntCounterVec::new(
+            Opts::new("smartgate_token_cache_total", "Token verdict cache events"),
+            &["event"],
+        )
+        .expect("static metric definition");
+        let jwks_fetches = IntCounterVec::new(
+            Opts::new("smartgate_jwks_fetches_total", "JWKS fetches, by result"),
+            &["result"],
+        )
+        .expect("static metric definition");
         let build_info = IntGaugeVec::new(
             Opts::new("smartgate_build_info", "Build information; always 1"),
             &["version"],
@@ -132,6 +156,9 @@ impl Metrics {
             Box::new(config_reloads.clone()),
             Box::new(tls_reloads.clone()),
             Box::new(response_rewrites.clone()),
+            Box::new(token_validations.clone()),
+            Box::new(token_cache.clone()),
+            Box::new(jwks_fetches.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -167,6 +194,9 @@ impl Metrics {
             config_reloads,
             tls_reloads,
             response_rewrites,
+            token_validations,
+            token_cache,
+            jwks_fetches,
         }
     }
 

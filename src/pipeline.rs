@@ -2,8 +2,8 @@
 //! route → (authenticate → classify → authorize) → forward → respond, with `log` (metrics
 //! and the access line) run for every request, answered, refused or failed.
 //!
-//! Authentication and the SMART decision are not part of this version: `auth.mode` can
-//! only be `none`, so every routed request gets the pass-through [`Plan`].
+//! The SMART decision (classify, authorize) is not part of this version: an authenticated
+//! request gets the pass-through [`Plan`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,9 +15,11 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
+use crate::auth::{AuthFailure, Principal, bearer};
 use crate::body::{BoxBody, full};
 use crate::error::GatewayError;
 use crate::fhir::bundle;
+use crate::proxy::Identity;
 use crate::proxy::headers::{ClientSide, X_REQUEST_ID};
 use crate::state::{Shared, Snapshot};
 
@@ -77,6 +79,7 @@ struct Ctx {
     route: Route,
     upstream_time: Option<Duration>,
     reason: Option<&'static str>,
+    token_reason: Option<&'static str>,
 }
 
 /// Handles one request end to end. Never fails: errors become OperationOutcome responses.
@@ -94,13 +97,14 @@ pub async fn handle(
         route: Route::NotFound,
         upstream_time: None,
         reason: None,
+        token_reason: None,
     };
 
     let mut resp = match serve(&shared, &snap, &conn, req, &request_id, &mut ctx).await {
         Ok(resp) => resp,
         Err(e) => {
             ctx.reason = Some(e.reason());
-            e.into_response()
+            e.into_response(&snap.config.auth.realm)
         }
     };
     resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
@@ -126,7 +130,10 @@ async fn serve(
     ctx.route = Route::Fhir;
     let upstream_uri = snap.upstream.uri_for(rel)?;
 
-    // authenticate, classify, authorize: auth.mode = "none" (see module docs).
+    // authenticate
+    let (req, principal) = authenticate(snap, req, ctx).await?;
+
+    // classify, authorize: not in this version (see module docs).
     let plan = Plan::pass_through();
 
     // forward
@@ -146,6 +153,7 @@ async fn serve(
     let method = req.method().clone();
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream_uri;
+    // The body is already boxed; the limit applies to what streams on.
     // The upstream connection's protocol is negotiated separately from the client's.
     parts.version = Version::HTTP_11;
     let body = limited(body, limit);
@@ -156,6 +164,7 @@ async fn serve(
             Request::from_parts(parts, body),
             &client,
             request_id,
+            &identity(snap, principal.as_deref()),
         )
         .await
         .map_err(|failure| {
@@ -174,6 +183,93 @@ async fn serve(
 
     // respond
     respond(shared, snap, plan, &method, resp).await
+}
+
+/// The authenticate stage: the bearer token → the caller, or a refusal. Nothing is
+/// forwarded for a refused or unjudgeable token.
+async fn authenticate(
+    snap: &Snapshot,
+    req: Request<Incoming>,
+    ctx: &mut Ctx,
+) -> Result<(Request<BoxBody>, Option<Arc<Principal>>), GatewayError> {
+    let Some(auth) = &snap.auth else {
+        return Ok((req.map(|b| b.map_err(Into::into).boxed()), None));
+    };
+    let result = match bearer::extract(req.headers(), req.uri().query()) {
+        Ok(token) => auth.authenticate(token).await,
+        Err(e) => Err(e.into()),
+    };
+    let principal = result.map_err(|failure| {
+        if let AuthFailure::Invalid(e) = &failure {
+            ctx.token_reason = Some(e.code());
+        }
+        match failure {
+            AuthFailure::Missing => GatewayError::MissingToken,
+            AuthFailure::InvalidRequest(why) => GatewayError::InvalidRequest(why),
+            AuthFailure::Invalid(e) => GatewayError::InvalidToken(e.description()),
+            AuthFailure::Unavailable => GatewayError::AuthUnavailable,
+        }
+    })?;
+    // RFC 6750 §2.2 form-body tokens are refused like query tokens. Form bodies are small
+    // (POST _search); they are read here and passed on whole.
+    let req = if is_form(req.headers()) {
+        let limit = snap.config.server.max_request_body.0;
+        let (parts, body) = req.into_parts();
+        let bytes = limited(body, limit).collect().await.map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                GatewayError::PayloadTooLarge
+            } else {
+                GatewayError::BadRequest("request body incomplete")
+            }
+        })?;
+        let bytes = bytes.to_bytes();
+        if std::str::from_utf8(&bytes).is_ok_and(bearer::has_access_token_param) {
+            return Err(GatewayError::InvalidRequest(
+                "access_token in the request body is not accepted",
+            ));
+        }
+        Request::from_parts(parts, full(bytes))
+    } else {
+        req.map(|b| b.map_err(Into::into).boxed())
+    };
+    Ok((req, Some(principal)))
+}
+
+fn is_form(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| ct.split(';').next())
+        .is_some_and(|e| {
+            e.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
+/// Identity headers for the upstream: client copies always stripped; values set only when
+/// `auth.identity_headers.enabled`.
+fn identity<'a>(snap: &'a Snapshot, principal: Option<&Principal>) -> Identity<'a> {
+    let mut set = Vec::new();
+    let cfg = &snap.config.auth.identity_headers;
+    if let (true, Some(p)) = (cfg.enabled, principal) {
+        let scopes = p.scopes.join(" ");
+        let values = [
+            p.client_id.as_deref(),
+            p.subject.as_deref(),
+            p.patient.as_deref(),
+            p.fhir_user.as_deref(),
+            Some(scopes.as_str()).filter(|s| !s.is_empty()),
+        ];
+        for (name, value) in snap.identity_headers.iter().zip(values) {
+            if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+                set.push((name.clone(), v));
+            }
+        }
+    }
+    Identity {
+        strip: &snap.identity_headers,
+        set,
+    }
 }
 
 /// The response stage: the upstream's address out of headers and FHIR JSON bodies.
@@ -341,5 +437,6 @@ fn log(
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         upstream_ms = ctx.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
         reason = ctx.reason,
+        token = ctx.token_reason,
     );
 }

@@ -6,8 +6,12 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use http::HeaderName;
+
+use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::outbound::Outbound;
 use crate::proxy::urls::UrlMap;
 use crate::proxy::{Upstream, UpstreamSetupError};
 
@@ -20,21 +24,60 @@ pub struct Snapshot {
     pub urls: UrlMap,
     /// The upstream client.
     pub upstream: Upstream,
+    /// Token verification; `None` for `auth.mode = "none"`.
+    pub auth: Option<Arc<Authenticator>>,
+    /// Identity header names, always removed from client requests.
+    pub identity_headers: Vec<HeaderName>,
+}
+
+/// Why a configuration could not be compiled.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// The upstream client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamSetupError),
+    /// Token verification could not be set up (unreadable key file, bad inline JWKS).
+    #[error("{0}")]
+    Auth(String),
 }
 
 impl Snapshot {
-    /// Compiles a validated configuration.
-    pub fn compile(config: Config) -> Result<Snapshot, UpstreamSetupError> {
+    /// Compiles a validated configuration. The authenticator of `previous` is kept when
+    /// `[auth]` did not change, so its keys and cache survive a reload.
+    pub fn compile(
+        config: Config,
+        previous: Option<&Snapshot>,
+        outbound: &Outbound,
+        metrics: &Metrics,
+    ) -> Result<Snapshot, CompileError> {
         let upstream = Upstream::new(&config.upstream, config.server.worker_threads())?;
         let urls = UrlMap::new(
             &config.server.public_base_url,
             &config.upstream.url,
             &config.upstream.aliases,
         );
+        let auth = match previous {
+            Some(p)
+                if p.config.auth == config.auth
+                    && p.config.server.public_base_url == config.server.public_base_url =>
+            {
+                p.auth.clone()
+            }
+            _ => Authenticator::new(&config, outbound, metrics).map_err(CompileError::Auth)?,
+        };
+        let identity_headers = config
+            .auth
+            .identity_headers
+            .names()
+            .iter()
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
         Ok(Snapshot {
             config,
             urls,
             upstream,
+            auth,
+            identity_headers,
         })
     }
 }
@@ -48,9 +91,9 @@ pub enum ReloadError {
     /// The file is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The upstream client could not be built.
+    /// The new configuration could not be compiled.
     #[error(transparent)]
-    Upstream(#[from] UpstreamSetupError),
+    Compile(#[from] CompileError),
 }
 
 /// State shared by every connection of one gateway.
@@ -63,6 +106,8 @@ pub struct Shared {
     pub config_path: Option<PathBuf>,
     /// The environment overrides in force at start, re-applied on every reload.
     pub env: Vec<(String, String)>,
+    /// Client for the gateway's own calls (JWKS, introspection).
+    pub outbound: Outbound,
 }
 
 impl Shared {
@@ -89,7 +134,7 @@ impl Shared {
         let config = Config::load(path, self.env.iter().cloned())?;
         let old = self.snapshot.load();
         warn_restart_only(&old.config, &config);
-        let snapshot = Snapshot::compile(config)?;
+        let snapshot = Snapshot::compile(config, Some(&old), &self.outbound, &self.metrics)?;
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
     }

@@ -39,7 +39,7 @@ fn check_config_messages() {
         ),
         (
             good.replace("[auth]", "[auth]\nmod = \"jwt\""),
-            "auth.mod: unknown field `mod`, expected `mode`",
+            "auth.mod: unknown field `mod`, expected one of `mode`",
         ),
         (
             good.replace(

@@ -16,6 +16,12 @@ use serde::{Deserialize, Serialize};
 
 pub use units::{BaseUrl, ByteSize, Dur};
 
+/// Signature algorithms `auth.jwt.algorithms` may name: asymmetric only, so a public key
+/// can never be used as an HMAC secret.
+pub const ASYMMETRIC_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
 /// The whole configuration, validated.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +148,179 @@ pub struct UpstreamConfig {
 pub struct AuthConfig {
     /// How bearer tokens are checked.
     pub mode: AuthMode,
+    /// `realm` in `WWW-Authenticate` challenges.
+    #[serde(default = "defaults::realm")]
+    pub realm: String,
+    /// Clock skew allowed for `exp`, `nbf` and `iat`.
+    #[serde(default = "defaults::leeway")]
+    pub leeway: Dur,
+    /// Most token verdicts kept in the cache.
+    #[serde(default = "defaults::cache_max_entries")]
+    pub cache_max_entries: u64,
+    /// Longest a valid token's verdict is cached (never past the token's `exp`).
+    #[serde(default = "defaults::cache_max_ttl")]
+    pub cache_max_ttl: Dur,
+    /// How long an invalid token's verdict is cached.
+    #[serde(default = "defaults::negative_ttl")]
+    pub negative_ttl: Dur,
+    /// Which claims carry the SMART context.
+    #[serde(default)]
+    pub claims: ClaimsConfig,
+    /// `[auth.jwt]`, for `mode = "jwt"`.
+    pub jwt: Option<JwtConfig>,
+    /// `[auth.introspection]`, for `mode = "introspection"`.
+    pub introspection: Option<IntrospectionConfig>,
+    /// Identity headers sent to the upstream.
+    #[serde(default)]
+    pub identity_headers: IdentityHeadersConfig,
+}
+
+/// `[auth.claims]`: claim names, for identity providers that do not use SMART's.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimsConfig {
+    /// Space-separated scopes (a string), or an array of scopes; `scp` is read when this
+    /// claim is absent.
+    #[serde(default = "defaults::claim_scope")]
+    pub scope: String,
+    /// The patient in context (`123`, `Patient/123` or an absolute URL).
+    #[serde(default = "defaults::claim_patient")]
+    pub patient: String,
+    /// The encounter in context.
+    #[serde(default = "defaults::claim_encounter")]
+    pub encounter: String,
+    /// The user as a FHIR resource URL.
+    #[serde(default = "defaults::claim_fhir_user")]
+    pub fhir_user: String,
+    /// SMART 2.x `fhirContext` array.
+    #[serde(default = "defaults::claim_fhir_context")]
+    pub fhir_context: String,
+    /// Claims tried in order for the client id.
+    #[serde(default = "defaults::claim_client_id")]
+    pub client_id: Vec<String>,
+}
+
+impl Default for ClaimsConfig {
+    fn default() -> Self {
+        ClaimsConfig {
+            scope: defaults::claim_scope(),
+            patient: defaults::claim_patient(),
+            encounter: defaults::claim_encounter(),
+            fhir_user: defaults::claim_fhir_user(),
+            fhir_context: defaults::claim_fhir_context(),
+            client_id: defaults::claim_client_id(),
+        }
+    }
+}
+
+/// `[auth.jwt]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Required `iss`, compared exactly.
+    pub issuer: String,
+    /// Required member of `aud`.
+    pub audience: String,
+    /// Where the signing keys are; when absent, found through the issuer's discovery
+    /// documents (`/.well-known/openid-configuration`, then `smart-configuration`).
+    pub jwks_uri: Option<String>,
+    /// Keys given inline as a JWKS JSON document (air-gapped setups); no fetching.
+    pub jwks: Option<String>,
+    /// Accepted signature algorithms (asymmetric only).
+    #[serde(default = "defaults::algorithms")]
+    pub algorithms: Vec<String>,
+    /// Shortest interval between JWKS refreshes (a shorter `max-age` is raised to this).
+    #[serde(default = "defaults::jwks_refresh_min")]
+    pub refresh_min: Dur,
+    /// Longest interval between JWKS refreshes (a longer `max-age` is lowered to this).
+    #[serde(default = "defaults::jwks_refresh_max")]
+    pub refresh_max: Dur,
+    /// Keys older than this (the JWKS endpoint unreachable meanwhile) make `/readyz` fail;
+    /// they still validate.
+    #[serde(default = "defaults::jwks_max_age")]
+    pub max_key_age: Dur,
+    /// A token with an unknown `kid` triggers at most one JWKS refetch per this interval.
+    #[serde(default = "defaults::unknown_kid_interval")]
+    pub unknown_kid_refetch_interval: Dur,
+    /// Timeout of each JWKS or discovery request.
+    #[serde(default = "defaults::auth_http_timeout")]
+    pub http_timeout: Dur,
+}
+
+/// `[auth.introspection]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    /// The RFC 7662 endpoint.
+    pub endpoint: String,
+    /// The gateway's client id at the authorization server.
+    pub client_id: Option<String>,
+    /// `client_secret_basic` authentication.
+    pub client_secret: Option<String>,
+    /// `private_key_jwt` authentication: PEM private key.
+    pub private_key: Option<PathBuf>,
+    /// Algorithm of the private-key assertion: `ES384` or `RS384`.
+    #[serde(default = "defaults::assertion_alg")]
+    pub private_key_alg: String,
+    /// Authenticate with this bearer token instead (SMART 2.2 allows it).
+    pub bearer_token: Option<String>,
+    /// Our audience; an `aud` in the response must contain it. Defaults to
+    /// `server.public_base_url`.
+    pub audience: Option<String>,
+    /// Timeout of each introspection request (then 503).
+    #[serde(default = "defaults::auth_http_timeout")]
+    pub timeout: Dur,
+}
+
+/// `[auth.identity_headers]`: the caller's identity for the upstream, in headers.
+/// Client-supplied headers with these names are always removed, enabled or not.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityHeadersConfig {
+    /// Send the headers.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Header for the client id.
+    #[serde(default = "defaults::hdr_client_id")]
+    pub client_id: String,
+    /// Header for the subject.
+    #[serde(default = "defaults::hdr_subject")]
+    pub subject: String,
+    /// Header for the patient in context.
+    #[serde(default = "defaults::hdr_patient")]
+    pub patient: String,
+    /// Header for fhirUser.
+    #[serde(default = "defaults::hdr_fhir_user")]
+    pub fhir_user: String,
+    /// Header for the granted scopes.
+    #[serde(default = "defaults::hdr_scopes")]
+    pub scopes: String,
+}
+
+impl Default for IdentityHeadersConfig {
+    fn default() -> Self {
+        IdentityHeadersConfig {
+            enabled: false,
+            client_id: defaults::hdr_client_id(),
+            subject: defaults::hdr_subject(),
+            patient: defaults::hdr_patient(),
+            fhir_user: defaults::hdr_fhir_user(),
+            scopes: defaults::hdr_scopes(),
+        }
+    }
+}
+
+impl IdentityHeadersConfig {
+    /// The configured header names, in a fixed order.
+    pub fn names(&self) -> [&str; 5] {
+        [
+            &self.client_id,
+            &self.subject,
+            &self.patient,
+            &self.fhir_user,
+            &self.scopes,
+        ]
+    }
 }
 
 /// `auth.mode`
@@ -255,6 +434,77 @@ mod defaults {
     }
     pub fn watch_interval() -> Dur {
         Dur(Duration::from_secs(2))
+    }
+    pub fn realm() -> String {
+        "smartgate".to_owned()
+    }
+    pub fn leeway() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn cache_max_entries() -> u64 {
+        100_000
+    }
+    pub fn cache_max_ttl() -> Dur {
+        Dur(Duration::from_secs(60))
+    }
+    pub fn negative_ttl() -> Dur {
+        Dur(Duration::from_secs(10))
+    }
+    pub fn claim_scope() -> String {
+        "scope".to_owned()
+    }
+    pub fn claim_patient() -> String {
+        "patient".to_owned()
+    }
+    pub fn claim_encounter() -> String {
+        "encounter".to_owned()
+    }
+    pub fn claim_fhir_user() -> String {
+        "fhirUser".to_owned()
+    }
+    pub fn claim_fhir_context() -> String {
+        "fhirContext".to_owned()
+    }
+    pub fn claim_client_id() -> Vec<String> {
+        vec!["client_id".to_owned(), "azp".to_owned()]
+    }
+    pub fn algorithms() -> Vec<String> {
+        ["RS256", "RS384", "ES256", "ES384"]
+            .map(str::to_owned)
+            .to_vec()
+    }
+    pub fn jwks_refresh_min() -> Dur {
+        Dur(Duration::from_secs(300))
+    }
+    pub fn jwks_refresh_max() -> Dur {
+        Dur(Duration::from_secs(86_400))
+    }
+    pub fn jwks_max_age() -> Dur {
+        Dur(Duration::from_secs(86_400))
+    }
+    pub fn unknown_kid_interval() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn auth_http_timeout() -> Dur {
+        Dur(Duration::from_secs(5))
+    }
+    pub fn assertion_alg() -> String {
+        "ES384".to_owned()
+    }
+    pub fn hdr_client_id() -> String {
+        "X-Smart-Client-Id".to_owned()
+    }
+    pub fn hdr_subject() -> String {
+        "X-Smart-Subject".to_owned()
+    }
+    pub fn hdr_patient() -> String {
+        "X-Smart-Patient".to_owned()
+    }
+    pub fn hdr_fhir_user() -> String {
+        "X-Smart-Fhir-User".to_owned()
+    }
+    pub fn hdr_scopes() -> String {
+        "X-Smart-Scopes".to_owned()
     }
 }
 
@@ -425,19 +675,124 @@ impl Config {
                 format!("{:?} is not a log filter: {e}", self.log.level),
             ));
         }
-        match self.auth.mode {
-            AuthMode::None => {}
-            mode @ (AuthMode::Jwt | AuthMode::Introspection) => {
-                return Err((
-                    "auth.mode".into(),
-                    format!(
-                        "{:?} is not available in this version yet (supported: \"none\")",
-                        mode_name(mode)
-                    ),
-                ));
+        self.validate_auth()?;
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), (String, String)> {
+        let a = &self.auth;
+        let err = |k: &str, m: String| Err((k.to_owned(), m));
+        if a.realm.is_empty() || a.realm.contains(['"', '\\']) || !a.realm.is_ascii() {
+            return err(
+                "auth.realm",
+                format!("{:?} must be non-empty ASCII without quotes", a.realm),
+            );
+        }
+        if a.cache_max_entries == 0 {
+            return err("auth.cache_max_entries", "must be greater than 0".into());
+        }
+        for (i, name) in a.identity_headers.names().iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                let key = ["client_id", "subject", "patient", "fhir_user", "scopes"][i];
+                return err(
+                    &format!("auth.identity_headers.{key}"),
+                    format!("{name:?} is not a valid header name"),
+                );
             }
         }
-        Ok(())
+        match a.mode {
+            AuthMode::None => Ok(()),
+            AuthMode::Jwt => {
+                let Some(j) = &a.jwt else {
+                    return err("auth.jwt", "is required when auth.mode = \"jwt\"".into());
+                };
+                if j.issuer.is_empty() {
+                    return err("auth.jwt.issuer", "must not be empty".into());
+                }
+                if j.audience.is_empty() {
+                    return err("auth.jwt.audience", "must not be empty".into());
+                }
+                if j.algorithms.is_empty() {
+                    return err(
+                        "auth.jwt.algorithms",
+                        "must name at least one algorithm".into(),
+                    );
+                }
+                for alg in &j.algorithms {
+                    if !ASYMMETRIC_ALGORITHMS.contains(&alg.as_str()) {
+                        return err(
+                            "auth.jwt.algorithms",
+                            format!(
+                                "{alg:?} is not accepted (asymmetric only: {})",
+                                ASYMMETRIC_ALGORITHMS.join(", ")
+                            ),
+                        );
+                    }
+                }
+                match (&j.jwks_uri, &j.jwks) {
+                    (Some(_), Some(_)) => {
+                        return err(
+                            "auth.jwt.jwks",
+                            "set either jwks or jwks_uri, not both".into(),
+                        );
+                    }
+                    (Some(uri), None) => {
+                        BaseUrl::parse(uri).map_err(|m| ("auth.jwt.jwks_uri".to_owned(), m))?;
+                    }
+                    (None, Some(doc)) => {
+                        if serde_json::from_str::<jsonwebtoken::jwk::JwkSet>(doc).is_err() {
+                            return err("auth.jwt.jwks", "is not a JWKS JSON document".into());
+                        }
+                    }
+                    (None, None) => {
+                        BaseUrl::parse(&j.issuer).map_err(|m| {
+                            (
+                                "auth.jwt.issuer".to_owned(),
+                                format!("{m} (needed to discover the JWKS; or set jwks_uri)"),
+                            )
+                        })?;
+                    }
+                }
+                if j.refresh_min.0 > j.refresh_max.0 {
+                    return err("auth.jwt.refresh_min", "must not exceed refresh_max".into());
+                }
+                Ok(())
+            }
+            AuthMode::Introspection => {
+                let Some(i) = &a.introspection else {
+                    return err(
+                        "auth.introspection",
+                        "is required when auth.mode = \"introspection\"".into(),
+                    );
+                };
+                BaseUrl::parse(&i.endpoint)
+                    .map_err(|m| ("auth.introspection.endpoint".to_owned(), m))?;
+                let methods = [
+                    i.client_secret.is_some(),
+                    i.private_key.is_some(),
+                    i.bearer_token.is_some(),
+                ];
+                if methods.iter().filter(|m| **m).count() != 1 {
+                    return err(
+                        "auth.introspection",
+                        "set exactly one of client_secret, private_key, bearer_token".into(),
+                    );
+                }
+                if (i.client_secret.is_some() || i.private_key.is_some()) && i.client_id.is_none() {
+                    return err(
+                        "auth.introspection.client_id",
+                        "is required with client_secret or private_key".into(),
+                    );
+                }
+                if !["ES384", "RS384"].contains(&i.private_key_alg.as_str()) {
+                    return err(
+                        "auth.introspection.private_key_alg",
+                        format!("{:?} is not ES384 or RS384", i.private_key_alg),
+                    );
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The effective configuration as TOML, secrets replaced by `"***"`.
@@ -445,6 +800,14 @@ impl Config {
         let mut masked = self.clone();
         for value in masked.upstream.headers.values_mut() {
             *value = "***".to_owned();
+        }
+        if let Some(i) = masked.auth.introspection.as_mut() {
+            for secret in [&mut i.client_secret, &mut i.bearer_token]
+                .into_iter()
+                .flatten()
+            {
+                *secret = "***".to_owned();
+            }
         }
         toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }

@@ -163,13 +163,53 @@ fn env_error_names_variable() {
     assert!(e.contains("empty level"), "{e}");
 }
 
-/// Modes that are not built yet are refused rather than silently treated as `none`.
+/// Auth modes need their sections; unknown modes are refused.
 #[test]
-fn unavailable_auth_mode_refused() {
+fn auth_mode_sections_required() {
     let e = err(&MINIMAL.replace("mode = \"none\"", "mode = \"jwt\""));
-    assert!(e.contains("auth.mode"), "{e}");
+    assert!(e.contains("auth.jwt: is required"), "{e}");
+    let e = err(&MINIMAL.replace("mode = \"none\"", "mode = \"introspection\""));
+    assert!(e.contains("auth.introspection: is required"), "{e}");
     let e = err(&MINIMAL.replace("mode = \"none\"", "mode = \"bogus\""));
     assert!(e.contains("auth.mode"), "{e}");
+}
+
+const JWT: &str = "mode = \"jwt\"\n[auth.jwt]\nissuer = \"https://as.example.org\"\naudience = \"https://fhir.example.org/r4\"";
+
+/// Symmetric algorithms can never be configured: no HMAC with a public key.
+#[test]
+fn jwt_algorithms_asymmetric_only() {
+    parse(&MINIMAL.replace("mode = \"none\"", JWT)).unwrap();
+    let e = err(&MINIMAL.replace(
+        "mode = \"none\"",
+        &format!("{JWT}\nalgorithms = [\"RS256\", \"HS256\"]"),
+    ));
+    assert!(
+        e.contains("auth.jwt.algorithms: \"HS256\" is not accepted"),
+        "{e}"
+    );
+    let e = err(&MINIMAL.replace("mode = \"none\"", &format!("{JWT}\njwks = \"{{}}\"")));
+    assert!(e.contains("auth.jwt.jwks"), "{e}");
+}
+
+/// Introspection needs exactly one client authentication method, and masks secrets.
+#[test]
+fn introspection_client_auth() {
+    let base = "mode = \"introspection\"\n[auth.introspection]\nendpoint = \"https://as.example.org/introspect\"\nclient_id = \"gw\"";
+    let e = err(&MINIMAL.replace("mode = \"none\"", base));
+    assert!(e.contains("exactly one of"), "{e}");
+    let c = parse(&MINIMAL.replace(
+        "mode = \"none\"",
+        &format!("{base}\nclient_secret = \"hunter2\""),
+    ))
+    .unwrap();
+    let out = c.to_masked_toml();
+    assert!(!out.contains("hunter2") && out.contains("***"), "{out}");
+    let e = err(&MINIMAL.replace(
+        "mode = \"none\"",
+        &format!("{base}\nbearer_token = \"x\"\nclient_secret = \"y\""),
+    ));
+    assert!(e.contains("exactly one of"), "{e}");
 }
 
 /// check-config never prints upstream credentials.

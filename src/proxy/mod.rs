@@ -4,7 +4,6 @@
 pub mod headers;
 pub mod urls;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -73,6 +72,15 @@ impl UpstreamFailure {
     }
 }
 
+/// Caller identity headers: the names clients may never send themselves, and the values
+/// the gateway vouches for (empty unless enabled).
+pub struct Identity<'a> {
+    /// Removed from every client request.
+    pub strip: &'a [HeaderName],
+    /// Set after the removal.
+    pub set: Vec<(HeaderName, HeaderValue)>,
+}
+
 type HttpClient = Client<HttpsConnector<HttpConnector>, BoxBody>;
 
 /// The protected FHIR server: where it is and how to talk to it.
@@ -92,24 +100,9 @@ pub struct Upstream {
 impl Upstream {
     /// Builds `workers` pooled clients from `[upstream]`.
     pub fn new(cfg: &UpstreamConfig, workers: usize) -> Result<Upstream, UpstreamSetupError> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(cfg.connect_timeout.0));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| UpstreamSetupError::CaFile(e.to_string()))?
-        .with_root_certificates(root_store(cfg)?)
-        .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(http);
+        let connector =
+            crate::outbound::https_connector(cfg.ca_file.as_deref(), cfg.connect_timeout.0)
+                .map_err(UpstreamSetupError::CaFile)?;
 
         let clients = (0..workers.max(1))
             .map(|_| {
@@ -177,8 +170,12 @@ impl Upstream {
         mut req: Request<BoxBody>,
         client: &ClientSide,
         request_id: &HeaderValue,
+        identity: &Identity<'_>,
     ) -> Result<(Response<BoxBody>, Duration), UpstreamFailure> {
         let h = req.headers_mut();
+        for name in identity.strip {
+            h.remove(name);
+        }
         headers::remove_hop_by_hop(h);
         h.remove(header::HOST);
         // The gateway must see plain bodies to rewrite and verify them.
@@ -189,6 +186,9 @@ impl Upstream {
         headers::add_forwarded(h, client);
         h.insert(&headers::X_REQUEST_ID, request_id.clone());
         for (name, value) in &self.extra_headers {
+            h.insert(name, value.clone());
+        }
+        for (name, value) in &identity.set {
             h.insert(name, value.clone());
         }
 
@@ -234,33 +234,4 @@ fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamFailure {
     } else {
         UpstreamFailure::Protocol
     }
-}
-
-fn root_store(cfg: &UpstreamConfig) -> Result<rustls::RootCertStore, UpstreamSetupError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-
-    let mut roots = rustls::RootCertStore::empty();
-    // Unreadable system certificates are not fatal: a private CA may be all that's needed.
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = &cfg.ca_file {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| UpstreamSetupError::CaFile(format!("{}: {e}", path.display())))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| UpstreamSetupError::CaFile(format!("{}: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err(UpstreamSetupError::CaFile(format!(
-                "{}: no PEM certificate found",
-                path.display()
-            )));
-        }
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| UpstreamSetupError::CaFile(format!("{}: {e}", path.display())))?;
-        }
-    }
-    Ok(roots)
 }

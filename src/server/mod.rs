@@ -19,7 +19,6 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, ConnInfo};
-use crate::proxy::UpstreamSetupError;
 use crate::state::{ReloadError, Shared, Snapshot};
 use tls::TlsState;
 
@@ -39,9 +38,12 @@ pub enum StartError {
     /// The TLS files are unusable.
     #[error("{0}")]
     Tls(String),
-    /// The upstream client could not be built.
+    /// The configuration could not be compiled.
     #[error(transparent)]
-    Upstream(#[from] UpstreamSetupError),
+    Compile(#[from] crate::state::CompileError),
+    /// No runtime for the gateway's own outbound calls.
+    #[error("{0}")]
+    Runtime(String),
 }
 
 /// A bound, not yet serving gateway. Binding first lets callers (tests, the binary) learn
@@ -90,12 +92,15 @@ impl Gateway {
         };
         let public = bind("server.listen", config.server.listen).await?;
         let admin = bind("admin.listen", config.admin.listen).await?;
-        let snapshot = Snapshot::compile(config)?;
+        let outbound = crate::outbound::Outbound::new(None).map_err(StartError::Runtime)?;
+        let metrics = Metrics::new();
+        let snapshot = Snapshot::compile(config, None, &outbound, &metrics)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
-            metrics: Metrics::new(),
+            metrics,
             config_path,
             env,
+            outbound,
         });
         Ok(Gateway {
             shared,

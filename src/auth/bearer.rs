@@ -1,0 +1,144 @@
+//! Bearer token extraction (RFC 6750 §2.1): the `Authorization` header and nothing else.
+
+use http::HeaderMap;
+use http::header::AUTHORIZATION;
+
+/// Tokens longer than this are refused before any parsing.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// Why no token could be taken from a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BearerError {
+    /// No `Authorization` header (and no token elsewhere): 401 without an error code.
+    Missing,
+    /// The request is malformed (400 `invalid_request`), with a short reason.
+    Malformed(&'static str),
+    /// The token itself cannot be a valid token (401 `invalid_token`).
+    Invalid(&'static str),
+}
+
+/// Takes the bearer token from `Authorization`. RFC 6750 §2.2 and §2.3 (form body and
+/// query parameter) are refused: tokens in URLs end up in logs and caches.
+pub fn extract<'a>(headers: &'a HeaderMap, query: Option<&str>) -> Result<&'a str, BearerError> {
+    if query.is_some_and(has_access_token_param) {
+        return Err(BearerError::Malformed(
+            "access_token in the query string is not accepted",
+        ));
+    }
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Err(BearerError::Missing);
+    };
+    if values.next().is_some() {
+        return Err(BearerError::Malformed("more than one Authorization header"));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| BearerError::Malformed("Authorization header is not ASCII"))?;
+    let (scheme, token) = value.split_once(' ').ok_or(BearerError::Malformed(
+        "Authorization header is not \"Bearer <token>\"",
+    ))?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(BearerError::Malformed("Authorization scheme is not Bearer"));
+    }
+    let token = token.trim_start_matches(' ');
+    if token.is_empty() {
+        return Err(BearerError::Malformed("empty bearer token"));
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(BearerError::Invalid("too large"));
+    }
+    // RFC 6750 §2.1 b64token: 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+    let body = token.trim_end_matches('=');
+    if body.is_empty()
+        || !body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
+    {
+        return Err(BearerError::Invalid("malformed"));
+    }
+    Ok(token)
+}
+
+/// Whether a query string or form body carries an `access_token` parameter.
+pub fn has_access_token_param(query: &str) -> bool {
+    form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "access_token")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    /// The scheme is case-insensitive; the token is returned as sent.
+    #[test]
+    fn takes_bearer_token() {
+        for v in [
+            "Bearer abc.def.ghi",
+            "bearer abc.def.ghi",
+            "BEARER abc.def.ghi",
+        ] {
+            assert_eq!(extract(&headers(&[v]), None), Ok("abc.def.ghi"));
+        }
+        assert_eq!(
+            extract(&headers(&["Bearer opaque+/token=="]), None),
+            Ok("opaque+/token==")
+        );
+    }
+
+    /// Each way a request can carry a token wrongly has its own refusal.
+    #[test]
+    fn refusals() {
+        use BearerError::*;
+        let cases: &[(&[&str], Option<&str>, BearerError)] = &[
+            (&[], None, Missing),
+            (
+                &["Bearer a", "Bearer b"],
+                None,
+                Malformed("more than one Authorization header"),
+            ),
+            (
+                &["Basic dXNlcjpwYXNz"],
+                None,
+                Malformed("Authorization scheme is not Bearer"),
+            ),
+            (
+                &["Bearer"],
+                None,
+                Malformed("Authorization header is not \"Bearer <token>\""),
+            ),
+            (&["Bearer "], None, Malformed("empty bearer token")),
+            (&["Bearer a b"], None, Invalid("malformed")),
+            (&["Bearer a\"b"], None, Invalid("malformed")),
+            (&["Bearer ==="], None, Invalid("malformed")),
+            (
+                &[],
+                Some("_id=1&access_token=x"),
+                Malformed("access_token in the query string is not accepted"),
+            ),
+            (
+                &["Bearer ok"],
+                Some("access_token=x"),
+                Malformed("access_token in the query string is not accepted"),
+            ),
+        ];
+        for (h, q, want) in cases {
+            assert_eq!(extract(&headers(h), *q), Err(*want), "{h:?} {q:?}");
+        }
+        let big = format!("Bearer {}", "a".repeat(MAX_TOKEN_LEN + 1));
+        assert_eq!(extract(&headers(&[&big]), None), Err(Invalid("too large")));
+        // Only a parameter named exactly access_token counts.
+        assert_eq!(
+            extract(&headers(&["Bearer ok"]), Some("my_access_token=1")),
+            Ok("ok")
+        );
+    }
+}

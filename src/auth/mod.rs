@@ -1,0 +1,313 @@
+//! Authentication: the bearer token → [`Principal`], or a refusal.
+//!
+//! JWT mode verifies signatures against a JWKS; introspection mode asks the authorization
+//! server (RFC 7662). Verdicts, good and bad, are cached under a hash of the token *and*
+//! its verifier (issuer or endpoint), never past the token's `exp`; concurrent first
+//! lookups of one token share one verification.
+
+pub mod bearer;
+pub mod claims;
+pub mod introspection;
+pub mod jwks;
+pub mod jwt;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+use moka::future::Cache;
+use prometheus::IntCounterVec;
+use sha2::{Digest, Sha256};
+
+pub use claims::Principal;
+
+use crate::config::{AuthMode, ClaimsConfig, Config};
+use crate::metrics::Metrics;
+use crate::outbound::Outbound;
+
+/// Why a token is refused: 401 `invalid_token`. The description is deliberately
+/// coarse; it tells a client what to fix without helping an attacker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not a token of the expected shape.
+    #[error("malformed")]
+    Malformed,
+    /// `alg` not allowed (`none`, HS*, or not configured).
+    #[error("algorithm")]
+    Algorithm,
+    /// No key with the token's `kid` (or none that fits its `alg`).
+    #[error("unknown key")]
+    UnknownKey,
+    /// The signature does not verify.
+    #[error("signature")]
+    Signature,
+    /// Past `exp`.
+    #[error("expired")]
+    Expired,
+    /// Before `nbf` or `iat`.
+    #[error("not yet valid")]
+    NotYetValid,
+    /// Wrong `iss`.
+    #[error("issuer")]
+    Issuer,
+    /// Our audience is not in `aud`.
+    #[error("audience")]
+    Audience,
+    /// `exp`, `iss` or `aud` missing.
+    #[error("missing claim")]
+    MissingClaim,
+    /// Introspection says `active: false`.
+    #[error("inactive")]
+    Inactive,
+    /// `typ` is not an access token type.
+    #[error("token type")]
+    Type,
+}
+
+impl TokenError {
+    /// Stable code for metrics and the access log.
+    pub fn code(self) -> &'static str {
+        match self {
+            TokenError::Malformed => "malformed",
+            TokenError::Algorithm => "algorithm",
+            TokenError::UnknownKey => "unknown_key",
+            TokenError::Signature => "signature",
+            TokenError::Expired => "expired",
+            TokenError::NotYetValid => "not_yet_valid",
+            TokenError::Issuer => "issuer",
+            TokenError::Audience => "audience",
+            TokenError::MissingClaim => "missing_claim",
+            TokenError::Inactive => "inactive",
+            TokenError::Type => "type",
+        }
+    }
+
+    /// Text for `error_description`.
+    pub fn description(self) -> &'static str {
+        match self {
+            TokenError::Malformed => "malformed",
+            TokenError::Algorithm => "algorithm",
+            TokenError::UnknownKey => "signature",
+            TokenError::Signature => "signature",
+            TokenError::Expired => "expired",
+            TokenError::NotYetValid => "not yet valid",
+            TokenError::Issuer => "issuer",
+            TokenError::Audience => "audience",
+            TokenError::MissingClaim => "malformed",
+            TokenError::Inactive => "inactive",
+            TokenError::Type => "token type",
+        }
+    }
+}
+
+/// Why authentication gave no principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No token at all.
+    Missing,
+    /// The request is malformed (400 `invalid_request`).
+    InvalidRequest(&'static str),
+    /// The token is refused (401 `invalid_token`).
+    Invalid(TokenError),
+    /// The token could not be judged: keys or introspection unavailable (503).
+    Unavailable,
+}
+
+impl From<bearer::BearerError> for AuthFailure {
+    fn from(e: bearer::BearerError) -> Self {
+        match e {
+            bearer::BearerError::Missing => AuthFailure::Missing,
+            bearer::BearerError::Malformed(why) => AuthFailure::InvalidRequest(why),
+            bearer::BearerError::Invalid(_) => AuthFailure::Invalid(TokenError::Malformed),
+        }
+    }
+}
+
+enum Verifier {
+    Jwt(jwt::JwtVerifier),
+    Introspection(Box<introspection::Introspector>),
+}
+
+/// A cached verdict: the principal, or the refusal.
+type Verdict = Result<Arc<Principal>, TokenError>;
+
+/// Cached entries live until the token expires (capped), refusals briefly.
+struct VerdictExpiry {
+    max_ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl Expiry<[u8; 32], Verdict> for VerdictExpiry {
+    fn expire_after_create(&self, _: &[u8; 32], v: &Verdict, _: Instant) -> Option<Duration> {
+        Some(match v {
+            Ok(p) => match p.expires_at {
+                Some(exp) => {
+                    Duration::from_secs(exp.saturating_sub(jsonwebtoken::get_current_timestamp()))
+                        .min(self.max_ttl)
+                }
+                None => self.max_ttl,
+            },
+            Err(_) => self.negative_ttl,
+        })
+    }
+}
+
+/// Turns bearer tokens into principals for one `[auth]` configuration.
+pub struct Authenticator {
+    mode: &'static str,
+    verifier: Verifier,
+    /// Hashed with every token, so one token string never matches across verifiers
+    /// (Oathkeeper CVE-2026-33496: a cache shared across issuers).
+    cache_scope: String,
+    cache: Cache<[u8; 32], Verdict>,
+    claims: ClaimsConfig,
+    validations: IntCounterVec,
+    cache_events: IntCounterVec,
+}
+
+impl Authenticator {
+    /// Builds the authenticator for `config.auth`, or `None` for `mode = "none"`. Starts
+    /// the JWKS refresh on the current runtime.
+    pub fn new(
+        config: &Config,
+        outbound: &Outbound,
+        metrics: &Metrics,
+    ) -> Result<Option<Arc<Authenticator>>, String> {
+        let auth = &config.auth;
+        let (mode, verifier, cache_scope) = match auth.mode {
+            AuthMode::None => return Ok(None),
+            AuthMode::Jwt => {
+                let cfg = auth.jwt.as_ref().ok_or("auth.jwt: missing")?;
+                let keys = Arc::new(jwks::KeySource::new(
+                    cfg,
+                    outbound.clone(),
+                    metrics.jwks_fetches.clone(),
+                )?);
+                keys.spawn_refresh();
+                let scope = format!("jwt\0{}\0{}", cfg.issuer, cfg.audience);
+                (
+                    "jwt",
+                    Verifier::Jwt(jwt::JwtVerifier::new(cfg, auth.leeway.0, keys)),
+                    scope,
+                )
+            }
+            AuthMode::Introspection => {
+                let cfg = auth
+                    .introspection
+                    .as_ref()
+                    .ok_or("auth.introspection: missing")?;
+                let public = config.server.public_base_url.as_string();
+                let i = introspection::Introspector::new(cfg, &public, outbound.clone())?;
+                let scope = format!("introspection\0{}", i.endpoint());
+                ("introspection", Verifier::Introspection(Box::new(i)), scope)
+            }
+        };
+        let evictions = metrics.token_cache.clone();
+        let cache = Cache::builder()
+            .max_capacity(auth.cache_max_entries)
+            .expire_after(VerdictExpiry {
+                max_ttl: auth.cache_max_ttl.0,
+                negative_ttl: auth.negative_ttl.0,
+            })
+            .eviction_listener(move |_, _, cause| {
+                if cause.was_evicted() && cause == moka::notification::RemovalCause::Size {
+                    evictions.with_label_values(&["eviction"]).inc();
+                }
+            })
+            .build();
+        Ok(Some(Arc::new(Authenticator {
+            mode,
+            verifier,
+            cache_scope,
+            cache,
+            claims: auth.claims.clone(),
+            validations: metrics.token_validations.clone(),
+            cache_events: metrics.token_cache.clone(),
+        })))
+    }
+
+    /// The principal for `token`, from the cache or by verification.
+    pub async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, AuthFailure> {
+        let key = self.cache_key(token);
+        let verdict = match self.cache.get(&key).await {
+            Some(v) => {
+                self.cache_events.with_label_values(&["hit"]).inc();
+                v
+            }
+            None => {
+                self.cache_events.with_label_values(&["miss"]).inc();
+                // Concurrent misses for one key wait for this one verification.
+                match self.cache.try_get_with(key, self.verify(token)).await {
+                    Ok(v) => v,
+                    Err(_) => {
+                        self.count("unavailable");
+                        return Err(AuthFailure::Unavailable);
+                    }
+                }
+            }
+        };
+        match verdict {
+            Ok(p) => {
+                // An entry never outlives exp, but a hit right at the edge must not pass.
+                if p.expires_at
+                    .is_some_and(|exp| exp < jsonwebtoken::get_current_timestamp())
+                {
+                    self.count(TokenError::Expired.code());
+                    return Err(AuthFailure::Invalid(TokenError::Expired));
+                }
+                self.count("valid");
+                Ok(p)
+            }
+            Err(e) => {
+                self.count(e.code());
+                Err(AuthFailure::Invalid(e))
+            }
+        }
+    }
+
+    /// Verifies without the cache (what a cache miss runs; also `explain-token`).
+    pub async fn verify(&self, token: &str) -> Result<Verdict, Unavailable> {
+        let claims = match &self.verifier {
+            Verifier::Jwt(v) => v.verify(token).await.map_err(|_| {
+                tracing::warn!("token not verifiable: no signing keys available");
+                Unavailable
+            })?,
+            Verifier::Introspection(i) => i.introspect(token).await.map_err(|e| {
+                tracing::warn!(error = %e.0, "token not verifiable: introspection unavailable");
+                Unavailable
+            })?,
+        };
+        Ok(claims.map(|c| Arc::new(claims::principal(&c, &self.claims))))
+    }
+
+    /// Ready when a token could be judged now.
+    pub fn readiness(&self) -> Result<(), String> {
+        match &self.verifier {
+            Verifier::Jwt(v) => v.keys().readiness(),
+            Verifier::Introspection(_) => Ok(()),
+        }
+    }
+
+    /// `jwt` or `introspection`.
+    pub fn mode(&self) -> &'static str {
+        self.mode
+    }
+
+    fn cache_key(&self, token: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.cache_scope.as_bytes());
+        h.update([0u8]);
+        h.update(token.as_bytes());
+        h.finalize().into()
+    }
+
+    fn count(&self, result: &str) {
+        self.validations
+            .with_label_values(&[self.mode, result])
+            .inc();
+    }
+}
+
+/// The token could not be judged now.
+#[derive(Debug, Clone, Copy)]
+pub struct Unavailable;
