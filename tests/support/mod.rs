@@ -2,6 +2,8 @@
 //! through the library on port 0, and a plain HTTP client.
 #![allow(dead_code)]
 
+pub mod tokens;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -232,6 +234,22 @@ watch = false
 {extra}
 "#
     )
+}
+
+/// Like [`config`], with `auth` in place of `[auth] mode = "none"`.
+pub fn config_auth(upstream_base: &str, auth: &str, extra: &str) -> String {
+    config(upstream_base, extra).replace("[auth]\nmode = \"none\"\n", auth)
+}
+
+/// `GET url` with `Authorization: Bearer token`.
+pub async fn get_with_token(url: &str, token: &str) -> (StatusCode, HeaderMap, Bytes) {
+    send(
+        Request::get(url)
+            .header("authorization", format!("Bearer {token}"))
+            .body(smartgate::body::empty())
+            .unwrap(),
+    )
+    .await
 }
 
 /// A pooled HTTP/1.1 client.

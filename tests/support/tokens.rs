@@ -1,0 +1,192 @@
+//! Test keys and a token minter. RSA keys come from the `openssl` CLI (Debian base image),
+//! EC keys from rcgen; public JWKs are derived by jsonwebtoken from the private keys.
+#![allow(dead_code)]
+
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use http::{Response, StatusCode};
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+use super::{FakeUpstream, Seen};
+
+/// A signing key with its public JWK.
+#[derive(Clone)]
+pub struct TestKey {
+    pub kid: String,
+    pub alg: Algorithm,
+    pub pem: String,
+    pub encoding: EncodingKey,
+    pub jwk: Value,
+}
+
+impl TestKey {
+    /// A fresh 2048-bit RSA key.
+    pub fn rsa(kid: &str, alg: Algorithm) -> TestKey {
+        let out = Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ])
+            .output()
+            .expect("openssl must be installed for the RSA tests");
+        assert!(out.status.success(), "openssl genpkey failed");
+        let pem = String::from_utf8(out.stdout).unwrap();
+        let encoding = EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
+        TestKey::finish(kid, alg, pem, encoding)
+    }
+
+    /// A fresh P-384 key (ES384).
+    pub fn ec384(kid: &str) -> TestKey {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let pem = pair.serialize_pem();
+        let encoding = EncodingKey::from_ec_pem(pem.as_bytes()).unwrap();
+        TestKey::finish(kid, Algorithm::ES384, pem, encoding)
+    }
+
+    /// A fresh P-256 key (ES256).
+    pub fn ec256(kid: &str) -> TestKey {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let pem = pair.serialize_pem();
+        let encoding = EncodingKey::from_ec_pem(pem.as_bytes()).unwrap();
+        TestKey::finish(kid, Algorithm::ES256, pem, encoding)
+    }
+
+    fn finish(kid: &str, alg: Algorithm, pem: String, encoding: EncodingKey) -> TestKey {
+        let mut jwk: Jwk = Jwk::from_encoding_key(&encoding, alg).unwrap();
+        jwk.common.key_id = Some(kid.to_owned());
+        TestKey {
+            kid: kid.to_owned(),
+            alg,
+            pem,
+            encoding,
+            jwk: serde_json::to_value(jwk).unwrap(),
+        }
+    }
+
+    /// The same key material under another kid.
+    pub fn with_kid(&self, kid: &str) -> TestKey {
+        let mut k = self.clone();
+        k.kid = kid.to_owned();
+        k.jwk["kid"] = json!(kid);
+        k
+    }
+
+    /// Signs `claims` with this key, `kid` and `typ: at+jwt` in the header.
+    pub fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(self.alg);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some("at+jwt".to_owned());
+        jsonwebtoken::encode(&header, claims, &self.encoding).unwrap()
+    }
+}
+
+/// A JWKS document of these keys.
+pub fn jwks(keys: &[&TestKey]) -> Value {
+    json!({ "keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() })
+}
+
+pub const ISSUER: &str = "https://issuer.test";
+pub const AUDIENCE: &str = "http://gateway.test/r4";
+
+pub fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+/// Claims of a good SMART access token for patient 123.
+pub fn claims() -> Value {
+    json!({
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "user-1",
+        "client_id": "app-1",
+        "scope": "launch/patient patient/*.rs openid",
+        "patient": "Patient/123",
+        "fhirUser": "Practitioner/9",
+        "iat": now(),
+        "exp": now() + 300,
+        "jti": uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+/// base64url without padding.
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A fake authorization server publishing a JWKS (and an OpenID discovery document
+/// pointing at it). `down` makes it answer 503.
+pub struct FakeJwks {
+    pub server: FakeUpstream,
+    pub doc: Arc<Mutex<Value>>,
+    pub down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeJwks {
+    pub async fn start(keys: &[&TestKey]) -> FakeJwks {
+        let doc = Arc::new(Mutex::new(jwks(keys)));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, dn) = (doc.clone(), down.clone());
+        let base = Arc::new(std::sync::OnceLock::<String>::new());
+        let b = base.clone();
+        let server = FakeUpstream::start(Arc::new(move |seen: &Seen| {
+            let resp = if dn.load(std::sync::atomic::Ordering::SeqCst) {
+                Response::builder()
+                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                    .body(smartgate::body::empty())
+                    .unwrap()
+            } else if seen.uri.ends_with("/.well-known/openid-configuration") {
+                let body =
+                    json!({"issuer": ISSUER, "jwks_uri": format!("{}/jwks", b.get().unwrap())});
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(smartgate::body::full(body.to_string()))
+                    .unwrap()
+            } else {
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .header("cache-control", "public, max-age=3600")
+                    .body(smartgate::body::full(d.lock().unwrap().to_string()))
+                    .unwrap()
+            };
+            Box::pin(std::future::ready(resp))
+        }))
+        .await;
+        base.set(format!("http://{}", server.addr)).unwrap();
+        FakeJwks { server, doc, down }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("http://{}/jwks", self.server.addr)
+    }
+
+    /// JWKS fetches so far.
+    pub fn fetches(&self) -> usize {
+        self.server
+            .requests()
+            .iter()
+            .filter(|s| s.uri.ends_with("/jwks"))
+            .count()
+    }
+
+    pub fn set_keys(&self, keys: &[&TestKey]) {
+        *self.doc.lock().unwrap() = jwks(keys);
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// `[auth]` for JWT mode against `jwks_uri`.
+pub fn jwt_auth(jwks_uri: &str, extra: &str) -> String {
+    format!(
+        "[auth]\nmode = \"jwt\"\n{extra}\n[auth.jwt]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks_uri = \"{jwks_uri}\"\nalgorithms = [\"RS256\", \"ES384\", \"ES256\"]\n"
+    )
+}
