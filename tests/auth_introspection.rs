@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use http::{Response, StatusCode};
+use http::StatusCode;
 use jsonwebtoken::{DecodingKey, Validation};
 use serde_json::json;
 use support::tokens::*;

@@ -2,6 +2,7 @@
 //! through the library on port 0, and a plain HTTP client.
 #![allow(dead_code)]
 
+pub mod node;
 pub mod tokens;
 
 use std::convert::Infallible;
