@@ -30,6 +30,9 @@ enum Command {
     Serve,
     /// Validate the configuration and print it as it takes effect (secrets masked).
     CheckConfig,
+    /// Read an access token from stdin and print what the gateway makes of it: the
+    /// principal, or why it is refused. No network when the keys are inline.
+    ExplainToken,
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => serve(config, &path, env),
+        Command::ExplainToken => explain_token(&config),
     }
 }
 
@@ -96,6 +100,41 @@ fn serve(config: Config, path: &Path, env: Vec<(String, String)>) -> ExitCode {
             tracing::error!(error = %e, "cannot start");
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain_token(config: &Config) -> ExitCode {
+    let mut token = String::new();
+    if std::io::Read::read_to_string(&mut std::io::stdin(), &mut token).is_err() {
+        eprintln!("error: cannot read the token from stdin");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(smartgate::auth::explain::explain_token(config, &token)) {
+        Ok(report) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+            if report["verdict"] == "valid" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -167,3 +167,50 @@ async fn sigterm_drains_in_flight_request() {
         "{lines:#?}"
     );
 }
+
+/// explain-token prints the principal of a good token and the reason for a bad one, with
+/// inline keys (no network), and exits 0 or 1 accordingly.
+#[test]
+fn explain_token_prints_verdicts() {
+    use support::tokens::*;
+    let key = TestKey::ec384("k1");
+    let doc = jwks(&[&key]).to_string().replace('"', "\\\"");
+    let auth = format!(
+        "[auth]\nmode = \"jwt\"\n[auth.jwt]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks = \"{doc}\"\nalgorithms = [\"ES384\"]\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &config_auth("http://127.0.0.1:1/fhir", &auth, ""));
+    let run = |token: &str| {
+        use std::io::Write;
+        let mut child = Command::new(BIN)
+            .args(["explain-token", "--config"])
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(token.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (out.status.code(), report)
+    };
+
+    let (code, report) = run(&key.sign(&claims()));
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["verdict"], "valid");
+    assert_eq!(report["principal"]["patient"], "123");
+    assert_eq!(report["principal"]["client_id"], "app-1");
+
+    let mut expired = claims();
+    expired["exp"] = json!(now() - 3600);
+    let (code, report) = run(&key.sign(&expired));
+    assert_eq!(code, Some(1));
+    assert_eq!(report["verdict"], "refused");
+    assert_eq!(report["reason"], "expired");
+    assert_eq!(report["claims_as_sent"]["patient"], "Patient/123");
+}

@@ -7,6 +7,7 @@
 
 pub mod bearer;
 pub mod claims;
+pub mod explain;
 pub mod introspection;
 pub mod jwks;
 pub mod jwt;

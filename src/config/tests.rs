@@ -239,3 +239,14 @@ fn kubernetes_example_config_is_valid() {
         .collect();
     Config::parse(&block, "sidecar.yaml", Vec::new()).unwrap();
 }
+
+/// The complete examples in config/examples/ stay valid.
+#[test]
+fn examples_are_valid() {
+    for name in ["jwt.toml", "introspection.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config/examples")
+            .join(name);
+        Config::load(&path, Vec::new()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
