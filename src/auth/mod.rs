@@ -12,12 +12,15 @@ pub mod introspection;
 pub mod jwks;
 pub mod jwt;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::Expiry;
 use moka::future::Cache;
-use prometheus::IntCounterVec;
+use prometheus::{IntCounter, IntCounterVec};
 use sha2::{Digest, Sha256};
 
 pub use claims::Principal;
@@ -153,8 +156,25 @@ impl Expiry<[u8; 32], Verdict> for VerdictExpiry {
     }
 }
 
+/// Most valid verdicts a worker keeps in its own first-level cache.
+const LOCAL_MAX: usize = 4096;
+
+thread_local! {
+    /// A worker's own cache of valid verdicts, in front of the shared one: each worker is
+    /// single-threaded, so a hit here takes no lock and touches no shared cache line.
+    /// Keyed by authenticator instance too, so verdicts never survive an `[auth]` change.
+    static LOCAL: RefCell<LocalCache> = RefCell::new(HashMap::new());
+}
+
+/// (authenticator id, token hash) → (principal, valid until).
+type LocalCache = HashMap<(u64, [u8; 32]), (Arc<Principal>, Instant)>;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// Turns bearer tokens into principals for one `[auth]` configuration.
 pub struct Authenticator {
+    id: u64,
+    max_ttl: Duration,
     mode: &'static str,
     verifier: Verifier,
     /// Hashed with every token, so one token string never matches across verifiers
@@ -164,6 +184,9 @@ pub struct Authenticator {
     claims: ClaimsConfig,
     validations: IntCounterVec,
     cache_events: IntCounterVec,
+    /// The hot-path series, resolved once.
+    hit: IntCounter,
+    valid: IntCounter,
 }
 
 impl Authenticator {
@@ -217,6 +240,8 @@ impl Authenticator {
             })
             .build();
         Ok(Some(Arc::new(Authenticator {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            max_ttl: auth.cache_max_ttl.0,
             mode,
             verifier,
             cache_scope,
@@ -224,15 +249,24 @@ impl Authenticator {
             claims: auth.claims.clone(),
             validations: metrics.token_validations.clone(),
             cache_events: metrics.token_cache.clone(),
+            hit: metrics.token_cache.with_label_values(&["hit"]),
+            valid: metrics
+                .token_validations
+                .with_label_values(&[mode, "valid"]),
         })))
     }
 
     /// The principal for `token`, from the cache or by verification.
     pub async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, AuthFailure> {
         let key = self.cache_key(token);
+        if let Some(p) = self.local_get(&key) {
+            self.hit.inc();
+            self.valid.inc();
+            return Ok(p);
+        }
         let verdict = match self.cache.get(&key).await {
             Some(v) => {
-                self.cache_events.with_label_values(&["hit"]).inc();
+                self.hit.inc();
                 v
             }
             None => {
@@ -256,7 +290,8 @@ impl Authenticator {
                     self.count(TokenError::Expired.code());
                     return Err(AuthFailure::Invalid(TokenError::Expired));
                 }
-                self.count("valid");
+                self.valid.inc();
+                self.local_put(key, &p);
                 Ok(p)
             }
             Err(e) => {
@@ -264,6 +299,37 @@ impl Authenticator {
                 Err(AuthFailure::Invalid(e))
             }
         }
+    }
+
+    fn local_get(&self, key: &[u8; 32]) -> Option<Arc<Principal>> {
+        LOCAL.with(|l| {
+            let l = l.borrow();
+            let (p, until) = l.get(&(self.id, *key))?;
+            (Instant::now() < *until).then(|| p.clone())
+        })
+    }
+
+    /// Keeps a valid verdict for this worker, as long as the shared cache would (capped
+    /// by `cache_max_ttl` and the token's `exp`).
+    fn local_put(&self, key: [u8; 32], p: &Arc<Principal>) {
+        let ttl = match p.expires_at {
+            Some(exp) => {
+                Duration::from_secs(exp.saturating_sub(jsonwebtoken::get_current_timestamp()))
+                    .min(self.max_ttl)
+            }
+            None => self.max_ttl,
+        };
+        if ttl.is_zero() {
+            return;
+        }
+        LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            if l.len() >= LOCAL_MAX {
+                // Crude but bounded: start over rather than track recency per entry.
+                l.clear();
+            }
+            l.insert((self.id, key), (p.clone(), Instant::now() + ttl));
+        });
     }
 
     /// Verifies without the cache (what a cache miss runs; also `explain-token`).
