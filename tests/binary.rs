@@ -214,3 +214,91 @@ fn explain_token_prints_verdicts() {
     assert_eq!(report["reason"], "expired");
     assert_eq!(report["claims_as_sent"]["patient"], "Patient/123");
 }
+
+/// SIGHUP re-reads the configuration file: the reload is counted, a bad file is refused
+/// and the process keeps serving.
+#[tokio::test]
+async fn sighup_reloads_configuration() {
+    let up = FakeUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&up.base(), "[log]\nformat = \"json\"\n");
+    let path = write_config(&dir, &text);
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (public, admin) = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("gateway did not start");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if let (Some(p), Some(a)) = (v["public"].as_str(), v["admin"].as_str()) {
+            break (p.to_owned(), a.to_owned());
+        }
+    };
+    let hup = |pid: u32| {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let reloads = |result: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let m = String::from_utf8(get(&format!("http://{admin}/metrics")).await.2.to_vec())
+                .unwrap();
+            m.lines()
+                .find(|l| {
+                    l.starts_with(&format!(
+                        "smartgate_config_reloads_total{{result=\"{result}\"}}"
+                    ))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        }
+    };
+
+    hup(child.id());
+    let mut ok = false;
+    for _ in 0..100 {
+        if reloads("success").await == 1 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "SIGHUP did not reload");
+
+    std::fs::write(&path, "not [valid toml").unwrap();
+    hup(child.id());
+    let mut refused = false;
+    for _ in 0..100 {
+        if reloads("failure").await == 1 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "a bad file was not refused");
+    assert_eq!(
+        get(&format!("http://{public}/r4/Patient")).await.0,
+        StatusCode::OK
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
