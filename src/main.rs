@@ -79,6 +79,9 @@ fn serve(config: Config, path: &Path, env: Vec<(String, String)>) -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        // Handlers first: a signal that arrives once we announce ourselves must find them
+        // installed, not the default action (which would kill the process).
+        let signals = Signals::install();
         let gateway = smartgate::Gateway::bind(config, Some(path.to_path_buf()), env).await?;
         tracing::info!(
             public = %gateway.public_addr(),
@@ -87,8 +90,11 @@ fn serve(config: Config, path: &Path, env: Vec<(String, String)>) -> ExitCode {
             "smartgate listening"
         );
         let handle = gateway.handle();
-        tokio::spawn(reload_on_sighup(handle));
-        gateway.serve(shutdown_signal()).await;
+        let Signals { term, hup } = signals;
+        if let Some(hup) = hup {
+            tokio::spawn(reload_on_sighup(hup, handle));
+        }
+        gateway.serve(shutdown_signal(term)).await;
         Ok::<(), smartgate::StartError>(())
     });
     match result {
@@ -157,30 +163,41 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// The signal streams, registered before the gateway announces itself.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate())
+            .inspect_err(|e| tracing::error!(error = %e, "cannot listen for SIGTERM"))
+            .ok();
+        let hup = signal(SignalKind::hangup())
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP; reload by file change only"))
+            .ok();
+        Signals { term, hup }
+    }
+}
+
 /// SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
+async fn shutdown_signal(term: Option<tokio::signal::unix::Signal>) {
+    match term {
+        Some(mut term) => tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        },
+        None => {
             let _ = tokio::signal::ctrl_c().await;
-            return;
+            tracing::info!("SIGINT received");
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }
 
 /// SIGHUP re-reads the configuration file.
-async fn reload_on_sighup(handle: smartgate::GatewayHandle) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; reload by file change only");
-        return;
-    };
+async fn reload_on_sighup(mut hup: tokio::signal::unix::Signal, handle: smartgate::GatewayHandle) {
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP received: reloading configuration");
         let _ = handle.reload();
