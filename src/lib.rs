@@ -18,6 +18,7 @@ pub mod outbound;
 pub mod pipeline;
 pub mod proxy;
 pub mod server;
+pub mod smart;
 pub mod state;
 
 use std::future::Future;

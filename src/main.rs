@@ -33,10 +33,26 @@ enum Command {
     /// Read an access token from stdin and print what the gateway makes of it: the
     /// principal, or why it is refused. No network when the keys are inline.
     ExplainToken,
+    /// Print what a scope string grants, one line per permission, and why any scope is
+    /// ignored. Needs no configuration.
+    ExplainScope {
+        /// Space-separated scopes, as in a token's `scope` claim.
+        scopes: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::ExplainScope { scopes }) = &cli.command {
+        let grants = smartgate::smart::scope::Grants::parse(scopes.split_whitespace());
+        for line in grants.explain() {
+            println!("{line}");
+        }
+        if grants.scopes.is_empty() {
+            println!("(no data access granted)");
+        }
+        return ExitCode::SUCCESS;
+    }
     let Some(path) = cli.config else {
         eprintln!("error: --config FILE is required (see config/smartgate.example.toml)");
         return ExitCode::from(2);
@@ -57,6 +73,7 @@ fn main() -> ExitCode {
         }
         Command::Serve => serve(config, &path, env),
         Command::ExplainToken => explain_token(&config),
+        Command::ExplainScope { .. } => ExitCode::SUCCESS,
     }
 }
 

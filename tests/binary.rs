@@ -302,3 +302,27 @@ async fn sighup_reloads_configuration() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// explain-scope needs no configuration and prints one line per permission plus the
+/// reason for every ignored scope.
+#[test]
+fn explain_scope_prints_permissions() {
+    let out = Command::new(BIN)
+        .args([
+            "explain-scope",
+            "patient/Observation.rs user/*.cruds patient/Observation.sr openid",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].starts_with("patient")
+            && lines[0].contains("Observation")
+            && lines[0].ends_with("rs")
+    );
+    assert!(lines[1].starts_with("user") && lines[1].ends_with("cruds"));
+    assert!(lines[2].contains("ignored") && lines[2].contains("patient/Observation.sr"));
+}

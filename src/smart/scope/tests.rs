@@ -1,0 +1,181 @@
+use super::*;
+
+fn rs(level: Level, ty: TypeSel, perms: &str) -> Scope {
+    Scope::Resource(ResourceScope {
+        level,
+        resource: ty,
+        perms: Perms::parse_v2(perms).unwrap(),
+        constraints: Vec::new(),
+    })
+}
+
+/// SMART 2.2: v2 letters are a non-empty, in-order subset of cruds.
+#[test]
+fn v2_scopes() {
+    use Level::*;
+    let ok = [
+        (
+            "patient/Observation.rs",
+            rs(Patient, TypeSel::Type("Observation"), "rs"),
+        ),
+        ("user/*.cruds", rs(User, TypeSel::Any, "cruds")),
+        (
+            "system/Patient.r",
+            rs(System, TypeSel::Type("Patient"), "r"),
+        ),
+        (
+            "patient/Encounter.cud",
+            rs(Patient, TypeSel::Type("Encounter"), "cud"),
+        ),
+        (
+            "user/Medication.s",
+            rs(User, TypeSel::Type("Medication"), "s"),
+        ),
+    ];
+    for (s, want) in ok {
+        assert_eq!(parse(s), Ok(want), "{s}");
+    }
+}
+
+/// SMART 2.2: `.dus`, `.sr`, `.rrs`, `.RS` and `.` are undefined.
+#[test]
+fn malformed_letters() {
+    for s in [
+        "patient/Observation.sr",
+        "patient/Observation.rrs",
+        "patient/Observation.RS",
+        "patient/Observation.",
+        "patient/Observation.dus",
+        "patient/Observation.x",
+        "patient/Observation.rs ",
+    ] {
+        assert_eq!(parse(s), Err(ScopeError::Perms), "{s}");
+    }
+}
+
+/// v1: read = rs, write = cud, * = cruds; system/ is accepted too.
+#[test]
+fn v1_scopes() {
+    let p = |s: &str| match parse(s).unwrap() {
+        Scope::Resource(r) => r.perms.to_string(),
+        Scope::NonResource => panic!("{s}"),
+    };
+    assert_eq!(p("patient/Observation.read"), "rs");
+    assert_eq!(p("user/*.write"), "cud");
+    assert_eq!(p("system/*.*"), "cruds");
+    assert_eq!(
+        parse("patient/Observation.read?category=x"),
+        Err(ScopeError::Query)
+    );
+}
+
+/// Types are exact R4 resource types or `*`.
+#[test]
+fn resource_types() {
+    for s in [
+        "patient/observation.rs",
+        "patient/Obs*.rs",
+        "patient/Foo.rs",
+        "patient/.rs",
+        "patient/**.rs",
+    ] {
+        assert_eq!(parse(s), Err(ScopeError::ResourceType), "{s}");
+    }
+}
+
+/// Levels and shapes.
+#[test]
+fn shapes() {
+    assert_eq!(parse("admin/Patient.rs"), Err(ScopeError::Level));
+    assert_eq!(parse("Patient.rs"), Err(ScopeError::Shape));
+    assert_eq!(parse("patient/Patient"), Err(ScopeError::Shape));
+    assert_eq!(parse(""), Err(ScopeError::Shape));
+    assert_eq!(parse("/"), Err(ScopeError::Level));
+}
+
+/// Granular constraints are kept as (param[:modifier], value) pairs.
+#[test]
+fn granular_constraints() {
+    let Ok(Scope::Resource(r)) = parse(
+        "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory&code:in=http://x/vs",
+    ) else {
+        panic!()
+    };
+    assert_eq!(
+        r.constraints,
+        vec![
+            (
+                "category".to_owned(),
+                "http://terminology.hl7.org/CodeSystem/observation-category|laboratory".to_owned()
+            ),
+            ("code:in".to_owned(), "http://x/vs".to_owned()),
+        ]
+    );
+    for s in [
+        "patient/Observation.rs?",
+        "patient/Observation.rs?category",
+        "patient/Observation.rs?=x",
+    ] {
+        assert_eq!(parse(s), Err(ScopeError::Query), "{s}");
+    }
+}
+
+/// Identity, context and extension scopes grant no data and are not errors.
+#[test]
+fn non_resource_scopes() {
+    for s in [
+        "openid",
+        "fhirUser",
+        "profile",
+        "launch",
+        "launch/patient",
+        "launch/encounter",
+        "offline_access",
+        "online_access",
+        "__ext_thing",
+        "https://example.org/scope/x",
+        "urn:example:scope",
+    ] {
+        assert_eq!(parse(s), Ok(Scope::NonResource), "{s}");
+    }
+}
+
+/// Malformed scopes beside good ones: the good ones still grant, the bad ones are listed.
+#[test]
+fn union_and_ignored() {
+    let g = Grants::parse(
+        "patient/Observation.r patient/Observation.s patient/Observation.sr openid user/Patient.cud"
+            .split_whitespace(),
+    );
+    assert_eq!(
+        g.perms(Level::Patient, "Observation"),
+        Perms::parse_v2("rs").unwrap()
+    );
+    assert_eq!(
+        g.perms(Level::User, "Patient"),
+        Perms::parse_v2("cud").unwrap()
+    );
+    assert_eq!(g.perms(Level::User, "Observation"), Perms::NONE);
+    assert_eq!(g.ignored.len(), 1);
+    assert_eq!(g.ignored[0].1, ScopeError::Perms);
+    // Granular scopes do not grant type-wide permission.
+    let g = Grants::parse(["patient/Observation.rs?category=laboratory"]);
+    assert_eq!(g.perms(Level::Patient, "Observation"), Perms::NONE);
+    let wildcard = Grants::parse(["system/*.rs"]);
+    assert!(
+        wildcard
+            .perms(Level::System, "Condition")
+            .contains(Perms::S)
+    );
+}
+
+/// The explain output names each permission and each ignored scope with its reason.
+#[test]
+fn explain_lines() {
+    let g = Grants::parse(["patient/Observation.rs?category=laboratory", "user/Foo.r"]);
+    let lines = g.explain();
+    assert!(
+        lines[0].contains("Observation") && lines[0].contains("only where category=laboratory")
+    );
+    assert!(lines[1].contains("ignored") && lines[1].contains("not an R4 resource type"));
+}
