@@ -1,0 +1,353 @@
+//! FHIR REST request classification (FHIR R4 http.html): method + path + query (+ form
+//! body for `POST _search`) → [`FhirRequest`].
+//!
+//! The path is normalised once, here, the way a FHIR server reads it: each segment
+//! percent-decoded once. Anything a server could read differently from us is refused, not
+//! guessed: encoded `/` or `\`, double encoding, `.`/`..` and empty segments, `;` path
+//! parameters, non-ASCII, unknown resource types, malformed ids, method overrides.
+
+use http::{HeaderMap, Method};
+
+use super::generated::RESOURCE_TYPES;
+
+/// What a request does (FHIR R4 http.html §3.1.0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Interaction {
+    /// `GET [type]/[id]`
+    Read,
+    /// `GET [type]/[id]/_history/[vid]`
+    Vread,
+    /// `PUT [type]/[id]`, or conditional `PUT [type]?params`
+    Update,
+    /// `PATCH [type]/[id]`, or conditional `PATCH [type]?params`
+    Patch,
+    /// `DELETE [type]/[id]`, or conditional `DELETE [type]?params`
+    Delete,
+    /// `GET [type]/[id]/_history`
+    HistoryInstance,
+    /// `GET [type]/_history`
+    HistoryType,
+    /// `GET _history`
+    HistorySystem,
+    /// `POST [type]` (conditional with `If-None-Exist`)
+    Create,
+    /// `GET [type]?…` or `POST [type]/_search`
+    SearchType,
+    /// `GET [base]?…` or `POST [base]/_search`
+    SearchSystem,
+    /// `GET [compartment]/[id]/[type]?…`
+    SearchCompartment,
+    /// `GET metadata`
+    Capabilities,
+    /// `POST [base]` with a batch Bundle
+    Batch,
+    /// `POST [base]` with a transaction Bundle
+    Transaction,
+    /// `$operation` at system level
+    OperationSystem,
+    /// `[type]/$operation`
+    OperationType,
+    /// `[type]/[id]/$operation`
+    OperationInstance,
+}
+
+/// A classified request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FhirRequest {
+    /// The interaction.
+    pub interaction: Interaction,
+    /// The resource type acted on or searched (`None` for system level and `*`
+    /// compartment searches).
+    pub resource_type: Option<&'static str>,
+    /// The resource id (instance level).
+    pub id: Option<String>,
+    /// The version id (vread).
+    pub version: Option<String>,
+    /// `(compartment type, id)` of a compartment search.
+    pub compartment: Option<(&'static str, String)>,
+    /// The operation name without `$`.
+    pub operation: Option<String>,
+    /// Query parameters (and form parameters of `POST _search`), decoded, in order;
+    /// `_format` and `_pretty` are left out.
+    pub params: Vec<(String, String)>,
+    /// Conditional create, update, patch or delete.
+    pub conditional: bool,
+}
+
+/// Why a request cannot be classified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClassifyError {
+    /// The path or query is ambiguous or malformed (400).
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// The path names no R4 resource type (404).
+    #[error("unknown resource type")]
+    UnknownType,
+    /// The method is not defined for this path (405).
+    #[error("method not allowed here")]
+    MethodNotAllowed,
+}
+
+/// Compartments a search can be scoped by (FHIR R4 compartmentdefinition.html).
+const COMPARTMENTS: &[&str] = &[
+    "Device",
+    "Encounter",
+    "Patient",
+    "Practitioner",
+    "RelatedPerson",
+];
+
+/// Classifies a request. `rel_path` is the path after the FHIR base (`""`, `/…`);
+/// `form` is the body of a form-encoded `POST`; `bundle_type` the `type` of a Bundle
+/// posted to the base.
+pub fn classify(
+    method: &Method,
+    rel_path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    form: Option<&[u8]>,
+    bundle_type: Option<&str>,
+) -> Result<FhirRequest, ClassifyError> {
+    for h in [
+        "x-http-method-override",
+        "x-method-override",
+        "x-http-method",
+    ] {
+        if headers.contains_key(h) {
+            return Err(ClassifyError::BadRequest(
+                "method override headers are not accepted",
+            ));
+        }
+    }
+    let segments = normalise(rel_path)?;
+    let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let mut params = parse_params(query)?;
+    let get = *method == Method::GET || *method == Method::HEAD;
+    let post = *method == Method::POST;
+    let has_query = !params.is_empty();
+
+    let mut req = FhirRequest {
+        interaction: Interaction::SearchSystem,
+        resource_type: None,
+        id: None,
+        version: None,
+        compartment: None,
+        operation: None,
+        params: Vec::new(),
+        conditional: false,
+    };
+    let not_allowed = Err(ClassifyError::MethodNotAllowed);
+
+    match seg.as_slice() {
+        [] if get => req.interaction = Interaction::SearchSystem,
+        [] if post => {
+            req.interaction = match bundle_type {
+                Some("batch") => Interaction::Batch,
+                Some("transaction") => Interaction::Transaction,
+                _ => {
+                    return Err(ClassifyError::BadRequest(
+                        "POST to the base needs a batch or transaction Bundle",
+                    ));
+                }
+            }
+        }
+        ["metadata"] if get => req.interaction = Interaction::Capabilities,
+        ["_history"] if get => req.interaction = Interaction::HistorySystem,
+        ["_search"] if post || get => req.interaction = Interaction::SearchSystem,
+        [op] if op.starts_with('$') => {
+            req.interaction = Interaction::OperationSystem;
+            req.operation = Some(operation(op)?);
+        }
+        [ty] => {
+            req.resource_type = Some(resource_type(ty)?);
+            req.interaction = match *method {
+                _ if get => Interaction::SearchType,
+                Method::POST => {
+                    req.conditional = headers.contains_key("if-none-exist");
+                    Interaction::Create
+                }
+                Method::PUT | Method::PATCH | Method::DELETE if has_query => {
+                    req.conditional = true;
+                    match *method {
+                        Method::PUT => Interaction::Update,
+                        Method::PATCH => Interaction::Patch,
+                        _ => Interaction::Delete,
+                    }
+                }
+                _ => return not_allowed,
+            }
+        }
+        [ty, "_search"] if post || get => {
+            req.resource_type = Some(resource_type(ty)?);
+            req.interaction = Interaction::SearchType;
+        }
+        [ty, "_history"] if get => {
+            req.resource_type = Some(resource_type(ty)?);
+            req.interaction = Interaction::HistoryType;
+        }
+        [ty, op] if op.starts_with('$') => {
+            req.resource_type = Some(resource_type(ty)?);
+            req.interaction = Interaction::OperationType;
+            req.operation = Some(operation(op)?);
+        }
+        [ty, id] => {
+            req.resource_type = Some(resource_type(ty)?);
+            req.id = Some(fhir_id(id)?);
+            req.interaction = match *method {
+                _ if get => Interaction::Read,
+                Method::PUT => Interaction::Update,
+                Method::PATCH => Interaction::Patch,
+                Method::DELETE => Interaction::Delete,
+                _ => return not_allowed,
+            };
+        }
+        [ty, id, "_history"] if get => {
+            req.resource_type = Some(resource_type(ty)?);
+            req.id = Some(fhir_id(id)?);
+            req.interaction = Interaction::HistoryInstance;
+        }
+        [ty, id, "_history", vid] if get => {
+            req.resource_type = Some(resource_type(ty)?);
+            req.id = Some(fhir_id(id)?);
+            req.version = Some(fhir_id(vid)?);
+            req.interaction = Interaction::Vread;
+        }
+        [ty, id, op] if op.starts_with('$') => {
+            req.resource_type = Some(resource_type(ty)?);
+            req.id = Some(fhir_id(id)?);
+            req.interaction = Interaction::OperationInstance;
+            req.operation = Some(operation(op)?);
+        }
+        [comp, id, ty] if get => {
+            let comp = resource_type(comp)?;
+            if !COMPARTMENTS.contains(&comp) {
+                return Err(ClassifyError::BadRequest("not a compartment"));
+            }
+            req.compartment = Some((comp, fhir_id(id)?));
+            req.resource_type = if *ty == "*" {
+                None
+            } else {
+                Some(resource_type(ty)?)
+            };
+            req.interaction = Interaction::SearchCompartment;
+        }
+        _ if seg.len() <= 4 && !(get || post) => return not_allowed,
+        _ => return Err(ClassifyError::BadRequest("not a FHIR REST path")),
+    }
+
+    // POST _search: form parameters count like query parameters.
+    if let (true, Some(body)) = (
+        post && matches!(
+            req.interaction,
+            Interaction::SearchType | Interaction::SearchSystem
+        ),
+        form,
+    ) {
+        let text = std::str::from_utf8(body)
+            .map_err(|_| ClassifyError::BadRequest("form body is not UTF-8"))?;
+        params.extend(parse_params(Some(text))?);
+    }
+    req.params = params
+        .into_iter()
+        .filter(|(k, _)| k != "_format" && k != "_pretty")
+        .collect();
+    Ok(req)
+}
+
+/// Splits and decodes the path once; refuses what could be read two ways.
+fn normalise(rel_path: &str) -> Result<Vec<String>, ClassifyError> {
+    let bad = |why| Err(ClassifyError::BadRequest(why));
+    let path = match rel_path {
+        "" | "/" => return Ok(Vec::new()),
+        p => p
+            .strip_prefix('/')
+            .ok_or(ClassifyError::BadRequest("path must start with /"))?,
+    };
+    let mut out = Vec::new();
+    for raw in path.split('/') {
+        if raw.is_empty() {
+            return bad("empty path segment");
+        }
+        if !raw.bytes().all(|b| b.is_ascii_graphic()) {
+            return bad("path has spaces, control or non-ASCII characters");
+        }
+        if raw.contains(';') || raw.contains('\\') {
+            return bad("path parameters and backslashes are not accepted");
+        }
+        let decoded =
+            percent_decode(raw).ok_or(ClassifyError::BadRequest("bad percent-encoding"))?;
+        if decoded.contains(['/', '\\', '%', ';']) || !decoded.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return bad("encoded separator, double encoding or control character in path");
+        }
+        if decoded == "." || decoded == ".." {
+            return bad("dot segment in path");
+        }
+        out.push(decoded);
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn parse_params(query: Option<&str>) -> Result<Vec<(String, String)>, ClassifyError> {
+    let Some(q) = query else {
+        return Ok(Vec::new());
+    };
+    Ok(form_urlencoded::parse(q.as_bytes())
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect())
+}
+
+/// The R4 resource type with this exact name (case-sensitive).
+pub fn resource_type(name: &str) -> Result<&'static str, ClassifyError> {
+    RESOURCE_TYPES
+        .binary_search(&name)
+        .map(|i| RESOURCE_TYPES[i])
+        .map_err(|_| ClassifyError::UnknownType)
+}
+
+/// A FHIR id: `[A-Za-z0-9\-\.]{1,64}` (FHIR R4 datatypes.html#id).
+fn fhir_id(s: &str) -> Result<String, ClassifyError> {
+    if (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(ClassifyError::BadRequest("not a valid FHIR id"))
+    }
+}
+
+fn operation(seg: &str) -> Result<String, ClassifyError> {
+    let name = &seg[1..];
+    if !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(name.to_owned())
+    } else {
+        Err(ClassifyError::BadRequest("not a valid operation name"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

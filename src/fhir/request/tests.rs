@@ -1,0 +1,204 @@
+use super::*;
+use Interaction::*;
+
+fn c(method: &str, path: &str) -> Result<FhirRequest, ClassifyError> {
+    let (p, q) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    classify(
+        &method.parse().unwrap(),
+        p,
+        q,
+        &HeaderMap::new(),
+        None,
+        None,
+    )
+}
+
+fn interaction(method: &str, path: &str) -> Interaction {
+    c(method, path)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        .interaction
+}
+
+/// FHIR R4 http.html: every interaction by method and path shape.
+#[test]
+fn interactions() {
+    let table = [
+        ("GET", "/Patient/123", Read),
+        ("HEAD", "/Patient/123", Read),
+        ("GET", "/Patient/123/_history/2", Vread),
+        ("PUT", "/Patient/123", Update),
+        ("PATCH", "/Patient/123", Patch),
+        ("DELETE", "/Patient/123", Delete),
+        ("GET", "/Patient/123/_history", HistoryInstance),
+        ("GET", "/Patient/_history", HistoryType),
+        ("GET", "/_history", HistorySystem),
+        ("POST", "/Patient", Create),
+        ("GET", "/Observation?code=x", SearchType),
+        ("GET", "/Observation", SearchType),
+        ("POST", "/Observation/_search", SearchType),
+        ("GET", "?_type=Patient", SearchSystem),
+        ("GET", "", SearchSystem),
+        ("POST", "/_search", SearchSystem),
+        ("GET", "/Patient/123/Observation", SearchCompartment),
+        ("GET", "/Patient/123/*", SearchCompartment),
+        ("GET", "/metadata", Capabilities),
+        ("GET", "/$export", OperationSystem),
+        ("POST", "/Patient/$export", OperationType),
+        ("GET", "/Patient/123/$everything", OperationInstance),
+        ("PUT", "/Patient?identifier=x", Update),
+        ("DELETE", "/Observation?code=x", Delete),
+        ("PATCH", "/Observation?code=x", Patch),
+    ];
+    for (m, p, want) in table {
+        assert_eq!(interaction(m, p), want, "{m} {p}");
+    }
+}
+
+/// Details: ids, versions, compartments, operations, conditionals, ignored params.
+#[test]
+fn details() {
+    let r = c("GET", "/Patient/123/_history/2").unwrap();
+    assert_eq!(
+        (r.resource_type, r.id.as_deref(), r.version.as_deref()),
+        (Some("Patient"), Some("123"), Some("2"))
+    );
+    let r = c(
+        "GET",
+        "/Patient/123/Observation?code=x&_format=json&_pretty=true",
+    )
+    .unwrap();
+    assert_eq!(r.compartment, Some(("Patient", "123".to_owned())));
+    assert_eq!(r.resource_type, Some("Observation"));
+    assert_eq!(r.params, vec![("code".to_owned(), "x".to_owned())]);
+    let r = c("GET", "/Patient/123/$everything").unwrap();
+    assert_eq!(r.operation.as_deref(), Some("everything"));
+    assert!(c("PUT", "/Patient?identifier=x").unwrap().conditional);
+    let mut h = HeaderMap::new();
+    h.insert("if-none-exist", "identifier=x".parse().unwrap());
+    let r = classify(&Method::POST, "/Patient", None, &h, None, None).unwrap();
+    assert!(r.conditional);
+    // Encoded $ decodes once to an operation.
+    assert_eq!(
+        interaction("GET", "/Patient/123/%24everything"),
+        OperationInstance
+    );
+}
+
+/// POST _search: the form body counts like the query.
+#[test]
+fn post_search_merges_form() {
+    let r = classify(
+        &Method::POST,
+        "/Observation/_search",
+        Some("patient=123"),
+        &HeaderMap::new(),
+        Some(b"code=abc&subject=Patient/456"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.params.len(), 3);
+    assert!(
+        r.params
+            .contains(&("subject".to_owned(), "Patient/456".to_owned()))
+    );
+}
+
+/// Batch and transaction by the posted Bundle's type; nothing else may be posted to the base.
+#[test]
+fn bundles() {
+    let h = HeaderMap::new();
+    assert_eq!(
+        classify(&Method::POST, "", None, &h, None, Some("batch"))
+            .unwrap()
+            .interaction,
+        Batch
+    );
+    assert_eq!(
+        classify(&Method::POST, "/", None, &h, None, Some("transaction"))
+            .unwrap()
+            .interaction,
+        Transaction
+    );
+    for t in [None, Some("searchset"), Some("document")] {
+        assert!(matches!(
+            classify(&Method::POST, "", None, &h, None, t),
+            Err(ClassifyError::BadRequest(_))
+        ));
+    }
+}
+
+/// The path attack list: each is refused (400, 404 or 405), never classified.
+#[test]
+fn hostile_paths() {
+    let hostile = [
+        ("GET", "/Patient%2F123"),
+        ("GET", "/Patient%2f123"),
+        ("GET", "/Patient%252F123"),
+        ("GET", "/Patient/123%2F..%2F456"),
+        ("GET", "/Patient/..%2F456"),
+        ("GET", "/Patient/123/../456"),
+        ("GET", "/Patient/./123"),
+        ("GET", "/Patient/%2e%2e/456"),
+        ("GET", "/Patient/%2E"),
+        ("GET", "/Patient/123;jsessionid=x"),
+        ("GET", "/Patient;x/123"),
+        ("GET", "//Patient/123"),
+        ("GET", "/Patient//123"),
+        ("GET", "/Patient/123/"),
+        ("GET", "/patient/123"),
+        ("GET", "/PATIENT/123"),
+        ("GET", "/Patients/123"),
+        ("GET", "/Patient\\123"),
+        ("GET", "/Patient/123%5C456"),
+        ("GET", "/Patient/123%00"),
+        ("GET", "/Patient/12%G3"),
+        ("GET", "/Patient/12%"),
+        ("GET", "/Patient/%C3%A9"),
+        ("GET", "/Patient/123 456"),
+        ("GET", "/Patient/123_x"),
+        ("GET", &format!("/Patient/{}", "a".repeat(65))),
+        ("GET", "/Patient/123/_history/2/x"),
+        ("GET", "/Patient/123/_history/"),
+        ("GET", "/Patient/123/_history/v%2F1"),
+        ("GET", "/Patient/123/_history/../../456"),
+        ("GET", "/Observation/123/Patient"),
+        ("GET", "/Patient/123/Observations"),
+        ("GET", "/Patient/123/Observation/456"),
+        ("GET", "/Patient/123/$"),
+        ("GET", "/Patient/123/$ever%2Fthing"),
+        ("GET", "/$export/../Patient"),
+        ("POST", "/Patient/123"),
+        ("POST", ""),
+        ("PUT", "/Patient"),
+        ("DELETE", "/Patient"),
+        ("GET", "/Patient/%2e%2e%2f456"),
+        ("GET", "/.well-known/../Patient"),
+        ("GET", "Patient/123"),
+    ];
+    assert!(hostile.len() >= 40);
+    for (m, p) in hostile {
+        assert!(c(m, p).is_err(), "{m} {p} was classified as {:?}", c(m, p));
+    }
+    // Unknown types are 404, ambiguity 400.
+    assert_eq!(c("GET", "/patient/123"), Err(ClassifyError::UnknownType));
+    assert!(matches!(
+        c("GET", "/Patient%2F123"),
+        Err(ClassifyError::BadRequest(_))
+    ));
+}
+
+/// Method-override headers are refused outright.
+#[test]
+fn method_override_refused() {
+    for h in ["x-http-method-override", "x-method-override"] {
+        let mut headers = HeaderMap::new();
+        headers.insert(h, "DELETE".parse().unwrap());
+        assert!(matches!(
+            classify(&Method::GET, "/Patient/1", None, &headers, None, None),
+            Err(ClassifyError::BadRequest(_))
+        ));
+    }
+}
