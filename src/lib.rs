@@ -16,6 +16,7 @@ pub mod fhir;
 pub mod metrics;
 pub mod outbound;
 pub mod pipeline;
+pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod smart;
