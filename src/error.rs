@@ -17,6 +17,17 @@ use crate::body::{BoxBody, full};
 /// Media type of every body the gateway writes itself.
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
+/// A policy refusal, as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// Stable reason code (metric label).
+    pub code: &'static str,
+    /// What permission was missing, for the OperationOutcome.
+    pub message: String,
+    /// The narrowest scope that would allow the request (may be empty).
+    pub needed: String,
+}
+
 /// Why a request did not get an upstream answer.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum GatewayError {
@@ -30,6 +41,14 @@ pub enum GatewayError {
     /// The request body is larger than `server.max_request_body`.
     #[error("request body exceeds the configured limit")]
     PayloadTooLarge,
+    /// The method is not defined for this FHIR path.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+
+    // --- policy ---
+    /// The token does not allow the request (RFC 6750 §3.1 `insufficient_scope`).
+    #[error("forbidden: {0:?}")]
+    Forbidden(Box<Denial>),
 
     // --- token ---
     /// No bearer token (RFC 6750 §3.1: a challenge without an error code).
@@ -73,6 +92,8 @@ impl GatewayError {
             GatewayError::NotFound => StatusCode::NOT_FOUND,
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::MissingToken | GatewayError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             GatewayError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -90,6 +111,8 @@ impl GatewayError {
             GatewayError::NotFound => "not_found",
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::PayloadTooLarge => "payload_too_large",
+            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::Forbidden(d) => d.code,
             GatewayError::MissingToken => "missing_token",
             GatewayError::InvalidToken(_) => "invalid_token",
             GatewayError::InvalidRequest(_) => "invalid_request",
@@ -108,6 +131,8 @@ impl GatewayError {
             GatewayError::NotFound => "not-found",
             GatewayError::BadRequest(_) => "invalid",
             GatewayError::PayloadTooLarge => "too-costly",
+            GatewayError::MethodNotAllowed => "not-supported",
+            GatewayError::Forbidden(_) => "forbidden",
             GatewayError::MissingToken => "login",
             GatewayError::InvalidToken(_) => "login",
             GatewayError::InvalidRequest(_) => "invalid",
@@ -126,6 +151,10 @@ impl GatewayError {
             GatewayError::NotFound => "No FHIR endpoint at this address.".to_owned(),
             GatewayError::BadRequest(why) => format!("Bad request: {why}."),
             GatewayError::PayloadTooLarge => "Request body exceeds the size limit.".to_owned(),
+            GatewayError::MethodNotAllowed => {
+                "This method is not defined for this FHIR path.".to_owned()
+            }
+            GatewayError::Forbidden(d) => format!("Access denied: {}.", d.message),
             GatewayError::MissingToken => "A bearer token is required.".to_owned(),
             GatewayError::InvalidToken(why) => format!("The bearer token is not valid ({why})."),
             GatewayError::InvalidRequest(why) => format!("Invalid request: {why}."),
@@ -147,13 +176,20 @@ impl GatewayError {
     pub fn into_response(self, realm: &str) -> Response<BoxBody> {
         let status = self.status();
         let mut resp = operation_outcome(status, self.issue_code(), &self.diagnostics());
-        let challenge = match self {
+        let challenge = match &self {
             GatewayError::MissingToken => Some(format!("Bearer realm=\"{realm}\"")),
             GatewayError::InvalidToken(why) => Some(format!(
                 "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{why}\""
             )),
             GatewayError::InvalidRequest(why) => Some(format!(
                 "Bearer realm=\"{realm}\", error=\"invalid_request\", error_description=\"{why}\""
+            )),
+            GatewayError::Forbidden(d) if !d.needed.is_empty() => Some(format!(
+                "Bearer realm=\"{realm}\", error=\"insufficient_scope\", scope=\"{}\"",
+                d.needed
+            )),
+            GatewayError::Forbidden(_) => Some(format!(
+                "Bearer realm=\"{realm}\", error=\"insufficient_scope\""
             )),
             _ => None,
         };

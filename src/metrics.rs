@@ -51,6 +51,8 @@ pub struct Metrics {
     pub token_cache: IntCounterVec,
     /// `smartgate_jwks_fetches_total{result}`
     pub jwks_fetches: IntCounterVec,
+    /// `smartgate_decisions_total{decision,reason}`
+    pub decisions: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -138,6 +140,14 @@ impl Metrics {
             &["result"],
         )
         .expect("static metric definition");
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "smartgate_decisions_total",
+                "Authorization decisions, by decision and reason",
+            ),
+            &["decision", "reason"],
+        )
+        .expect("static metric definition");
         let build_info = IntGaugeVec::new(
             Opts::new("smartgate_build_info", "Build information; always 1"),
             &["version"],
@@ -159,6 +169,7 @@ impl Metrics {
             Box::new(token_validations.clone()),
             Box::new(token_cache.clone()),
             Box::new(jwks_fetches.clone()),
+            Box::new(decisions.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -197,6 +208,7 @@ impl Metrics {
             token_validations,
             token_cache,
             jwks_fetches,
+            decisions,
         }
     }
 

@@ -2,8 +2,8 @@
 //! route → (authenticate → classify → authorize) → forward → respond, with `log` (metrics
 //! and the access line) run for every request, answered, refused or failed.
 //!
-//! The SMART decision (classify, authorize) is not part of this version: an authenticated
-//! request gets the pass-through [`Plan`].
+//! With `auth.mode = "none"` (trials, benchmarks) classify and authorize are skipped and
+//! every request gets the pass-through plan.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,6 +19,8 @@ use crate::auth::{AuthFailure, Principal, bearer};
 use crate::body::{BoxBody, full};
 use crate::error::GatewayError;
 use crate::fhir::bundle;
+use crate::fhir::request::{ClassifyError, FhirRequest, Interaction, classify};
+use crate::policy::{Context, Decision, Plan, authorize, authorize_bundle};
 use crate::proxy::Identity;
 use crate::proxy::headers::{ClientSide, X_REQUEST_ID};
 use crate::state::{Shared, Snapshot};
@@ -37,23 +39,6 @@ pub struct ConnInfo {
     pub tls: bool,
     /// Index of the worker thread serving the connection.
     pub worker: usize,
-}
-
-/// What the forward and respond stages must do for one request. Produced by the
-/// authorization stage; forward takes it, so nothing is forwarded without one.
-#[derive(Debug, Clone, Copy)]
-pub struct Plan {
-    /// Buffer FHIR JSON responses to rewrite upstream links.
-    pub rewrite_links: bool,
-}
-
-impl Plan {
-    /// Forward as is; only rewrite the upstream's address out of the response.
-    fn pass_through() -> Plan {
-        Plan {
-            rewrite_links: true,
-        }
-    }
 }
 
 /// Low-cardinality route class, the `route` metric label.
@@ -126,15 +111,19 @@ async fn serve(
     let rel = snap
         .urls
         .strip_public(path_and_query)
-        .ok_or(GatewayError::NotFound)?;
+        .ok_or(GatewayError::NotFound)?
+        .to_owned();
     ctx.route = Route::Fhir;
-    let upstream_uri = snap.upstream.uri_for(rel)?;
+    let upstream_uri = snap.upstream.uri_for(&rel)?;
 
     // authenticate
-    let (req, principal) = authenticate(snap, req, ctx).await?;
+    let (req, principal, form) = authenticate(snap, req, ctx).await?;
 
-    // classify, authorize: not in this version (see module docs).
-    let plan = Plan::pass_through();
+    // classify, authorize
+    let (req, plan) = match &principal {
+        None => (req, Plan::pass_through()),
+        Some(p) => classify_and_authorize(shared, snap, req, p, form, &rel).await?,
+    };
 
     // forward
     let limit = snap.config.server.max_request_body.0;
@@ -191,9 +180,9 @@ async fn authenticate(
     snap: &Snapshot,
     req: Request<Incoming>,
     ctx: &mut Ctx,
-) -> Result<(Request<BoxBody>, Option<Arc<Principal>>), GatewayError> {
+) -> Result<(Request<BoxBody>, Option<Arc<Principal>>, Option<Bytes>), GatewayError> {
     let Some(auth) = &snap.auth else {
-        return Ok((req.map(|b| b.map_err(Into::into).boxed()), None));
+        return Ok((req.map(|b| b.map_err(Into::into).boxed()), None, None));
     };
     let result = match bearer::extract(req.headers(), req.uri().query()) {
         Ok(token) => auth.authenticate(token).await,
@@ -212,27 +201,164 @@ async fn authenticate(
     })?;
     // RFC 6750 §2.2 form-body tokens are refused like query tokens. Form bodies are small
     // (POST _search); they are read here and passed on whole.
-    let req = if is_form(req.headers()) {
-        let limit = snap.config.server.max_request_body.0;
-        let (parts, body) = req.into_parts();
-        let bytes = limited(body, limit).collect().await.map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                GatewayError::PayloadTooLarge
-            } else {
-                GatewayError::BadRequest("request body incomplete")
-            }
-        })?;
-        let bytes = bytes.to_bytes();
+    if is_form(req.headers()) {
+        let (req, bytes) = buffer(snap, req.map(|b| b.map_err(Into::into).boxed())).await?;
         if std::str::from_utf8(&bytes).is_ok_and(bearer::has_access_token_param) {
             return Err(GatewayError::InvalidRequest(
                 "access_token in the request body is not accepted",
             ));
         }
-        Request::from_parts(parts, full(bytes))
-    } else {
-        req.map(|b| b.map_err(Into::into).boxed())
+        return Ok((req, Some(principal), Some(bytes)));
+    }
+    Ok((
+        req.map(|b| b.map_err(Into::into).boxed()),
+        Some(principal),
+        None,
+    ))
+}
+
+/// Reads a request body whole (within `server.max_request_body`) and puts it back.
+async fn buffer(
+    snap: &Snapshot,
+    req: Request<BoxBody>,
+) -> Result<(Request<BoxBody>, Bytes), GatewayError> {
+    let limit = snap.config.server.max_request_body.0;
+    if declared_length(req.headers()).is_some_and(|n| n > limit) {
+        return Err(GatewayError::PayloadTooLarge);
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = limited(body, limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                GatewayError::PayloadTooLarge
+            } else {
+                GatewayError::BadRequest("request body incomplete")
+            }
+        })?
+        .to_bytes();
+    Ok((Request::from_parts(parts, full(bytes.clone())), bytes))
+}
+
+/// The classify and authorize stages: the FHIR interaction, then the decision. Batch and
+/// transaction bodies are read to decide every entry before anything is forwarded.
+async fn classify_and_authorize(
+    shared: &Shared,
+    snap: &Snapshot,
+    req: Request<BoxBody>,
+    principal: &Principal,
+    form: Option<Bytes>,
+    rel: &str,
+) -> Result<(Request<BoxBody>, Plan), GatewayError> {
+    let (path, query) = match rel.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rel, None),
     };
-    Ok((req, Some(principal)))
+    let base_post = req.method() == Method::POST && (path.is_empty() || path == "/");
+    let (req, bundle) = if base_post {
+        let (req, bytes) = buffer(snap, req).await?;
+        let bundle: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|_| GatewayError::BadRequest("the posted Bundle is not JSON"))?;
+        (req, Some(bundle))
+    } else {
+        (req, None)
+    };
+    let bundle_type = bundle
+        .as_ref()
+        .filter(|b| b["resourceType"] == "Bundle")
+        .and_then(|b| b["type"].as_str());
+    let freq = classify(
+        req.method(),
+        path,
+        query,
+        req.headers(),
+        form.as_deref(),
+        bundle_type,
+    )
+    .map_err(classify_error)?;
+
+    let context = Context {
+        patient: principal.patient.clone(),
+        user_is_patient: principal.user_is_patient(),
+    };
+    let decision = match (freq.interaction, &bundle) {
+        (Interaction::Batch | Interaction::Transaction, Some(bundle)) => {
+            let entries = bundle_entries(snap, bundle);
+            authorize_bundle(&principal.grants, &context, &entries, &snap.policy)
+        }
+        _ => authorize(&principal.grants, &context, &freq, &snap.policy),
+    };
+    match decision {
+        Decision::Allow(plan) => {
+            shared
+                .metrics
+                .decisions
+                .with_label_values(&["allow", "granted"])
+                .inc();
+            Ok((req, plan))
+        }
+        Decision::Deny { reason, needed } => {
+            shared
+                .metrics
+                .decisions
+                .with_label_values(&["deny", reason.code()])
+                .inc();
+            Err(GatewayError::Forbidden(Box::new(crate::error::Denial {
+                code: reason.code(),
+                message: reason.to_string(),
+                needed,
+            })))
+        }
+    }
+}
+
+fn classify_error(e: ClassifyError) -> GatewayError {
+    match e {
+        ClassifyError::BadRequest(why) => GatewayError::BadRequest(why),
+        ClassifyError::UnknownType => GatewayError::NotFound,
+        ClassifyError::MethodNotAllowed => GatewayError::MethodNotAllowed,
+    }
+}
+
+/// Each entry of a batch or transaction as a request (FHIR R4 bundle.html: `request.method`
+/// and `request.url`, relative to the base or absolute under the public base).
+fn bundle_entries(snap: &Snapshot, bundle: &serde_json::Value) -> Vec<Result<FhirRequest, ()>> {
+    let Some(entries) = bundle["entry"].as_array() else {
+        return Vec::new();
+    };
+    let public = snap.config.server.public_base_url.as_string();
+    entries
+        .iter()
+        .map(|entry| {
+            let request = &entry["request"];
+            let method: Method = request["method"]
+                .as_str()
+                .ok_or(())?
+                .parse()
+                .map_err(|_| ())?;
+            let url = request["url"].as_str().ok_or(())?;
+            let url = match url.strip_prefix(&public) {
+                Some(rest) => rest.trim_start_matches('/'),
+                None if url.contains("://") => return Err(()),
+                None => url,
+            };
+            let (path, query) = match url.split_once('?') {
+                Some((p, q)) => (format!("/{p}"), Some(q)),
+                None => (format!("/{url}"), None),
+            };
+            let path = if path == "/" { String::new() } else { path };
+            let mut headers = http::HeaderMap::new();
+            if request.get("ifNoneExist").is_some() {
+                headers.insert("if-none-exist", HeaderValue::from_static("1"));
+            }
+            let resource = &entry["resource"];
+            let nested_type = (resource["resourceType"] == "Bundle")
+                .then(|| resource["type"].as_str())
+                .flatten();
+            classify(&method, &path, query, &headers, None, nested_type).map_err(|_| ())
+        })
+        .collect()
 }
 
 fn is_form(headers: &http::HeaderMap) -> bool {

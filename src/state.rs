@@ -28,6 +28,8 @@ pub struct Snapshot {
     pub auth: Option<Arc<Authenticator>>,
     /// Identity header names, always removed from client requests.
     pub identity_headers: Vec<HeaderName>,
+    /// The authorization policy.
+    pub policy: crate::policy::Policy,
 }
 
 /// Why a configuration could not be compiled.
@@ -78,6 +80,7 @@ impl Snapshot {
             upstream,
             auth,
             identity_headers,
+            policy: crate::policy::Policy::default(),
         })
     }
 }

@@ -24,7 +24,7 @@ async fn fake_introspection() -> FakeUpstream {
             let (status, body) = match token.as_str() {
                 t if t.starts_with("good") => (
                     StatusCode::OK,
-                    json!({"active": true, "scope": "patient/*.rs launch/patient", "client_id": "app-9",
+                    json!({"active": true, "scope": "user/*.rs launch/patient", "client_id": "app-9",
                            "sub": "u9", "patient": "123", "exp": now() + 300, "aud": AUDIENCE}),
                 ),
                 "inactive" => (StatusCode::OK, json!({"active": false})),

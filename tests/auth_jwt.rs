@@ -306,7 +306,7 @@ async fn unknown_kid_storm_is_rate_limited() {
     let s = setup("", "").await;
     // Warm up: keys loaded by the start-up fetch.
     assert_eq!(
-        get_with_token(&s.gw.url("/r4/x"), &s.rsa.sign(&claims()))
+        get_with_token(&s.gw.url("/r4/Observation"), &s.rsa.sign(&claims()))
             .await
             .0,
         StatusCode::OK
@@ -332,7 +332,7 @@ async fn unknown_kid_storm_is_rate_limited() {
 async fn key_rotation_picks_up_new_kid() {
     let s = setup("", "").await;
     assert_eq!(
-        get_with_token(&s.gw.url("/r4/x"), &s.rsa.sign(&claims()))
+        get_with_token(&s.gw.url("/r4/Observation"), &s.rsa.sign(&claims()))
             .await
             .0,
         StatusCode::OK
@@ -340,7 +340,8 @@ async fn key_rotation_picks_up_new_kid() {
     let rotated = TestKey::ec256("ec-2");
     s.jwks.set_keys(&[&s.rsa, &rotated]);
     let before = s.jwks.fetches();
-    let (status, _, _) = get_with_token(&s.gw.url("/r4/x"), &rotated.sign(&claims())).await;
+    let (status, _, _) =
+        get_with_token(&s.gw.url("/r4/Observation"), &rotated.sign(&claims())).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(s.jwks.fetches() - before, 1);
 }
@@ -350,14 +351,14 @@ async fn key_rotation_picks_up_new_kid() {
 async fn jwks_down_after_warmup_still_validates() {
     let s = setup("", "").await;
     assert_eq!(
-        get_with_token(&s.gw.url("/r4/x"), &s.rsa.sign(&claims()))
+        get_with_token(&s.gw.url("/r4/Observation"), &s.rsa.sign(&claims()))
             .await
             .0,
         StatusCode::OK
     );
     s.jwks.set_down(true);
     // A new token (not cached) still verifies with the last good keys.
-    let (status, _, _) = get_with_token(&s.gw.url("/r4/y"), &s.ec.sign(&claims())).await;
+    let (status, _, _) = get_with_token(&s.gw.url("/r4/Condition"), &s.ec.sign(&claims())).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         get(&format!("http://{}/readyz", s.gw.admin)).await.0,
@@ -374,7 +375,8 @@ async fn no_keys_is_503_not_401() {
     jwks.set_down(true);
     let up = FakeUpstream::echo().await;
     let gw = TestGateway::boot(&config_auth(&up.base(), &jwt_auth(&jwks.uri(), ""), "")).await;
-    let (status, headers, _) = get_with_token(&gw.url("/r4/x"), &rsa.sign(&claims())).await;
+    let (status, headers, _) =
+        get_with_token(&gw.url("/r4/Observation"), &rsa.sign(&claims())).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(headers.contains_key("retry-after"));
     assert!(up.requests().is_empty());
@@ -399,7 +401,9 @@ async fn jwks_discovered_from_issuer() {
     let mut c = claims();
     c["iss"] = json!(issuer);
     assert_eq!(
-        get_with_token(&gw.url("/r4/x"), &rsa.sign(&c)).await.0,
+        get_with_token(&gw.url("/r4/Observation"), &rsa.sign(&c))
+            .await
+            .0,
         StatusCode::OK
     );
 }
@@ -415,7 +419,7 @@ async fn inline_keys() {
     );
     let gw = TestGateway::boot(&config_auth(&up.base(), &auth, "")).await;
     assert_eq!(
-        get_with_token(&gw.url("/r4/x"), &ec.sign(&claims()))
+        get_with_token(&gw.url("/r4/Observation"), &ec.sign(&claims()))
             .await
             .0,
         StatusCode::OK
@@ -433,7 +437,7 @@ async fn verdicts_are_cached() {
     let token = s.rsa.sign(&claims());
     for _ in 0..3 {
         assert_eq!(
-            get_with_token(&s.gw.url("/r4/x"), &token).await.0,
+            get_with_token(&s.gw.url("/r4/Observation"), &token).await.0,
             StatusCode::OK
         );
     }
@@ -444,7 +448,7 @@ async fn verdicts_are_cached() {
     });
     for _ in 0..2 {
         assert_eq!(
-            get_with_token(&s.gw.url("/r4/x"), &bad).await.0,
+            get_with_token(&s.gw.url("/r4/Observation"), &bad).await.0,
             StatusCode::UNAUTHORIZED
         );
     }
@@ -464,7 +468,7 @@ async fn verdicts_are_cached() {
 #[tokio::test]
 async fn identity_headers() {
     let s = setup("", "").await;
-    let req = Request::get(s.gw.url("/r4/x"))
+    let req = Request::get(s.gw.url("/r4/Observation"))
         .header("authorization", format!("Bearer {}", s.rsa.sign(&claims())))
         .header("x-smart-patient", "456")
         .header("x-smart-scopes", "system/*.cruds")
@@ -476,7 +480,7 @@ async fn identity_headers() {
     assert!(!seen.contains_key("x-smart-scopes"));
 
     let s = setup("[auth.identity_headers]\nenabled = true\n", "").await;
-    let req = Request::get(s.gw.url("/r4/x"))
+    let req = Request::get(s.gw.url("/r4/Observation"))
         .header("authorization", format!("Bearer {}", s.rsa.sign(&claims())))
         .header("x-smart-patient", "456")
         .body(smartgate::body::empty())
@@ -486,7 +490,7 @@ async fn identity_headers() {
     assert_eq!(seen["x-smart-patient"], "123");
     assert_eq!(seen["x-smart-client-id"], "app-1");
     assert_eq!(seen["x-smart-subject"], "user-1");
-    assert_eq!(seen["x-smart-scopes"], "launch/patient patient/*.rs openid");
+    assert_eq!(seen["x-smart-scopes"], "launch/patient user/*.cruds openid");
 }
 
 /// An expired token is refused even while its verdict would still be cached.
@@ -497,12 +501,12 @@ async fn cache_never_outlives_exp() {
     c["exp"] = json!(now() + 2);
     let token = s.rsa.sign(&c);
     assert_eq!(
-        get_with_token(&s.gw.url("/r4/x"), &token).await.0,
+        get_with_token(&s.gw.url("/r4/Observation"), &token).await.0,
         StatusCode::OK
     );
     tokio::time::sleep(Duration::from_millis(3100)).await;
     assert_eq!(
-        get_with_token(&s.gw.url("/r4/x"), &token).await.0,
+        get_with_token(&s.gw.url("/r4/Observation"), &token).await.0,
         StatusCode::UNAUTHORIZED
     );
 }

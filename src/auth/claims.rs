@@ -1,9 +1,12 @@
 //! From token claims (or an introspection response) to a [`Principal`].
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::config::ClaimsConfig;
+use crate::smart::scope::Grants;
 
 /// Who is calling and with what SMART context: what the authorization stage decides on.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -28,6 +31,20 @@ pub struct Principal {
     pub token_id: Option<String>,
     /// `iss`
     pub issuer: Option<String>,
+    /// The scopes parsed once, when the token is first verified.
+    #[serde(skip)]
+    pub grants: Arc<Grants>,
+}
+
+impl Principal {
+    /// Whether `fhirUser` names a Patient (then `user/` scopes are confined to them).
+    pub fn user_is_patient(&self) -> bool {
+        self.fhir_user.as_deref().is_some_and(|u| {
+            let mut parts = u.rsplit('/');
+            let _id = parts.next();
+            parts.next() == Some("Patient")
+        })
+    }
 }
 
 /// Maps claims to a principal with the configured claim names.
@@ -43,7 +60,9 @@ pub fn principal(claims: &Map<String, Value>, names: &ClaimsConfig) -> Principal
             .collect(),
         _ => Vec::new(),
     };
+    let grants = Arc::new(Grants::parse(scopes.iter().map(String::as_str)));
     Principal {
+        grants,
         subject: text("sub"),
         client_id: names.client_id.iter().find_map(|n| text(n)),
         scopes,

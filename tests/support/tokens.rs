@@ -106,7 +106,7 @@ pub fn claims() -> Value {
         "aud": AUDIENCE,
         "sub": "user-1",
         "client_id": "app-1",
-        "scope": "launch/patient patient/*.rs openid",
+        "scope": "launch/patient user/*.cruds openid",
         "patient": "Patient/123",
         "fhirUser": "Practitioner/9",
         "iat": now(),

@@ -1,0 +1,267 @@
+//! Authorization through the real gateway with real (test-minted) JWTs: scopes decide,
+//! refusals are 403 insufficient_scope naming the missing permission, and nothing refused
+//! reaches the upstream.
+
+mod support;
+
+use http::{Request, StatusCode};
+use jsonwebtoken::Algorithm;
+use serde_json::json;
+use support::tokens::*;
+use support::*;
+
+struct Setup {
+    up: FakeUpstream,
+    key: TestKey,
+    gw: TestGateway,
+    _jwks: FakeJwks,
+}
+
+async fn setup() -> Setup {
+    let key = TestKey::rsa("rsa-1", Algorithm::RS256);
+    let jwks = FakeJwks::start(&[&key]).await;
+    let up = FakeUpstream::echo().await;
+    let gw = TestGateway::boot(&config_auth(&up.base(), &jwt_auth(&jwks.uri(), ""), "")).await;
+    Setup {
+        up,
+        key,
+        gw,
+        _jwks: jwks,
+    }
+}
+
+fn token(key: &TestKey, scope: &str, patient: Option<&str>) -> String {
+    let mut c = claims();
+    c["scope"] = json!(scope);
+    match patient {
+        Some(p) => c["patient"] = json!(p),
+        None => {
+            c.as_object_mut().unwrap().remove("patient");
+        }
+    }
+    key.sign(&c)
+}
+
+async fn call(
+    s: &Setup,
+    method: &str,
+    path: &str,
+    tok: &str,
+    body_text: Option<&str>,
+) -> (StatusCode, http::HeaderMap, bytes::Bytes) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(s.gw.url(path))
+        .header("authorization", format!("Bearer {tok}"));
+    if body_text.is_some() {
+        req = req.header("content-type", "application/fhir+json");
+    }
+    send(req.body(body(body_text.unwrap_or("").to_owned())).unwrap()).await
+}
+
+/// Scopes allow exactly their interactions; a refusal names the narrowest missing scope.
+#[tokio::test]
+async fn scopes_decide() {
+    let s = setup().await;
+    let reader = token(&s.key, "user/Observation.rs", None);
+    assert_eq!(
+        call(&s, "GET", "/r4/Observation/1", &reader, None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, "GET", "/r4/Observation?code=x", &reader, None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let forwarded = s.up.requests().len();
+
+    for (method, path, needed) in [
+        ("PUT", "/r4/Observation/1", "user/Observation.u"),
+        ("DELETE", "/r4/Observation/1", "user/Observation.d"),
+        ("POST", "/r4/Observation", "user/Observation.c"),
+        ("GET", "/r4/Condition/1", "user/Condition.r"),
+        ("GET", "/r4?name=x", "user/*.s"),
+    ] {
+        let body_text =
+            (method == "POST" || method == "PUT").then_some("{\"resourceType\":\"Observation\"}");
+        let (status, headers, b) = call(&s, method, path, &reader, body_text).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}");
+        let www = headers["www-authenticate"].to_str().unwrap();
+        assert_eq!(
+            www,
+            format!("Bearer realm=\"smartgate\", error=\"insufficient_scope\", scope=\"{needed}\""),
+            "{method} {path}"
+        );
+        let oo = json(&b);
+        assert_eq!(oo["resourceType"], "OperationOutcome");
+        assert_eq!(oo["issue"][0]["code"], "forbidden");
+    }
+    assert_eq!(
+        s.up.requests().len(),
+        forwarded,
+        "a refused request reached the upstream"
+    );
+    let m = metrics(&s.gw).await;
+    assert!(
+        m.contains("smartgate_decisions_total{decision=\"deny\",reason=\"insufficient_scope\"} 5"),
+        "{m}"
+    );
+}
+
+/// patient/ scopes: the patient's own record and compartment searches pass; anything the
+/// gateway cannot yet confine is refused; no patient in the token means no access.
+#[tokio::test]
+async fn patient_scopes_confined() {
+    let s = setup().await;
+    let app = token(&s.key, "launch/patient patient/*.rs", Some("Patient/123"));
+    assert_eq!(
+        call(&s, "GET", "/r4/Patient/123", &app, None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, "GET", "/r4/Patient/123/Observation?code=x", &app, None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let forwarded = s.up.requests().len();
+    for path in [
+        "/r4/Patient/456",
+        "/r4/Patient/456/Observation",
+        "/r4/Observation?patient=123",
+        "/r4/Patient/123/Observation?_include=Observation:performer",
+        "/r4/Patient/123/Observation?subject:Patient.name=x",
+        "/r4/Patient/123/Observation?_has:Observation:patient:code=x",
+        "/r4/Patient/123/$everything",
+    ] {
+        let (status, headers, _) = call(&s, "GET", path, &app, None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        assert!(
+            headers["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("insufficient_scope")
+        );
+    }
+    let no_patient = token(&s.key, "patient/*.rs", None);
+    assert_eq!(
+        call(&s, "GET", "/r4/Patient/123", &no_patient, None)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(s.up.requests().len(), forwarded);
+}
+
+/// Batch and transaction: one denied entry refuses the whole bundle before anything is
+/// forwarded; an allowed bundle passes whole.
+#[tokio::test]
+async fn bundles_decided_entry_by_entry() {
+    let s = setup().await;
+    let tok = token(&s.key, "user/Patient.r user/Observation.c", None);
+    let bundle = |entries: serde_json::Value| {
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}).to_string()
+    };
+    let good = bundle(json!([
+        {"request": {"method": "GET", "url": "Patient/1"}},
+        {"resource": {"resourceType": "Observation"}, "request": {"method": "POST", "url": "Observation"}}
+    ]));
+    assert_eq!(
+        call(&s, "POST", "/r4", &tok, Some(&good)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(s.up.requests().len(), 1);
+
+    let bad = bundle(json!([
+        {"request": {"method": "GET", "url": "Patient/1"}},
+        {"request": {"method": "DELETE", "url": "Patient/1"}},
+        {"resource": {"resourceType": "Observation"}, "request": {"method": "PUT", "url": "Observation/2"}}
+    ]));
+    let (status, headers, b) = call(&s, "POST", "/r4", &tok, Some(&bad)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("scope=\"user/Patient.d user/Observation.u\"")
+    );
+    let text = json(&b)["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        text.contains("entry 1") && text.contains("entry 2") && !text.contains("entry 0"),
+        "{text}"
+    );
+
+    let nested = bundle(json!([
+        {"resource": {"resourceType": "Bundle", "type": "batch", "entry": []}, "request": {"method": "POST", "url": ""}}
+    ]));
+    assert_eq!(
+        call(&s, "POST", "/r4", &tok, Some(&nested)).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let foreign = bundle(
+        json!([{"request": {"method": "GET", "url": "https://elsewhere.org/fhir/Patient/1"}}]),
+    );
+    assert_eq!(
+        call(&s, "POST", "/r4", &tok, Some(&foreign)).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(&s, "POST", "/r4", &tok, Some("not json")).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        s.up.requests().len(),
+        1,
+        "a refused bundle reached the upstream"
+    );
+}
+
+/// Ambiguous paths are 400 and unknown types 404, even with a token that could read
+/// everything; none is forwarded.
+#[tokio::test]
+async fn hostile_paths_refused() {
+    let s = setup().await;
+    let all = token(&s.key, "system/*.cruds", None);
+    for (path, status) in [
+        ("/r4/Patient%2F123", StatusCode::BAD_REQUEST),
+        ("/r4/Patient/123/..%2F456", StatusCode::BAD_REQUEST),
+        ("/r4/Patient/123;x=y", StatusCode::BAD_REQUEST),
+        ("/r4/Patient//123", StatusCode::BAD_REQUEST),
+        ("/r4/Patient%252F123", StatusCode::BAD_REQUEST),
+        ("/r4/patient/123", StatusCode::NOT_FOUND),
+        ("/r4/Nonsense", StatusCode::NOT_FOUND),
+    ] {
+        assert_eq!(call(&s, "GET", path, &all, None).await.0, status, "{path}");
+    }
+    let req = Request::get(s.gw.url("/r4/Patient/1"))
+        .header("authorization", format!("Bearer {all}"))
+        .header("x-http-method-override", "DELETE")
+        .body(smartgate::body::empty())
+        .unwrap();
+    assert_eq!(send(req).await.0, StatusCode::BAD_REQUEST);
+    assert!(s.up.requests().is_empty());
+}
+
+/// Operations outside the table are denied even with every scope.
+#[tokio::test]
+async fn unknown_operations_denied() {
+    let s = setup().await;
+    let all = token(&s.key, "system/*.cruds", None);
+    assert_eq!(
+        call(&s, "GET", "/r4/$export", &all, None).await.0,
+        StatusCode::OK
+    );
+    for path in ["/r4/$reindex", "/r4/Patient/1/$purge-everything"] {
+        let (status, headers, _) = call(&s, "POST", path, &all, Some("{}")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(
+            headers["www-authenticate"],
+            "Bearer realm=\"smartgate\", error=\"insufficient_scope\""
+        );
+    }
+    assert_eq!(s.up.requests().len(), 1);
+}
