@@ -39,6 +39,21 @@ enum Command {
         /// Space-separated scopes, as in a token's `scope` claim.
         scopes: String,
     },
+    /// Print the decision for one request: `decide --scopes 'patient/*.rs' --patient 123
+    /// 'GET /Observation?code=x'` (path relative to the FHIR base). Needs no configuration.
+    Decide {
+        /// Space-separated scopes.
+        #[arg(long, default_value = "")]
+        scopes: String,
+        /// The patient in context.
+        #[arg(long)]
+        patient: Option<String>,
+        /// fhirUser (a Patient user confines user/ scopes).
+        #[arg(long)]
+        fhir_user: Option<String>,
+        /// "METHOD /path?query"
+        request: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +67,15 @@ fn main() -> ExitCode {
             println!("(no data access granted)");
         }
         return ExitCode::SUCCESS;
+    }
+    if let Some(Command::Decide {
+        scopes,
+        patient,
+        fhir_user,
+        request,
+    }) = &cli.command
+    {
+        return decide(scopes, patient.as_deref(), fhir_user.as_deref(), request);
     }
     let Some(path) = cli.config else {
         eprintln!("error: --config FILE is required (see config/smartgate.example.toml)");
@@ -73,7 +97,7 @@ fn main() -> ExitCode {
         }
         Command::Serve => serve(config, &path, env),
         Command::ExplainToken => explain_token(&config),
-        Command::ExplainScope { .. } => ExitCode::SUCCESS,
+        Command::ExplainScope { .. } | Command::Decide { .. } => ExitCode::SUCCESS,
     }
 }
 
@@ -123,6 +147,69 @@ fn serve(config: Config, path: &Path, env: Vec<(String, String)>) -> ExitCode {
             tracing::error!(error = %e, "cannot start");
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn decide(scopes: &str, patient: Option<&str>, fhir_user: Option<&str>, request: &str) -> ExitCode {
+    use smartgate::fhir::request::classify;
+    use smartgate::policy::{Context, Decision, Policy, authorize};
+    use smartgate::smart::scope::Grants;
+
+    let Some((method, target)) = request.trim().split_once(' ') else {
+        eprintln!("error: the request must be \"METHOD /path?query\"");
+        return ExitCode::from(2);
+    };
+    let Ok(method) = method.parse::<http::Method>() else {
+        eprintln!("error: {method:?} is not an HTTP method");
+        return ExitCode::from(2);
+    };
+    let (path, query) = match target.trim().split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target.trim(), None),
+    };
+    let grants = Grants::parse(scopes.split_whitespace());
+    for (s, e) in &grants.ignored {
+        println!("ignored scope {s:?}: {e}");
+    }
+    let req = match classify(&method, path, query, &http::HeaderMap::new(), None, None) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("decision: refuse before authorization ({e})");
+            return ExitCode::from(1);
+        }
+    };
+    println!(
+        "request:  {:?} {} {}",
+        req.interaction,
+        req.resource_type.unwrap_or("(all types)"),
+        req.id.as_deref().unwrap_or("")
+    );
+    let user_is_patient = fhir_user.is_some_and(|u| u.rsplit('/').nth(1) == Some("Patient"));
+    let ctx = Context {
+        patient: patient.map(str::to_owned),
+        user_is_patient,
+    };
+    match authorize(&grants, &ctx, &req, &Policy::default()) {
+        Decision::Allow(plan) => {
+            println!("decision: allow");
+            println!(
+                "plan:     forward{}",
+                if plan.rewrite_links {
+                    "; rewrite upstream links in the response"
+                } else {
+                    ""
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Decision::Deny { reason, needed } => {
+            println!("decision: deny ({})", reason.code());
+            println!("reason:   {reason}");
+            if !needed.is_empty() {
+                println!("needs:    {needed}");
+            }
+            ExitCode::from(1)
         }
     }
 }

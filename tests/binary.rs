@@ -326,3 +326,39 @@ fn explain_scope_prints_permissions() {
     assert!(lines[1].starts_with("user") && lines[1].ends_with("cruds"));
     assert!(lines[2].contains("ignored") && lines[2].contains("patient/Observation.sr"));
 }
+
+/// decide prints the classification, the decision, its reason and the scope it needs.
+#[test]
+fn decide_prints_decisions() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).arg("decide").args(args).output().unwrap();
+        (out.status.code(), String::from_utf8(out.stdout).unwrap())
+    };
+    let (code, out) = run(&["--scopes", "user/Observation.rs", "GET /Observation?code=x"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("SearchType Observation") && out.contains("decision: allow"),
+        "{out}"
+    );
+    let (code, out) = run(&["--scopes", "user/Observation.s", "GET /Observation/1"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("deny (insufficient_scope)") && out.contains("needs:    user/Observation.r"),
+        "{out}"
+    );
+    let (code, out) = run(&[
+        "--scopes",
+        "patient/*.rs",
+        "--patient",
+        "123",
+        "GET /Observation?code=x",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("compartment_unverified") && out.contains("needs:    user/Observation.s"),
+        "{out}"
+    );
+    let (code, out) = run(&["GET /Patient%2F1"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("refuse before authorization"), "{out}");
+}

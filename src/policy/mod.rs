@@ -259,9 +259,16 @@ fn decide_perm(
     if confined_by_upstream(req, patient) {
         Decision::Allow(Plan::pass_through())
     } else {
+        // The token's patient/ scope already has the letter; only an unconfined one would
+        // allow this now.
         Decision::Deny {
             reason: DenyReason::CompartmentUnverified,
-            needed: narrowest(grants, types, perm),
+            needed: format!(
+                "user/{}",
+                narrowest(grants, types, perm)
+                    .split_once('/')
+                    .map_or("", |(_, r)| r)
+            ),
         }
     }
 }
