@@ -108,13 +108,12 @@ proptest! {
         all.extend(extra);
         let q2 = query(&all);
         let h = HeaderMap::new();
-        if let Ok(r1) = classify(&m, &p, Some(&q1), &h, None, None) {
-            if let Decision::Deny { .. } = authorize(&grants, &ctx, &r1, &policy) {
-                if let Ok(r2) = classify(&m, &p, Some(&q2), &h, None, None) {
-                    let d2 = authorize(&grants, &ctx, &r2, &policy);
-                    prop_assert!(matches!(d2, Decision::Deny { .. }), "{} {}?{} allowed after adding params", m, p, q2);
-                }
-            }
+        if let Ok(r1) = classify(&m, &p, Some(&q1), &h, None, None)
+            && let Decision::Deny { .. } = authorize(&grants, &ctx, &r1, &policy)
+            && let Ok(r2) = classify(&m, &p, Some(&q2), &h, None, None)
+        {
+            let d2 = authorize(&grants, &ctx, &r2, &policy);
+            prop_assert!(matches!(d2, Decision::Deny { .. }), "{} {}?{} allowed after adding params", m, p, q2);
         }
     }
 }
