@@ -67,6 +67,11 @@ impl Snapshot {
             }
             _ => Authenticator::new(&config, outbound, metrics).map_err(CompileError::Auth)?,
         };
+        // Validated with the configuration; compiling cannot fail here but says so if it does.
+        let policy = crate::policy::Policy {
+            operations: crate::policy::Operations::with_config(&config.policy.operations)
+                .map_err(CompileError::Auth)?,
+        };
         let identity_headers = config
             .auth
             .identity_headers
@@ -80,7 +85,7 @@ impl Snapshot {
             upstream,
             auth,
             identity_headers,
-            policy: crate::policy::Policy::default(),
+            policy,
         })
     }
 }

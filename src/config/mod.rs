@@ -41,6 +41,34 @@ pub struct Config {
     /// Hot reload of this file.
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// Authorization policy.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Operation rules, in front of the built-in defaults (first match wins). Operations
+    /// matched by no rule are denied.
+    #[serde(default)]
+    pub operations: Vec<OperationConfig>,
+}
+
+/// `[[policy.operations]]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OperationConfig {
+    /// Operation name, with or without `$`.
+    pub name: String,
+    /// `system`, `type` or `instance`.
+    pub level: String,
+    /// Only for this resource type (any when absent).
+    pub resource_type: Option<String>,
+    /// `open`, `deny`, letters on the type (`"r"`, `"rs"`), letters on every type or
+    /// `_type` (`"all:rs"`), `create-or-update`, or `everything`.
+    pub requires: String,
 }
 
 /// `[server]`
@@ -676,6 +704,13 @@ impl Config {
             ));
         }
         self.validate_auth()?;
+        if let Err(message) = crate::policy::Operations::with_config(&self.policy.operations) {
+            let (key, message) = message
+                .split_once(": ")
+                .map(|(k, m)| (k.to_owned(), m.to_owned()))
+                .unwrap_or(("policy.operations".to_owned(), message));
+            return Err((key, message));
+        }
         Ok(())
     }
 

@@ -250,3 +250,19 @@ fn examples_are_valid() {
         Config::load(&path, Vec::new()).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
+
+/// Operation rules are checked at start, naming the row and key.
+#[test]
+fn policy_operations_validated() {
+    let ok = format!(
+        "{MINIMAL}\n[[policy.operations]]\nname = \"$lastn\"\nlevel = \"type\"\nresource_type = \"Observation\"\nrequires = \"s\"\n"
+    );
+    let c = parse(&ok).unwrap();
+    assert_eq!(c.policy.operations.len(), 1);
+    let e = err(&ok.replace("requires = \"s\"", "requires = \"rx\""));
+    assert!(e.contains("policy.operations[0].requires"), "{e}");
+    let e = err(&ok.replace("level = \"type\"", "level = \"server\""));
+    assert!(e.contains("policy.operations[0].level"), "{e}");
+    let e = err(&ok.replace("\"Observation\"", "\"Obs\""));
+    assert!(e.contains("policy.operations[0].resource_type"), "{e}");
+}

@@ -443,3 +443,47 @@ fn bundles() {
         }
     ));
 }
+
+/// Configured operation rules come before the defaults; unlisted operations stay denied.
+#[test]
+fn configured_operations() {
+    use crate::config::OperationConfig;
+    let row = |name: &str, level: &str, ty: Option<&str>, requires: &str| OperationConfig {
+        name: name.into(),
+        level: level.into(),
+        resource_type: ty.map(Into::into),
+        requires: requires.into(),
+    };
+    let policy = Policy {
+        operations: Operations::with_config(&[
+            row("lastn", "type", Some("Observation"), "s"),
+            row("export", "system", None, "deny"),
+            row("ping", "system", None, "open"),
+        ])
+        .unwrap(),
+    };
+    let grants = Grants::parse(["system/*.cruds"]);
+    let ctx = Context::default();
+    let d = |method: &str, path: &str| authorize(&grants, &ctx, &req(method, path), &policy);
+    assert!(matches!(
+        d("GET", "/Observation/$lastn"),
+        Decision::Allow(_)
+    ));
+    assert!(matches!(
+        d("GET", "/$export"),
+        Decision::Deny {
+            reason: DenyReason::UnknownOperation,
+            ..
+        }
+    ));
+    assert!(matches!(d("GET", "/$ping"), Decision::Allow(_)));
+    assert!(matches!(
+        d("GET", "/Condition/$lastn"),
+        Decision::Deny { .. }
+    ));
+    let none = Grants::parse(Vec::<&str>::new());
+    assert!(!matches!(
+        authorize(&none, &ctx, &req("GET", "/Observation/$lastn"), &policy),
+        Decision::Allow(_)
+    ));
+}
