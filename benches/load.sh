@@ -127,7 +127,7 @@ MODULUS=$(openssl rsa -in "$WORK/jwt.pem" -noout -modulus | cut -d= -f2 | python
 JWKS="{\\\"keys\\\":[{\\\"kty\\\":\\\"RSA\\\",\\\"kid\\\":\\\"bench\\\",\\\"alg\\\":\\\"RS256\\\",\\\"n\\\":\\\"$MODULUS\\\",\\\"e\\\":\\\"AQAB\\\"}]}"
 NOW=$(date +%s)
 HEADER=$(printf '{"alg":"RS256","kid":"bench","typ":"at+jwt"}' | b64url)
-PAYLOAD=$(printf '{"iss":"https://issuer.bench","aud":"http://127.0.0.1:%s/r4","sub":"bench","client_id":"bench","scope":"patient/*.rs","patient":"123","iat":%s,"exp":%s}' "$SGJ" "$NOW" "$((NOW + 3600))" | b64url)
+PAYLOAD=$(printf '{"iss":"https://issuer.bench","aud":"http://127.0.0.1:%s/r4","sub":"bench","client_id":"bench","scope":"launch/patient patient/*.rs","patient":"example","iat":%s,"exp":%s}' "$SGJ" "$NOW" "$((NOW + 3600))" | b64url)
 SIGNATURE=$(printf '%s.%s' "$HEADER" "$PAYLOAD" | openssl dgst -sha256 -sign "$WORK/jwt.pem" | b64url)
 TOKEN="$HEADER.$PAYLOAD.$SIGNATURE"
 
@@ -242,8 +242,8 @@ printf '\n%-24s %10s %8s %9s %10s %14s\n' target "req/s" "p99 ms" "vs nginx" "vs
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "direct (upstream)" "$d_rps" "$d_p99" "$(ratio "$d_rps" "$n_rps")" 1.00 "$d_cpu (upstream)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx proxy_pass" "$n_rps" "$n_p99" 1.00 "$(ratio "$n_rps" "$d_rps")" "$n_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate pass-through" "$s_rps" "$s_p99" "$(ratio "$s_rps" "$n_rps")" "$(ratio "$s_rps" "$d_rps")" "$s_cpu (proxy)"
-printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate JWT (cached)" "$j_rps" "$j_p99" "$(ratio "$j_rps" "$n_rps")" "$(ratio "$j_rps" "$d_rps")" "$j_cpu (proxy)"
+printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate JWT+decision" "$j_rps" "$j_p99" "$(ratio "$j_rps" "$n_rps")" "$(ratio "$j_rps" "$d_rps")" "$j_cpu (proxy)"
 echo
 echo "smartgate / nginx: throughput $(ratio "$s_rps" "$n_rps"), p99 $(ratio "$s_p99" "$n_p99"), CPU per request $(ratio "$s_cpu" "$n_cpu")"
-echo "smartgate JWT / pass-through: throughput $(ratio "$j_rps" "$s_rps"), p99 $(ratio "$j_p99" "$s_p99"), CPU per request $(ratio "$j_cpu" "$s_cpu")"
+echo "smartgate JWT + decision / pass-through: throughput $(ratio "$j_rps" "$s_rps"), p99 $(ratio "$j_p99" "$s_p99"), CPU per request $(ratio "$j_cpu" "$s_cpu")"
 echo "(medians of $ROUNDS interleaved rounds, ${DURATION}s per target each, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores)"
