@@ -8,7 +8,7 @@ use prometheus::{
 };
 
 /// Route labels known in advance; their series are resolved once, not per request.
-pub const ROUTES: &[&str] = &["fhir", "not_found"];
+pub const ROUTES: &[&str] = &["fhir", "metadata", "not_found"];
 
 /// Results of inspecting a FHIR JSON response (`smartgate_response_rewrites_total`).
 pub const REWRITE_RESULTS: &[&str] =
@@ -53,6 +53,8 @@ pub struct Metrics {
     pub jwks_fetches: IntCounterVec,
     /// `smartgate_decisions_total{decision,reason}`
     pub decisions: IntCounterVec,
+    /// `smartgate_scopes_ignored_total`: malformed scopes in verified tokens.
+    pub scopes_ignored: prometheus::IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -148,6 +150,11 @@ impl Metrics {
             &["decision", "reason"],
         )
         .expect("static metric definition");
+        let scopes_ignored = prometheus::IntCounter::new(
+            "smartgate_scopes_ignored_total",
+            "Malformed scopes in verified tokens (ignored; they grant nothing)",
+        )
+        .expect("static metric definition");
         let build_info = IntGaugeVec::new(
             Opts::new("smartgate_build_info", "Build information; always 1"),
             &["version"],
@@ -170,6 +177,7 @@ impl Metrics {
             Box::new(token_cache.clone()),
             Box::new(jwks_fetches.clone()),
             Box::new(decisions.clone()),
+            Box::new(scopes_ignored.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -209,6 +217,7 @@ impl Metrics {
             token_cache,
             jwks_fetches,
             decisions,
+            scopes_ignored,
         }
     }
 

@@ -46,6 +46,8 @@ pub struct ConnInfo {
 enum Route {
     /// A FHIR REST request under the public base.
     Fhir,
+    /// `GET [base]/metadata`: public, no token (FHIR R4 http.html#capabilities).
+    Metadata,
     /// Anything else.
     NotFound,
 }
@@ -54,6 +56,7 @@ impl Route {
     fn label(self) -> &'static str {
         match self {
             Route::Fhir => "fhir",
+            Route::Metadata => "metadata",
             Route::NotFound => "not_found",
         }
     }
@@ -113,11 +116,21 @@ async fn serve(
         .strip_public(path_and_query)
         .ok_or(GatewayError::NotFound)?
         .to_owned();
-    ctx.route = Route::Fhir;
+    let metadata = (req.method() == Method::GET || req.method() == Method::HEAD)
+        && rel.split('?').next() == Some("/metadata");
+    ctx.route = if metadata {
+        Route::Metadata
+    } else {
+        Route::Fhir
+    };
     let upstream_uri = snap.upstream.uri_for(&rel)?;
 
-    // authenticate
-    let (req, principal, form) = authenticate(snap, req, ctx).await?;
+    // authenticate (the CapabilityStatement is public: DESIGN.md, SMART discovery)
+    let (req, principal, form) = if metadata {
+        (req.map(|b| b.map_err(Into::into).boxed()), None, None)
+    } else {
+        authenticate(snap, req, ctx).await?
+    };
 
     // classify, authorize
     let (req, plan) = match &principal {

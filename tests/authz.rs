@@ -265,3 +265,32 @@ async fn unknown_operations_denied() {
     }
     assert_eq!(s.up.requests().len(), 1);
 }
+
+/// The CapabilityStatement needs no token; everything else does. Malformed scopes are
+/// counted.
+#[tokio::test]
+async fn metadata_is_public_and_ignored_scopes_counted() {
+    let s = setup().await;
+    let (status, _, _) = get(&s.gw.url("/r4/metadata")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(s.up.requests()[0].uri, "/fhir/metadata");
+    assert_eq!(
+        get(&s.gw.url("/r4/metadata/x")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let tok = token(
+        &s.key,
+        "user/Observation.rs user/Observation.sr user/Foo.r",
+        None,
+    );
+    assert_eq!(
+        call(&s, "GET", "/r4/Observation/1", &tok, None).await.0,
+        StatusCode::OK
+    );
+    let m = metrics(&s.gw).await;
+    assert!(m.contains("smartgate_scopes_ignored_total 2"), "{m}");
+    assert!(
+        m.contains("smartgate_requests_total{route=\"metadata\",status_class=\"2xx\"} 1"),
+        "{m}"
+    );
+}

@@ -187,6 +187,7 @@ pub struct Authenticator {
     /// The hot-path series, resolved once.
     hit: IntCounter,
     valid: IntCounter,
+    scopes_ignored: IntCounter,
 }
 
 impl Authenticator {
@@ -250,6 +251,7 @@ impl Authenticator {
             validations: metrics.token_validations.clone(),
             cache_events: metrics.token_cache.clone(),
             hit: metrics.token_cache.with_label_values(&["hit"]),
+            scopes_ignored: metrics.scopes_ignored.clone(),
             valid: metrics
                 .token_validations
                 .with_label_values(&[mode, "valid"]),
@@ -344,7 +346,12 @@ impl Authenticator {
                 Unavailable
             })?,
         };
-        Ok(claims.map(|c| Arc::new(claims::principal(&c, &self.claims))))
+        Ok(claims.map(|c| {
+            let p = claims::principal(&c, &self.claims);
+            // Counted once per verification (verdicts are cached), not per request.
+            self.scopes_ignored.inc_by(p.grants.ignored.len() as u64);
+            Arc::new(p)
+        }))
     }
 
     /// Ready when a token could be judged now.
