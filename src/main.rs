@@ -109,15 +109,8 @@ fn serve(config: Config, path: &Path, env: Vec<(String, String)>) -> ExitCode {
              use this only for trials and benchmarks"
         );
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async move {
         // Handlers first: a signal that arrives once we announce ourselves must find them
@@ -220,15 +213,8 @@ fn explain_token(config: &Config) -> ExitCode {
         eprintln!("error: cannot read the token from stdin");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(smartgate::auth::explain::explain_token(config, &token)) {
         Ok(report) => {
@@ -247,6 +233,16 @@ fn explain_token(config: &Config) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The control runtime (the gateway's workers run their own).
+fn runtime(builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    let mut builder = builder;
+    builder
+        .enable_all()
+        .build()
+        .inspect_err(|e| eprintln!("error: cannot start the runtime: {e}"))
+        .ok()
 }
 
 fn init_logging(config: &Config) {

@@ -91,6 +91,43 @@ fn check_config_messages() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/smartgate.toml"));
 }
 
+/// Starts `smartgate serve` and waits for its JSON "listening" line, which carries the
+/// ports chosen for 127.0.0.1:0. Returns the child, its log lines, and both addresses.
+#[allow(clippy::zombie_processes)] // the callers wait for (or kill and wait for) the child
+fn spawn_gateway(
+    path: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    String,
+    String,
+) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("gateway did not start");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if let (Some(p), Some(a)) = (v["public"].as_str(), v["admin"].as_str()) {
+            return (child, rx, p.to_owned(), a.to_owned());
+        }
+    }
+}
+
 /// SIGTERM stops accepting, lets the in-flight request finish, and exits 0.
 #[tokio::test]
 async fn sigterm_drains_in_flight_request() {
@@ -106,32 +143,7 @@ async fn sigterm_drains_in_flight_request() {
         &dir,
         &config(&up.base(), "[log]\nformat = \"json\"\nlevel = \"info\"\n"),
     );
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-
-    // The listening line carries the port chosen for 127.0.0.1:0.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("gateway did not start");
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if let Some(public) = v.get("public").and_then(|p| p.as_str()) {
-            break public.to_owned();
-        }
-    };
+    let (mut child, rx, addr, _) = spawn_gateway(&path);
 
     let url = format!("http://{addr}/r4/Patient/1");
     let in_flight = tokio::spawn(async move { get(&url).await });
@@ -223,30 +235,7 @@ async fn sighup_reloads_configuration() {
     let dir = tempfile::tempdir().unwrap();
     let text = config(&up.base(), "[log]\nformat = \"json\"\n");
     let path = write_config(&dir, &text);
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let (public, admin) = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("gateway did not start");
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if let (Some(p), Some(a)) = (v["public"].as_str(), v["admin"].as_str()) {
-            break (p.to_owned(), a.to_owned());
-        }
-    };
+    let (mut child, _rx, public, admin) = spawn_gateway(&path);
     let hup = |pid: u32| {
         assert!(
             Command::new("kill")
