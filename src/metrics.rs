@@ -55,6 +55,12 @@ pub struct Metrics {
     pub decisions: IntCounterVec,
     /// `smartgate_scopes_ignored_total`: malformed scopes in verified tokens.
     pub scopes_ignored: prometheus::IntCounter,
+    /// `smartgate_decisions_total{decision="allow",reason="granted"}`, resolved once.
+    pub decision_allow: IntCounter,
+    /// `smartgate_decision_cache_total{event="hit"}`
+    pub decision_cache_hit: IntCounter,
+    /// `smartgate_decision_cache_total{event="miss"}`
+    pub decision_cache_miss: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -155,6 +161,15 @@ impl Metrics {
             "Malformed scopes in verified tokens (ignored; they grant nothing)",
         )
         .expect("static metric definition");
+        let decision_cache = IntCounterVec::new(
+            Opts::new(
+                "smartgate_decision_cache_total",
+                "Decision cache lookups, by event",
+            ),
+            &["event"],
+        )
+        .expect("static metric definition");
+        let decision_allow = decisions.with_label_values(&["allow", "granted"]);
         let build_info = IntGaugeVec::new(
             Opts::new("smartgate_build_info", "Build information; always 1"),
             &["version"],
@@ -178,6 +193,7 @@ impl Metrics {
             Box::new(jwks_fetches.clone()),
             Box::new(decisions.clone()),
             Box::new(scopes_ignored.clone()),
+            Box::new(decision_cache.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -218,6 +234,9 @@ impl Metrics {
             jwks_fetches,
             decisions,
             scopes_ignored,
+            decision_allow,
+            decision_cache_hit: decision_cache.with_label_values(&["hit"]),
+            decision_cache_miss: decision_cache.with_label_values(&["miss"]),
         }
     }
 

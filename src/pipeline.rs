@@ -20,7 +20,7 @@ use crate::body::{BoxBody, full};
 use crate::error::GatewayError;
 use crate::fhir::bundle;
 use crate::fhir::request::{ClassifyError, FhirRequest, Interaction, classify};
-use crate::policy::{Context, Decision, Plan, authorize, authorize_bundle};
+use crate::policy::{Context, Decision, Plan, authorize, authorize_bundle, cache};
 use crate::proxy::Identity;
 use crate::proxy::headers::{ClientSide, X_REQUEST_ID};
 use crate::state::{Shared, Snapshot};
@@ -269,6 +269,16 @@ async fn classify_and_authorize(
         None => (rel, None),
     };
     let base_post = req.method() == Method::POST && (path.is_empty() || path == "/");
+    // Requests decided by the target alone can use the decision cache.
+    let shape = (!base_post && form.is_none()).then(|| cache::RequestShape {
+        method: req.method().clone(),
+        target: rel.to_owned(),
+        if_none_exist: req.headers().contains_key("if-none-exist"),
+    });
+    if let Some(decision) = shape.as_ref().and_then(|s| cache::get(principal.id, s)) {
+        shared.metrics.decision_cache_hit.inc();
+        return finish(shared, req, decision);
+    }
     let (req, bundle) = if base_post {
         let (req, bytes) = buffer(snap, req).await?;
         let bundle: serde_json::Value = serde_json::from_slice(&bytes)
@@ -302,13 +312,22 @@ async fn classify_and_authorize(
         }
         _ => authorize(&principal.grants, &context, &freq, &snap.policy),
     };
+    if let Some(shape) = shape {
+        shared.metrics.decision_cache_miss.inc();
+        cache::put(principal.id, shape, decision.clone());
+    }
+    finish(shared, req, decision)
+}
+
+/// Counts the decision and turns a denial into the 403 error.
+fn finish(
+    shared: &Shared,
+    req: Request<BoxBody>,
+    decision: Decision,
+) -> Result<(Request<BoxBody>, Plan), GatewayError> {
     match decision {
         Decision::Allow(plan) => {
-            shared
-                .metrics
-                .decisions
-                .with_label_values(&["allow", "granted"])
-                .inc();
+            shared.metrics.decision_allow.inc();
             Ok((req, plan))
         }
         Decision::Deny { reason, needed } => {

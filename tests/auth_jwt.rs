@@ -510,3 +510,28 @@ async fn cache_never_outlives_exp() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// Regression: a request that arrives while the start-up JWKS fetch is still running waits
+/// for it, and must not spend the unknown-kid refetch allowance — a key rotation right
+/// after must still be picked up.
+#[tokio::test]
+async fn waiting_for_startup_fetch_does_not_block_rotation() {
+    let rsa = TestKey::rsa("rsa-1", Algorithm::RS256);
+    let jwks = FakeJwks::start(&[&rsa]).await;
+    jwks.delay_ms
+        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let up = FakeUpstream::echo().await;
+    let gw = TestGateway::boot(&config_auth(&up.base(), &jwt_auth(&jwks.uri(), ""), "")).await;
+    // Sent while the start-up fetch is in flight.
+    let (status, _, _) = get_with_token(&gw.url("/r4/Observation"), &rsa.sign(&claims())).await;
+    assert_eq!(status, StatusCode::OK);
+    jwks.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    let rotated = TestKey::ec384("ec-9");
+    jwks.set_keys(&[&rsa, &rotated]);
+    let (status, _, _) = get_with_token(&gw.url("/r4/Observation"), &rotated.sign(&claims())).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "rotation refused: the allowance was spent by waiting"
+    );
+}

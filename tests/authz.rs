@@ -294,3 +294,55 @@ async fn metadata_is_public_and_ignored_scopes_counted() {
         "{m}"
     );
 }
+
+/// Repeated identical requests with one token hit the decision cache; the cached answer is
+/// the same (allow stays allow, deny stays deny), and another token does not share it.
+#[tokio::test]
+async fn decision_cache() {
+    let s = setup().await;
+    let reader = token(&s.key, "user/Observation.rs", None);
+    for _ in 0..3 {
+        assert_eq!(
+            call(&s, "GET", "/r4/Observation?code=x", &reader, None)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(&s, "GET", "/r4/Condition?code=x", &reader, None)
+                .await
+                .0,
+            StatusCode::FORBIDDEN
+        );
+    }
+    let other = token(&s.key, "user/Condition.rs", None);
+    assert_eq!(
+        call(&s, "GET", "/r4/Condition?code=x", &other, None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, "GET", "/r4/Observation?code=x", &other, None)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    let m = metrics(&s.gw).await;
+    let count = |event: &str| {
+        m.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "smartgate_decision_cache_total{{event=\"{event}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Workers keep their own caches, so hits depend on which worker served a request;
+    // every request is either a hit or a miss, and misses are at least the distinct keys.
+    assert_eq!(count("hit") + count("miss"), 8, "{m}");
+    assert!(count("miss") >= 4, "{m}");
+    assert_eq!(s.up.requests().len(), 4);
+}

@@ -34,6 +34,10 @@ pub struct Principal {
     /// The scopes parsed once, when the token is first verified.
     #[serde(skip)]
     pub grants: Arc<Grants>,
+    /// Unique per verification, never reused: keys per-token caches (decisions) so that
+    /// nothing cached for one verification is seen by another.
+    #[serde(skip)]
+    pub id: u64,
 }
 
 impl Principal {
@@ -60,8 +64,10 @@ pub fn principal(claims: &Map<String, Value>, names: &ClaimsConfig) -> Principal
             .collect(),
         _ => Vec::new(),
     };
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let grants = Arc::new(Grants::parse(scopes.iter().map(String::as_str)));
     Principal {
+        id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         grants,
         subject: text("sub"),
         client_id: names.client_id.iter().find_map(|n| text(n)),

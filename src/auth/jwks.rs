@@ -209,9 +209,7 @@ impl KeySource {
         }
         // Nothing yet (start-up, or the endpoint was down): one try now, rate-limited
         // like unknown kids so a flood of requests is not a flood of fetches.
-        if self.allow_on_demand_fetch() {
-            let _ = self.fetch_serialised(None).await;
-        }
+        let _ = self.fetch_serialised(None, true).await;
         self.current.load_full().ok_or(NoKeys)
     }
 
@@ -236,17 +234,20 @@ impl KeySource {
     /// Called when a token's `kid` is not in `seen`: refetch if the rate limit allows,
     /// and return the newer key set if there is one.
     pub async fn refetch_for_unknown_kid(&self, seen: &Arc<KeySet>) -> Option<Arc<KeySet>> {
-        if !self.allow_on_demand_fetch() {
-            return None;
-        }
-        let _ = self.fetch_serialised(Some(seen)).await;
+        let _ = self.fetch_serialised(Some(seen), true).await;
         let now = self.current.load_full()?;
         (!Arc::ptr_eq(&now, seen)).then_some(now)
     }
 
     /// One fetch at a time; a caller that waited for another's fetch does not fetch again
-    /// when the keys changed meanwhile.
-    async fn fetch_serialised(&self, seen: Option<&Arc<KeySet>>) -> Result<Duration, String> {
+    /// when the keys changed meanwhile. On-demand fetches (unknown kid, no keys yet) are
+    /// rate-limited, and only a fetch actually made spends the allowance: a request that
+    /// merely waited for the start-up fetch must not block a key rotation for 30 s.
+    async fn fetch_serialised(
+        &self,
+        seen: Option<&Arc<KeySet>>,
+        on_demand: bool,
+    ) -> Result<Duration, String> {
         let _guard = self.fetch_lock.lock().await;
         let current = self.current.load_full();
         let changed = match (seen, &current) {
@@ -256,6 +257,9 @@ impl KeySource {
         };
         if changed {
             return Ok(Duration::ZERO);
+        }
+        if on_demand && !self.allow_on_demand_fetch() {
+            return Err("on-demand JWKS fetch rate-limited".to_owned());
         }
         self.fetch().await
     }
@@ -322,7 +326,7 @@ impl KeySource {
             let mut backoff = Duration::from_secs(1);
             loop {
                 let Some(source) = weak.upgrade() else { return };
-                let wait = match source.fetch_serialised(None).await {
+                let wait = match source.fetch_serialised(None, false).await {
                     // Fetched (or another caller just did): wait per Cache-Control.
                     Ok(next) if next > Duration::ZERO => {
                         backoff = Duration::from_secs(1);

@@ -13,6 +13,7 @@
 //! without includes, chains or `_has` — and denied everywhere else. Granular scopes
 //! (`?param=value`) grant nothing yet. Both fail closed.
 
+pub mod cache;
 pub mod operations;
 
 use std::fmt;

@@ -126,13 +126,16 @@ pub struct FakeJwks {
     pub server: FakeUpstream,
     pub doc: Arc<Mutex<Value>>,
     pub down: Arc<std::sync::atomic::AtomicBool>,
+    /// Milliseconds each answer is delayed.
+    pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FakeJwks {
     pub async fn start(keys: &[&TestKey]) -> FakeJwks {
         let doc = Arc::new(Mutex::new(jwks(keys)));
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (d, dn) = (doc.clone(), down.clone());
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (d, dn, delay) = (doc.clone(), down.clone(), delay_ms.clone());
         let base = Arc::new(std::sync::OnceLock::<String>::new());
         let b = base.clone();
         let server = FakeUpstream::start(Arc::new(move |seen: &Seen| {
@@ -155,11 +158,20 @@ impl FakeJwks {
                     .body(smartgate::body::full(d.lock().unwrap().to_string()))
                     .unwrap()
             };
-            Box::pin(std::future::ready(resp))
+            let wait = delay.load(std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                resp
+            })
         }))
         .await;
         base.set(format!("http://{}", server.addr)).unwrap();
-        FakeJwks { server, doc, down }
+        FakeJwks {
+            server,
+            doc,
+            down,
+            delay_ms,
+        }
     }
 
     pub fn uri(&self) -> String {
