@@ -270,15 +270,14 @@ async fn classify_and_authorize(
     };
     let base_post = req.method() == Method::POST && (path.is_empty() || path == "/");
     // Requests decided by the target alone can use the decision cache.
-    let shape = (!base_post && form.is_none()).then(|| cache::RequestShape {
-        method: req.method().clone(),
-        target: rel.to_owned(),
-        if_none_exist: req.headers().contains_key("if-none-exist"),
-    });
-    if let Some(decision) = shape.as_ref().and_then(|s| cache::get(principal.id, s)) {
+    let cacheable = !base_post && form.is_none();
+    let if_none_exist = req.headers().contains_key("if-none-exist");
+    if cacheable && let Some(decision) = cache::get(principal.id, req.method(), if_none_exist, rel)
+    {
         shared.metrics.decision_cache_hit.inc();
         return finish(shared, req, decision);
     }
+    let method = req.method().clone();
     let (req, bundle) = if base_post {
         let (req, bytes) = buffer(snap, req).await?;
         let bundle: serde_json::Value = serde_json::from_slice(&bytes)
@@ -312,8 +311,13 @@ async fn classify_and_authorize(
         }
         _ => authorize(&principal.grants, &context, &freq, &snap.policy),
     };
-    if let Some(shape) = shape {
+    if cacheable {
         shared.metrics.decision_cache_miss.inc();
+        let shape = cache::RequestShape {
+            method,
+            target: rel.to_owned(),
+            if_none_exist,
+        };
         cache::put(principal.id, shape, decision.clone());
     }
     finish(shared, req, decision)

@@ -25,23 +25,44 @@ pub struct RequestShape {
     pub if_none_exist: bool,
 }
 
+/// (principal, method, If-None-Exist) → target → decision. Nested so that a lookup
+/// borrows the target instead of allocating a key.
+type Decisions = HashMap<(u64, http::Method, bool), HashMap<String, Decision>>;
+
 thread_local! {
-    static DECISIONS: RefCell<HashMap<(u64, RequestShape), Decision>> = RefCell::new(HashMap::new());
+    static DECISIONS: RefCell<(Decisions, usize)> = RefCell::new((HashMap::new(), 0));
 }
 
 /// The cached decision for this principal and request, if any.
-pub fn get(principal: u64, shape: &RequestShape) -> Option<Decision> {
-    DECISIONS.with(|d| d.borrow().get(&(principal, shape.clone())).cloned())
+pub fn get(
+    principal: u64,
+    method: &http::Method,
+    if_none_exist: bool,
+    target: &str,
+) -> Option<Decision> {
+    DECISIONS.with(|d| {
+        d.borrow()
+            .0
+            .get(&(principal, method.clone(), if_none_exist))?
+            .get(target)
+            .cloned()
+    })
 }
 
 /// Remembers a decision.
 pub fn put(principal: u64, shape: RequestShape, decision: Decision) {
     DECISIONS.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.len() >= MAX {
-            d.clear();
+        let (map, len) = &mut *d.borrow_mut();
+        if *len >= MAX {
+            map.clear();
+            *len = 0;
         }
-        d.insert((principal, shape), decision);
+        let inner = map
+            .entry((principal, shape.method, shape.if_none_exist))
+            .or_default();
+        if inner.insert(shape.target, decision).is_none() {
+            *len += 1;
+        }
     });
 }
 
@@ -63,8 +84,10 @@ mod tests {
             shape("/Observation?code=a"),
             Decision::Allow(Plan::pass_through()),
         );
-        assert!(get(1, &shape("/Observation?code=a")).is_some());
-        assert!(get(2, &shape("/Observation?code=a")).is_none());
-        assert!(get(1, &shape("/Observation?code=b")).is_none());
+        let get = |p: u64, t: &str| get(p, &http::Method::GET, false, t);
+        assert!(get(1, "/Observation?code=a").is_some());
+        assert!(get(2, "/Observation?code=a").is_none());
+        assert!(get(1, "/Observation?code=b").is_none());
+        assert!(super::get(1, &http::Method::DELETE, false, "/Observation?code=a").is_none());
     }
 }
