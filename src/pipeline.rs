@@ -269,7 +269,9 @@ async fn classify_and_authorize(
         None => (rel, None),
     };
     let base_post = req.method() == Method::POST && (path.is_empty() || path == "/");
-    // Requests decided by the target alone can use the decision cache.
+    // Requests decided by the target alone can use the decision cache — after the header
+    // checks, which the cache must never skip.
+    crate::fhir::request::check_headers(req.headers()).map_err(classify_error)?;
     let cacheable = !base_post && form.is_none();
     let if_none_exist = req.headers().contains_key("if-none-exist");
     if cacheable && let Some(decision) = cache::get(principal.id, req.method(), if_none_exist, rel)

@@ -346,3 +346,26 @@ async fn decision_cache() {
     assert!(count("miss") >= 4, "{m}");
     assert_eq!(s.up.requests().len(), 4);
 }
+
+/// Regression: a method-override header on a request whose method and target match a
+/// cached allowed decision is still refused; the cache never skips the header checks.
+#[tokio::test]
+async fn decision_cache_does_not_skip_header_checks() {
+    let s = setup().await;
+    let reader = token(&s.key, "user/Observation.rs", None);
+    for _ in 0..4 {
+        assert_eq!(
+            call(&s, "GET", "/r4/Observation/1", &reader, None).await.0,
+            StatusCode::OK
+        );
+    }
+    for _ in 0..4 {
+        let req = Request::get(s.gw.url("/r4/Observation/1"))
+            .header("authorization", format!("Bearer {reader}"))
+            .header("x-http-method-override", "DELETE")
+            .body(smartgate::body::empty())
+            .unwrap();
+        assert_eq!(send(req).await.0, StatusCode::BAD_REQUEST);
+    }
+    assert_eq!(s.up.requests().len(), 4);
+}

@@ -254,6 +254,23 @@ pub fn classify(
     Ok(req)
 }
 
+/// Refuses headers that would make the upstream read the request as something else
+/// (method overrides). Run it before anything that skips classification.
+pub fn check_headers(headers: &HeaderMap) -> Result<(), ClassifyError> {
+    for h in [
+        "x-http-method-override",
+        "x-method-override",
+        "x-http-method",
+    ] {
+        if headers.contains_key(h) {
+            return Err(ClassifyError::BadRequest(
+                "method override headers are not accepted",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Splits and decodes the path once; refuses what could be read two ways.
 fn normalise(rel_path: &str) -> Result<Vec<String>, ClassifyError> {
     let bad = |why| Err(ClassifyError::BadRequest(why));

@@ -4,7 +4,9 @@
 //!
 //! Exact keys: the map compares whole keys, so a hash collision can never hand one request
 //! another's decision. Requests whose bodies take part in the decision (form searches,
-//! batches, transactions) are never cached.
+//! batches, transactions) are never cached. Every header `classify` reads must either be
+//! part of the key (`If-None-Exist`) or be checked before the lookup
+//! (`fhir::request::check_headers`): a hit skips classification.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
