@@ -277,16 +277,20 @@ fn decide_perm(
 /// Requests whose answer the upstream itself confines to `patient`'s compartment, with
 /// nothing in them that could reach outside it.
 fn confined_by_upstream(req: &FhirRequest, patient: &str) -> bool {
-    let reaches_out = req.params.iter().any(|(k, _)| {
-        let name = k.split(':').next().unwrap_or(k);
-        name == "_include"
-            || name == "_revinclude"
-            || name == "_has"
-            || name.starts_with("_has")
+    let reaches_out = req.params.iter().any(|(k, v)| {
+        // Some servers match parameter names case-insensitively, and some legacy ones
+        // also split the query on ';': read them the widest way.
+        if k.contains(';') || v.contains(';') {
+            return true;
+        }
+        let lower = k.to_ascii_lowercase();
+        let name = lower.split(':').next().unwrap_or(&lower);
+        matches!(
+            name,
+            "_include" | "_revinclude" | "_getpages" | "_contained" | "_containedtype" | "_filter" | "_query"
+        ) || name.starts_with("_has")
             // Chains, with or without a type modifier: subject.name, subject:Patient.name.
             || k.contains('.')
-            || name == "_getpages"
-            || name == "_contained"
     });
     if reaches_out {
         return false;

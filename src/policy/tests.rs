@@ -256,6 +256,11 @@ fn patient_scope_confinement_interim() {
         "/Patient/123/Observation?_has:Observation:patient:code=x",
         "/Observation?patient=123",
         "/Observation/1",
+        "/Patient/123/Observation?_INCLUDE=Observation:performer",
+        "/Patient/123/Observation?code=x;_include=Observation:performer",
+        "/Patient/123/Observation?_filter=performer:Practitioner.name%20eq%20x",
+        "/Patient/123/Observation?_query=everything-for-everyone",
+        "/Patient/123/Observation?_contained=true",
     ] {
         let d = decide("patient/*.rs", p, "GET", leak);
         assert!(
