@@ -258,3 +258,83 @@ async fn admin_endpoints() {
     );
     gw.stop().await;
 }
+
+/// An https upstream with a private CA (upstream.ca_file): the gateway verifies it, speaks
+/// h2 when the upstream offers it by ALPN, and refuses an upstream it cannot verify.
+#[tokio::test]
+async fn https_upstream_with_private_ca_and_h2() {
+    use hyper_util::server::conn::auto;
+    let cert = make_cert("localhost");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca_path, &cert.cert_pem).unwrap();
+
+    let key = rustls::pki_types::PrivateKeyDer::try_from(
+        rustls::pki_types::pem::PemObject::from_pem_slice(cert.key_pem.as_bytes())
+            .map(|k: rustls::pki_types::PrivatePkcs8KeyDer<'static>| k)
+            .unwrap(),
+    )
+    .unwrap();
+    let mut server_cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der.clone()], key)
+    .unwrap();
+    server_cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let versions = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = versions.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        seen.lock().unwrap().push(req.version());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(json_response(
+                                StatusCode::OK,
+                                &json!({"tls": true}),
+                            ))
+                        }
+                    });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+
+    let base = format!("https://localhost:{port}/fhir");
+    let with_ca = config(&base, "").replace(
+        "timeout = \"5s\"",
+        &format!("timeout = \"5s\"\nca_file = \"{}\"", ca_path.display()),
+    );
+    let gw = TestGateway::boot(&with_ca).await;
+    let (status, _, body) = get(&gw.url("/r4/Patient/1")).await;
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    assert_eq!(json(&body)["tls"], true);
+    assert_eq!(versions.lock().unwrap()[0], http::Version::HTTP_2);
+    gw.stop().await;
+
+    // Without the CA the upstream cannot be verified: 502, nothing served.
+    let gw = TestGateway::boot(&config(&base, "")).await;
+    assert_eq!(
+        get(&gw.url("/r4/Patient/1")).await.0,
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(versions.lock().unwrap().len(), 1);
+    gw.stop().await;
+}
