@@ -269,12 +269,8 @@ async fn https_upstream_with_private_ca_and_h2() {
     let ca_path = dir.path().join("upstream-ca.pem");
     std::fs::write(&ca_path, &cert.cert_pem).unwrap();
 
-    let key = rustls::pki_types::PrivateKeyDer::try_from(
-        rustls::pki_types::pem::PemObject::from_pem_slice(cert.key_pem.as_bytes())
-            .map(|k: rustls::pki_types::PrivatePkcs8KeyDer<'static>| k)
-            .unwrap(),
-    )
-    .unwrap();
+    let key: rustls::pki_types::PrivateKeyDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
     let mut server_cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
