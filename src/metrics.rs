@@ -8,7 +8,7 @@ use prometheus::{
 };
 
 /// Route labels known in advance; their series are resolved once, not per request.
-pub const ROUTES: &[&str] = &["fhir", "metadata", "not_found"];
+pub const ROUTES: &[&str] = &["fhir", "metadata", "discovery", "not_found"];
 
 /// Results of inspecting a FHIR JSON response (`smartgate_response_rewrites_total`).
 pub const REWRITE_RESULTS: &[&str] =

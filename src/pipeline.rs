@@ -48,6 +48,8 @@ enum Route {
     Fhir,
     /// `GET [base]/metadata`: public, no token (FHIR R4 http.html#capabilities).
     Metadata,
+    /// `[base]/.well-known/smart-configuration`: public, served by the gateway.
+    Discovery,
     /// Anything else.
     NotFound,
 }
@@ -57,6 +59,7 @@ impl Route {
         match self {
             Route::Fhir => "fhir",
             Route::Metadata => "metadata",
+            Route::Discovery => "discovery",
             Route::NotFound => "not_found",
         }
     }
@@ -116,6 +119,10 @@ async fn serve(
         .strip_public(path_and_query)
         .ok_or(GatewayError::NotFound)?
         .to_owned();
+    if rel.split('?').next() == Some("/.well-known/smart-configuration") {
+        ctx.route = Route::Discovery;
+        return discovery(snap, req.method());
+    }
     let metadata = (req.method() == Method::GET || req.method() == Method::HEAD)
         && rel.split('?').next() == Some("/metadata");
     ctx.route = if metadata {
@@ -185,6 +192,52 @@ async fn serve(
 
     // respond
     respond(shared, snap, plan, &method, resp).await
+}
+
+/// `/.well-known/smart-configuration` (SMART App Launch 2.2 conformance.html): no token,
+/// `application/json` whatever `Accept` says, readable from any origin.
+fn discovery(snap: &Snapshot, method: &Method) -> Result<Response<BoxBody>, GatewayError> {
+    let doc = snap.discovery.as_ref().ok_or(GatewayError::NotFound)?;
+    let mut resp = match *method {
+        Method::GET => Response::new(full(doc.clone())),
+        Method::HEAD | Method::OPTIONS => Response::new(crate::body::empty()),
+        _ => return Err(GatewayError::MethodNotAllowed),
+    };
+    if *method == Method::OPTIONS {
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+    }
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    if *method == Method::OPTIONS {
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, HEAD, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("Accept, Content-Type"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("86400"),
+        );
+    } else {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=300"),
+        );
+        if *method == Method::HEAD {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(doc.len()));
+        }
+    }
+    Ok(resp)
 }
 
 /// The authenticate stage: the bearer token → the caller, or a refusal. Nothing is

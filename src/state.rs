@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub identity_headers: Vec<HeaderName>,
     /// The authorization policy.
     pub policy: crate::policy::Policy,
+    /// The serialised SMART configuration document, when `[smart]` is set.
+    pub discovery: Option<bytes::Bytes>,
 }
 
 /// Why a configuration could not be compiled.
@@ -72,6 +74,14 @@ impl Snapshot {
             operations: crate::policy::Operations::with_config(&config.policy.operations)
                 .map_err(CompileError::Auth)?,
         };
+        let discovery = match &config.smart {
+            Some(smart) => Some(bytes::Bytes::from(
+                crate::smart::discovery::document(smart)
+                    .map_err(|(k, m)| CompileError::Auth(format!("{k}: {m}")))?
+                    .to_string(),
+            )),
+            None => None,
+        };
         let identity_headers = config
             .auth
             .identity_headers
@@ -86,6 +96,7 @@ impl Snapshot {
             auth,
             identity_headers,
             policy,
+            discovery,
         })
     }
 }

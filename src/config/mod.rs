@@ -44,6 +44,47 @@ pub struct Config {
     /// Authorization policy.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// The SMART discovery document (`/.well-known/smart-configuration`); absent → 404.
+    pub smart: Option<SmartConfig>,
+}
+
+/// `[smart]`: SMART App Launch 2.2 conformance.html fields.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SmartConfig {
+    /// Required when a `launch-*` capability is listed.
+    pub authorization_endpoint: Option<String>,
+    /// Required.
+    pub token_endpoint: String,
+    /// Required: SMART capabilities.
+    pub capabilities: Vec<String>,
+    /// Derived when absent (authorization_code with launch-*, else client_credentials for
+    /// confidential clients).
+    pub grant_types_supported: Option<Vec<String>>,
+    /// Default `["S256"]`; must contain S256 and not plain.
+    pub code_challenge_methods_supported: Option<Vec<String>>,
+    /// Required with `sso-openid-connect`, absent otherwise.
+    pub issuer: Option<String>,
+    /// Required with `sso-openid-connect`, absent otherwise.
+    pub jwks_uri: Option<String>,
+    /// Optional, passed through.
+    pub scopes_supported: Option<Vec<String>>,
+    /// Optional, passed through.
+    pub response_types_supported: Option<Vec<String>>,
+    /// Optional, passed through.
+    pub token_endpoint_auth_methods_supported: Option<Vec<String>>,
+    /// Optional, passed through.
+    pub token_endpoint_auth_signing_alg_values_supported: Option<Vec<String>>,
+    /// Optional.
+    pub introspection_endpoint: Option<String>,
+    /// Optional.
+    pub revocation_endpoint: Option<String>,
+    /// Optional.
+    pub management_endpoint: Option<String>,
+    /// Optional.
+    pub registration_endpoint: Option<String>,
+    /// Optional.
+    pub user_access_brand_bundle: Option<String>,
 }
 
 /// `[policy]`
@@ -704,6 +745,9 @@ impl Config {
             ));
         }
         self.validate_auth()?;
+        if let Some(smart) = &self.smart {
+            crate::smart::discovery::document(smart)?;
+        }
         if let Err(message) = crate::policy::Operations::with_config(&self.policy.operations) {
             let (key, message) = message
                 .split_once(": ")

@@ -1,0 +1,254 @@
+//! The SMART configuration document, `{base}/.well-known/smart-configuration`
+//! (SMART App Launch 2.2, conformance.html), built from `[smart]` and checked against the
+//! specification when the configuration is loaded.
+
+use serde_json::{Map, Value, json};
+
+use crate::config::{BaseUrl, SmartConfig};
+
+/// Capabilities defined by SMART App Launch 2.2 §"Capabilities".
+const KNOWN_CAPABILITIES: &[&str] = &[
+    "launch-ehr",
+    "launch-standalone",
+    "authorize-post",
+    "client-public",
+    "client-confidential-symmetric",
+    "client-confidential-asymmetric",
+    "sso-openid-connect",
+    "context-passthrough-banner",
+    "context-passthrough-style",
+    "context-ehr-patient",
+    "context-ehr-encounter",
+    "context-standalone-patient",
+    "context-standalone-encounter",
+    "permission-offline",
+    "permission-online",
+    "permission-patient",
+    "permission-user",
+    "permission-v1",
+    "permission-v2",
+    "smart-app-state",
+];
+
+/// Builds the document, or says which key breaks the specification.
+pub fn document(cfg: &SmartConfig) -> Result<Value, (String, String)> {
+    let err = |k: &str, m: String| Err((format!("smart.{k}"), m));
+    let url = |k: &str, v: &str| -> Result<(), (String, String)> {
+        BaseUrl::parse(v)
+            .map(|_| ())
+            .map_err(|m| (format!("smart.{k}"), m))
+    };
+    url("token_endpoint", &cfg.token_endpoint)?;
+    if cfg.capabilities.is_empty() {
+        return err("capabilities", "must list at least one capability".into());
+    }
+    let launch = cfg.capabilities.iter().any(|c| c.starts_with("launch-"));
+    match (&cfg.authorization_endpoint, launch) {
+        (Some(a), _) => url("authorization_endpoint", a)?,
+        (None, true) => {
+            return err(
+                "authorization_endpoint",
+                "is required when a launch-* capability is listed".into(),
+            );
+        }
+        (None, false) => {}
+    }
+    let sso = cfg.capabilities.iter().any(|c| c == "sso-openid-connect");
+    match (&cfg.issuer, &cfg.jwks_uri, sso) {
+        (Some(i), Some(j), true) => {
+            url("issuer", i)?;
+            url("jwks_uri", j)?;
+        }
+        (_, _, true) => {
+            return err(
+                "issuer",
+                "issuer and jwks_uri are required with sso-openid-connect".into(),
+            );
+        }
+        (None, None, false) => {}
+        (_, _, false) => {
+            return err(
+                "issuer",
+                "issuer and jwks_uri belong only with the sso-openid-connect capability".into(),
+            );
+        }
+    }
+    for (k, v) in [
+        ("introspection_endpoint", &cfg.introspection_endpoint),
+        ("revocation_endpoint", &cfg.revocation_endpoint),
+        ("management_endpoint", &cfg.management_endpoint),
+        ("registration_endpoint", &cfg.registration_endpoint),
+        ("user_access_brand_bundle", &cfg.user_access_brand_bundle),
+    ] {
+        if let Some(v) = v {
+            url(k, v)?;
+        }
+    }
+    let methods = cfg
+        .code_challenge_methods_supported
+        .clone()
+        .unwrap_or_else(|| vec!["S256".to_owned()]);
+    if !methods.iter().any(|m| m == "S256") || methods.iter().any(|m| m == "plain") {
+        return err(
+            "code_challenge_methods_supported",
+            format!("{methods:?} must contain \"S256\" and must not contain \"plain\""),
+        );
+    }
+    let grants = match &cfg.grant_types_supported {
+        Some(g) if g.is_empty() => {
+            return err(
+                "grant_types_supported",
+                "must list at least one grant type".into(),
+            );
+        }
+        Some(g) => g.clone(),
+        None => {
+            let mut g = Vec::new();
+            if launch {
+                g.push("authorization_code".to_owned());
+            }
+            if cfg.capabilities.iter().any(|c| {
+                c == "client-confidential-asymmetric" || c == "client-confidential-symmetric"
+            }) && !launch
+            {
+                g.push("client_credentials".to_owned());
+            }
+            if g.is_empty() {
+                return err(
+                    "grant_types_supported",
+                    "cannot be derived from the capabilities; list it".into(),
+                );
+            }
+            g
+        }
+    };
+    for c in &cfg.capabilities {
+        if !KNOWN_CAPABILITIES.contains(&c.as_str()) {
+            tracing::warn!(capability = %c, "smart.capabilities: not a SMART 2.2 capability (typo?)");
+        }
+    }
+
+    let mut doc = Map::new();
+    let mut put = |k: &str, v: Value| {
+        doc.insert(k.to_owned(), v);
+    };
+    if let Some(i) = &cfg.issuer {
+        put("issuer", json!(i));
+    }
+    if let Some(j) = &cfg.jwks_uri {
+        put("jwks_uri", json!(j));
+    }
+    if let Some(a) = &cfg.authorization_endpoint {
+        put("authorization_endpoint", json!(a));
+    }
+    put("grant_types_supported", json!(grants));
+    put("token_endpoint", json!(cfg.token_endpoint));
+    put("capabilities", json!(cfg.capabilities));
+    put("code_challenge_methods_supported", json!(methods));
+    for (k, v) in [
+        (
+            "token_endpoint_auth_methods_supported",
+            &cfg.token_endpoint_auth_methods_supported,
+        ),
+        (
+            "token_endpoint_auth_signing_alg_values_supported",
+            &cfg.token_endpoint_auth_signing_alg_values_supported,
+        ),
+        ("scopes_supported", &cfg.scopes_supported),
+        ("response_types_supported", &cfg.response_types_supported),
+    ] {
+        if let Some(v) = v {
+            put(k, json!(v));
+        }
+    }
+    for (k, v) in [
+        ("introspection_endpoint", &cfg.introspection_endpoint),
+        ("revocation_endpoint", &cfg.revocation_endpoint),
+        ("management_endpoint", &cfg.management_endpoint),
+        ("registration_endpoint", &cfg.registration_endpoint),
+        ("user_access_brand_bundle", &cfg.user_access_brand_bundle),
+    ] {
+        if let Some(v) = v {
+            put(k, json!(v));
+        }
+    }
+    Ok(Value::Object(doc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SmartConfig {
+        SmartConfig {
+            authorization_endpoint: Some("https://as.example.org/authorize".into()),
+            token_endpoint: "https://as.example.org/token".into(),
+            capabilities: vec!["launch-standalone".into(), "permission-v2".into()],
+            ..SmartConfig::default()
+        }
+    }
+
+    /// Required fields are present; grant types and PKCE methods are derived.
+    #[test]
+    fn builds_document() {
+        let d = document(&cfg()).unwrap();
+        assert_eq!(d["token_endpoint"], "https://as.example.org/token");
+        assert_eq!(d["grant_types_supported"], json!(["authorization_code"]));
+        assert_eq!(d["code_challenge_methods_supported"], json!(["S256"]));
+        assert!(d.get("issuer").is_none());
+    }
+
+    /// Each conformance rule names its key.
+    #[test]
+    fn conformance_rules() {
+        let key = |c: SmartConfig| document(&c).unwrap_err().0;
+        let mut c = cfg();
+        c.authorization_endpoint = None;
+        assert_eq!(key(c), "smart.authorization_endpoint");
+        let mut c = cfg();
+        c.code_challenge_methods_supported = Some(vec!["S256".into(), "plain".into()]);
+        assert_eq!(key(c), "smart.code_challenge_methods_supported");
+        let mut c = cfg();
+        c.code_challenge_methods_supported = Some(vec![]);
+        assert_eq!(key(c), "smart.code_challenge_methods_supported");
+        let mut c = cfg();
+        c.capabilities.push("sso-openid-connect".into());
+        assert_eq!(key(c), "smart.issuer");
+        let mut c = cfg();
+        c.issuer = Some("https://as.example.org".into());
+        assert_eq!(key(c), "smart.issuer");
+        let mut c = cfg();
+        c.token_endpoint = "/token".into();
+        assert_eq!(key(c), "smart.token_endpoint");
+        let mut c = cfg();
+        c.capabilities.clear();
+        assert_eq!(key(c), "smart.capabilities");
+        let mut c = cfg();
+        c.revocation_endpoint = Some("not a url".into());
+        assert_eq!(key(c), "smart.revocation_endpoint");
+        let mut c = cfg();
+        c.grant_types_supported = Some(vec![]);
+        assert_eq!(key(c), "smart.grant_types_supported");
+    }
+
+    /// Backend-services servers derive client_credentials; OIDC needs issuer and jwks_uri.
+    #[test]
+    fn backend_and_sso() {
+        let c = SmartConfig {
+            token_endpoint: "https://as.example.org/token".into(),
+            capabilities: vec!["client-confidential-asymmetric".into()],
+            ..SmartConfig::default()
+        };
+        assert_eq!(
+            document(&c).unwrap()["grant_types_supported"],
+            json!(["client_credentials"])
+        );
+        let mut c = cfg();
+        c.capabilities.push("sso-openid-connect".into());
+        c.issuer = Some("https://as.example.org".into());
+        c.jwks_uri = Some("https://as.example.org/jwks".into());
+        let d = document(&c).unwrap();
+        assert_eq!(d["issuer"], "https://as.example.org");
+        assert_eq!(d["jwks_uri"], "https://as.example.org/jwks");
+    }
+}
