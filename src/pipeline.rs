@@ -123,21 +123,17 @@ async fn serve(
         ctx.route = Route::Discovery;
         return discovery(snap, req.method());
     }
-    let metadata = (req.method() == Method::GET || req.method() == Method::HEAD)
-        && rel.split('?').next() == Some("/metadata");
-    ctx.route = if metadata {
-        Route::Metadata
-    } else {
-        Route::Fhir
-    };
+    if (req.method() == Method::GET || req.method() == Method::HEAD)
+        && rel.split('?').next() == Some("/metadata")
+    {
+        ctx.route = Route::Metadata;
+        return metadata(shared, snap, conn, req, &rel, request_id, ctx).await;
+    }
+    ctx.route = Route::Fhir;
     let upstream_uri = snap.upstream.uri_for(&rel)?;
 
-    // authenticate (the CapabilityStatement is public: DESIGN.md, SMART discovery)
-    let (req, principal, form) = if metadata {
-        (req.map(|b| b.map_err(Into::into).boxed()), None, None)
-    } else {
-        authenticate(snap, req, ctx).await?
-    };
+    // authenticate
+    let (req, principal, form) = authenticate(snap, req, ctx).await?;
 
     // classify, authorize
     let (req, plan) = match &principal {
@@ -192,6 +188,115 @@ async fn serve(
 
     // respond
     respond(shared, snap, plan, &method, resp).await
+}
+
+/// How long an augmented CapabilityStatement is served from memory.
+const METADATA_TTL: Duration = Duration::from_secs(60);
+
+/// `GET [base]/metadata`: no token; the upstream's CapabilityStatement with the SMART
+/// security section added (SMART App Launch 2.2 conformance.html) and its own address
+/// rewritten; cached briefly; 503 when the upstream cannot give one.
+async fn metadata(
+    shared: &Shared,
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    rel: &str,
+    request_id: &HeaderValue,
+    ctx: &mut Ctx,
+) -> Result<Response<BoxBody>, GatewayError> {
+    let cacheable = rel == "/metadata";
+    let cached = snap
+        .metadata
+        .lock()
+        .ok()
+        .and_then(|m| m.clone())
+        .filter(|(at, _)| cacheable && at.elapsed() < METADATA_TTL);
+    let bytes = match cached {
+        Some((_, bytes)) => bytes,
+        None => {
+            let bytes = fetch_metadata(shared, snap, conn, &req, rel, request_id, ctx).await?;
+            if cacheable && let Ok(mut m) = snap.metadata.lock() {
+                *m = Some((Instant::now(), bytes.clone()));
+            }
+            bytes
+        }
+    };
+    let mut resp = if req.method() == Method::HEAD {
+        Response::new(crate::body::empty())
+    } else {
+        Response::new(full(bytes.clone()))
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::error::FHIR_JSON),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    Ok(resp)
+}
+
+async fn fetch_metadata(
+    shared: &Shared,
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+    rel: &str,
+    request_id: &HeaderValue,
+    ctx: &mut Ctx,
+) -> Result<Bytes, GatewayError> {
+    let upstream = Request::get(snap.upstream.uri_for(rel)?)
+        .header(header::ACCEPT, "application/fhir+json")
+        .body(crate::body::empty())
+        .map_err(|_| GatewayError::Internal)?;
+    let client = ClientSide {
+        ip: conn.peer.ip(),
+        proto: if conn.tls { "https" } else { "http" },
+        host: req.headers().get(header::HOST).cloned(),
+    };
+    let identity = Identity {
+        strip: &snap.identity_headers,
+        set: Vec::new(),
+    };
+    let (resp, took) = snap
+        .upstream
+        .send(conn.worker, upstream, &client, request_id, &identity)
+        .await
+        .map_err(|failure| {
+            shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&[failure.kind()])
+                .inc();
+            GatewayError::Unavailable
+        })?;
+    ctx.upstream_time = Some(took);
+    if resp.status() != StatusCode::OK {
+        return Err(GatewayError::Unavailable);
+    }
+    let limit = snap.config.upstream.max_response_buffer.0;
+    let body = limited(resp.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|_| GatewayError::Unavailable)?
+        .to_bytes();
+    let mut statement: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|_| GatewayError::UpstreamInvalid("CapabilityStatement is not JSON"))?;
+    if !crate::smart::capability::augment(&mut statement, snap.config.smart.as_ref()) {
+        return Err(GatewayError::UpstreamInvalid("not a CapabilityStatement"));
+    }
+    if let Some(url) = statement["implementation"]["url"].as_str()
+        && let Some(public) = snap.urls.to_public(url)
+    {
+        statement["implementation"]["url"] = serde_json::Value::String(public);
+    }
+    serde_json::to_vec(&statement)
+        .map(Bytes::from)
+        .map_err(|_| GatewayError::Internal)
 }
 
 /// `/.well-known/smart-configuration` (SMART App Launch 2.2 conformance.html): no token,

@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub policy: crate::policy::Policy,
     /// The serialised SMART configuration document, when `[smart]` is set.
     pub discovery: Option<bytes::Bytes>,
+    /// The augmented CapabilityStatement and when it was fetched; per snapshot, so a
+    /// reload starts afresh.
+    pub metadata: std::sync::Mutex<Option<(std::time::Instant, bytes::Bytes)>>,
 }
 
 /// Why a configuration could not be compiled.
@@ -97,6 +100,7 @@ impl Snapshot {
             identity_headers,
             policy,
             discovery,
+            metadata: std::sync::Mutex::new(None),
         })
     }
 }

@@ -121,3 +121,93 @@ fn invalid_document_refused_at_start() {
         .to_string();
     assert!(e.contains("smart.code_challenge_methods_supported"), "{e}");
 }
+
+/// An upstream that serves a CapabilityStatement naming its own address, counting calls.
+async fn fhir_server() -> FakeUpstream {
+    let base = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
+    let b = base.clone();
+    let up = FakeUpstream::start(std::sync::Arc::new(move |seen: &Seen| {
+        let resp = if seen.uri.starts_with("/fhir/metadata") {
+            json_response(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "resourceType": "CapabilityStatement",
+                    "status": "active",
+                    "kind": "instance",
+                    "fhirVersion": "4.0.1",
+                    "implementation": {"description": "legacy", "url": b.get().unwrap()},
+                    "rest": [{"mode": "server", "resource": [{"type": "Patient"}]}]
+                }),
+            )
+        } else {
+            json_response(
+                StatusCode::OK,
+                &serde_json::json!({"resourceType": "Patient"}),
+            )
+        };
+        Box::pin(std::future::ready(resp))
+    }))
+    .await;
+    base.set(up.base()).unwrap();
+    up
+}
+
+/// /metadata: no token, the SMART security section added, the upstream's address
+/// rewritten, CORS, cached for a minute.
+#[tokio::test]
+async fn metadata_augmented() {
+    let up = fhir_server().await;
+    let key = TestKey::ec384("k");
+    let jwks = FakeJwks::start(&[&key]).await;
+    let gw = TestGateway::boot(&config_auth(&up.base(), &jwt_auth(&jwks.uri(), ""), SMART)).await;
+    let (status, headers, b) = get(&gw.url("/r4/metadata")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    assert_eq!(
+        headers["content-type"],
+        "application/fhir+json; charset=utf-8"
+    );
+    let cs = json(&b);
+    let sec = &cs["rest"][0]["security"];
+    assert_eq!(sec["cors"], true);
+    assert_eq!(sec["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
+    assert_eq!(
+        sec["service"][0]["coding"][0]["system"],
+        "http://terminology.hl7.org/CodeSystem/restful-security-service"
+    );
+    let uris = sec["extension"][0]["extension"].as_array().unwrap();
+    assert!(uris.iter().any(|u| u["url"] == "authorize" && u["valueUri"] == "https://as.example.org/authorize"));
+    assert!(
+        uris.iter()
+            .any(|u| u["url"] == "token" && u["valueUri"] == "https://as.example.org/token")
+    );
+    assert!(uris.iter().any(|u| u["url"] == "introspect"));
+    assert_eq!(cs["implementation"]["url"], "http://gateway.test/r4");
+    assert!(!String::from_utf8_lossy(&b).contains(&up.addr.to_string()));
+
+    // Served from memory the second time.
+    assert_eq!(get(&gw.url("/r4/metadata")).await.0, StatusCode::OK);
+    assert_eq!(up.requests().len(), 1);
+}
+
+/// The upstream down, or answering with something else: 503 / 502, never a stale guess.
+#[tokio::test]
+async fn metadata_upstream_failures() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw = TestGateway::boot(&config(&format!("http://127.0.0.1:{port}/fhir"), SMART)).await;
+    let (status, headers, b) = get(&gw.url("/r4/metadata")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(json(&b)["resourceType"], "OperationOutcome");
+
+    let not_cs = FakeUpstream::echo().await;
+    let gw = TestGateway::boot(&config(&not_cs.base(), SMART)).await;
+    assert_eq!(
+        get(&gw.url("/r4/metadata")).await.0,
+        StatusCode::BAD_GATEWAY
+    );
+}
