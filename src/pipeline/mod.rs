@@ -15,12 +15,14 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
+mod authorize;
+mod public;
+
 use crate::auth::{AuthFailure, Principal, bearer};
 use crate::body::{BoxBody, full};
 use crate::error::GatewayError;
 use crate::fhir::bundle;
-use crate::fhir::request::{ClassifyError, FhirRequest, Interaction, classify};
-use crate::policy::{Context, Decision, Plan, authorize, authorize_bundle, cache};
+use crate::policy::Plan;
 use crate::proxy::Identity;
 use crate::proxy::headers::{ClientSide, X_REQUEST_ID};
 use crate::state::{Shared, Snapshot};
@@ -66,9 +68,9 @@ impl Route {
 }
 
 /// Per-request facts gathered along the way for the `log` stage.
-struct Ctx {
+pub(super) struct Ctx {
     route: Route,
-    upstream_time: Option<Duration>,
+    pub(super) upstream_time: Option<Duration>,
     reason: Option<&'static str>,
     token_reason: Option<&'static str>,
 }
@@ -121,13 +123,13 @@ async fn serve(
         .to_owned();
     if rel.split('?').next() == Some("/.well-known/smart-configuration") {
         ctx.route = Route::Discovery;
-        return discovery(snap, req.method());
+        return public::discovery(snap, req.method());
     }
     if (req.method() == Method::GET || req.method() == Method::HEAD)
         && rel.split('?').next() == Some("/metadata")
     {
         ctx.route = Route::Metadata;
-        return metadata(shared, snap, conn, req, &rel, request_id, ctx).await;
+        return public::metadata(shared, snap, conn, req, &rel, request_id, ctx).await;
     }
     ctx.route = Route::Fhir;
     let upstream_uri = snap.upstream.uri_for(&rel)?;
@@ -138,7 +140,7 @@ async fn serve(
     // classify, authorize
     let (req, plan) = match &principal {
         None => (req, Plan::pass_through()),
-        Some(p) => classify_and_authorize(shared, snap, req, p, form, &rel).await?,
+        Some(p) => authorize::classify_and_authorize(shared, snap, req, p, form, &rel).await?,
     };
 
     // forward
@@ -190,161 +192,6 @@ async fn serve(
     respond(shared, snap, plan, &method, resp).await
 }
 
-/// How long an augmented CapabilityStatement is served from memory.
-const METADATA_TTL: Duration = Duration::from_secs(60);
-
-/// `GET [base]/metadata`: no token; the upstream's CapabilityStatement with the SMART
-/// security section added (SMART App Launch 2.2 conformance.html) and its own address
-/// rewritten; cached briefly; 503 when the upstream cannot give one.
-async fn metadata(
-    shared: &Shared,
-    snap: &Snapshot,
-    conn: &ConnInfo,
-    req: Request<Incoming>,
-    rel: &str,
-    request_id: &HeaderValue,
-    ctx: &mut Ctx,
-) -> Result<Response<BoxBody>, GatewayError> {
-    let cacheable = rel == "/metadata";
-    let cached = snap
-        .metadata
-        .lock()
-        .ok()
-        .and_then(|m| m.clone())
-        .filter(|(at, _)| cacheable && at.elapsed() < METADATA_TTL);
-    let bytes = match cached {
-        Some((_, bytes)) => bytes,
-        None => {
-            let bytes = fetch_metadata(shared, snap, conn, &req, rel, request_id, ctx).await?;
-            if cacheable && let Ok(mut m) = snap.metadata.lock() {
-                *m = Some((Instant::now(), bytes.clone()));
-            }
-            bytes
-        }
-    };
-    let mut resp = if req.method() == Method::HEAD {
-        Response::new(crate::body::empty())
-    } else {
-        Response::new(full(bytes.clone()))
-    };
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(crate::error::FHIR_JSON),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    Ok(resp)
-}
-
-async fn fetch_metadata(
-    shared: &Shared,
-    snap: &Snapshot,
-    conn: &ConnInfo,
-    req: &Request<Incoming>,
-    rel: &str,
-    request_id: &HeaderValue,
-    ctx: &mut Ctx,
-) -> Result<Bytes, GatewayError> {
-    let upstream = Request::get(snap.upstream.uri_for(rel)?)
-        .header(header::ACCEPT, "application/fhir+json")
-        .body(crate::body::empty())
-        .map_err(|_| GatewayError::Internal)?;
-    let client = ClientSide {
-        ip: conn.peer.ip(),
-        proto: if conn.tls { "https" } else { "http" },
-        host: req.headers().get(header::HOST).cloned(),
-    };
-    let identity = Identity {
-        strip: &snap.identity_headers,
-        set: Vec::new(),
-    };
-    let (resp, took) = snap
-        .upstream
-        .send(conn.worker, upstream, &client, request_id, &identity)
-        .await
-        .map_err(|failure| {
-            shared
-                .metrics
-                .upstream_errors
-                .with_label_values(&[failure.kind()])
-                .inc();
-            GatewayError::Unavailable
-        })?;
-    ctx.upstream_time = Some(took);
-    if resp.status() != StatusCode::OK {
-        return Err(GatewayError::Unavailable);
-    }
-    let limit = snap.config.upstream.max_response_buffer.0;
-    let body = limited(resp.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|_| GatewayError::Unavailable)?
-        .to_bytes();
-    let mut statement: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|_| GatewayError::UpstreamInvalid("CapabilityStatement is not JSON"))?;
-    if !crate::smart::capability::augment(&mut statement, snap.config.smart.as_ref()) {
-        return Err(GatewayError::UpstreamInvalid("not a CapabilityStatement"));
-    }
-    if let Some(url) = statement["implementation"]["url"].as_str()
-        && let Some(public) = snap.urls.to_public(url)
-    {
-        statement["implementation"]["url"] = serde_json::Value::String(public);
-    }
-    serde_json::to_vec(&statement)
-        .map(Bytes::from)
-        .map_err(|_| GatewayError::Internal)
-}
-
-/// `/.well-known/smart-configuration` (SMART App Launch 2.2 conformance.html): no token,
-/// `application/json` whatever `Accept` says, readable from any origin.
-fn discovery(snap: &Snapshot, method: &Method) -> Result<Response<BoxBody>, GatewayError> {
-    let doc = snap.discovery.as_ref().ok_or(GatewayError::NotFound)?;
-    let mut resp = match *method {
-        Method::GET => Response::new(full(doc.clone())),
-        Method::HEAD | Method::OPTIONS => Response::new(crate::body::empty()),
-        _ => return Err(GatewayError::MethodNotAllowed),
-    };
-    if *method == Method::OPTIONS {
-        *resp.status_mut() = StatusCode::NO_CONTENT;
-    }
-    let h = resp.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    if *method == Method::OPTIONS {
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, HEAD, OPTIONS"),
-        );
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("Accept, Content-Type"),
-        );
-        h.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("86400"),
-        );
-    } else {
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("public, max-age=300"),
-        );
-        if *method == Method::HEAD {
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(doc.len()));
-        }
-    }
-    Ok(resp)
-}
-
 /// The authenticate stage: the bearer token → the caller, or a refusal. Nothing is
 /// forwarded for a refused or unjudgeable token.
 async fn authenticate(
@@ -389,7 +236,7 @@ async fn authenticate(
 }
 
 /// Reads a request body whole (within `server.max_request_body`) and puts it back.
-async fn buffer(
+pub(super) async fn buffer(
     snap: &Snapshot,
     req: Request<BoxBody>,
 ) -> Result<(Request<BoxBody>, Bytes), GatewayError> {
@@ -410,151 +257,6 @@ async fn buffer(
         })?
         .to_bytes();
     Ok((Request::from_parts(parts, full(bytes.clone())), bytes))
-}
-
-/// The classify and authorize stages: the FHIR interaction, then the decision. Batch and
-/// transaction bodies are read to decide every entry before anything is forwarded.
-async fn classify_and_authorize(
-    shared: &Shared,
-    snap: &Snapshot,
-    req: Request<BoxBody>,
-    principal: &Principal,
-    form: Option<Bytes>,
-    rel: &str,
-) -> Result<(Request<BoxBody>, Plan), GatewayError> {
-    let (path, query) = match rel.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (rel, None),
-    };
-    let base_post = req.method() == Method::POST && (path.is_empty() || path == "/");
-    // Requests decided by the target alone can use the decision cache — after the header
-    // checks, which the cache must never skip.
-    crate::fhir::request::check_headers(req.headers()).map_err(classify_error)?;
-    let cacheable = !base_post && form.is_none();
-    let if_none_exist = req.headers().contains_key("if-none-exist");
-    if cacheable && let Some(decision) = cache::get(principal.id, req.method(), if_none_exist, rel)
-    {
-        shared.metrics.decision_cache_hit.inc();
-        return finish(shared, req, decision);
-    }
-    let method = req.method().clone();
-    let (req, bundle) = if base_post {
-        let (req, bytes) = buffer(snap, req).await?;
-        let bundle: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|_| GatewayError::BadRequest("the posted Bundle is not JSON"))?;
-        (req, Some(bundle))
-    } else {
-        (req, None)
-    };
-    let bundle_type = bundle
-        .as_ref()
-        .filter(|b| b["resourceType"] == "Bundle")
-        .and_then(|b| b["type"].as_str());
-    let freq = classify(
-        req.method(),
-        path,
-        query,
-        req.headers(),
-        form.as_deref(),
-        bundle_type,
-    )
-    .map_err(classify_error)?;
-
-    let context = Context {
-        patient: principal.patient.clone(),
-        user_is_patient: principal.user_is_patient(),
-    };
-    let decision = match (freq.interaction, &bundle) {
-        (Interaction::Batch | Interaction::Transaction, Some(bundle)) => {
-            let entries = bundle_entries(snap, bundle);
-            authorize_bundle(&principal.grants, &context, &entries, &snap.policy)
-        }
-        _ => authorize(&principal.grants, &context, &freq, &snap.policy),
-    };
-    if cacheable {
-        shared.metrics.decision_cache_miss.inc();
-        let shape = cache::RequestShape {
-            method,
-            target: rel.to_owned(),
-            if_none_exist,
-        };
-        cache::put(principal.id, shape, decision.clone());
-    }
-    finish(shared, req, decision)
-}
-
-/// Counts the decision and turns a denial into the 403 error.
-fn finish(
-    shared: &Shared,
-    req: Request<BoxBody>,
-    decision: Decision,
-) -> Result<(Request<BoxBody>, Plan), GatewayError> {
-    match decision {
-        Decision::Allow(plan) => {
-            shared.metrics.decision_allow.inc();
-            Ok((req, plan))
-        }
-        Decision::Deny { reason, needed } => {
-            shared
-                .metrics
-                .decisions
-                .with_label_values(&["deny", reason.code()])
-                .inc();
-            Err(GatewayError::Forbidden(Box::new(crate::error::Denial {
-                code: reason.code(),
-                message: reason.to_string(),
-                needed,
-            })))
-        }
-    }
-}
-
-fn classify_error(e: ClassifyError) -> GatewayError {
-    match e {
-        ClassifyError::BadRequest(why) => GatewayError::BadRequest(why),
-        ClassifyError::UnknownType => GatewayError::NotFound,
-        ClassifyError::MethodNotAllowed => GatewayError::MethodNotAllowed,
-    }
-}
-
-/// Each entry of a batch or transaction as a request (FHIR R4 bundle.html: `request.method`
-/// and `request.url`, relative to the base or absolute under the public base).
-fn bundle_entries(snap: &Snapshot, bundle: &serde_json::Value) -> Vec<Result<FhirRequest, ()>> {
-    let Some(entries) = bundle["entry"].as_array() else {
-        return Vec::new();
-    };
-    let public = snap.config.server.public_base_url.as_string();
-    entries
-        .iter()
-        .map(|entry| {
-            let request = &entry["request"];
-            let method: Method = request["method"]
-                .as_str()
-                .ok_or(())?
-                .parse()
-                .map_err(|_| ())?;
-            let url = request["url"].as_str().ok_or(())?;
-            let url = match url.strip_prefix(&public) {
-                Some(rest) => rest.trim_start_matches('/'),
-                None if url.contains("://") => return Err(()),
-                None => url,
-            };
-            let (path, query) = match url.split_once('?') {
-                Some((p, q)) => (format!("/{p}"), Some(q)),
-                None => (format!("/{url}"), None),
-            };
-            let path = if path == "/" { String::new() } else { path };
-            let mut headers = http::HeaderMap::new();
-            if request.get("ifNoneExist").is_some() {
-                headers.insert("if-none-exist", HeaderValue::from_static("1"));
-            }
-            let resource = &entry["resource"];
-            let nested_type = (resource["resourceType"] == "Bundle")
-                .then(|| resource["type"].as_str())
-                .flatten();
-            classify(&method, &path, query, &headers, None, nested_type).map_err(|_| ())
-        })
-        .collect()
 }
 
 fn is_form(headers: &http::HeaderMap) -> bool {
@@ -700,7 +402,7 @@ fn count(shared: &Shared, result: &'static str) {
 
 /// A body that fails once more than `limit` bytes have passed. A plain function, not
 /// inline in the async stages: keeps the generic error conversion out of their futures.
-fn limited<B>(body: B, limit: u64) -> BoxBody
+pub(super) fn limited<B>(body: B, limit: u64) -> BoxBody
 where
     B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<crate::body::BoxError>,

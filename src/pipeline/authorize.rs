@@ -1,0 +1,158 @@
+//! The classify and authorize stages.
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{Method, Request};
+
+use super::buffer;
+use crate::auth::Principal;
+use crate::body::BoxBody;
+use crate::error::GatewayError;
+use crate::fhir::request::{ClassifyError, FhirRequest, Interaction, classify};
+use crate::policy::{Context, Decision, Plan, authorize, authorize_bundle, cache};
+use crate::state::{Shared, Snapshot};
+
+/// The classify and authorize stages: the FHIR interaction, then the decision. Batch and
+/// transaction bodies are read to decide every entry before anything is forwarded.
+pub(super) async fn classify_and_authorize(
+    shared: &Shared,
+    snap: &Snapshot,
+    req: Request<BoxBody>,
+    principal: &Principal,
+    form: Option<Bytes>,
+    rel: &str,
+) -> Result<(Request<BoxBody>, Plan), GatewayError> {
+    let (path, query) = match rel.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rel, None),
+    };
+    let base_post = req.method() == Method::POST && (path.is_empty() || path == "/");
+    // Requests decided by the target alone can use the decision cache — after the header
+    // checks, which the cache must never skip.
+    crate::fhir::request::check_headers(req.headers()).map_err(classify_error)?;
+    let cacheable = !base_post && form.is_none();
+    let if_none_exist = req.headers().contains_key("if-none-exist");
+    if cacheable && let Some(decision) = cache::get(principal.id, req.method(), if_none_exist, rel)
+    {
+        shared.metrics.decision_cache_hit.inc();
+        return finish(shared, req, decision);
+    }
+    let method = req.method().clone();
+    let (req, bundle) = if base_post {
+        let (req, bytes) = buffer(snap, req).await?;
+        let bundle: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|_| GatewayError::BadRequest("the posted Bundle is not JSON"))?;
+        (req, Some(bundle))
+    } else {
+        (req, None)
+    };
+    let bundle_type = bundle
+        .as_ref()
+        .filter(|b| b["resourceType"] == "Bundle")
+        .and_then(|b| b["type"].as_str());
+    let freq = classify(
+        req.method(),
+        path,
+        query,
+        req.headers(),
+        form.as_deref(),
+        bundle_type,
+    )
+    .map_err(classify_error)?;
+
+    let context = Context {
+        patient: principal.patient.clone(),
+        user_is_patient: principal.user_is_patient(),
+    };
+    let decision = match (freq.interaction, &bundle) {
+        (Interaction::Batch | Interaction::Transaction, Some(bundle)) => {
+            let entries = bundle_entries(snap, bundle);
+            authorize_bundle(&principal.grants, &context, &entries, &snap.policy)
+        }
+        _ => authorize(&principal.grants, &context, &freq, &snap.policy),
+    };
+    if cacheable {
+        shared.metrics.decision_cache_miss.inc();
+        let shape = cache::RequestShape {
+            method,
+            target: rel.to_owned(),
+            if_none_exist,
+        };
+        cache::put(principal.id, shape, decision.clone());
+    }
+    finish(shared, req, decision)
+}
+
+/// Counts the decision and turns a denial into the 403 error.
+fn finish(
+    shared: &Shared,
+    req: Request<BoxBody>,
+    decision: Decision,
+) -> Result<(Request<BoxBody>, Plan), GatewayError> {
+    match decision {
+        Decision::Allow(plan) => {
+            shared.metrics.decision_allow.inc();
+            Ok((req, plan))
+        }
+        Decision::Deny { reason, needed } => {
+            shared
+                .metrics
+                .decisions
+                .with_label_values(&["deny", reason.code()])
+                .inc();
+            Err(GatewayError::Forbidden(Box::new(crate::error::Denial {
+                code: reason.code(),
+                message: reason.to_string(),
+                needed,
+            })))
+        }
+    }
+}
+
+fn classify_error(e: ClassifyError) -> GatewayError {
+    match e {
+        ClassifyError::BadRequest(why) => GatewayError::BadRequest(why),
+        ClassifyError::UnknownType => GatewayError::NotFound,
+        ClassifyError::MethodNotAllowed => GatewayError::MethodNotAllowed,
+    }
+}
+
+/// Each entry of a batch or transaction as a request (FHIR R4 bundle.html: `request.method`
+/// and `request.url`, relative to the base or absolute under the public base).
+fn bundle_entries(snap: &Snapshot, bundle: &serde_json::Value) -> Vec<Result<FhirRequest, ()>> {
+    let Some(entries) = bundle["entry"].as_array() else {
+        return Vec::new();
+    };
+    let public = snap.config.server.public_base_url.as_string();
+    entries
+        .iter()
+        .map(|entry| {
+            let request = &entry["request"];
+            let method: Method = request["method"]
+                .as_str()
+                .ok_or(())?
+                .parse()
+                .map_err(|_| ())?;
+            let url = request["url"].as_str().ok_or(())?;
+            let url = match url.strip_prefix(&public) {
+                Some(rest) => rest.trim_start_matches('/'),
+                None if url.contains("://") => return Err(()),
+                None => url,
+            };
+            let (path, query) = match url.split_once('?') {
+                Some((p, q)) => (format!("/{p}"), Some(q)),
+                None => (format!("/{url}"), None),
+            };
+            let path = if path == "/" { String::new() } else { path };
+            let mut headers = http::HeaderMap::new();
+            if request.get("ifNoneExist").is_some() {
+                headers.insert("if-none-exist", HeaderValue::from_static("1"));
+            }
+            let resource = &entry["resource"];
+            let nested_type = (resource["resourceType"] == "Bundle")
+                .then(|| resource["type"].as_str())
+                .flatten();
+            classify(&method, &path, query, &headers, None, nested_type).map_err(|_| ())
+        })
+        .collect()
+}

@@ -1,0 +1,175 @@
+//! The public endpoints, answered without a token: the SMART configuration document and
+//! the CapabilityStatement with its SMART security section.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{ConnInfo, Ctx, limited};
+use crate::body::{BoxBody, full};
+use crate::error::GatewayError;
+use crate::proxy::Identity;
+use crate::proxy::headers::ClientSide;
+use crate::state::{Shared, Snapshot};
+
+/// How long an augmented CapabilityStatement is served from memory.
+const METADATA_TTL: Duration = Duration::from_secs(60);
+
+/// `GET [base]/metadata`: no token; the upstream's CapabilityStatement with the SMART
+/// security section added (SMART App Launch 2.2 conformance.html) and its own address
+/// rewritten; cached briefly; 503 when the upstream cannot give one.
+pub(super) async fn metadata(
+    shared: &Shared,
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    rel: &str,
+    request_id: &HeaderValue,
+    ctx: &mut Ctx,
+) -> Result<Response<BoxBody>, GatewayError> {
+    let cacheable = rel == "/metadata";
+    let cached = snap
+        .metadata
+        .lock()
+        .ok()
+        .and_then(|m| m.clone())
+        .filter(|(at, _)| cacheable && at.elapsed() < METADATA_TTL);
+    let bytes = match cached {
+        Some((_, bytes)) => bytes,
+        None => {
+            let bytes = fetch_metadata(shared, snap, conn, &req, rel, request_id, ctx).await?;
+            if cacheable && let Ok(mut m) = snap.metadata.lock() {
+                *m = Some((Instant::now(), bytes.clone()));
+            }
+            bytes
+        }
+    };
+    let mut resp = if req.method() == Method::HEAD {
+        Response::new(crate::body::empty())
+    } else {
+        Response::new(full(bytes.clone()))
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::error::FHIR_JSON),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    Ok(resp)
+}
+
+async fn fetch_metadata(
+    shared: &Shared,
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+    rel: &str,
+    request_id: &HeaderValue,
+    ctx: &mut Ctx,
+) -> Result<Bytes, GatewayError> {
+    let upstream = Request::get(snap.upstream.uri_for(rel)?)
+        .header(header::ACCEPT, "application/fhir+json")
+        .body(crate::body::empty())
+        .map_err(|_| GatewayError::Internal)?;
+    let client = ClientSide {
+        ip: conn.peer.ip(),
+        proto: if conn.tls { "https" } else { "http" },
+        host: req.headers().get(header::HOST).cloned(),
+    };
+    let identity = Identity {
+        strip: &snap.identity_headers,
+        set: Vec::new(),
+    };
+    let (resp, took) = snap
+        .upstream
+        .send(conn.worker, upstream, &client, request_id, &identity)
+        .await
+        .map_err(|failure| {
+            shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&[failure.kind()])
+                .inc();
+            GatewayError::Unavailable
+        })?;
+    ctx.upstream_time = Some(took);
+    if resp.status() != StatusCode::OK {
+        return Err(GatewayError::Unavailable);
+    }
+    let limit = snap.config.upstream.max_response_buffer.0;
+    let body = limited(resp.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|_| GatewayError::Unavailable)?
+        .to_bytes();
+    let mut statement: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|_| GatewayError::UpstreamInvalid("CapabilityStatement is not JSON"))?;
+    if !crate::smart::capability::augment(&mut statement, snap.config.smart.as_ref()) {
+        return Err(GatewayError::UpstreamInvalid("not a CapabilityStatement"));
+    }
+    if let Some(url) = statement["implementation"]["url"].as_str()
+        && let Some(public) = snap.urls.to_public(url)
+    {
+        statement["implementation"]["url"] = serde_json::Value::String(public);
+    }
+    serde_json::to_vec(&statement)
+        .map(Bytes::from)
+        .map_err(|_| GatewayError::Internal)
+}
+
+/// `/.well-known/smart-configuration` (SMART App Launch 2.2 conformance.html): no token,
+/// `application/json` whatever `Accept` says, readable from any origin.
+pub(super) fn discovery(
+    snap: &Snapshot,
+    method: &Method,
+) -> Result<Response<BoxBody>, GatewayError> {
+    let doc = snap.discovery.as_ref().ok_or(GatewayError::NotFound)?;
+    let mut resp = match *method {
+        Method::GET => Response::new(full(doc.clone())),
+        Method::HEAD | Method::OPTIONS => Response::new(crate::body::empty()),
+        _ => return Err(GatewayError::MethodNotAllowed),
+    };
+    if *method == Method::OPTIONS {
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+    }
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    if *method == Method::OPTIONS {
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, HEAD, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("Accept, Content-Type"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("86400"),
+        );
+    } else {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=300"),
+        );
+        if *method == Method::HEAD {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(doc.len()));
+        }
+    }
+    Ok(resp)
+}
