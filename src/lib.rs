@@ -13,6 +13,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod fhir;
+pub mod keygen;
 pub mod metrics;
 pub mod outbound;
 pub mod pipeline;

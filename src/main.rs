@@ -39,6 +39,15 @@ enum Command {
         /// Space-separated scopes, as in a token's `scope` claim.
         scopes: String,
     },
+    /// Generate a signing key (PKCS#8 PEM) and print its public JWKS.
+    Keygen {
+        /// ES384 (default) or ES256.
+        #[arg(long, default_value = "ES384")]
+        alg: String,
+        /// Where to write the private key (created with mode 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the decision for one request: `decide --scopes 'patient/*.rs' --patient 123
     /// 'GET /Observation?code=x'` (path relative to the FHIR base). Needs no configuration.
     Decide {
@@ -67,6 +76,9 @@ fn main() -> ExitCode {
             println!("(no data access granted)");
         }
         return ExitCode::SUCCESS;
+    }
+    if let Some(Command::Keygen { alg, out }) = &cli.command {
+        return keygen(alg, out);
     }
     if let Some(Command::Decide {
         scopes,
@@ -97,7 +109,9 @@ fn main() -> ExitCode {
         }
         Command::Serve => serve(config, &path, env),
         Command::ExplainToken => explain_token(&config),
-        Command::ExplainScope { .. } | Command::Decide { .. } => ExitCode::SUCCESS,
+        Command::ExplainScope { .. } | Command::Decide { .. } | Command::Keygen { .. } => {
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -205,6 +219,34 @@ fn decide(scopes: &str, patient: Option<&str>, fhir_user: Option<&str>, request:
             ExitCode::from(1)
         }
     }
+}
+
+fn keygen(alg: &str, out: &Path) -> ExitCode {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (pem, jwks) = match smartgate::keygen::generate(alg) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out);
+    let written = file.and_then(|mut f| f.write_all(pem.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("error: {}: {e}", out.display());
+        return ExitCode::from(2);
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&jwks).unwrap_or_default()
+    );
+    eprintln!("private key written to {} (keep it secret)", out.display());
+    ExitCode::SUCCESS
 }
 
 fn explain_token(config: &Config) -> ExitCode {

@@ -351,3 +351,43 @@ fn decide_prints_decisions() {
     assert_eq!(code, Some(1));
     assert!(out.contains("refuse before authorization"), "{out}");
 }
+
+/// keygen writes a 0600 PKCS#8 key, never overwrites one, and prints the public JWKS.
+#[test]
+fn keygen_writes_key_and_prints_jwks() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway-es384.pem");
+    let out = Command::new(BIN)
+        .args(["keygen", "--alg", "ES384", "--out"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jwks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(jwks["keys"][0]["kty"], "EC");
+    assert_eq!(jwks["keys"][0]["crv"], "P-384");
+    assert!(
+        jwks["keys"][0]["kid"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty())
+    );
+    assert!(jwks["keys"][0].get("d").is_none(), "private part printed");
+    let pem = std::fs::read_to_string(&path).unwrap();
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), pem);
+}
