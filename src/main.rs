@@ -48,6 +48,24 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Mint a client assertion (RFC 7523) for testing a Backend Services client.
+    ClientAssertion {
+        /// PEM private key (from `keygen`, or RSA).
+        #[arg(long)]
+        key: PathBuf,
+        /// ES384 (default), ES256, RS384 or RS256.
+        #[arg(long, default_value = "ES384")]
+        alg: String,
+        /// The client id (iss and sub).
+        #[arg(long)]
+        client_id: String,
+        /// The token endpoint URL (aud).
+        #[arg(long)]
+        aud: String,
+        /// kid in the header (default: the key's thumbprint, as keygen publishes it).
+        #[arg(long)]
+        kid: Option<String>,
+    },
     /// Print the decision for one request: `decide --scopes 'patient/*.rs' --patient 123
     /// 'GET /Observation?code=x'` (path relative to the FHIR base). Needs no configuration.
     Decide {
@@ -80,6 +98,33 @@ fn main() -> ExitCode {
     if let Some(Command::Keygen { alg, out }) = &cli.command {
         return keygen(alg, out);
     }
+    if let Some(Command::ClientAssertion {
+        key,
+        alg,
+        client_id,
+        aud,
+        kid,
+    }) = &cli.command
+    {
+        let pem = match std::fs::read(key) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {}: {e}", key.display());
+                return ExitCode::from(2);
+            }
+        };
+        return match smartgate::keygen::client_assertion(&pem, alg, client_id, aud, kid.as_deref())
+        {
+            Ok(a) => {
+                println!("{a}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Some(Command::Decide {
         scopes,
         patient,
@@ -109,9 +154,10 @@ fn main() -> ExitCode {
         }
         Command::Serve => serve(config, &path, env),
         Command::ExplainToken => explain_token(&config),
-        Command::ExplainScope { .. } | Command::Decide { .. } | Command::Keygen { .. } => {
-            ExitCode::SUCCESS
-        }
+        Command::ExplainScope { .. }
+        | Command::Decide { .. }
+        | Command::Keygen { .. }
+        | Command::ClientAssertion { .. } => ExitCode::SUCCESS,
     }
 }
 
