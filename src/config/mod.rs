@@ -87,6 +87,19 @@ pub struct SmartConfig {
     pub user_access_brand_bundle: Option<String>,
 }
 
+impl SmartConfig {
+    /// The optional endpoint URLs, by their document field names.
+    pub fn optional_endpoints(&self) -> [(&'static str, &Option<String>); 5] {
+        [
+            ("introspection_endpoint", &self.introspection_endpoint),
+            ("revocation_endpoint", &self.revocation_endpoint),
+            ("management_endpoint", &self.management_endpoint),
+            ("registration_endpoint", &self.registration_endpoint),
+            ("user_access_brand_bundle", &self.user_access_brand_bundle),
+        ]
+    }
+}
+
 /// `[policy]`
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]

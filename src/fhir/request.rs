@@ -108,17 +108,7 @@ pub fn classify(
     form: Option<&[u8]>,
     bundle_type: Option<&str>,
 ) -> Result<FhirRequest, ClassifyError> {
-    for h in [
-        "x-http-method-override",
-        "x-method-override",
-        "x-http-method",
-    ] {
-        if headers.contains_key(h) {
-            return Err(ClassifyError::BadRequest(
-                "method override headers are not accepted",
-            ));
-        }
-    }
+    check_headers(headers)?;
     let segments = normalise(rel_path)?;
     let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
     let mut params = parse_params(query)?;

@@ -174,14 +174,7 @@ async fn serve(
             &identity(snap, principal.as_deref()),
         )
         .await
-        .map_err(|failure| {
-            shared
-                .metrics
-                .upstream_errors
-                .with_label_values(&[failure.kind()])
-                .inc();
-            failure.to_error()
-        })?;
+        .map_err(|failure| upstream_failed(shared, failure).to_error())?;
     ctx.upstream_time = Some(upstream_time);
     shared
         .metrics
@@ -190,6 +183,19 @@ async fn serve(
 
     // respond
     respond(shared, snap, plan, &method, resp).await
+}
+
+/// Counts a failed upstream exchange by kind and hands the failure on.
+pub(super) fn upstream_failed(
+    shared: &Shared,
+    failure: crate::proxy::UpstreamFailure,
+) -> crate::proxy::UpstreamFailure {
+    shared
+        .metrics
+        .upstream_errors
+        .with_label_values(&[failure.kind()])
+        .inc();
+    failure
 }
 
 /// The authenticate stage: the bearer token → the caller, or a refusal. Nothing is

@@ -93,11 +93,7 @@ async fn fetch_metadata(
         .send(conn.worker, upstream, &client, request_id, &identity)
         .await
         .map_err(|failure| {
-            shared
-                .metrics
-                .upstream_errors
-                .with_label_values(&[failure.kind()])
-                .inc();
+            super::upstream_failed(shared, failure);
             GatewayError::Unavailable
         })?;
     ctx.upstream_time = Some(took);

@@ -73,13 +73,7 @@ pub fn document(cfg: &SmartConfig) -> Result<Value, (String, String)> {
             );
         }
     }
-    for (k, v) in [
-        ("introspection_endpoint", &cfg.introspection_endpoint),
-        ("revocation_endpoint", &cfg.revocation_endpoint),
-        ("management_endpoint", &cfg.management_endpoint),
-        ("registration_endpoint", &cfg.registration_endpoint),
-        ("user_access_brand_bundle", &cfg.user_access_brand_bundle),
-    ] {
+    for (k, v) in cfg.optional_endpoints() {
         if let Some(v) = v {
             url(k, v)?;
         }
@@ -161,13 +155,7 @@ pub fn document(cfg: &SmartConfig) -> Result<Value, (String, String)> {
             put(k, json!(v));
         }
     }
-    for (k, v) in [
-        ("introspection_endpoint", &cfg.introspection_endpoint),
-        ("revocation_endpoint", &cfg.revocation_endpoint),
-        ("management_endpoint", &cfg.management_endpoint),
-        ("registration_endpoint", &cfg.registration_endpoint),
-        ("user_access_brand_bundle", &cfg.user_access_brand_bundle),
-    ] {
+    for (k, v) in cfg.optional_endpoints() {
         if let Some(v) = v {
             put(k, json!(v));
         }
