@@ -35,3 +35,31 @@ fn generated_tables_make_sense() {
     assert!(obs.1.contains(&"subject") && obs.1.contains(&"performer"));
     assert!(PATIENT_COMPARTMENT.iter().all(|(t, _)| *t != "Medication"));
 }
+
+/// The element paths behind the compartment parameters, checked against the issue's
+/// examples and FHIR R4.
+#[test]
+fn compartment_paths() {
+    use smartgate::fhir::generated::{PATIENT_COMPARTMENT, PATIENT_COMPARTMENT_PATHS};
+    let paths = |t: &str, p: &str| -> Vec<&str> {
+        PATIENT_COMPARTMENT_PATHS
+            .iter()
+            .find(|(ty, _)| *ty == t)
+            .and_then(|(_, ps)| ps.iter().find(|(name, _)| *name == p))
+            .map(|(_, paths)| paths.to_vec())
+            .unwrap_or_default()
+    };
+    assert_eq!(paths("Observation", "subject"), ["subject"]);
+    assert_eq!(paths("Observation", "performer"), ["performer"]);
+    assert_eq!(paths("AllergyIntolerance", "patient"), ["patient"]);
+    assert_eq!(paths("Appointment", "actor"), ["participant.actor"]);
+    assert_eq!(paths("Patient", "link"), ["link.other"]);
+    // Every compartment parameter has at least one path.
+    assert_eq!(PATIENT_COMPARTMENT_PATHS.len(), PATIENT_COMPARTMENT.len());
+    for ((t, params), (t2, with_paths)) in PATIENT_COMPARTMENT.iter().zip(PATIENT_COMPARTMENT_PATHS)
+    {
+        assert_eq!(t, t2);
+        assert_eq!(params.len(), with_paths.len(), "{t}");
+        assert!(with_paths.iter().all(|(_, p)| !p.is_empty()), "{t}");
+    }
+}

@@ -64,8 +64,95 @@ pub fn render(data_dir: &Path) -> Result<String, String> {
         let list: Vec<String> = params.iter().map(|p| format!("{p:?}")).collect();
         let _ = writeln!(out, "    ({code:?}, &[{}]),", list.join(", "));
     }
+    out.push_str("];\n\n");
+
+    // The element paths behind each compartment parameter, from the SearchParameter
+    // expressions: the branches of the union that start with the type, with the
+    // `.where(resolve() is Patient)` type filter removed (matching only `Patient/[id]`
+    // references does the same). Anything but a plain dotted path is an error, so a new
+    // data set cannot silently produce paths the gateway would misread.
+    let expressions = search_parameter_expressions(data_dir)?;
+    out.push_str(
+        "/// For each type in the Patient compartment, each compartment parameter with the\n\
+         /// element paths behind it (relative to the resource), from the SearchParameter\n\
+         /// expressions.\n\
+         pub const PATIENT_COMPARTMENT_PATHS: &[(&str, &[(&str, &[&str])])] = &[\n",
+    );
+    for (code, params) in types.iter().filter(|(_, p)| !p.is_empty()) {
+        let _ = write!(out, "    ({code:?}, &[");
+        for (i, param) in params.iter().enumerate() {
+            let expr = expressions
+                .get(&(code.clone(), param.clone()))
+                .ok_or_else(|| format!("no SearchParameter {code}.{param}"))?;
+            let paths = paths_for(code, expr)?;
+            if paths.is_empty() {
+                return Err(format!(
+                    "SearchParameter {code}.{param} has no path for {code}"
+                ));
+            }
+            let list: Vec<String> = paths.iter().map(|p| format!("{p:?}")).collect();
+            let sep = if i == 0 { "" } else { ", " };
+            let _ = write!(out, "{sep}({param:?}, &[{}])", list.join(", "));
+        }
+        out.push_str("]),\n");
+    }
     out.push_str("];\n");
     Ok(out)
+}
+
+/// `(base type, code) → expression` for every SearchParameter.
+fn search_parameter_expressions(
+    data_dir: &Path,
+) -> Result<std::collections::HashMap<(String, String), String>, String> {
+    let path = data_dir.join("search-parameters.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bundle: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut map = std::collections::HashMap::new();
+    for entry in bundle["entry"].as_array().ok_or("Bundle.entry missing")? {
+        let r = &entry["resource"];
+        let (Some(code), Some(expr)) = (r["code"].as_str(), r["expression"].as_str()) else {
+            continue;
+        };
+        for base in r["base"].as_array().into_iter().flatten() {
+            if let Some(base) = base.as_str() {
+                map.insert((base.to_owned(), code.to_owned()), expr.to_owned());
+            }
+        }
+    }
+    Ok(map)
+}
+
+/// The plain paths of `expression` that belong to `type_name`, without the type prefix.
+fn paths_for(type_name: &str, expression: &str) -> Result<Vec<String>, String> {
+    let mut paths = Vec::new();
+    for branch in expression.split(" | ") {
+        let branch = branch.trim();
+        let branch = match branch.strip_prefix('(').and_then(|b| b.strip_suffix(')')) {
+            Some(inner) => inner,
+            None => branch,
+        };
+        let Some(rest) = branch
+            .strip_prefix(type_name)
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            continue;
+        };
+        let rest = rest.replace(".where(resolve() is Patient)", "");
+        let plain = !rest.is_empty()
+            && rest
+                .split('.')
+                .all(|seg| !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphabetic()));
+        if !plain {
+            return Err(format!(
+                "{type_name}: unsupported expression branch {branch:?}"
+            ));
+        }
+        if !paths.contains(&rest) {
+            paths.push(rest);
+        }
+    }
+    Ok(paths)
 }
 
 #[allow(dead_code)]
