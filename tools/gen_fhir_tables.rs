@@ -73,10 +73,12 @@ pub fn render(data_dir: &Path) -> Result<String, String> {
     // data set cannot silently produce paths the gateway would misread.
     let expressions = search_parameter_expressions(data_dir)?;
     out.push_str(
-        "/// For each type in the Patient compartment, each compartment parameter with the\n\
-         /// element paths behind it (relative to the resource), from the SearchParameter\n\
-         /// expressions.\n\
-         pub const PATIENT_COMPARTMENT_PATHS: &[(&str, &[(&str, &[&str])])] = &[\n",
+        "/// A compartment parameter and the element paths behind it (relative to the\n\
+         /// resource).\n\
+         pub type ParamPaths = (&'static str, &'static [&'static str]);\n\n\
+         /// For each type in the Patient compartment, each compartment parameter with the\n\
+         /// element paths behind it, from the SearchParameter expressions.\n\
+         pub const PATIENT_COMPARTMENT_PATHS: &[(&str, &[ParamPaths])] = &[\n",
     );
     for (code, params) in types.iter().filter(|(_, p)| !p.is_empty()) {
         let _ = write!(out, "    ({code:?}, &[");

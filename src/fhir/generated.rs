@@ -223,10 +223,13 @@ pub const PATIENT_COMPARTMENT: &[(&str, &[&str])] = &[
     ("VisionPrescription", &["patient"]),
 ];
 
+/// A compartment parameter and the element paths behind it (relative to the
+/// resource).
+pub type ParamPaths = (&'static str, &'static [&'static str]);
+
 /// For each type in the Patient compartment, each compartment parameter with the
-/// element paths behind it (relative to the resource), from the SearchParameter
-/// expressions.
-pub const PATIENT_COMPARTMENT_PATHS: &[(&str, &[(&str, &[&str])])] = &[
+/// element paths behind it, from the SearchParameter expressions.
+pub const PATIENT_COMPARTMENT_PATHS: &[(&str, &[ParamPaths])] = &[
     ("Account", &[("subject", &["subject"])]),
     ("AdverseEvent", &[("subject", &["subject"])]),
     ("AllergyIntolerance", &[("patient", &["patient"]), ("recorder", &["recorder"]), ("asserter", &["asserter"])]),
