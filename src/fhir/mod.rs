@@ -5,4 +5,5 @@ pub mod bundle;
 /// Tables generated from the official FHIR R4 definitions in `data/fhir-r4/`.
 #[rustfmt::skip]
 pub mod generated;
+pub mod reference;
 pub mod request;
