@@ -94,11 +94,7 @@ pub fn resource_id(reference: &str, resource_type: &str) -> Option<String> {
     if segments.len() >= 2 && segments[segments.len() - 2] != resource_type {
         return None;
     }
-    let valid = (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    valid.then(|| id.to_owned())
+    crate::fhir::is_id(id).then(|| id.to_owned())
 }
 
 #[cfg(test)]

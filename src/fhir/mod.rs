@@ -7,3 +7,10 @@ pub mod bundle;
 pub mod generated;
 pub mod reference;
 pub mod request;
+
+/// A FHIR id: `[A-Za-z0-9\-\.]{1,64}` (FHIR R4 datatypes.html#id).
+pub fn is_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}

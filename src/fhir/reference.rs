@@ -25,11 +25,11 @@ pub fn local_target<'a>(reference: &'a str, bases: &[String]) -> Option<(&'a str
     let id = parts.next()?;
     match (parts.next(), parts.next(), parts.next()) {
         (None, None, None) => {}
-        (Some("_history"), Some(v), None) if is_id(v) => {}
+        (Some("_history"), Some(v), None) if super::is_id(v) => {}
         _ => return None,
     }
     let ty = super::request::resource_type(ty).ok()?;
-    is_id(id).then_some((ty, id))
+    super::is_id(id).then_some((ty, id))
 }
 
 /// The target of a `Reference` element (`{"reference": "…"}`), if it is local.
@@ -41,12 +41,6 @@ pub fn reference_target<'a>(element: &'a Value, bases: &[String]) -> Option<(&'a
 /// never matches `123`.
 pub fn is_patient(element: &Value, patient: &str, bases: &[String]) -> bool {
     reference_target(element, bases) == Some(("Patient", patient))
-}
-
-fn is_id(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 #[cfg(test)]

@@ -332,10 +332,7 @@ pub fn resource_type(name: &str) -> Result<&'static str, ClassifyError> {
 
 /// A FHIR id: `[A-Za-z0-9\-\.]{1,64}` (FHIR R4 datatypes.html#id).
 fn fhir_id(s: &str) -> Result<String, ClassifyError> {
-    if (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-    {
+    if super::is_id(s) {
         Ok(s.to_owned())
     } else {
         Err(ClassifyError::BadRequest("not a valid FHIR id"))
