@@ -368,3 +368,39 @@ async fn decision_cache_does_not_skip_header_checks() {
     }
     assert_eq!(s.up.requests().len(), 4);
 }
+
+/// An _include (or chain, or _has) from a token that cannot read every type is refused
+/// before forwarding: the upstream would return resources the token has no scope for.
+#[tokio::test]
+async fn includes_refused_without_every_type() {
+    let s = setup().await;
+    let narrow = token(&s.key, "user/Observation.rs", None);
+    for path in [
+        "/r4/Observation?_include=Observation:subject",
+        "/r4/Observation?_revinclude=Provenance:target",
+        "/r4/Observation?subject:Patient.name=Smith",
+    ] {
+        let (status, headers, _) = call(&s, "GET", path, &narrow, None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        assert!(
+            headers["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("scope=\"user/*.rs\"")
+        );
+    }
+    assert!(s.up.requests().is_empty());
+    let wide = token(&s.key, "user/*.rs", None);
+    assert_eq!(
+        call(
+            &s,
+            "GET",
+            "/r4/Observation?_include=Observation:subject",
+            &wide,
+            None
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+}

@@ -10,8 +10,9 @@
 //! response and body verification, which is not in this version. Until it is, confined
 //! access is allowed only where the upstream itself confines the answer to the context
 //! patient — reading `Patient/[ctx]` and compartment searches `Patient/[ctx]/[type]`
-//! without includes, chains or `_has` — and denied everywhere else. Granular scopes
-//! (`?param=value`) grant nothing yet. Both fail closed.
+//! without includes, chains or `_has` — and denied everywhere else. Unconfined tokens may
+//! use includes, chains and `_has` only with `rs` on every type. Granular scopes
+//! (`?param=value`) grant nothing yet. All of this fails closed.
 
 pub mod cache;
 pub mod operations;
@@ -57,6 +58,8 @@ pub enum DenyReason {
     NoPatientContext,
     /// Confined access that cannot be verified in this version.
     CompartmentUnverified,
+    /// Includes, chains or `_has` from a token that cannot read every type they may reach.
+    IncludeUnverified,
     /// An operation not in the policy table.
     UnknownOperation,
     /// A Bundle inside a batch or transaction.
@@ -74,6 +77,7 @@ impl DenyReason {
             DenyReason::InsufficientScope => "insufficient_scope",
             DenyReason::NoPatientContext => "no_patient_context",
             DenyReason::CompartmentUnverified => "compartment_unverified",
+            DenyReason::IncludeUnverified => "include_unverified",
             DenyReason::UnknownOperation => "unknown_operation",
             DenyReason::NestedBundle => "nested_bundle",
             DenyReason::Entries(_) => "bundle_entry_denied",
@@ -91,6 +95,9 @@ impl fmt::Display for DenyReason {
             }
             DenyReason::CompartmentUnverified => f.write_str(
                 "patient-confined access is limited to reading the patient and searching its compartment without includes, chains or _has",
+            ),
+            DenyReason::IncludeUnverified => f.write_str(
+                "includes, chains, _has and similar parameters need read and search on every type (*.rs)",
             ),
             DenyReason::UnknownOperation => f.write_str("this operation is not allowed"),
             DenyReason::NestedBundle => f.write_str("nested bundles are not accepted"),
@@ -241,7 +248,22 @@ fn decide_perm(
         Types::Some(ts) => ts.iter().all(|t| grants.perms(level, t).contains(perm)),
     };
     // Unconfined levels first: system/, and user/ unless the user is a patient.
-    if covers(Level::System) || (!ctx.user_is_patient && covers(Level::User)) {
+    let unconfined = [Level::System, Level::User]
+        .into_iter()
+        .filter(|l| *l == Level::System || !ctx.user_is_patient)
+        .find(|l| covers(*l));
+    if let Some(level) = unconfined {
+        // Responses are not verified in this version: parameters that bring back or probe
+        // other resources are allowed only to a token that may read and search every type
+        // at this level anyway; otherwise an _include could return what it cannot read.
+        if reaches_other_resources(req)
+            && !grants.perms(level, "*").contains(Perms::R.union(Perms::S))
+        {
+            return Decision::Deny {
+                reason: DenyReason::IncludeUnverified,
+                needed: format!("{}/*.rs", level.as_str()),
+            };
+        }
         return Decision::Allow(Plan::pass_through());
     }
     let confined = covers(Level::Patient) || (ctx.user_is_patient && covers(Level::User));
@@ -277,21 +299,7 @@ fn decide_perm(
 /// Requests whose answer the upstream itself confines to `patient`'s compartment, with
 /// nothing in them that could reach outside it.
 fn confined_by_upstream(req: &FhirRequest, patient: &str) -> bool {
-    let reaches_out = req.params.iter().any(|(k, v)| {
-        // Some servers match parameter names case-insensitively, and some legacy ones
-        // also split the query on ';': read them the widest way.
-        if k.contains(';') || v.contains(';') {
-            return true;
-        }
-        let lower = k.to_ascii_lowercase();
-        let name = lower.split(':').next().unwrap_or(&lower);
-        matches!(
-            name,
-            "_include" | "_revinclude" | "_getpages" | "_contained" | "_containedtype" | "_filter" | "_query"
-        ) || name.starts_with("_has")
-            // Chains, with or without a type modifier: subject.name, subject:Patient.name.
-            || k.contains('.')
-    });
+    let reaches_out = reaches_other_resources(req);
     if reaches_out {
         return false;
     }
@@ -304,6 +312,32 @@ fn confined_by_upstream(req: &FhirRequest, patient: &str) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether a request's parameters can bring back, or probe, resources other than the ones
+/// searched: includes, chains, `_has`, `_filter`, named queries, contained resources, paging
+/// cursors. Read the widest way a server might: names case-insensitively, and a `;`
+/// anywhere (legacy servers split on it) counts.
+fn reaches_other_resources(req: &FhirRequest) -> bool {
+    req.params.iter().any(|(k, v)| {
+        if k.contains(';') || v.contains(';') {
+            return true;
+        }
+        let lower = k.to_ascii_lowercase();
+        let name = lower.split(':').next().unwrap_or(&lower);
+        matches!(
+            name,
+            "_include"
+                | "_revinclude"
+                | "_getpages"
+                | "_contained"
+                | "_containedtype"
+                | "_filter"
+                | "_query"
+        ) || name.starts_with("_has")
+            // Chains, with or without a type modifier: subject.name, subject:Patient.name.
+            || k.contains('.')
+    })
 }
 
 /// The narrowest scope that would allow the request: at the level the token already

@@ -492,3 +492,38 @@ fn configured_operations() {
         Decision::Allow(_)
     ));
 }
+
+/// Responses are not verified yet, so an unconfined search may carry includes, chains or
+/// _has only when the token can read and search every type: otherwise _include would
+/// return resources of types it has no scope for.
+#[test]
+fn includes_need_every_type_unconfined() {
+    for leak in [
+        "/Observation?_include=Observation:subject",
+        "/Observation?_revinclude=Provenance:target",
+        "/Observation?_INCLUDE=Observation:subject",
+        "/Observation?subject:Patient.name=x",
+        "/Observation?_has:Observation:patient:code=x",
+        "/Observation?code=x;_include=Observation:subject",
+        "/Observation?_filter=subject.name%20eq%20x",
+    ] {
+        let d = decide("user/Observation.rs", None, "GET", leak);
+        assert_eq!(
+            d,
+            Decision::Deny {
+                reason: DenyReason::IncludeUnverified,
+                needed: "user/*.rs".into()
+            },
+            "{leak}"
+        );
+        assert!(allowed(&decide("user/*.rs", None, "GET", leak)), "{leak}");
+        assert!(allowed(&decide("system/*.rs", None, "GET", leak)), "{leak}");
+    }
+    // Plain searches are unaffected.
+    assert!(allowed(&decide(
+        "user/Observation.rs",
+        None,
+        "GET",
+        "/Observation?code=x&_count=10"
+    )));
+}
