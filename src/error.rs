@@ -44,6 +44,12 @@ pub enum GatewayError {
     /// The method is not defined for this FHIR path.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A body the gateway must check is in a format it cannot read.
+    #[error("unsupported media type: {0}")]
+    UnsupportedMediaType(&'static str),
+    /// The client's precondition does not hold for the version the gateway checked.
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(&'static str),
 
     // --- policy ---
     /// The token does not allow the request (RFC 6750 §3.1 `insufficient_scope`).
@@ -93,6 +99,8 @@ impl GatewayError {
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            GatewayError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::MissingToken | GatewayError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             GatewayError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
@@ -112,6 +120,8 @@ impl GatewayError {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::PayloadTooLarge => "payload_too_large",
             GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::UnsupportedMediaType(_) => "unsupported_media_type",
+            GatewayError::PreconditionFailed(_) => "precondition_failed",
             GatewayError::Forbidden(d) => d.code,
             GatewayError::MissingToken => "missing_token",
             GatewayError::InvalidToken(_) => "invalid_token",
@@ -132,6 +142,8 @@ impl GatewayError {
             GatewayError::BadRequest(_) => "invalid",
             GatewayError::PayloadTooLarge => "too-costly",
             GatewayError::MethodNotAllowed => "not-supported",
+            GatewayError::UnsupportedMediaType(_) => "not-supported",
+            GatewayError::PreconditionFailed(_) => "conflict",
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::MissingToken => "login",
             GatewayError::InvalidToken(_) => "login",
@@ -154,6 +166,8 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => {
                 "This method is not defined for this FHIR path.".to_owned()
             }
+            GatewayError::UnsupportedMediaType(why) => format!("Unsupported media type: {why}."),
+            GatewayError::PreconditionFailed(why) => format!("Precondition failed: {why}."),
             GatewayError::Forbidden(d) => format!("Access denied: {}.", d.message),
             GatewayError::MissingToken => "A bearer token is required.".to_owned(),
             GatewayError::InvalidToken(why) => format!("The bearer token is not valid ({why})."),

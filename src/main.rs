@@ -206,7 +206,7 @@ fn serve(config: Config, path: &Path, env: Vec<(String, String)>) -> ExitCode {
 
 fn decide(scopes: &str, patient: Option<&str>, fhir_user: Option<&str>, request: &str) -> ExitCode {
     use smartgate::fhir::request::classify;
-    use smartgate::policy::{Context, Decision, Policy, authorize};
+    use smartgate::policy::{Context, Decision, Policy, Verify, authorize};
     use smartgate::smart::scope::Grants;
 
     let Some((method, target)) = request.trim().split_once(' ') else {
@@ -238,22 +238,32 @@ fn decide(scopes: &str, patient: Option<&str>, fhir_user: Option<&str>, request:
         req.resource_type.unwrap_or("(all types)"),
         req.id.as_deref().unwrap_or("")
     );
-    let user_is_patient = fhir_user.is_some_and(|u| u.rsplit('/').nth(1) == Some("Patient"));
-    let ctx = Context {
-        patient: patient.map(str::to_owned),
-        user_is_patient,
-    };
+    let ctx = Context::new(patient, fhir_user, false);
     match authorize(&grants, &ctx, &req, &Policy::default()) {
         Decision::Allow(plan) => {
             println!("decision: allow");
-            println!(
-                "plan:     forward{}",
-                if plan.rewrite_links {
-                    "; rewrite upstream links in the response"
-                } else {
-                    ""
-                }
-            );
+            let mut steps = Vec::new();
+            if let Some(w) = &plan.write {
+                steps.push(format!("check the write first ({:?})", w.check));
+            }
+            if !plan.inject.is_empty() {
+                let p: Vec<String> = plan
+                    .inject
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                steps.push(format!("add {}", p.join("&")));
+            }
+            steps.push("forward".into());
+            match plan.verify {
+                Verify::None => {}
+                Verify::Resource(_) => steps.push("verify the resource returned".into()),
+                Verify::Bundle { .. } => steps.push("verify every entry returned".into()),
+            }
+            if plan.rewrite_links {
+                steps.push("rewrite upstream links in the response".into());
+            }
+            println!("plan:     {}", steps.join("; "));
             ExitCode::SUCCESS
         }
         Decision::Deny { reason, needed } => {

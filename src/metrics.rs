@@ -45,6 +45,10 @@ pub struct Metrics {
     pub tls_reloads: IntCounterVec,
     /// `smartgate_response_rewrites_total{result}`: FHIR JSON bodies inspected.
     pub response_rewrites: IntCounterVec,
+    /// `smartgate_response_verifications_total{result}`: passed, filtered, refused.
+    pub response_verifications: IntCounterVec,
+    /// `smartgate_verify_removed_entries_total`: entries removed from verified responses.
+    pub verify_removed: IntCounter,
     /// `smartgate_token_validations_total{mode,result}`
     pub token_validations: IntCounterVec,
     /// `smartgate_token_cache_total{event}`: hit, miss, eviction.
@@ -130,6 +134,19 @@ impl Metrics {
             &["result"],
         )
         .expect("static metric definition");
+        let response_verifications = IntCounterVec::new(
+            Opts::new(
+                "smartgate_response_verifications_total",
+                "Responses verified against the token (compartment, granular scopes), by result",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition");
+        let verify_removed = IntCounter::new(
+            "smartgate_verify_removed_entries_total",
+            "Bundle entries removed from verified responses because the token could not read them",
+        )
+        .expect("static metric definition");
         let token_validations = IntCounterVec::new(
             Opts::new(
                 "smartgate_token_validations_total",
@@ -188,6 +205,8 @@ impl Metrics {
             Box::new(config_reloads.clone()),
             Box::new(tls_reloads.clone()),
             Box::new(response_rewrites.clone()),
+            Box::new(response_verifications.clone()),
+            Box::new(verify_removed.clone()),
             Box::new(token_validations.clone()),
             Box::new(token_cache.clone()),
             Box::new(jwks_fetches.clone()),
@@ -229,6 +248,8 @@ impl Metrics {
             config_reloads,
             tls_reloads,
             response_rewrites,
+            response_verifications,
+            verify_removed,
             token_validations,
             token_cache,
             jwks_fetches,
@@ -264,6 +285,13 @@ impl Metrics {
             Some((_, c)) => c.inc(),
             None => self.response_rewrites.with_label_values(&[result]).inc(),
         }
+    }
+
+    /// Counts one verified response by result.
+    pub fn count_verify(&self, result: &'static str) {
+        self.response_verifications
+            .with_label_values(&[result])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -76,6 +76,22 @@ impl Snapshot {
         let policy = crate::policy::Policy {
             operations: crate::policy::Operations::with_config(&config.policy.operations)
                 .map_err(CompileError::Auth)?,
+            non_compartment: if config.policy.patient_scope_non_compartment == "deny" {
+                crate::policy::NonCompartment::Deny
+            } else {
+                crate::policy::NonCompartment::Allow
+            },
+            compartment_params: config
+                .policy
+                .compartment_param
+                .iter()
+                .map(|(t, p)| (t.clone(), p.clone()))
+                .collect(),
+            bases: std::iter::once(&config.server.public_base_url)
+                .chain(std::iter::once(&config.upstream.url))
+                .chain(config.upstream.aliases.iter())
+                .map(|b| b.as_string().trim_end_matches('/').to_owned())
+                .collect(),
         };
         let discovery = match &config.smart {
             Some(smart) => Some(bytes::Bytes::from(

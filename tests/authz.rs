@@ -109,8 +109,9 @@ async fn scopes_decide() {
     );
 }
 
-/// patient/ scopes: the patient's own record and compartment searches pass; anything the
-/// gateway cannot yet confine is refused; no patient in the token means no access.
+/// patient/ scopes: the patient's own record passes as is; what is outside the
+/// compartment on its face is refused before forwarding; no patient in the token means no
+/// access. (Verified reads and searches: tests/compartment.rs.)
 #[tokio::test]
 async fn patient_scopes_confined() {
     let s = setup().await;
@@ -119,21 +120,14 @@ async fn patient_scopes_confined() {
         call(&s, "GET", "/r4/Patient/123", &app, None).await.0,
         StatusCode::OK
     );
-    assert_eq!(
-        call(&s, "GET", "/r4/Patient/123/Observation?code=x", &app, None)
-            .await
-            .0,
-        StatusCode::OK
-    );
     let forwarded = s.up.requests().len();
     for path in [
         "/r4/Patient/456",
         "/r4/Patient/456/Observation",
-        "/r4/Observation?patient=123",
-        "/r4/Patient/123/Observation?_include=Observation:performer",
-        "/r4/Patient/123/Observation?subject:Patient.name=x",
-        "/r4/Patient/123/Observation?_has:Observation:patient:code=x",
-        "/r4/Patient/123/$everything",
+        "/r4/Observation?patient=456",
+        "/r4/Observation?patient=123,456",
+        "/r4/Patient/456/$everything",
+        "/r4/$export",
     ] {
         let (status, headers, _) = call(&s, "GET", path, &app, None).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
@@ -369,24 +363,28 @@ async fn decision_cache_does_not_skip_header_checks() {
     assert_eq!(s.up.requests().len(), 4);
 }
 
-/// An _include (or chain, or _has) from a token that cannot read every type is refused
-/// before forwarding: the upstream would return resources the token has no scope for.
+/// A chain or `_has` that filters by a type the token cannot search is refused before
+/// forwarding (no oracle), naming the scope it needs.
 #[tokio::test]
-async fn includes_refused_without_every_type() {
+async fn chains_refused_without_search_on_targets() {
     let s = setup().await;
     let narrow = token(&s.key, "user/Observation.rs", None);
-    for path in [
-        "/r4/Observation?_include=Observation:subject",
-        "/r4/Observation?_revinclude=Provenance:target",
-        "/r4/Observation?subject:Patient.name=Smith",
+    for (path, needed) in [
+        (
+            "/r4/Observation?subject:Patient.name=Smith",
+            "user/Patient.s",
+        ),
+        (
+            "/r4/Patient?_has:Observation:patient:code=x",
+            "user/Patient.s",
+        ),
     ] {
         let (status, headers, _) = call(&s, "GET", path, &narrow, None).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        let www = headers["www-authenticate"].to_str().unwrap();
         assert!(
-            headers["www-authenticate"]
-                .to_str()
-                .unwrap()
-                .contains("scope=\"user/*.rs\"")
+            www.contains(&format!("scope=\"{needed}\"")),
+            "{path}: {www}"
         );
     }
     assert!(s.up.requests().is_empty());
@@ -395,7 +393,7 @@ async fn includes_refused_without_every_type() {
         call(
             &s,
             "GET",
-            "/r4/Observation?_include=Observation:subject",
+            "/r4/Observation?subject:Patient.name=Smith&_include=Observation:subject",
             &wide,
             None
         )

@@ -342,11 +342,20 @@ fn decide_prints_decisions() {
         "123",
         "GET /Observation?code=x",
     ]);
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(0), "{out}");
     assert!(
-        out.contains("compartment_unverified") && out.contains("needs:    user/Observation.s"),
+        out.contains("add patient=Patient/123") && out.contains("verify every entry returned"),
         "{out}"
     );
+    let (code, out) = run(&[
+        "--scopes",
+        "patient/*.rs",
+        "--patient",
+        "123",
+        "GET /Patient/456",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("deny (compartment)"), "{out}");
     let (code, out) = run(&["GET /Patient%2F1"]);
     assert_eq!(code, Some(1));
     assert!(out.contains("refuse before authorization"), "{out}");

@@ -93,7 +93,9 @@ proptest! {
         m in method(),
         p in path(),
         base in params(),
-        extra in params().prop_map(|ps| ps.into_iter().filter(|(k, _)| k != "_type").collect::<Vec<_>>()),
+        // A paging continuation (`_getpages`) is its own interaction, verified entry by
+        // entry, so it is left out of "more parameters".
+        extra in params().prop_map(|ps| ps.into_iter().filter(|(k, _)| k != "_type" && !k.starts_with("_getpages") && k != "_cursor" && k != "_page_token").collect::<Vec<_>>()),
         scopes in proptest::sample::subsequence(vec![
             "patient/*.rs", "patient/Observation.rs", "user/Observation.r", "system/Patient.s",
             "user/*.cud", "patient/Patient.r", "system/Observation.rs?category=lab",
@@ -101,7 +103,7 @@ proptest! {
         patient in proptest::option::of(Just("123".to_owned())),
     ) {
         let grants = Grants::parse(scopes.iter().copied());
-        let ctx = Context { patient, user_is_patient: false };
+        let ctx = Context::new(patient.as_deref(), None, false);
         let policy = Policy::default();
         let q1 = query(&base);
         let mut all = base.clone();

@@ -98,8 +98,117 @@ pub fn render(data_dir: &Path) -> Result<String, String> {
         }
         out.push_str("]),\n");
     }
-    out.push_str("];\n");
+    out.push_str("];\n\n");
+    render_search_params(data_dir, &types, &mut out)?;
     Ok(out)
+}
+
+/// One search parameter of a type, as the generator sees it.
+struct Param {
+    code: String,
+    kind: &'static str,
+    paths: Vec<String>,
+    targets: Vec<String>,
+}
+
+/// The token and reference search parameters of every type whose expression, for that
+/// type, is a union of plain element paths (what granular scopes and the compartment
+/// check can evaluate). Parameters with anything else (`.where(…)` other than the Patient
+/// filter, `as`, functions) are left out: the gateway then cannot evaluate them, and a
+/// scope that names one grants nothing.
+fn render_search_params(
+    data_dir: &Path,
+    types: &[(String, Vec<String>)],
+    out: &mut String,
+) -> Result<(), String> {
+    let path = data_dir.join("search-parameters.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bundle: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut by_type: std::collections::BTreeMap<String, Vec<Param>> = Default::default();
+    for entry in bundle["entry"].as_array().ok_or("Bundle.entry missing")? {
+        let r = &entry["resource"];
+        let kind = match r["type"].as_str() {
+            Some("token") => "Token",
+            Some("reference") => "Reference",
+            _ => continue,
+        };
+        let (Some(code), Some(expr)) = (r["code"].as_str(), r["expression"].as_str()) else {
+            continue;
+        };
+        let targets: Vec<String> = r["target"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect();
+        for base in r["base"].as_array().into_iter().flatten() {
+            let Some(base) = base.as_str() else { continue };
+            if types
+                .binary_search_by(|(t, _)| t.as_str().cmp(base))
+                .is_err()
+            {
+                continue;
+            }
+            let Ok(paths) = paths_for(base, expr) else {
+                continue;
+            };
+            if paths.is_empty() {
+                continue;
+            }
+            by_type.entry(base.to_owned()).or_default().push(Param {
+                code: code.to_owned(),
+                kind,
+                paths,
+                targets: targets.clone(),
+            });
+        }
+    }
+    out.push_str(
+        "/// What kind of value a search parameter compares.\n\
+         #[derive(Debug, Clone, Copy, PartialEq, Eq)]\n\
+         pub enum ParamKind {\n    \
+             /// `token`: codes, Codings, CodeableConcepts, Identifiers, booleans.\n    \
+             Token,\n    \
+             /// `reference`: References.\n    \
+             Reference,\n\
+         }\n\n\
+         /// A search parameter the gateway can evaluate on a resource.\n\
+         #[derive(Debug)]\n\
+         pub struct SearchParam {\n    \
+             /// The parameter code (`category`, `subject`, …).\n    \
+             pub code: &'static str,\n    \
+             /// Token or reference.\n    \
+             pub kind: ParamKind,\n    \
+             /// Element paths relative to the resource.\n    \
+             pub paths: &'static [&'static str],\n    \
+             /// For references: the types it may point to.\n    \
+             pub targets: &'static [&'static str],\n\
+         }\n\n\
+         /// For each resource type, its token and reference search parameters whose\n\
+         /// expression is plain element paths, sorted by type and code.\n\
+         pub const SEARCH_PARAMS: &[(&str, &[SearchParam])] = &[\n",
+    );
+    for (ty, mut params) in by_type {
+        params.sort_by(|a, b| a.code.cmp(&b.code));
+        params.dedup_by(|a, b| a.code == b.code);
+        let _ = writeln!(out, "    ({ty:?}, &[");
+        for p in params {
+            let paths: Vec<String> = p.paths.iter().map(|x| format!("{x:?}")).collect();
+            let targets: Vec<String> = p.targets.iter().map(|x| format!("{x:?}")).collect();
+            let _ = writeln!(
+                out,
+                "        SearchParam {{ code: {:?}, kind: ParamKind::{}, paths: &[{}], targets: &[{}] }},",
+                p.code,
+                p.kind,
+                paths.join(", "),
+                targets.join(", ")
+            );
+        }
+        out.push_str("    ]),\n");
+    }
+    out.push_str("];\n");
+    Ok(())
 }
 
 /// `(base type, code) → expression` for every SearchParameter.

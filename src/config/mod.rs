@@ -101,13 +101,42 @@ impl SmartConfig {
 }
 
 /// `[policy]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Operation rules, in front of the built-in defaults (first match wins). Operations
     /// matched by no rule are denied.
     #[serde(default)]
     pub operations: Vec<OperationConfig>,
+    /// Whether `patient/` scopes on types outside the Patient compartment (Medication,
+    /// Practitioner, …) grant access to them: `"allow"` (default) or `"deny"`.
+    #[serde(default = "defaults::non_compartment")]
+    pub patient_scope_non_compartment: String,
+    /// Confine `user/` scopes of a RelatedPerson user to the patient in context, like a
+    /// Patient user's (default false: such users are not confined).
+    #[serde(default)]
+    pub confine_related_person: bool,
+    /// Per resource type, the search parameter injected to confine a search to the
+    /// patient (default: `patient` where the type has it, else its first compartment
+    /// parameter).
+    #[serde(default)]
+    pub compartment_param: std::collections::BTreeMap<String, String>,
+    /// Status for a confined read of a resource outside the token's reach: 403 (default)
+    /// or 404 (FHIR security.html allows either; 404 hides existence).
+    #[serde(default = "defaults::denied_read_status")]
+    pub denied_read_status: u16,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            operations: Vec::new(),
+            patient_scope_non_compartment: defaults::non_compartment(),
+            confine_related_person: false,
+            compartment_param: Default::default(),
+            denied_read_status: defaults::denied_read_status(),
+        }
+    }
 }
 
 /// `[[policy.operations]]`
@@ -478,6 +507,12 @@ mod defaults {
     use std::net::SocketAddr;
     use std::time::Duration;
 
+    pub fn non_compartment() -> String {
+        "allow".into()
+    }
+    pub fn denied_read_status() -> u16 {
+        403
+    }
     pub fn max_request_body() -> ByteSize {
         ByteSize(16 << 20)
     }
@@ -760,6 +795,39 @@ impl Config {
         self.validate_auth()?;
         if let Some(smart) = &self.smart {
             crate::smart::discovery::document(smart)?;
+        }
+        let p = &self.policy;
+        if !["allow", "deny"].contains(&p.patient_scope_non_compartment.as_str()) {
+            return Err((
+                "policy.patient_scope_non_compartment".into(),
+                format!(
+                    "{:?} is not \"allow\" or \"deny\"",
+                    p.patient_scope_non_compartment
+                ),
+            ));
+        }
+        if ![403, 404].contains(&p.denied_read_status) {
+            return Err((
+                "policy.denied_read_status".into(),
+                format!("{} is not 403 or 404", p.denied_read_status),
+            ));
+        }
+        for (ty, param) in &p.compartment_param {
+            let key = format!("policy.compartment_param.{ty}");
+            let Ok(t) = crate::fhir::request::resource_type(ty) else {
+                return Err((key, format!("{ty:?} is not an R4 resource type")));
+            };
+            if crate::fhir::search::param(t, param).is_none_or(|sp| {
+                sp.kind != crate::fhir::generated::ParamKind::Reference
+                    || !sp.targets.contains(&"Patient")
+            }) {
+                return Err((
+                    key,
+                    format!(
+                        "{param:?} is not a reference search parameter of {ty} that can name a Patient"
+                    ),
+                ));
+            }
         }
         if let Err(message) = crate::policy::Operations::with_config(&self.policy.operations) {
             let (key, message) = message

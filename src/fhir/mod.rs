@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod generated;
 pub mod reference;
 pub mod request;
+pub mod search;
 
 /// A FHIR id: `[A-Za-z0-9\-\.]{1,64}` (FHIR R4 datatypes.html#id).
 pub fn is_id(s: &str) -> bool {

@@ -60,10 +60,7 @@ pub(super) async fn classify_and_authorize(
     )
     .map_err(classify_error)?;
 
-    let context = Context {
-        patient: principal.patient.clone(),
-        user_is_patient: principal.user_is_patient(),
-    };
+    let context = context(snap, principal);
     let decision = match (freq.interaction, &bundle) {
         (Interaction::Batch | Interaction::Transaction, Some(bundle)) => {
             let entries = bundle_entries(snap, bundle);
@@ -155,4 +152,13 @@ fn bundle_entries(snap: &Snapshot, bundle: &serde_json::Value) -> Vec<Result<Fhi
             classify(&method, &path, query, &headers, None, nested_type).map_err(|_| ())
         })
         .collect()
+}
+
+/// The patient context of a caller, as the policy reads it.
+pub(super) fn context(snap: &Snapshot, principal: &Principal) -> Context {
+    Context::new(
+        principal.patient.as_deref(),
+        principal.fhir_user.as_deref(),
+        snap.config.policy.confine_related_person,
+    )
 }

@@ -16,13 +16,15 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 mod authorize;
+mod checks;
 mod public;
 
 use crate::auth::{AuthFailure, Principal, bearer};
 use crate::body::{BoxBody, full};
 use crate::error::GatewayError;
 use crate::fhir::bundle;
-use crate::policy::Plan;
+use crate::policy::verify::{Verdict, Viewer};
+use crate::policy::{Plan, Verify};
 use crate::proxy::Identity;
 use crate::proxy::headers::{ClientSide, X_REQUEST_ID};
 use crate::state::{Shared, Snapshot};
@@ -132,13 +134,13 @@ async fn serve(
         return public::metadata(shared, snap, conn, req, &rel, request_id, ctx).await;
     }
     ctx.route = Route::Fhir;
-    let upstream_uri = snap.upstream.uri_for(&rel)?;
+    let mut upstream_uri = snap.upstream.uri_for(&rel)?;
 
     // authenticate
     let (req, principal, form) = authenticate(snap, req, ctx).await?;
 
     // classify, authorize
-    let (req, plan) = match &principal {
+    let (mut req, plan) = match &principal {
         None => (req, Plan::pass_through()),
         Some(p) => authorize::classify_and_authorize(shared, snap, req, p, form, &rel).await?,
     };
@@ -157,6 +159,45 @@ async fn serve(
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         }),
     };
+    if let (false, Some(principal)) = (plan.is_pass_through(), principal.as_deref()) {
+        // Narrow the request and check writes before anything is forwarded.
+        if !plan.inject.is_empty() {
+            let conditional_create =
+                req.method() == Method::POST && req.headers().contains_key("if-none-exist");
+            if conditional_create {
+                let current = req.headers()["if-none-exist"].to_str().unwrap_or("");
+                let narrowed = checks::append_query(current, &plan.inject);
+                let value = HeaderValue::from_str(&narrowed)
+                    .map_err(|_| GatewayError::BadRequest("If-None-Exist is malformed"))?;
+                req.headers_mut().insert("if-none-exist", value);
+            } else {
+                upstream_uri = snap
+                    .upstream
+                    .uri_for(&checks::append_params(&rel, &plan.inject))?;
+            }
+        }
+        let fetcher = checks::Fetcher {
+            shared,
+            snap,
+            worker: conn.worker,
+            client: &client,
+            request_id,
+            principal,
+        };
+        if let Some(w) = &plan.write {
+            req = fetcher.write(w, req).await?;
+        }
+        if !plan.entries.is_empty() {
+            req = fetcher.bundle(&plan.entries, req).await?;
+        }
+        if needs_verify(&plan) {
+            // Verification reads JSON only.
+            req.headers_mut().insert(
+                header::ACCEPT,
+                HeaderValue::from_static("application/fhir+json"),
+            );
+        }
+    }
     let method = req.method().clone();
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream_uri;
@@ -182,7 +223,12 @@ async fn serve(
         .observe(upstream_time.as_secs_f64());
 
     // respond
-    respond(shared, snap, plan, &method, resp).await
+    respond(shared, snap, &plan, principal.as_deref(), &method, resp).await
+}
+
+/// Whether the response must be verified.
+fn needs_verify(plan: &Plan) -> bool {
+    plan.verify != Verify::None || !plan.entries.is_empty()
 }
 
 /// Counts a failed upstream exchange by kind and hands the failure on.
@@ -302,11 +348,13 @@ fn identity<'a>(snap: &'a Snapshot, principal: Option<&Principal>) -> Identity<'
     }
 }
 
-/// The response stage: the upstream's address out of headers and FHIR JSON bodies.
+/// The response stage: the upstream's address out of headers and FHIR JSON bodies, and
+/// the verification the plan asks for.
 async fn respond(
     shared: &Shared,
     snap: &Snapshot,
-    plan: Plan,
+    plan: &Plan,
+    principal: Option<&Principal>,
     method: &Method,
     mut resp: Response<BoxBody>,
 ) -> Result<Response<BoxBody>, GatewayError> {
@@ -327,8 +375,19 @@ async fn respond(
     let bodiless = *method == Method::HEAD
         || resp.status() == StatusCode::NO_CONTENT
         || resp.status() == StatusCode::NOT_MODIFIED;
-    if !plan.rewrite_links || bodiless || !is_fhir_json(&resp) {
+    // Only successful answers carry resources to verify; errors pass as they are.
+    let verify = match principal {
+        Some(p) if needs_verify(plan) && resp.status().is_success() && !bodiless => Some(p),
+        _ => None,
+    };
+    if verify.is_none() && (!plan.rewrite_links || bodiless || !is_fhir_json(&resp)) {
         return Ok(resp);
+    }
+    if verify.is_some() && !is_fhir_json(&resp) {
+        count(shared, "verify_unreadable");
+        return Err(GatewayError::UpstreamInvalid(
+            "a response that must be verified is not FHIR JSON",
+        ));
     }
     if resp
         .headers()
@@ -366,12 +425,69 @@ async fn respond(
         }
     };
 
-    let bytes = rewrite_body(shared, snap, bytes);
+    let bytes = match verify {
+        None => rewrite_body(shared, snap, bytes),
+        Some(principal) => verify_body(shared, snap, plan, principal, &bytes)?,
+    };
     parts.headers.remove(header::TRANSFER_ENCODING);
     parts
         .headers
         .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     Ok(Response::from_parts(parts, full(bytes)))
+}
+
+/// Verifies a response body as the plan says: parsed once, checked, links rewritten, and
+/// re-serialised only when something changed.
+fn verify_body(
+    shared: &Shared,
+    snap: &Snapshot,
+    plan: &Plan,
+    principal: &Principal,
+    bytes: &Bytes,
+) -> Result<Bytes, GatewayError> {
+    let mut doc: serde_json::Value = serde_json::from_slice(bytes).map_err(|_| {
+        count(shared, "verify_unreadable");
+        GatewayError::UpstreamInvalid("a response that must be verified is not JSON")
+    })?;
+    let ctx = authorize::context(snap, principal);
+    let viewer = Viewer {
+        grants: &principal.grants,
+        ctx: &ctx,
+        policy: &snap.policy,
+    };
+    let verdict = if plan.entries.is_empty() {
+        viewer.verify(plan.verify, &mut doc)
+    } else {
+        viewer.verify_batch_response(&mut doc, &plan.entries)
+    };
+    let mut changed = match verdict {
+        Verdict::Unchanged => false,
+        Verdict::Changed { removed } => {
+            shared.metrics.count_verify("filtered");
+            shared.metrics.verify_removed.inc_by(removed as u64);
+            if removed > 0 {
+                tracing::info!(removed, "entries removed from the response");
+            }
+            true
+        }
+        Verdict::Refuse(reason) => {
+            shared.metrics.count_verify("refused");
+            if snap.config.policy.denied_read_status == 404 {
+                return Err(GatewayError::NotFound);
+            }
+            return Err(checks::forbidden(shared, reason));
+        }
+    };
+    if !changed {
+        shared.metrics.count_verify("passed");
+    }
+    changed |= bundle::rewrite_links(&mut doc, &|url| snap.urls.to_public(url));
+    if !changed {
+        return Ok(bytes.clone());
+    }
+    serde_json::to_vec(&doc)
+        .map(Bytes::from)
+        .map_err(|_| GatewayError::Internal)
 }
 
 /// Parses a FHIR JSON body only when it may hold links, rewrites them structurally, and

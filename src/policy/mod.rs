@@ -6,38 +6,72 @@
 //! `s`. Write does not imply read. The permission a token holds is the union of its
 //! scopes.
 //!
-//! Compartment confinement (`patient/` scopes, and `user/` scopes of a Patient user) needs
-//! response and body verification, which is not in this version. Until it is, confined
-//! access is allowed only where the upstream itself confines the answer to the context
-//! patient — reading `Patient/[ctx]` and compartment searches `Patient/[ctx]/[type]`
-//! without includes, chains or `_has` — and denied everywhere else. Unconfined tokens may
-//! use includes, chains and `_has` only with `rs` on every type. Granular scopes
-//! (`?param=value`) grant nothing yet. All of this fails closed.
+//! Confinement (`patient/` scopes, and `user/` scopes of a Patient user): reads are
+//! verified on the response; searches name the context patient or get the narrowest
+//! compartment parameter injected, and every returned entry is verified; writes are
+//! checked before anything is forwarded (the stored version fetched first, and the write
+//! sent with `If-Match` of the version checked). Granular scopes (`?param=value`) narrow
+//! searches the same way and every resource must match one granted scope. What the gateway
+//! cannot evaluate grants nothing. The plan says what the pipeline must do; the checks on
+//! resources are in [`verify`].
 
 pub mod cache;
 pub mod operations;
+pub mod verify;
 
 use std::fmt;
 
 use crate::fhir::request::{FhirRequest, Interaction};
-use crate::smart::scope::{Grants, Level, Perms};
+use crate::smart::scope::{Grants, Level, Perms, TypeSel};
 
 pub use operations::{OperationRule, Operations};
 
 /// Who the request acts for, beyond the scopes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Context {
-    /// The patient in context (bare id).
+    /// The patient in context (bare id): what `patient/` scopes are confined to.
     pub patient: Option<String>,
-    /// Whether `fhirUser` is a Patient (then `user/` scopes are confined like `patient/`).
-    pub user_is_patient: bool,
+    /// Whether `user/` scopes are confined (fhirUser is a Patient, or a RelatedPerson
+    /// when so configured).
+    pub user_confined: bool,
+    /// The patient `user/` scopes are confined to (the Patient user's own id).
+    pub user_patient: Option<String>,
+}
+
+impl Context {
+    /// The context of a caller: `fhir_user` is the `fhirUser` claim.
+    pub fn new(patient: Option<&str>, fhir_user: Option<&str>, related_person: bool) -> Context {
+        let user = fhir_user.and_then(|u| {
+            let mut parts = u.rsplit('/');
+            let id = parts.next()?;
+            Some((parts.next()?, id))
+        });
+        let (user_confined, user_patient) = match user {
+            Some(("Patient", id)) => (true, Some(id.to_owned())),
+            Some(("RelatedPerson", _)) if related_person => (true, patient.map(str::to_owned)),
+            _ => (false, None),
+        };
+        Context {
+            patient: patient.map(str::to_owned),
+            user_confined,
+            user_patient,
+        }
+    }
 }
 
 /// What the forward stage must do for an allowed request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
     /// Buffer FHIR JSON responses to rewrite upstream links.
     pub rewrite_links: bool,
+    /// Parameters to add to the query (or to `If-None-Exist` of a conditional create).
+    pub inject: Vec<(String, String)>,
+    /// What to verify in the response.
+    pub verify: Verify,
+    /// What to check before a write is forwarded.
+    pub write: Option<Write>,
+    /// Batch and transaction: one plan per entry.
+    pub entries: Vec<Plan>,
 }
 
 impl Plan {
@@ -45,8 +79,72 @@ impl Plan {
     pub fn pass_through() -> Plan {
         Plan {
             rewrite_links: true,
+            ..Plan::default()
         }
     }
+
+    /// Whether the pipeline has anything to do beyond forwarding and rewriting links.
+    pub fn is_pass_through(&self) -> bool {
+        self.inject.is_empty()
+            && self.verify == Verify::None
+            && self.write.is_none()
+            && self.entries.iter().all(Plan::is_pass_through)
+    }
+}
+
+/// Response verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Verify {
+    /// None needed.
+    #[default]
+    None,
+    /// One resource that must be visible to the token through a scope with one of these
+    /// letters, or the response is refused.
+    Resource(Perms),
+    /// A Bundle whose entries are each verified and removed when not visible (any other
+    /// resource is verified like `Resource`). `narrowed`: the query itself was confined,
+    /// so the upstream's `total` stays unless entries are removed.
+    Bundle {
+        /// The query was confined to what the token may see.
+        narrowed: bool,
+    },
+}
+
+/// A check before a write is forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// What to check.
+    pub check: WriteCheck,
+    /// The resource type written.
+    pub resource_type: &'static str,
+    /// The id, for instance-level writes.
+    pub id: Option<String>,
+    /// The letter the write needs.
+    pub perm: Perms,
+}
+
+impl Write {
+    fn new(check: WriteCheck, ty: &str, id: Option<String>, perm: Perms) -> Write {
+        Write {
+            check,
+            resource_type: crate::fhir::request::resource_type(ty).unwrap_or("Resource"),
+            id,
+            perm,
+        }
+    }
+}
+
+/// Which versions of a resource a write must have checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteCheck {
+    /// The body (create, conditional update).
+    Body,
+    /// The stored version (fetched first) and the body; update-as-create: the body.
+    StoredAndBody,
+    /// The stored version, and the result of applying the JSON Patch to it.
+    Patch,
+    /// The stored version (delete).
+    Stored,
 }
 
 /// Why a request is refused. The code is a stable metric label.
@@ -56,10 +154,12 @@ pub enum DenyReason {
     InsufficientScope,
     /// Only `patient/` scopes apply and the token has no patient.
     NoPatientContext,
-    /// Confined access that cannot be verified in this version.
-    CompartmentUnverified,
-    /// Includes, chains or `_has` from a token that cannot read every type they may reach.
-    IncludeUnverified,
+    /// The request or resource is outside the patient's compartment.
+    Compartment,
+    /// The request or resource is outside the granular scopes' constraints.
+    Granular,
+    /// Something the gateway cannot check for a confined or constrained token.
+    Unverifiable(&'static str),
     /// An operation not in the policy table.
     UnknownOperation,
     /// A Bundle inside a batch or transaction.
@@ -76,8 +176,9 @@ impl DenyReason {
         match self {
             DenyReason::InsufficientScope => "insufficient_scope",
             DenyReason::NoPatientContext => "no_patient_context",
-            DenyReason::CompartmentUnverified => "compartment_unverified",
-            DenyReason::IncludeUnverified => "include_unverified",
+            DenyReason::Compartment => "compartment",
+            DenyReason::Granular => "granular",
+            DenyReason::Unverifiable(_) => "unverifiable",
             DenyReason::UnknownOperation => "unknown_operation",
             DenyReason::NestedBundle => "nested_bundle",
             DenyReason::Entries(_) => "bundle_entry_denied",
@@ -93,12 +194,13 @@ impl fmt::Display for DenyReason {
             DenyReason::NoPatientContext => {
                 f.write_str("patient-level scopes need a patient in context")
             }
-            DenyReason::CompartmentUnverified => f.write_str(
-                "patient-confined access is limited to reading the patient and searching its compartment without includes, chains or _has",
-            ),
-            DenyReason::IncludeUnverified => f.write_str(
-                "includes, chains, _has and similar parameters need read and search on every type (*.rs)",
-            ),
+            DenyReason::Compartment => {
+                f.write_str("outside the compartment of the patient in context")
+            }
+            DenyReason::Granular => {
+                f.write_str("outside what the granted scopes' constraints allow")
+            }
+            DenyReason::Unverifiable(why) => write!(f, "cannot be checked: {why}"),
             DenyReason::UnknownOperation => f.write_str("this operation is not allowed"),
             DenyReason::NestedBundle => f.write_str("nested bundles are not accepted"),
             DenyReason::Entries(entries) => {
@@ -127,11 +229,58 @@ pub enum Decision {
     },
 }
 
+/// Whether a `patient/` scope reaches types outside the Patient compartment
+/// (`policy.patient_scope_non_compartment`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NonCompartment {
+    /// `patient/Medication.rs` reads any Medication (apps need them).
+    #[default]
+    Allow,
+    /// Such scopes grant nothing.
+    Deny,
+}
+
 /// The configured policy.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     /// Operation rules.
     pub operations: Operations,
+    /// `patient/` scopes on types outside the compartment.
+    pub non_compartment: NonCompartment,
+    /// Per type, the parameter injected to confine a search (`policy.compartment_param`).
+    pub compartment_params: Vec<(String, String)>,
+    /// The server's own base URLs (upstream, public, aliases), for reference matching.
+    pub bases: Vec<String>,
+}
+
+impl Policy {
+    /// Whether a confined scope on `ty` (outside the compartment) grants access. Bundles
+    /// carry other resources and are never reached this way.
+    fn non_compartment_allowed(&self, ty: &str) -> bool {
+        self.non_compartment == NonCompartment::Allow && ty != "Bundle"
+    }
+
+    /// The parameter that confines a search of `ty` to `patient`: configured, else
+    /// `patient` where the type has it, else its first compartment parameter; `_id` for
+    /// Patient.
+    pub fn compartment_param(&self, ty: &str, patient: &str) -> (String, String) {
+        if ty == "Patient" {
+            return ("_id".into(), patient.into());
+        }
+        let name = self
+            .compartment_params
+            .iter()
+            .find(|(t, _)| t == ty)
+            .map(|(_, p)| p.as_str())
+            .or_else(|| crate::fhir::search::param(ty, "patient").map(|_| "patient"))
+            .or_else(|| {
+                crate::fhir::search::compartment_paths(ty)
+                    .and_then(|ps| ps.first())
+                    .map(|(p, _)| *p)
+            })
+            .unwrap_or("patient");
+        (name.to_owned(), format!("Patient/{patient}"))
+    }
 }
 
 /// Decides one request.
@@ -142,7 +291,27 @@ pub fn authorize(grants: &Grants, ctx: &Context, req: &FhirRequest, policy: &Pol
             reason,
             needed: String::new(),
         },
-        Need::Perm { types, perm } => decide_perm(grants, ctx, req, &types, perm),
+        Need::Continue => {
+            // A paging continuation (`_getpages`, cursors): nothing to decide by, so any
+            // search permission lets it through and every entry is verified.
+            let any = crate::fhir::generated::RESOURCE_TYPES.iter().any(|t| {
+                !applicable(grants, ctx, policy, t, Perms::S, false)
+                    .0
+                    .is_empty()
+            });
+            if !any {
+                return Decision::Deny {
+                    reason: DenyReason::InsufficientScope,
+                    needed: format!("{}/*.s", level_of(grants)),
+                };
+            }
+            let mut plan = Plan::pass_through();
+            if !sees_everything(grants, ctx, policy) {
+                plan.verify = Verify::Bundle { narrowed: false };
+            }
+            Decision::Allow(plan)
+        }
+        Need::Perm { types, perm } => decide_perm(grants, ctx, req, &types, perm, policy),
     }
 }
 
@@ -150,6 +319,7 @@ pub fn authorize(grants: &Grants, ctx: &Context, req: &FhirRequest, policy: &Pol
 enum Need {
     Nothing,
     Refuse(DenyReason),
+    Continue,
     Perm { types: Types, perm: Perms },
 }
 
@@ -178,6 +348,7 @@ fn need(req: &FhirRequest, policy: &Policy) -> Need {
         Delete => perm(Perms::D),
         Create => perm(Perms::C),
         SearchType | HistoryType | SearchCompartment => perm(Perms::S),
+        SearchSystem if req.params.iter().any(|(k, _)| is_paging_token(k)) => Need::Continue,
         SearchSystem | HistorySystem => Need::Perm {
             types: type_param(req),
             perm: Perms::S,
@@ -214,6 +385,14 @@ fn need(req: &FhirRequest, policy: &Policy) -> Need {
     }
 }
 
+/// Parameters that continue a search the upstream remembers (HAPI `_getpages`, cursors).
+fn is_paging_token(k: &str) -> bool {
+    matches!(
+        k.to_ascii_lowercase().as_str(),
+        "_getpages" | "_page_token" | "_cursor"
+    )
+}
+
 /// `_type=A,B` of a system-level request, else every type.
 fn type_param(req: &FhirRequest) -> Types {
     let mut types = Vec::new();
@@ -235,83 +414,475 @@ fn type_param(req: &FhirRequest) -> Types {
     }
 }
 
+/// How one scope applies to one type.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Applies<'a> {
+    /// The patient whose compartment it is confined to, if it is.
+    pub confined_to: Option<&'a str>,
+    /// Granular constraints (all evaluable on the type); empty for none.
+    pub constraints: &'a [(String, String)],
+}
+
+/// The scopes that grant `perm` on `ty` (all of its letters, or — `any` — at least one),
+/// with their confinement and constraints; and whether a patient-confined scope would
+/// have applied but the token has no patient. `ty` is `"*"` for "every type".
+pub(crate) fn applicable<'a>(
+    grants: &'a Grants,
+    ctx: &'a Context,
+    policy: &Policy,
+    ty: &str,
+    perm: Perms,
+    any: bool,
+) -> (Vec<Applies<'a>>, bool) {
+    let mut out = Vec::new();
+    let mut no_patient = false;
+    for s in &grants.scopes {
+        let type_ok = if ty == "*" {
+            s.resource == TypeSel::Any
+        } else {
+            s.resource.matches(ty)
+        };
+        let perm_ok = if any {
+            s.perms.intersects(perm)
+        } else {
+            s.perms.contains(perm)
+        };
+        if !type_ok || !perm_ok {
+            continue;
+        }
+        let confined = match s.level {
+            Level::System => None,
+            Level::User if !ctx.user_confined => None,
+            Level::User => Some(ctx.user_patient.as_deref()),
+            Level::Patient => Some(ctx.patient.as_deref()),
+        };
+        let confined_to = match confined {
+            None => None,
+            Some(None) => {
+                no_patient = true;
+                continue;
+            }
+            Some(Some(p)) if ty == "*" || in_compartment_type(ty) => Some(p),
+            Some(Some(_)) if policy.non_compartment_allowed(ty) => None,
+            Some(Some(_)) => continue,
+        };
+        if !s.constraints.is_empty()
+            && (ty == "*"
+                || !s
+                    .constraints
+                    .iter()
+                    .all(|(k, _)| !k.contains(':') && crate::fhir::search::param(ty, k).is_some()))
+        {
+            // A constraint the gateway cannot evaluate: this scope grants nothing.
+            continue;
+        }
+        out.push(Applies {
+            confined_to,
+            constraints: &s.constraints,
+        });
+    }
+    (out, no_patient)
+}
+
+/// Whether `ty` has a patient compartment (Patient itself included).
+pub(crate) fn in_compartment_type(ty: &str) -> bool {
+    ty == "Patient" || crate::fhir::search::compartment_paths(ty).is_some()
+}
+
+/// Every applicable scope confined to one and the same patient: that patient.
+fn sole_patient<'a>(apps: &[Applies<'a>]) -> Option<&'a str> {
+    let first = apps.first()?.confined_to?;
+    apps.iter()
+        .all(|a| a.confined_to == Some(first))
+        .then_some(first)
+}
+
+/// Full access: an unconfined, unconstrained scope.
+fn full(apps: &[Applies<'_>]) -> bool {
+    apps.iter()
+        .any(|a| a.confined_to.is_none() && a.constraints.is_empty())
+}
+
+fn deny(reason: DenyReason, needed: String) -> Decision {
+    Decision::Deny { reason, needed }
+}
+
 fn decide_perm(
     grants: &Grants,
     ctx: &Context,
     req: &FhirRequest,
     types: &Types,
     perm: Perms,
+    policy: &Policy,
 ) -> Decision {
-    let covers = |level: Level| match types {
-        // Every type: only a `*` scope covers that.
-        Types::All => grants.perms(level, "*").contains(perm),
-        Types::Some(ts) => ts.iter().all(|t| grants.perms(level, t).contains(perm)),
+    let tys: Vec<&str> = match types {
+        Types::All => vec!["*"],
+        Types::Some(ts) => ts.clone(),
     };
-    // Unconfined levels first: system/, and user/ unless the user is a patient.
-    let unconfined = [Level::System, Level::User]
-        .into_iter()
-        .filter(|l| *l == Level::System || !ctx.user_is_patient)
-        .find(|l| covers(*l));
-    if let Some(level) = unconfined {
-        // Responses are not verified in this version: parameters that bring back or probe
-        // other resources are allowed only to a token that may read and search every type
-        // at this level anyway; otherwise an _include could return what it cannot read.
-        if reaches_other_resources(req)
-            && !grants.perms(level, "*").contains(Perms::R.union(Perms::S))
-        {
-            return Decision::Deny {
-                reason: DenyReason::IncludeUnverified,
-                needed: format!("{}/*.rs", level.as_str()),
+    let mut limited: Vec<(&str, Vec<Applies<'_>>)> = Vec::new();
+    for ty in &tys {
+        let (apps, no_patient) = applicable(grants, ctx, policy, ty, perm, false);
+        if apps.is_empty() {
+            let reason = if no_patient {
+                DenyReason::NoPatientContext
+            } else {
+                DenyReason::InsufficientScope
+            };
+            return deny(reason, narrowest(grants, types, perm));
+        }
+        if !full(&apps) {
+            limited.push((ty, apps));
+        }
+    }
+    // Parameters that filter by other resources must not probe what the token cannot
+    // search: every type a chain or `_has` reaches needs `s`.
+    if let Err(needed) = probe_targets(grants, ctx, policy, req) {
+        return deny(DenyReason::InsufficientScope, needed);
+    }
+    let reaches = reaches_other_resources(req);
+    if limited.is_empty() {
+        // Full access to every type asked for; what else the response may carry
+        // (includes, contained) is verified unless the token can read everything.
+        let mut plan = Plan::pass_through();
+        if reaches && !sees_everything(grants, ctx, policy) {
+            plan.verify = Verify::Bundle { narrowed: true };
+        }
+        return Decision::Allow(plan);
+    }
+    if req
+        .params
+        .iter()
+        .any(|(k, v)| k.contains(';') || v.contains(';'))
+    {
+        return deny(
+            DenyReason::Unverifiable("';' in a parameter of a confined request"),
+            String::new(),
+        );
+    }
+    if req.params.iter().any(|(k, _)| {
+        let k = k.to_ascii_lowercase();
+        k.starts_with("_filter") || k.starts_with("_query")
+    }) {
+        return deny(
+            DenyReason::Unverifiable("_filter and _query cannot be confined"),
+            String::new(),
+        );
+    }
+    let (ty, apps) = &limited[0];
+    let sole = sole_patient(apps);
+    let level_needed = || narrowest(grants, types, perm);
+    use Interaction::*;
+    let mut plan = Plan::pass_through();
+    match req.interaction {
+        Read | Vread | HistoryInstance => {
+            let id = req.id.as_deref().unwrap_or("");
+            if *ty == "Patient" && sole.is_some_and(|p| p != id) {
+                return deny(DenyReason::Compartment, String::new());
+            }
+            if *ty == "Patient" && sole == Some(id) && apps.iter().all(|a| a.constraints.is_empty())
+            {
+                return Decision::Allow(plan);
+            }
+            plan.verify = if req.interaction == HistoryInstance {
+                Verify::Bundle { narrowed: true }
+            } else {
+                Verify::Resource(Perms::R)
             };
         }
-        return Decision::Allow(Plan::pass_through());
-    }
-    let confined = covers(Level::Patient) || (ctx.user_is_patient && covers(Level::User));
-    if !confined {
-        return Decision::Deny {
-            reason: DenyReason::InsufficientScope,
-            needed: narrowest(grants, types, perm),
-        };
-    }
-    let Some(patient) = ctx.patient.as_deref() else {
-        return Decision::Deny {
-            reason: DenyReason::NoPatientContext,
-            needed: narrowest(grants, types, perm),
-        };
-    };
-    if confined_by_upstream(req, patient) {
-        Decision::Allow(Plan::pass_through())
-    } else {
-        // The token's patient/ scope already has the letter; only an unconfined one would
-        // allow this now.
-        Decision::Deny {
-            reason: DenyReason::CompartmentUnverified,
-            needed: format!(
-                "user/{}",
-                narrowest(grants, types, perm)
-                    .split_once('/')
-                    .map_or("", |(_, r)| r)
-            ),
+        SearchType | SearchCompartment => {
+            let mut narrowed = true;
+            if let Some(("Patient", id)) = req.compartment.as_ref().map(|(t, i)| (*t, i.as_str())) {
+                if sole.is_some_and(|p| p != id) {
+                    return deny(DenyReason::Compartment, String::new());
+                }
+                narrowed &= sole.is_some();
+            } else if let Some(p) = sole {
+                match names_patient(req, ty, p, &policy.bases) {
+                    Err(()) => return deny(DenyReason::Compartment, String::new()),
+                    Ok(true) => {}
+                    Ok(false) if *ty == "*" => narrowed = false,
+                    Ok(false) => plan.inject.push(policy.compartment_param(ty, p)),
+                }
+            } else if apps.iter().any(|a| a.confined_to.is_some()) {
+                narrowed = false;
+            }
+            match granular(req, apps) {
+                Err(()) => return deny(DenyReason::Granular, level_needed()),
+                Ok(Granular::None) => {}
+                Ok(Granular::Inject(extra)) => plan.inject.extend(extra),
+                Ok(Granular::Filter) => narrowed = false,
+            }
+            plan.verify = Verify::Bundle { narrowed };
         }
+        HistoryType | HistorySystem | SearchSystem => {
+            plan.verify = Verify::Bundle { narrowed: false };
+        }
+        Create => {
+            plan.write = Some(Write::new(WriteCheck::Body, ty, None, perm));
+            if req.conditional {
+                // If-None-Exist may match an existing resource, which is then returned.
+                plan.verify = Verify::Resource(Perms::C.union(Perms::R));
+                match narrowing(req, ty, apps, policy) {
+                    Ok(extra) => plan.inject = extra,
+                    Err(reason) => return deny(reason, String::new()),
+                }
+            }
+        }
+        Update | Patch | Delete if !req.conditional => {
+            let check = match req.interaction {
+                Update => WriteCheck::StoredAndBody,
+                Patch => WriteCheck::Patch,
+                _ => WriteCheck::Stored,
+            };
+            plan.write = Some(Write::new(check, ty, req.id.clone(), perm));
+        }
+        Update | Delete => {
+            // Conditional: the condition is narrowed to what the token may write, or the
+            // request is refused.
+            let extra = match narrowing(req, ty, apps, policy) {
+                Ok(extra) => extra,
+                Err(reason) => return deny(reason, String::new()),
+            };
+            plan.inject = extra;
+            if req.interaction == Update {
+                plan.write = Some(Write::new(WriteCheck::Body, ty, None, perm));
+            }
+        }
+        Patch => {
+            return deny(
+                DenyReason::Unverifiable("conditional patch of confined data"),
+                String::new(),
+            );
+        }
+        OperationSystem | OperationType | OperationInstance => {
+            let op = req.operation.as_deref().unwrap_or("");
+            if op == "export" {
+                return deny(
+                    DenyReason::Unverifiable("$export is not available to confined tokens"),
+                    String::new(),
+                );
+            }
+            if req.interaction == OperationInstance
+                && req.resource_type == Some("Patient")
+                && sole.is_some_and(|p| Some(p) != req.id.as_deref())
+            {
+                return deny(DenyReason::Compartment, String::new());
+            }
+            plan.verify = Verify::Bundle {
+                narrowed: op == "everything" && sole.is_some(),
+            };
+        }
+        Capabilities | Batch | Transaction => {}
+    }
+    Decision::Allow(plan)
+}
+
+/// Whether every resource the upstream could return is visible to the token: an
+/// unconfined, unconstrained scope with `r` or `s` on `*`.
+fn sees_everything(grants: &Grants, ctx: &Context, policy: &Policy) -> bool {
+    full(&applicable(grants, ctx, policy, "*", Perms::R.union(Perms::S), true).0)
+}
+
+/// Every type a chain (`subject:Patient.name`, `subject.organization.name`) or reverse
+/// chain (`_has:Observation:patient:code`) reaches must be searchable by the token, so a
+/// filter cannot be used as an oracle. `Err` names the scope needed.
+fn probe_targets(
+    grants: &Grants,
+    ctx: &Context,
+    policy: &Policy,
+    req: &FhirRequest,
+) -> Result<(), String> {
+    let searchable = |t: &str| {
+        !applicable(grants, ctx, policy, t, Perms::S, false)
+            .0
+            .is_empty()
+    };
+    let base = req.resource_type.unwrap_or("*");
+    for (k, _) in &req.params {
+        if let Some(rest) = k.strip_prefix("_has:") {
+            // _has:Type:ref:param (nested _has repeats the shape).
+            let mut parts = rest.split(':');
+            let t = parts.next().unwrap_or("");
+            let t = crate::fhir::request::resource_type(t).map_err(|_| format!("{t}.s"))?;
+            if !searchable(t) {
+                return Err(format!("{}/{t}.s", level_of(grants)));
+            }
+            if rest.contains(":_has:") {
+                // Nested reverse chains: each hop checked above only for the first.
+                for hop in rest.split(":_has:").skip(1) {
+                    let t = hop.split(':').next().unwrap_or("");
+                    let t = crate::fhir::request::resource_type(t).map_err(|_| format!("{t}.s"))?;
+                    if !searchable(t) {
+                        return Err(format!("{}/{t}.s", level_of(grants)));
+                    }
+                }
+            }
+            continue;
+        }
+        if !k.contains('.') {
+            continue;
+        }
+        let hops: Vec<&str> = k.split('.').collect();
+        let mut current: Vec<&str> = vec![base];
+        for hop in &hops[..hops.len() - 1] {
+            let (name, modifier) = match hop.split_once(':') {
+                Some((n, m)) => (n, Some(m)),
+                None => (*hop, None),
+            };
+            let mut next: Vec<&str> = Vec::new();
+            if let Some(m) = modifier {
+                let t = crate::fhir::request::resource_type(m).map_err(|_| format!("{m}.s"))?;
+                next.push(t);
+            } else {
+                for t in &current {
+                    let p = crate::fhir::search::param(t, name)
+                        .filter(|p| p.kind == crate::fhir::generated::ParamKind::Reference)
+                        .ok_or_else(|| format!("{}/*.s", level_of(grants)))?;
+                    next.extend(p.targets.iter().copied());
+                }
+            }
+            for t in &next {
+                if !searchable(t) {
+                    return Err(format!("{}/{t}.s", level_of(grants)));
+                }
+            }
+            current = next;
+        }
+    }
+    Ok(())
+}
+
+fn level_of(grants: &Grants) -> &'static str {
+    [Level::Patient, Level::User, Level::System]
+        .into_iter()
+        .find(|l| grants.scopes.iter().any(|s| s.level == *l))
+        .unwrap_or(Level::Patient)
+        .as_str()
+}
+
+/// Whether the query names the patient (compartment parameters, `_id` on Patient), and
+/// every patient it names is `patient`: `Ok(true)`; names none: `Ok(false)`; names
+/// another, or in a way the gateway cannot read: `Err`.
+fn names_patient(req: &FhirRequest, ty: &str, patient: &str, bases: &[String]) -> Result<bool, ()> {
+    let comp: Vec<&str> = crate::fhir::search::compartment_paths(ty)
+        .map(|ps| ps.iter().map(|(p, _)| *p).collect())
+        .unwrap_or_default();
+    let has_patient_param = crate::fhir::search::param(ty, "patient").is_some();
+    let mut named = false;
+    for (k, v) in &req.params {
+        if k.contains('.') {
+            continue;
+        }
+        let (name, modifier) = match k.split_once(':') {
+            Some((n, m)) => (n, Some(m)),
+            None => (k.as_str(), None),
+        };
+        let is_id = ty == "Patient" && name == "_id";
+        let is_comp = comp.contains(&name) || (name == "patient" && has_patient_param);
+        if !is_id && !is_comp {
+            continue;
+        }
+        match modifier {
+            None => {}
+            Some("Patient") if !is_id => {}
+            Some(_) => return Err(()),
+        }
+        for alt in v.split(',') {
+            let ok = if is_id || modifier.is_some() {
+                alt == patient
+            } else if alt.contains('/') {
+                match crate::fhir::reference::local_target(alt, bases) {
+                    Some(("Patient", id)) => id == patient,
+                    // Another type (a Practitioner performer): names no patient.
+                    Some(_) if name != "patient" => continue,
+                    _ => false,
+                }
+            } else {
+                alt == patient
+            };
+            if !ok {
+                return Err(());
+            }
+            named = true;
+        }
+    }
+    Ok(named)
+}
+
+/// What granular scopes do to a search.
+enum Granular {
+    /// No constraint applies (an unconstrained scope covers the type).
+    None,
+    /// The one applicable scope's constraints, to add to the query.
+    Inject(Vec<(String, String)>),
+    /// Several scopes apply: forward and filter.
+    Filter,
+}
+
+/// A query that carries a constrained parameter must carry an allowed value; with one
+/// applicable scope its missing constraints are injected.
+fn granular(req: &FhirRequest, apps: &[Applies<'_>]) -> Result<Granular, ()> {
+    if apps.iter().any(|a| a.constraints.is_empty()) {
+        return Ok(Granular::None);
+    }
+    for (k, v) in &req.params {
+        let constrained_by_all = apps
+            .iter()
+            .all(|a| a.constraints.iter().any(|(ck, _)| ck == k));
+        if !constrained_by_all {
+            continue;
+        }
+        for alt in v.split(',') {
+            let allowed = apps.iter().any(|a| {
+                a.constraints
+                    .iter()
+                    .any(|(ck, cv)| ck == k && cv.split(',').any(|c| c == alt))
+            });
+            if !allowed {
+                return Err(());
+            }
+        }
+    }
+    if apps.len() == 1 {
+        let extra = apps[0]
+            .constraints
+            .iter()
+            .filter(|(ck, _)| !req.params.iter().any(|(k, _)| k == ck))
+            .cloned()
+            .collect();
+        Ok(Granular::Inject(extra))
+    } else {
+        Ok(Granular::Filter)
     }
 }
 
-/// Requests whose answer the upstream itself confines to `patient`'s compartment, with
-/// nothing in them that could reach outside it.
-fn confined_by_upstream(req: &FhirRequest, patient: &str) -> bool {
-    let reaches_out = reaches_other_resources(req);
-    if reaches_out {
-        return false;
-    }
-    match req.interaction {
-        Interaction::Read | Interaction::Vread | Interaction::HistoryInstance => {
-            req.resource_type == Some("Patient") && req.id.as_deref() == Some(patient)
+/// The parameters that confine a conditional write's condition to what the token may
+/// write, or why it cannot be confined.
+fn narrowing(
+    req: &FhirRequest,
+    ty: &str,
+    apps: &[Applies<'_>],
+    policy: &Policy,
+) -> Result<Vec<(String, String)>, DenyReason> {
+    let mut extra = Vec::new();
+    if apps.iter().any(|a| a.confined_to.is_some()) {
+        let p = sole_patient(apps).ok_or(DenyReason::Unverifiable(
+            "a conditional write under several patient contexts",
+        ))?;
+        if !names_patient(req, ty, p, &policy.bases).map_err(|()| DenyReason::Compartment)? {
+            extra.push(policy.compartment_param(ty, p));
         }
-        Interaction::SearchCompartment => {
-            matches!(&req.compartment, Some(("Patient", id)) if id == patient)
-        }
-        _ => false,
     }
+    match granular(req, apps).map_err(|()| DenyReason::Granular)? {
+        Granular::None => {}
+        Granular::Inject(more) => extra.extend(more),
+        Granular::Filter => {
+            return Err(DenyReason::Unverifiable(
+                "a conditional write under several granular scopes",
+            ));
+        }
+    }
+    Ok(extra)
 }
 
 /// Whether a request's parameters can bring back, or probe, resources other than the ones
@@ -368,6 +939,7 @@ pub fn authorize_bundle(
     policy: &Policy,
 ) -> Decision {
     let mut denied = Vec::new();
+    let mut plans = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
         match entry {
             Err(()) => {
@@ -387,15 +959,18 @@ pub fn authorize_bundle(
                     needed: String::new(),
                 };
             }
-            Ok(req) => {
-                if let Decision::Deny { reason, needed } = authorize(grants, ctx, req, policy) {
-                    denied.push((i, reason, needed));
-                }
-            }
+            Ok(req) => match authorize(grants, ctx, req, policy) {
+                Decision::Deny { reason, needed } => denied.push((i, reason, needed)),
+                Decision::Allow(plan) => plans.push(plan),
+            },
         }
     }
     if denied.is_empty() {
-        Decision::Allow(Plan::pass_through())
+        let mut plan = Plan::pass_through();
+        if !plans.iter().all(Plan::is_pass_through) {
+            plan.entries = plans;
+        }
+        Decision::Allow(plan)
     } else {
         let needed = denied
             .iter()

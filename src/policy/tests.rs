@@ -21,7 +21,7 @@ fn decide(scopes: &str, patient: Option<&str>, method: &str, path: &str) -> Deci
     let grants = Grants::parse(scopes.split_whitespace());
     let ctx = Context {
         patient: patient.map(str::to_owned),
-        user_is_patient: false,
+        ..Context::default()
     };
     authorize(&grants, &ctx, &req(method, path), &Policy::default())
 }
@@ -220,97 +220,387 @@ fn patient_scope_needs_patient() {
     ));
 }
 
-/// Until compartment verification exists, patient/ access is limited to what the upstream
-/// confines itself: the patient's own record and its compartment searches.
+fn plan(scopes: &str, patient: Option<&str>, method: &str, path: &str) -> Plan {
+    match decide(scopes, patient, method, path) {
+        Decision::Allow(p) => p,
+        d => panic!("{scopes} {method} {path}: {d:?}"),
+    }
+}
+
+fn reason(scopes: &str, patient: Option<&str>, method: &str, path: &str) -> DenyReason {
+    match decide(scopes, patient, method, path) {
+        Decision::Deny { reason, .. } => reason,
+        d => panic!("{scopes} {method} {path}: allowed {d:?}"),
+    }
+}
+
+fn inject(k: &str, v: &str) -> Vec<(String, String)> {
+    vec![(k.into(), v.into())]
+}
+
+/// Rule 4: confined reads are verified on the response; the patient's own record passes
+/// as is; another Patient is refused before anything is forwarded; types outside the
+/// compartment follow `patient_scope_non_compartment`.
 #[test]
-fn patient_scope_confinement_interim() {
+fn confined_reads() {
     let p = Some("123");
-    assert!(allowed(&decide(
-        "patient/Patient.r",
-        p,
-        "GET",
-        "/Patient/123"
-    )));
-    assert!(!allowed(&decide(
-        "patient/Patient.r",
-        p,
-        "GET",
-        "/Patient/456"
-    )));
-    assert!(allowed(&decide(
-        "patient/Observation.s",
-        p,
-        "GET",
-        "/Patient/123/Observation?code=x"
-    )));
-    assert!(!allowed(&decide(
-        "patient/Observation.s",
-        p,
-        "GET",
-        "/Patient/456/Observation"
-    )));
-    for leak in [
-        "/Patient/123/Observation?_include=Observation:subject",
-        "/Patient/123/Observation?_revinclude=Provenance:target",
-        "/Patient/123/Observation?subject:Patient.name=x",
-        "/Patient/123/Observation?_has:Observation:patient:code=x",
-        "/Observation?patient=123",
-        "/Observation/1",
-        "/Patient/123/Observation?_INCLUDE=Observation:performer",
-        "/Patient/123/Observation?code=x;_include=Observation:performer",
-        "/Patient/123/Observation?_filter=performer:Practitioner.name%20eq%20x",
-        "/Patient/123/Observation?_query=everything-for-everyone",
-        "/Patient/123/Observation?_contained=true",
-    ] {
-        let d = decide("patient/*.rs", p, "GET", leak);
-        assert!(
-            matches!(
-                d,
-                Decision::Deny {
-                    reason: DenyReason::CompartmentUnverified,
-                    ..
-                }
-            ),
-            "{leak}: {d:?}"
+    assert!(plan("patient/Patient.r", p, "GET", "/Patient/123").is_pass_through());
+    assert_eq!(
+        reason("patient/Patient.r", p, "GET", "/Patient/456"),
+        DenyReason::Compartment
+    );
+    assert_eq!(
+        reason("patient/Patient.r", p, "GET", "/Patient/1234"),
+        DenyReason::Compartment,
+        "no prefix matching"
+    );
+    for path in ["/Observation/1", "/Observation/1/_history/2"] {
+        assert_eq!(
+            plan("patient/Observation.r", p, "GET", path).verify,
+            Verify::Resource(Perms::R),
+            "{path}"
         );
     }
-    // Writes and $export under patient/ are refused.
-    assert!(!allowed(&decide(
-        "patient/*.cruds",
-        p,
-        "POST",
-        "/Observation"
-    )));
-    assert!(!allowed(&decide("patient/*.cruds", p, "GET", "/$export")));
-    // A Patient user's user/ scopes are confined the same way.
-    let grants = Grants::parse(["user/*.rs"]);
-    let ctx = Context {
-        patient: Some("123".into()),
-        user_is_patient: true,
+    assert_eq!(
+        plan("patient/Observation.r", p, "GET", "/Observation/1/_history").verify,
+        Verify::Bundle { narrowed: true }
+    );
+    assert!(plan("patient/Medication.r", p, "GET", "/Medication/1").is_pass_through());
+    let deny_policy = Policy {
+        non_compartment: NonCompartment::Deny,
+        ..Policy::default()
     };
+    let grants = Grants::parse(["patient/Medication.r"]);
+    let ctx = Context::new(p, None, false);
     assert!(!allowed(&authorize(
         &grants,
         &ctx,
-        &req("GET", "/Observation"),
-        &Policy::default()
+        &req("GET", "/Medication/1"),
+        &deny_policy
     )));
-    assert!(allowed(&authorize(
+    // An unconfined scope for the type needs no verification.
+    assert!(
+        plan(
+            "patient/Observation.r user/Observation.r",
+            p,
+            "GET",
+            "/Observation/1"
+        )
+        .is_pass_through()
+    );
+}
+
+/// Rule 5: a search names only the context patient, or gets the narrowest compartment
+/// parameter injected; every response is verified.
+#[test]
+fn confined_searches() {
+    let p = Some("123");
+    let s = "patient/Observation.rs";
+    let pl = plan(s, p, "GET", "/Observation?code=x");
+    assert_eq!(pl.inject, inject("patient", "Patient/123"));
+    assert_eq!(pl.verify, Verify::Bundle { narrowed: true });
+    for named in [
+        "/Observation?patient=123",
+        "/Observation?patient=Patient/123",
+        "/Observation?subject=Patient/123&code=x",
+        "/Observation?subject:Patient=123",
+        "/Patient/123/Observation?code=x",
+    ] {
+        let pl = plan(s, p, "GET", named);
+        assert!(pl.inject.is_empty(), "{named}");
+        assert_eq!(pl.verify, Verify::Bundle { narrowed: true }, "{named}");
+    }
+    for hostile in [
+        "/Observation?patient=123,456",
+        "/Observation?patient=456",
+        "/Observation?patient=12",
+        "/Observation?patient=123&subject=Patient/456",
+        "/Observation?subject:Patient=456",
+        "/Observation?subject:Group=1",
+        "/Observation?patient:missing=true",
+        "/Patient/456/Observation",
+    ] {
+        assert_eq!(
+            reason(s, p, "GET", hostile),
+            DenyReason::Compartment,
+            "{hostile}"
+        );
+    }
+    // A Practitioner performer names no patient: the patient is still injected.
+    assert_eq!(
+        plan(s, p, "GET", "/Observation?performer=Practitioner/7").inject,
+        inject("patient", "Patient/123")
+    );
+    // Patient searches are confined by _id.
+    assert_eq!(
+        plan("patient/Patient.rs", p, "GET", "/Patient?name=x").inject,
+        inject("_id", "123")
+    );
+    assert!(
+        plan("patient/Patient.rs", p, "GET", "/Patient?_id=123")
+            .inject
+            .is_empty()
+    );
+    assert_eq!(
+        reason("patient/Patient.rs", p, "GET", "/Patient?_id=123,456"),
+        DenyReason::Compartment
+    );
+    // Types without a `patient` parameter get their compartment parameter.
+    assert_eq!(
+        plan("patient/AdverseEvent.rs", p, "GET", "/AdverseEvent").inject,
+        inject("subject", "Patient/123")
+    );
+    // Includes and paging continuations are verified, not refused.
+    for path in [
+        "/Observation?_include=Observation:subject",
+        "/Observation?_revinclude=Provenance:target",
+        "/Observation?_include:iterate=Observation:has-member",
+    ] {
+        let pl = plan(s, p, "GET", path);
+        assert_eq!(pl.inject, inject("patient", "Patient/123"), "{path}");
+        assert_eq!(pl.verify, Verify::Bundle { narrowed: true }, "{path}");
+    }
+    assert_eq!(
+        plan(s, p, "GET", "?_getpages=abc&_getpagesoffset=20").verify,
+        Verify::Bundle { narrowed: false }
+    );
+    assert_eq!(
+        reason("patient/Observation.c", p, "GET", "?_getpages=abc"),
+        DenyReason::InsufficientScope
+    );
+    // History cannot be narrowed by parameters: verified entry by entry, no total.
+    assert_eq!(
+        plan(s, p, "GET", "/Observation/_history").verify,
+        Verify::Bundle { narrowed: false }
+    );
+    // What cannot be confined is refused.
+    for path in [
+        "/Observation?_filter=subject%20eq%20Patient/456",
+        "/Observation?_query=everything",
+        "/Observation?code=x;patient=456",
+    ] {
+        assert!(
+            matches!(reason(s, p, "GET", path), DenyReason::Unverifiable(_)),
+            "{path}"
+        );
+    }
+}
+
+/// Chains and `_has` may only filter by types the token can search (no oracle).
+#[test]
+fn chains_need_search_on_their_targets() {
+    let p = Some("123");
+    assert_eq!(
+        decide(
+            "patient/Observation.rs",
+            p,
+            "GET",
+            "/Observation?subject:Patient.name=x"
+        ),
+        Decision::Deny {
+            reason: DenyReason::InsufficientScope,
+            needed: "patient/Patient.s".into()
+        }
+    );
+    let pl = plan(
+        "patient/Observation.rs patient/Patient.rs",
+        p,
+        "GET",
+        "/Observation?subject:Patient.name=x",
+    );
+    assert_eq!(pl.inject, inject("patient", "Patient/123"));
+    // Without a type modifier every target of the reference counts (Group, Device, …).
+    assert!(!allowed(&decide(
+        "patient/Observation.rs patient/Patient.rs",
+        p,
+        "GET",
+        "/Observation?subject.name=x"
+    )));
+    assert!(!allowed(&decide(
+        "patient/Patient.rs",
+        p,
+        "GET",
+        "/Patient?_has:Observation:patient:code=x"
+    )));
+    assert_eq!(
+        plan(
+            "patient/Patient.rs patient/Observation.rs",
+            p,
+            "GET",
+            "/Patient?_has:Observation:patient:code=x"
+        )
+        .inject,
+        inject("_id", "123")
+    );
+    // Unconfined tokens alike: an include is verified, a chain to an unsearchable type
+    // refused; a token that sees everything needs neither.
+    assert_eq!(
+        plan(
+            "user/Observation.rs",
+            None,
+            "GET",
+            "/Observation?_include=Observation:subject"
+        )
+        .verify,
+        Verify::Bundle { narrowed: true }
+    );
+    assert!(!allowed(&decide(
+        "user/Observation.rs",
+        None,
+        "GET",
+        "/Observation?subject:Patient.name=x"
+    )));
+    assert!(
+        plan(
+            "user/*.rs",
+            None,
+            "GET",
+            "/Observation?_include=Observation:subject"
+        )
+        .is_pass_through()
+    );
+}
+
+/// Rule 6: writes are checked before forwarding, with the stored version where one
+/// exists; conditional writes are narrowed or refused.
+#[test]
+fn confined_writes() {
+    let p = Some("123");
+    let s = "patient/Observation.cruds";
+    let w = |method: &str, path: &str| plan(s, p, method, path).write.map(|w| w.check);
+    assert_eq!(w("POST", "/Observation"), Some(WriteCheck::Body));
+    assert_eq!(w("PUT", "/Observation/1"), Some(WriteCheck::StoredAndBody));
+    assert_eq!(w("PATCH", "/Observation/1"), Some(WriteCheck::Patch));
+    assert_eq!(w("DELETE", "/Observation/1"), Some(WriteCheck::Stored));
+    let pl = plan(s, p, "DELETE", "/Observation?code=x");
+    assert_eq!(pl.inject, inject("patient", "Patient/123"));
+    let pl = plan(s, p, "PUT", "/Observation?code=x");
+    assert_eq!(pl.inject, inject("patient", "Patient/123"));
+    assert_eq!(pl.write.map(|w| w.check), Some(WriteCheck::Body));
+    assert!(matches!(
+        reason(s, p, "PATCH", "/Observation?code=x"),
+        DenyReason::Unverifiable(_)
+    ));
+    assert_eq!(
+        reason(s, p, "DELETE", "/Observation?patient=456"),
+        DenyReason::Compartment
+    );
+    // Operations: $everything only on the context patient; $export never.
+    let pl = plan("patient/*.rs", p, "GET", "/Patient/123/$everything");
+    assert_eq!(pl.verify, Verify::Bundle { narrowed: true });
+    assert_eq!(
+        reason("patient/*.rs", p, "GET", "/Patient/456/$everything"),
+        DenyReason::Compartment
+    );
+    for export in ["/$export", "/Patient/$export", "/Group/1/$export"] {
+        assert!(
+            !allowed(&decide("patient/*.rs", p, "GET", export)),
+            "{export}"
+        );
+    }
+}
+
+/// A Patient user's user/ scopes are confined like patient/ scopes, to the user.
+#[test]
+fn patient_user_confined() {
+    let grants = Grants::parse(["user/*.rs"]);
+    let ctx = Context::new(None, Some("https://fhir.example.org/Patient/77"), false);
+    let pol = Policy::default();
+    let d = authorize(&grants, &ctx, &req("GET", "/Observation"), &pol);
+    assert!(matches!(&d, Decision::Allow(p) if p.inject == inject("patient", "Patient/77")));
+    assert!(!allowed(&authorize(
         &grants,
         &ctx,
         &req("GET", "/Patient/123"),
-        &Policy::default()
+        &pol
     )));
+    // A RelatedPerson is confined to the patient in context only when configured.
+    let rp = Context::new(Some("5"), Some("RelatedPerson/9"), false);
+    assert!(
+        authorize(&grants, &rp, &req("GET", "/Patient/123"), &pol)
+            == Decision::Allow(Plan::pass_through())
+    );
+    let rp = Context::new(Some("5"), Some("RelatedPerson/9"), true);
+    assert!(!allowed(&authorize(
+        &grants,
+        &rp,
+        &req("GET", "/Patient/123"),
+        &pol
+    )));
+    let practitioner = Context::new(Some("5"), Some("Practitioner/9"), false);
+    assert!(
+        authorize(&grants, &practitioner, &req("GET", "/Observation"), &pol)
+            == Decision::Allow(Plan::pass_through())
+    );
 }
 
-/// Granular scopes grant nothing until they can be verified (fail closed).
+/// Rule 7: granular scopes — an allowed value passes, a different one is refused, none
+/// gets the one constraint injected; several scopes are filtered; what cannot be
+/// evaluated grants nothing.
 #[test]
-fn granular_scopes_fail_closed() {
-    assert!(!allowed(&decide(
-        "system/Observation.rs?category=laboratory",
+fn granular_scopes() {
+    let lab = "user/Observation.rs?category=laboratory";
+    let pl = plan(lab, None, "GET", "/Observation?category=laboratory");
+    assert!(pl.inject.is_empty());
+    assert_eq!(pl.verify, Verify::Bundle { narrowed: true });
+    assert_eq!(
+        reason(lab, None, "GET", "/Observation?category=vital-signs"),
+        DenyReason::Granular
+    );
+    assert_eq!(
+        reason(
+            lab,
+            None,
+            "GET",
+            "/Observation?category=laboratory,vital-signs"
+        ),
+        DenyReason::Granular
+    );
+    assert_eq!(
+        plan(lab, None, "GET", "/Observation?code=x").inject,
+        inject("category", "laboratory")
+    );
+    let two = "user/Observation.rs?category=laboratory user/Observation.rs?category=vital-signs";
+    let pl = plan(two, None, "GET", "/Observation?code=x");
+    assert!(pl.inject.is_empty());
+    assert_eq!(pl.verify, Verify::Bundle { narrowed: false });
+    assert!(allowed(&decide(
+        two,
         None,
         "GET",
-        "/Observation?category=laboratory"
+        "/Observation?category=laboratory,vital-signs"
     )));
+    // Reads are verified.
+    assert_eq!(
+        plan(lab, None, "GET", "/Observation/1").verify,
+        Verify::Resource(Perms::R)
+    );
+    // Modifiers and parameters the gateway cannot evaluate grant nothing.
+    for bad in [
+        "user/Observation.rs?code:in=http://vs",
+        "user/Observation.rs?value-quantity=5",
+        "user/Observation.rs?nonsense=1",
+    ] {
+        assert_eq!(
+            reason(bad, None, "GET", "/Observation?code=x"),
+            DenyReason::InsufficientScope,
+            "{bad}"
+        );
+    }
+    // Confined and granular at once: both injected.
+    let pl = plan(
+        "patient/Observation.rs?category=laboratory",
+        Some("123"),
+        "GET",
+        "/Observation",
+    );
+    assert_eq!(
+        pl.inject,
+        vec![
+            ("patient".to_owned(), "Patient/123".to_owned()),
+            ("category".to_owned(), "laboratory".to_owned())
+        ]
+    );
 }
 
 /// Operations: the table's rules, and anything else denied.
@@ -466,6 +756,7 @@ fn configured_operations() {
             row("ping", "system", None, "open"),
         ])
         .unwrap(),
+        ..Policy::default()
     };
     let grants = Grants::parse(["system/*.cruds"]);
     let ctx = Context::default();
@@ -491,39 +782,4 @@ fn configured_operations() {
         authorize(&none, &ctx, &req("GET", "/Observation/$lastn"), &policy),
         Decision::Allow(_)
     ));
-}
-
-/// Responses are not verified yet, so an unconfined search may carry includes, chains or
-/// _has only when the token can read and search every type: otherwise _include would
-/// return resources of types it has no scope for.
-#[test]
-fn includes_need_every_type_unconfined() {
-    for leak in [
-        "/Observation?_include=Observation:subject",
-        "/Observation?_revinclude=Provenance:target",
-        "/Observation?_INCLUDE=Observation:subject",
-        "/Observation?subject:Patient.name=x",
-        "/Observation?_has:Observation:patient:code=x",
-        "/Observation?code=x;_include=Observation:subject",
-        "/Observation?_filter=subject.name%20eq%20x",
-    ] {
-        let d = decide("user/Observation.rs", None, "GET", leak);
-        assert_eq!(
-            d,
-            Decision::Deny {
-                reason: DenyReason::IncludeUnverified,
-                needed: "user/*.rs".into()
-            },
-            "{leak}"
-        );
-        assert!(allowed(&decide("user/*.rs", None, "GET", leak)), "{leak}");
-        assert!(allowed(&decide("system/*.rs", None, "GET", leak)), "{leak}");
-    }
-    // Plain searches are unaffected.
-    assert!(allowed(&decide(
-        "user/Observation.rs",
-        None,
-        "GET",
-        "/Observation?code=x&_count=10"
-    )));
 }

@@ -60,6 +60,11 @@ impl Perms {
         self.0 & other.0 == other.0
     }
 
+    /// Whether any letter of `other` is in `self`.
+    pub const fn intersects(self, other: Perms) -> bool {
+        self.0 & other.0 != 0
+    }
+
     /// Whether no letter is set.
     pub const fn is_empty(self) -> bool {
         self.0 == 0

@@ -1,0 +1,267 @@
+//! Evaluating search parameters on a resource, the way a FHIR server would match it:
+//! the element paths of the generated SearchParameter table, token values (FHIR R4
+//! search.html#token) and references (search.html#reference). Only what the gateway can
+//! evaluate exactly; anything else answers `None` ("cannot tell"), never `true`.
+
+use serde_json::Value;
+
+use super::generated::{PATIENT_COMPARTMENT_PATHS, ParamKind, SEARCH_PARAMS, SearchParam};
+use super::reference::local_target;
+
+/// The search parameter `code` of `ty`, if the gateway can evaluate it.
+pub fn param(ty: &str, code: &str) -> Option<&'static SearchParam> {
+    let i = SEARCH_PARAMS.binary_search_by(|(t, _)| (*t).cmp(ty)).ok()?;
+    let params = SEARCH_PARAMS[i].1;
+    params
+        .binary_search_by(|p| p.code.cmp(code))
+        .ok()
+        .map(|j| &params[j])
+}
+
+/// Whether `ty` is in the Patient compartment, and by which element paths.
+pub fn compartment_paths(ty: &str) -> Option<&'static [(&'static str, &'static [&'static str])]> {
+    PATIENT_COMPARTMENT_PATHS
+        .binary_search_by(|(t, _)| (*t).cmp(ty))
+        .ok()
+        .map(|i| PATIENT_COMPARTMENT_PATHS[i].1)
+}
+
+/// Every value at a dotted element path, arrays flattened at every step.
+pub fn values_at<'a>(resource: &'a Value, path: &str, out: &mut Vec<&'a Value>) {
+    let mut current: Vec<&Value> = vec![resource];
+    for seg in path.split('.') {
+        let mut next = Vec::new();
+        for v in current {
+            match v.get(seg) {
+                Some(Value::Array(items)) => next.extend(items.iter()),
+                Some(Value::Null) | None => {}
+                Some(x) => next.push(x),
+            }
+        }
+        current = next;
+    }
+    out.extend(current);
+}
+
+/// The bare ids of the patients a resource of type `ty` is in the compartment of: the
+/// local `Patient/[id]` references at its compartment paths (for a Patient, its own id).
+pub fn compartment_patients<'a>(ty: &str, resource: &'a Value, bases: &[String]) -> Vec<&'a str> {
+    let mut ids = Vec::new();
+    if ty == "Patient" {
+        if let Some(id) = resource.get("id").and_then(Value::as_str) {
+            ids.push(id);
+        }
+        return ids;
+    }
+    let Some(params) = compartment_paths(ty) else {
+        return ids;
+    };
+    let mut elems = Vec::new();
+    for (_, paths) in params {
+        for path in *paths {
+            values_at(resource, path, &mut elems);
+        }
+    }
+    for e in elems {
+        if let Some(("Patient", id)) = e
+            .get("reference")
+            .and_then(Value::as_str)
+            .and_then(|r| local_target(r, bases))
+            && !ids.contains(&id)
+        {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+/// Whether a resource of type `ty` is in `patient`'s compartment. Types outside the
+/// compartment are never in it.
+pub fn in_compartment(ty: &str, resource: &Value, patient: &str, bases: &[String]) -> bool {
+    compartment_patients(ty, resource, bases).contains(&patient)
+}
+
+/// Whether `resource` (of type `ty`) matches `code=value` — `Some(true/false)` — or the
+/// gateway cannot evaluate it (`None`: unknown parameter, modifier, unsupported type).
+/// `value` may be a comma list (any of).
+pub fn matches(
+    ty: &str,
+    resource: &Value,
+    code: &str,
+    value: &str,
+    bases: &[String],
+) -> Option<bool> {
+    if code.contains(':') || code.contains('.') {
+        return None;
+    }
+    let p = param(ty, code)?;
+    let mut elems = Vec::new();
+    for path in p.paths {
+        values_at(resource, path, &mut elems);
+    }
+    let mut any = false;
+    for alt in value.split(',') {
+        if alt.is_empty() {
+            return None;
+        }
+        let hit = match p.kind {
+            ParamKind::Token => {
+                let want = parse_token(alt);
+                elems.iter().any(|e| token_matches(e, &want))
+            }
+            ParamKind::Reference => {
+                let want = parse_reference(alt, bases)?;
+                elems.iter().any(|e| {
+                    e.get("reference")
+                        .and_then(Value::as_str)
+                        .and_then(|r| local_target(r, bases))
+                        .is_some_and(|(t, id)| id == want.1 && want.0.is_none_or(|w| w == t))
+                })
+            }
+        };
+        any |= hit;
+    }
+    Some(any)
+}
+
+/// A token query value: `code`, `system|code`, `|code` (no system), `system|`.
+struct Token<'a> {
+    /// `None`: any system; `Some("")`: no system.
+    system: Option<&'a str>,
+    /// `None`: any code (`system|`).
+    code: Option<&'a str>,
+}
+
+fn parse_token(v: &str) -> Token<'_> {
+    match v.split_once('|') {
+        None => Token {
+            system: None,
+            code: Some(v),
+        },
+        Some((s, "")) => Token {
+            system: Some(s),
+            code: None,
+        },
+        Some((s, c)) => Token {
+            system: Some(s),
+            code: Some(c),
+        },
+    }
+}
+
+/// Whether an element (code, boolean, Coding, CodeableConcept, Identifier, ContactPoint)
+/// matches a token.
+fn token_matches(e: &Value, want: &Token<'_>) -> bool {
+    let pair = |system: Option<&str>, code: Option<&str>| -> bool {
+        let system_ok = match want.system {
+            None => true,
+            Some("") => system.is_none(),
+            Some(s) => system == Some(s),
+        };
+        let code_ok = match want.code {
+            None => true,
+            Some(c) => code == Some(c),
+        };
+        system_ok && code_ok && (want.code.is_none() || code.is_some())
+    };
+    match e {
+        Value::String(s) => pair(None, Some(s)),
+        Value::Bool(b) => pair(None, Some(if *b { "true" } else { "false" })),
+        Value::Object(o) => {
+            if let Some(Value::Array(codings)) = o.get("coding") {
+                return codings.iter().any(|c| token_matches(c, want));
+            }
+            let system = o.get("system").and_then(Value::as_str);
+            // Coding.code; Identifier.value and ContactPoint.value.
+            let code = o
+                .get("code")
+                .or_else(|| o.get("value"))
+                .and_then(Value::as_str);
+            pair(system, code)
+        }
+        _ => false,
+    }
+}
+
+/// A reference query value: `Type/id`, an absolute URL under a local base, or a bare id.
+fn parse_reference<'a>(v: &'a str, bases: &[String]) -> Option<(Option<&'a str>, &'a str)> {
+    if v.contains('/') {
+        let (t, id) = local_target(v, bases)?;
+        Some((Some(t), id))
+    } else {
+        super::is_id(v).then_some((None, v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn bases() -> Vec<String> {
+        vec!["http://up/fhir".into()]
+    }
+
+    fn obs() -> Value {
+        json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "1234-5"}], "text": "x"},
+            "subject": {"reference": "Patient/123"},
+            "performer": [{"reference": "Practitioner/7"}, {"reference": "http://up/fhir/Patient/9"}]
+        })
+    }
+
+    #[test]
+    fn token_forms() {
+        let o = obs();
+        let cat = "http://terminology.hl7.org/CodeSystem/observation-category";
+        let b = bases();
+        let m = |code: &str, v: &str| matches("Observation", &o, code, v, &b);
+        assert_eq!(m("category", "laboratory"), Some(true));
+        assert_eq!(m("category", &format!("{cat}|laboratory")), Some(true));
+        assert_eq!(m("category", &format!("{cat}|")), Some(true));
+        assert_eq!(m("category", "|laboratory"), Some(false), "has a system");
+        assert_eq!(m("category", "vital-signs"), Some(false));
+        assert_eq!(m("category", "vital-signs,laboratory"), Some(true));
+        assert_eq!(m("category", "http://other|laboratory"), Some(false));
+        assert_eq!(m("status", "final"), Some(true));
+        assert_eq!(m("status", "amended"), Some(false));
+        assert_eq!(m("code", "http://loinc.org|1234-5"), Some(true));
+        // What cannot be evaluated says so.
+        assert_eq!(m("code:in", "http://vs"), None);
+        assert_eq!(m("value-quantity", "5"), None);
+        assert_eq!(m("nonsense", "5"), None);
+        assert_eq!(m("subject.name", "x"), None);
+    }
+
+    #[test]
+    fn references_and_compartment() {
+        let o = obs();
+        let b = bases();
+        let m = |code: &str, v: &str| matches("Observation", &o, code, v, &b);
+        assert_eq!(m("subject", "Patient/123"), Some(true));
+        assert_eq!(m("subject", "123"), Some(true));
+        assert_eq!(m("subject", "Patient/12"), Some(false));
+        assert_eq!(m("patient", "http://up/fhir/Patient/123"), Some(true));
+        assert_eq!(m("performer", "Practitioner/7"), Some(true));
+        let mut ids = compartment_patients("Observation", &o, &b);
+        ids.sort();
+        assert_eq!(ids, vec!["123", "9"]);
+        assert!(in_compartment("Observation", &o, "9", &b));
+        assert!(!in_compartment("Observation", &o, "12", &b));
+        let p = json!({"resourceType": "Patient", "id": "123", "link": [{"other": {"reference": "Patient/456"}}]});
+        assert!(in_compartment("Patient", &p, "123", &b));
+        assert!(
+            !in_compartment("Patient", &p, "456", &b),
+            "link not followed"
+        );
+        assert!(!in_compartment(
+            "Medication",
+            &json!({"id": "123"}),
+            "123",
+            &b
+        ));
+    }
+}

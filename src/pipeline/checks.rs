@@ -1,0 +1,353 @@
+//! Checks that need the upstream before a write is forwarded (DESIGN.md: nothing reaches
+//! the upstream that the token could not have written directly): the body of a create or
+//! update, the stored version of an update, patch or delete (fetched first), the result
+//! of a JSON Patch; and the same for every entry of a batch or transaction. The write is
+//! then sent with `If-Match` of the version that was checked, so a concurrent change makes
+//! it fail instead of slipping through.
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+
+use super::{buffer, limited, upstream_failed};
+use crate::auth::Principal;
+use crate::body::{BoxBody, empty, full};
+use crate::error::{Denial, GatewayError};
+use crate::policy::verify::Viewer;
+use crate::policy::{DenyReason, Plan, Write, WriteCheck};
+use crate::proxy::headers::ClientSide;
+use crate::state::{Shared, Snapshot};
+
+/// What the checks need to reach the upstream.
+pub(super) struct Fetcher<'a> {
+    pub shared: &'a Shared,
+    pub snap: &'a Snapshot,
+    pub worker: usize,
+    pub client: &'a ClientSide,
+    pub request_id: &'a HeaderValue,
+    pub principal: &'a Principal,
+}
+
+/// A stored resource and the version that was read.
+struct Stored {
+    resource: Value,
+    version: Option<String>,
+}
+
+impl Fetcher<'_> {
+    /// `GET [type]/[id]` from the upstream: the resource and its version, `None` when it
+    /// does not exist (404, 410).
+    async fn fetch(&self, ty: &str, id: &str) -> Result<Option<Stored>, GatewayError> {
+        let uri = self.snap.upstream.uri_for(&format!("/{ty}/{id}"))?;
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .header(header::ACCEPT, "application/fhir+json")
+            .body(empty())
+            .map_err(|_| GatewayError::Internal)?;
+        let identity = super::identity(self.snap, Some(self.principal));
+        let (resp, _) = self
+            .snap
+            .upstream
+            .send(self.worker, req, self.client, self.request_id, &identity)
+            .await
+            .map_err(|f| upstream_failed(self.shared, f).to_error())?;
+        match resp.status() {
+            StatusCode::NOT_FOUND | StatusCode::GONE => return Ok(None),
+            s if s.is_success() => {}
+            _ => {
+                return Err(GatewayError::UpstreamInvalid(
+                    "the stored version could not be read to check the write",
+                ));
+            }
+        }
+        let etag = resp
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .and_then(etag_version);
+        let limit = self.snap.config.upstream.max_response_buffer.0;
+        let bytes = limited(resp.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|_| GatewayError::UpstreamInvalid("the stored version could not be read"))?
+            .to_bytes();
+        let resource: Value = serde_json::from_slice(&bytes)
+            .map_err(|_| GatewayError::UpstreamInvalid("the stored version is not JSON"))?;
+        let version = etag.or_else(|| resource["meta"]["versionId"].as_str().map(str::to_owned));
+        Ok(Some(Stored { resource, version }))
+    }
+
+    fn viewer<'v>(&'v self, ctx: &'v crate::policy::Context) -> Viewer<'v> {
+        Viewer {
+            grants: &self.principal.grants,
+            ctx,
+            policy: &self.snap.policy,
+        }
+    }
+
+    /// Checks a single write; returns the request to forward (body put back, `If-Match`
+    /// set to the version checked).
+    pub async fn write(
+        &self,
+        w: &Write,
+        req: Request<BoxBody>,
+    ) -> Result<Request<BoxBody>, GatewayError> {
+        let ctx = super::authorize::context(self.snap, self.principal);
+        let viewer = self.viewer(&ctx);
+        let ty = w.resource_type;
+        let (mut req, bytes) = buffer(self.snap, req).await?;
+        let deny = |r: DenyReason| forbidden(self.shared, r);
+        match w.check {
+            WriteCheck::Body | WriteCheck::StoredAndBody => {
+                let body = json_body(req.headers(), &bytes)?;
+                viewer.check_write(ty, &body, w.perm).map_err(deny)?;
+            }
+            WriteCheck::Patch => {
+                if !media_type_is(req.headers(), "application/json-patch+json") {
+                    return Err(GatewayError::UnsupportedMediaType(
+                        "only JSON Patch (application/json-patch+json) can be checked",
+                    ));
+                }
+            }
+            WriteCheck::Stored => {}
+        }
+        if w.check == WriteCheck::Body {
+            return Ok(req);
+        }
+        let id = w.id.as_deref().ok_or(GatewayError::Internal)?;
+        let Some(stored) = self.fetch(ty, id).await? else {
+            // Nothing stored: an update creates (its body was checked); a delete or
+            // patch has nothing to act on and the upstream says so.
+            return Ok(req);
+        };
+        viewer
+            .check_write(ty, &stored.resource, w.perm)
+            .map_err(deny)?;
+        if w.check == WriteCheck::Patch {
+            let patch: json_patch::Patch = serde_json::from_slice(&bytes)
+                .map_err(|_| GatewayError::BadRequest("the JSON Patch is malformed"))?;
+            let mut result = stored.resource.clone();
+            json_patch::patch(&mut result, &patch)
+                .map_err(|_| GatewayError::BadRequest("the JSON Patch does not apply"))?;
+            viewer.check_write(ty, &result, w.perm).map_err(deny)?;
+        }
+        pin_version(req.headers_mut(), stored.version.as_deref())?;
+        Ok(req)
+    }
+
+    /// Checks and narrows a batch or transaction entry by entry with the plans the
+    /// policy made; returns the request with the (possibly rewritten) Bundle.
+    pub async fn bundle(
+        &self,
+        plans: &[Plan],
+        req: Request<BoxBody>,
+    ) -> Result<Request<BoxBody>, GatewayError> {
+        let ctx = super::authorize::context(self.snap, self.principal);
+        let viewer = self.viewer(&ctx);
+        let (req, bytes) = buffer(self.snap, req).await?;
+        let mut bundle: Value = serde_json::from_slice(&bytes)
+            .map_err(|_| GatewayError::BadRequest("the posted Bundle is not JSON"))?;
+        let mut changed = false;
+        let deny_entry = |i: usize, r: DenyReason| {
+            forbidden(
+                self.shared,
+                DenyReason::Entries(vec![(i, r, String::new())]),
+            )
+        };
+        let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) else {
+            return Ok(req);
+        };
+        for (i, (entry, plan)) in entries.iter_mut().zip(plans).enumerate() {
+            if !plan.inject.is_empty() {
+                let request = &mut entry["request"];
+                let target = if request.get("ifNoneExist").is_some() {
+                    "ifNoneExist"
+                } else {
+                    "url"
+                };
+                let current = request[target].as_str().unwrap_or("").to_owned();
+                request[target] = Value::String(if target == "url" {
+                    append_params(&current, &plan.inject)
+                } else {
+                    append_query(&current, &plan.inject)
+                });
+                changed = true;
+            }
+            let Some(w) = &plan.write else { continue };
+            let ty = w.resource_type;
+            match w.check {
+                WriteCheck::Body | WriteCheck::StoredAndBody => {
+                    viewer
+                        .check_write(ty, &entry["resource"], w.perm)
+                        .map_err(|r| deny_entry(i, r))?;
+                }
+                WriteCheck::Patch => {
+                    return Err(deny_entry(
+                        i,
+                        DenyReason::Unverifiable("a patch inside a bundle"),
+                    ));
+                }
+                WriteCheck::Stored => {}
+            }
+            if w.check == WriteCheck::Body {
+                continue;
+            }
+            let id = w.id.as_deref().ok_or(GatewayError::Internal)?;
+            if let Some(stored) = self.fetch(ty, id).await? {
+                viewer
+                    .check_write(ty, &stored.resource, w.perm)
+                    .map_err(|r| deny_entry(i, r))?;
+                let Some(v) = stored.version else {
+                    return Err(GatewayError::UpstreamInvalid(
+                        "the upstream gave no version to guard the write with",
+                    ));
+                };
+                let want = format!("W/\"{v}\"");
+                let request = &mut entry["request"];
+                if let Some(given) = request.get("ifMatch").and_then(Value::as_str)
+                    && etag_version(given).as_deref() != Some(v.as_str())
+                {
+                    return Err(GatewayError::PreconditionFailed(
+                        "If-Match does not name the current version",
+                    ));
+                }
+                request["ifMatch"] = Value::String(want);
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(req);
+        }
+        let body = serde_json::to_vec(&bundle).map_err(|_| GatewayError::Internal)?;
+        let (mut parts, _) = req.into_parts();
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        Ok(Request::from_parts(parts, full(Bytes::from(body))))
+    }
+}
+
+/// Sets `If-Match` to the version checked; a client `If-Match` naming another version
+/// fails now (412), as the upstream would. Without a version the write cannot be guarded
+/// and is refused.
+fn pin_version(headers: &mut http::HeaderMap, version: Option<&str>) -> Result<(), GatewayError> {
+    let Some(v) = version else {
+        return Err(GatewayError::UpstreamInvalid(
+            "the upstream gave no version to guard the write with",
+        ));
+    };
+    if let Some(given) = headers.get(header::IF_MATCH).and_then(|h| h.to_str().ok())
+        && etag_version(given).as_deref() != Some(v)
+    {
+        return Err(GatewayError::PreconditionFailed(
+            "If-Match does not name the current version",
+        ));
+    }
+    let value = HeaderValue::from_str(&format!("W/\"{v}\""))
+        .map_err(|_| GatewayError::UpstreamInvalid("the stored version id is malformed"))?;
+    headers.insert(header::IF_MATCH, value);
+    Ok(())
+}
+
+/// The version in an ETag: `W/"3"` or `"3"` → `3`.
+pub(super) fn etag_version(tag: &str) -> Option<String> {
+    let t = tag.trim();
+    let t = t.strip_prefix("W/").unwrap_or(t);
+    let v = t.strip_prefix('"')?.strip_suffix('"')?;
+    crate::fhir::is_id(v).then(|| v.to_owned())
+}
+
+/// A query string (no `?`, as in `If-None-Exist`) with `params` appended.
+pub(super) fn append_query(query: &str, params: &[(String, String)]) -> String {
+    let extra = encode(params);
+    if query.is_empty() {
+        extra
+    } else {
+        format!("{}&{extra}", query.trim_end_matches('&'))
+    }
+}
+
+fn encode(params: &[(String, String)]) -> String {
+    let mut ser = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params {
+        ser.append_pair(k, v);
+    }
+    ser.finish()
+}
+
+/// `target` (a path with or without a query) with `params` appended to its query.
+pub(super) fn append_params(target: &str, params: &[(String, String)]) -> String {
+    let extra = encode(params);
+    if target.contains('?') {
+        if target.ends_with('?') || target.ends_with('&') {
+            format!("{target}{extra}")
+        } else {
+            format!("{target}&{extra}")
+        }
+    } else {
+        format!("{target}?{extra}")
+    }
+}
+
+/// A JSON request body, or 415 for a format the gateway cannot check.
+fn json_body(headers: &http::HeaderMap, bytes: &[u8]) -> Result<Value, GatewayError> {
+    if !(media_type_is(headers, "application/fhir+json")
+        || media_type_is(headers, "application/json")
+        || media_type_is(headers, "application/json+fhir"))
+    {
+        return Err(GatewayError::UnsupportedMediaType(
+            "only JSON bodies can be checked",
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|_| GatewayError::BadRequest("the body is not JSON"))
+}
+
+fn media_type_is(headers: &http::HeaderMap, want: &str) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
+}
+
+/// A policy refusal found while checking, counted like the decision's own.
+pub(super) fn forbidden(shared: &Shared, reason: DenyReason) -> GatewayError {
+    shared
+        .metrics
+        .decisions
+        .with_label_values(&["deny", reason.code()])
+        .inc();
+    GatewayError::Forbidden(Box::new(Denial {
+        code: reason.code(),
+        message: reason.to_string(),
+        needed: String::new(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags_and_params() {
+        assert_eq!(etag_version("W/\"3\"").as_deref(), Some("3"));
+        assert_eq!(etag_version("\"a-1\"").as_deref(), Some("a-1"));
+        assert_eq!(etag_version("3"), None);
+        assert_eq!(etag_version("W/\"a b\""), None);
+        let p = vec![("patient".to_owned(), "Patient/1 2".to_owned())];
+        assert_eq!(
+            append_params("Observation", &p),
+            "Observation?patient=Patient%2F1+2"
+        );
+        assert_eq!(
+            append_params("Observation?code=x", &p),
+            "Observation?code=x&patient=Patient%2F1+2"
+        );
+        assert_eq!(append_query("code=x", &p), "code=x&patient=Patient%2F1+2");
+        assert_eq!(append_query("", &p), "patient=Patient%2F1+2");
+    }
+}

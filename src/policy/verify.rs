@@ -1,0 +1,406 @@
+//! The checks on resources that the plan asks for: whether the token could read a
+//! resource directly (response verification), and whether it could write one (request
+//! bodies and stored versions). Pure functions over parsed JSON; no I/O.
+
+use serde_json::Value;
+
+use super::{Context, DenyReason, Plan, Policy, Verify, applicable};
+use crate::fhir::search::{compartment_patients, in_compartment, matches};
+use crate::smart::scope::{Grants, Perms};
+
+/// What verifying a response did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing to change.
+    Unchanged,
+    /// The document was changed; `removed` entries were taken out.
+    Changed {
+        /// Entries removed.
+        removed: usize,
+    },
+    /// The whole response is refused.
+    Refuse(DenyReason),
+}
+
+/// The token's view of resources.
+#[derive(Debug, Clone, Copy)]
+pub struct Viewer<'a> {
+    /// The token's scopes.
+    pub grants: &'a Grants,
+    /// Its patient context.
+    pub ctx: &'a Context,
+    /// The policy.
+    pub policy: &'a Policy,
+}
+
+impl Viewer<'_> {
+    /// Whether some granted scope with one of the letters in `any` covers `resource`: its
+    /// type, its compartment when the scope is confined, its granular constraints.
+    pub fn visible(&self, resource: &Value, any: Perms) -> bool {
+        let Some(ty) = resource_type(resource) else {
+            return false;
+        };
+        let (apps, _) = applicable(self.grants, self.ctx, self.policy, ty, any, true);
+        let bases = &self.policy.bases;
+        apps.iter().any(|a| {
+            a.confined_to
+                .is_none_or(|p| in_compartment(ty, resource, p, bases))
+                && a.constraints
+                    .iter()
+                    .all(|(k, v)| matches(ty, resource, k, v, bases) == Some(true))
+        })
+    }
+
+    /// Whether the token may write `resource` (as type `ty`) with `perm`: under
+    /// confinement every compartment reference names the patient and there is at least
+    /// one; under constraints the resource matches them.
+    pub fn check_write(&self, ty: &str, resource: &Value, perm: Perms) -> Result<(), DenyReason> {
+        if resource_type(resource) != Some(ty) {
+            return Err(DenyReason::Unverifiable(
+                "the body is not a resource of the type written",
+            ));
+        }
+        let (apps, no_patient) = applicable(self.grants, self.ctx, self.policy, ty, perm, false);
+        if apps.is_empty() {
+            return Err(if no_patient {
+                DenyReason::NoPatientContext
+            } else {
+                DenyReason::InsufficientScope
+            });
+        }
+        let bases = &self.policy.bases;
+        let mut reason = DenyReason::Compartment;
+        for a in &apps {
+            let compartment_ok = match a.confined_to {
+                None => true,
+                Some(_) if ty == "Patient" && resource.get("id").is_none() => false,
+                Some(p) => {
+                    let ids = compartment_patients(ty, resource, bases);
+                    !ids.is_empty() && ids.iter().all(|i| *i == p)
+                }
+            };
+            let granular_ok = a
+                .constraints
+                .iter()
+                .all(|(k, v)| matches(ty, resource, k, v, bases) == Some(true));
+            if compartment_ok && granular_ok {
+                return Ok(());
+            }
+            if compartment_ok {
+                reason = DenyReason::Granular;
+            }
+        }
+        Err(reason)
+    }
+
+    /// Verifies a response body as `verify` says (a successful response).
+    pub fn verify(&self, verify: Verify, doc: &mut Value) -> Verdict {
+        match verify {
+            Verify::None => Verdict::Unchanged,
+            Verify::Resource(perm) => self.single(doc, perm),
+            Verify::Bundle { narrowed } => {
+                if resource_type(doc) == Some("Bundle") {
+                    self.filter(doc, narrowed)
+                } else {
+                    self.single(doc, Perms::R.union(Perms::S))
+                }
+            }
+        }
+    }
+
+    fn single(&self, doc: &Value, perm: Perms) -> Verdict {
+        // The server speaking about the request, not a stored resource.
+        if resource_type(doc) == Some("OperationOutcome") || self.visible(doc, perm) {
+            Verdict::Unchanged
+        } else {
+            Verdict::Refuse(DenyReason::Compartment)
+        }
+    }
+
+    /// Removes every entry the token could not read; drops `total` when entries were
+    /// removed or the query was not confined (it would count what the token cannot see).
+    pub fn filter(&self, doc: &mut Value, narrowed: bool) -> Verdict {
+        let rs = Perms::R.union(Perms::S);
+        let mut removed = 0;
+        if let Some(Value::Array(entries)) = doc.get_mut("entry") {
+            let before = entries.len();
+            entries.retain(|e| e.get("resource").is_some_and(|r| self.visible(r, rs)));
+            removed = before - entries.len();
+        }
+        let mut changed = removed > 0;
+        if (removed > 0 || !narrowed)
+            && let Some(obj) = doc.as_object_mut()
+        {
+            changed |= obj.remove("total").is_some();
+        }
+        if changed {
+            Verdict::Changed { removed }
+        } else {
+            Verdict::Unchanged
+        }
+    }
+
+    /// Verifies a batch or transaction response entry by entry, with the plan of the
+    /// request entry at the same index: a resource the token could not read is taken
+    /// out and the entry's status becomes 403; searched Bundles are filtered.
+    pub fn verify_batch_response(&self, doc: &mut Value, plans: &[Plan]) -> Verdict {
+        let mut removed = 0;
+        let mut changed = false;
+        let Some(Value::Array(entries)) = doc.get_mut("entry") else {
+            return Verdict::Unchanged;
+        };
+        for (i, entry) in entries.iter_mut().enumerate() {
+            // An entry the request did not have is verified as strictly as possible.
+            let verify = plans
+                .get(i)
+                .map_or(Verify::Bundle { narrowed: false }, |p| p.verify);
+            let Some(resource) = entry.get_mut("resource") else {
+                continue;
+            };
+            let verdict = self.verify(verify, resource);
+            match verdict {
+                Verdict::Unchanged => {}
+                Verdict::Changed { removed: n } => {
+                    removed += n;
+                    changed = true;
+                }
+                Verdict::Refuse(_) => {
+                    if let Some(obj) = entry.as_object_mut() {
+                        obj.remove("resource");
+                        obj.insert(
+                            "response".into(),
+                            serde_json::json!({"status": "403 Forbidden"}),
+                        );
+                    }
+                    removed += 1;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            Verdict::Changed { removed }
+        } else {
+            Verdict::Unchanged
+        }
+    }
+}
+
+/// The `resourceType` of a resource, if it is an R4 type.
+fn resource_type(v: &Value) -> Option<&'static str> {
+    crate::fhir::request::resource_type(v.get("resourceType")?.as_str()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obs(id: &str, patient: &str, category: &str) -> Value {
+        json!({
+            "resourceType": "Observation", "id": id,
+            "subject": {"reference": format!("Patient/{patient}")},
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category}]}]
+        })
+    }
+
+    fn with<T>(scopes: &str, patient: Option<&str>, f: impl FnOnce(Viewer<'_>) -> T) -> T {
+        let grants = Grants::parse(scopes.split_whitespace());
+        let ctx = Context::new(patient, None, false);
+        let policy = Policy {
+            bases: vec!["http://up/fhir".into()],
+            ..Policy::default()
+        };
+        f(Viewer {
+            grants: &grants,
+            ctx: &ctx,
+            policy: &policy,
+        })
+    }
+
+    #[test]
+    fn visibility() {
+        let rs = Perms::R.union(Perms::S);
+        with(
+            "patient/Observation.rs patient/Patient.r",
+            Some("123"),
+            |v| {
+                assert!(v.visible(&obs("1", "123", "laboratory"), rs));
+                assert!(!v.visible(&obs("2", "456", "laboratory"), rs));
+                assert!(
+                    !v.visible(&obs("3", "12", "laboratory"), rs),
+                    "no prefix match"
+                );
+                assert!(v.visible(&json!({"resourceType": "Patient", "id": "123"}), Perms::R));
+                assert!(!v.visible(&json!({"resourceType": "Patient", "id": "456"}), Perms::R));
+                // No scope for the type, or a contained/logical reference only.
+                assert!(!v.visible(
+                    &json!({"resourceType": "Condition", "subject": {"reference": "Patient/123"}}),
+                    rs
+                ));
+                assert!(!v.visible(
+                    &json!({"resourceType": "Observation", "subject": {"reference": "#p"}}),
+                    rs
+                ));
+                assert!(!v.visible(&json!({"resourceType": "Observation", "subject": {"identifier": {"value": "123"}}}), rs));
+                assert!(!v.visible(&json!({"resourceType": "Nonsense"}), rs));
+                assert!(!v.visible(&json!([]), rs));
+            },
+        );
+        // Granular: the union of two category scopes; a non-matching resource is not read.
+        with(
+            "user/Observation.rs?category=laboratory user/Observation.rs?category=vital-signs",
+            None,
+            |v| {
+                assert!(v.visible(&obs("1", "1", "laboratory"), rs));
+                assert!(v.visible(&obs("2", "2", "vital-signs"), rs));
+                assert!(!v.visible(&obs("3", "3", "social-history"), rs));
+                assert_eq!(
+                    v.verify(Verify::Resource(Perms::R), &mut obs("3", "3", "imaging")),
+                    Verdict::Refuse(DenyReason::Compartment)
+                );
+            },
+        );
+    }
+
+    #[test]
+    fn search_bundles_are_filtered() {
+        with("patient/Observation.rs", Some("123"), |v| {
+            let mut b = json!({
+                "resourceType": "Bundle", "type": "searchset", "total": 3,
+                "entry": [
+                    {"resource": obs("1", "123", "laboratory"), "search": {"mode": "match"}},
+                    // _include of another patient's resource
+                    {"resource": obs("2", "456", "laboratory"), "search": {"mode": "include"}},
+                    // _revinclude of a type the token has no scope for
+                    {"resource": {"resourceType": "Provenance", "target": [{"reference": "Observation/1"}]}, "search": {"mode": "include"}},
+                    {"resource": {"resourceType": "Patient", "id": "123"}, "search": {"mode": "include"}},
+                    // a history entry for a delete: no resource, nothing to judge by
+                    {"request": {"method": "DELETE", "url": "Observation/9"}}
+                ]
+            });
+            assert_eq!(
+                v.verify(Verify::Bundle { narrowed: true }, &mut b),
+                Verdict::Changed { removed: 4 }
+            );
+            assert_eq!(b["entry"].as_array().unwrap().len(), 1);
+            assert_eq!(b["entry"][0]["resource"]["id"], "1");
+            assert!(b.get("total").is_none(), "total removed with the entries");
+            // Nothing removed from a narrowed query: total stays, nothing re-serialised.
+            let mut ok = json!({"resourceType": "Bundle", "type": "searchset", "total": 1, "entry": [{"resource": obs("1", "123", "x")}]});
+            assert_eq!(
+                v.verify(Verify::Bundle { narrowed: true }, &mut ok),
+                Verdict::Unchanged
+            );
+            assert_eq!(ok["total"], 1);
+            // A query that was not narrowed: its total counts what the token cannot see.
+            assert_eq!(
+                v.verify(Verify::Bundle { narrowed: false }, &mut ok),
+                Verdict::Changed { removed: 0 }
+            );
+            assert!(ok.get("total").is_none());
+        });
+    }
+
+    #[test]
+    fn writes() {
+        with(
+            "patient/Observation.cruds patient/Patient.ru",
+            Some("123"),
+            |v| {
+                let u = Perms::U;
+                assert_eq!(
+                    v.check_write("Observation", &obs("1", "123", "x"), u),
+                    Ok(())
+                );
+                // Moving a resource 123 → 456 (the body) or 456 → 123 (the stored version).
+                assert_eq!(
+                    v.check_write("Observation", &obs("1", "456", "x"), u),
+                    Err(DenyReason::Compartment)
+                );
+                // A second patient reference beside ours.
+                let mut two = obs("1", "123", "x");
+                two["performer"] = json!([{"reference": "Patient/456"}]);
+                assert_eq!(
+                    v.check_write("Observation", &two, u),
+                    Err(DenyReason::Compartment)
+                );
+                // No compartment reference at all, or only a logical one.
+                let none =
+                    json!({"resourceType": "Observation", "subject": {"reference": "urn:uuid:1"}});
+                assert_eq!(
+                    v.check_write("Observation", &none, Perms::C),
+                    Err(DenyReason::Compartment)
+                );
+                // A body of another type than the URL says.
+                assert!(matches!(
+                    v.check_write("Condition", &obs("1", "123", "x"), u),
+                    Err(DenyReason::Unverifiable(_))
+                ));
+                // Creating a Patient is denied; updating one's own record is not.
+                assert!(
+                    v.check_write("Patient", &json!({"resourceType": "Patient"}), Perms::C)
+                        .is_err()
+                );
+                assert_eq!(
+                    v.check_write(
+                        "Patient",
+                        &json!({"resourceType": "Patient", "id": "123"}),
+                        u
+                    ),
+                    Ok(())
+                );
+                assert!(
+                    v.check_write(
+                        "Patient",
+                        &json!({"resourceType": "Patient", "id": "456"}),
+                        u
+                    )
+                    .is_err()
+                );
+            },
+        );
+        with("user/Observation.cu?category=laboratory", None, |v| {
+            assert_eq!(
+                v.check_write("Observation", &obs("1", "1", "laboratory"), Perms::C),
+                Ok(())
+            );
+            assert_eq!(
+                v.check_write("Observation", &obs("1", "1", "imaging"), Perms::C),
+                Err(DenyReason::Granular)
+            );
+        });
+    }
+
+    #[test]
+    fn batch_responses() {
+        with("patient/Observation.rs", Some("123"), |v| {
+            let read = Plan {
+                verify: Verify::Resource(Perms::R),
+                ..Plan::pass_through()
+            };
+            let search = Plan {
+                verify: Verify::Bundle { narrowed: true },
+                ..Plan::pass_through()
+            };
+            let mut b = json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
+                {"resource": obs("1", "123", "x"), "response": {"status": "200 OK"}},
+                {"resource": obs("2", "456", "x"), "response": {"status": "200 OK"}},
+                {"resource": {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": obs("3", "456", "x")}]}, "response": {"status": "200 OK"}},
+                {"resource": obs("4", "456", "x"), "response": {"status": "200 OK"}}
+            ]});
+            let verdict = v.verify_batch_response(&mut b, &[read.clone(), read, search]);
+            assert_eq!(verdict, Verdict::Changed { removed: 3 });
+            assert_eq!(b["entry"][0]["resource"]["id"], "1");
+            assert!(b["entry"][1].get("resource").is_none());
+            assert_eq!(b["entry"][1]["response"]["status"], "403 Forbidden");
+            assert_eq!(
+                b["entry"][2]["resource"]["entry"].as_array().unwrap().len(),
+                0
+            );
+            assert!(
+                b["entry"][3].get("resource").is_none(),
+                "an entry without a plan is verified"
+            );
+        });
+    }
+}

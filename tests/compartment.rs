@@ -1,0 +1,642 @@
+//! Engine II through the real gateway: compartment confinement and granular scopes on
+//! reads, searches, includes, paging, writes and bundles, against a hostile fake FHIR
+//! store that ignores every search parameter (so only the gateway's own verification
+//! stands between the token and the other patient's data).
+
+mod support;
+
+use std::sync::Arc;
+
+use http::{Request, StatusCode};
+use jsonwebtoken::Algorithm;
+use serde_json::{Value, json};
+use support::tokens::*;
+use support::*;
+
+fn obs(id: &str, patient: &str, category: &str) -> Value {
+    json!({
+        "resourceType": "Observation", "id": id, "meta": {"versionId": "1"},
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category}]}],
+        "code": {"text": "x"},
+        "subject": {"reference": format!("Patient/{patient}")}
+    })
+}
+
+fn store() -> Vec<Value> {
+    vec![
+        json!({"resourceType": "Patient", "id": "123", "meta": {"versionId": "1"}}),
+        json!({"resourceType": "Patient", "id": "456", "meta": {"versionId": "1"}}),
+        json!({"resourceType": "Patient", "id": "1234", "meta": {"versionId": "1"}}),
+        obs("o1", "123", "laboratory"),
+        obs("o2", "123", "vital-signs"),
+        obs("o3", "456", "laboratory"),
+        obs("o4", "1234", "laboratory"),
+        json!({"resourceType": "Medication", "id": "m1"}),
+    ]
+}
+
+/// Answers like a FHIR server that ignores every search parameter: reads by id, every
+/// search returns every resource of the type (plus another patient as an include),
+/// writes succeed.
+fn hostile_store() -> Responder {
+    Arc::new(|seen: &Seen| {
+        let uri: http::Uri = seen.uri.parse().unwrap();
+        let path = uri
+            .path()
+            .trim_start_matches("/fhir")
+            .trim_matches('/')
+            .to_owned();
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        let all = store();
+        let find = |t: &str, id: &str| {
+            all.iter()
+                .find(|r| r["resourceType"] == t && r["id"] == id)
+                .cloned()
+        };
+        let resp = match (seen.method.as_str(), parts.as_slice()) {
+            ("GET", [t, id]) => match find(t, id) {
+                Some(r) => {
+                    let mut resp = json_response(StatusCode::OK, &r);
+                    resp.headers_mut()
+                        .insert("etag", "W/\"1\"".parse().unwrap());
+                    resp
+                }
+                None => json_response(
+                    StatusCode::NOT_FOUND,
+                    &json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found"}]}),
+                ),
+            },
+            ("GET", [] | [_] | [_, _, _]) => {
+                let t = parts.last().copied().unwrap_or("Observation");
+                let mut entries: Vec<Value> = all
+                    .iter()
+                    .filter(|r| parts.is_empty() || r["resourceType"] == t)
+                    .map(|r| json!({"resource": r, "search": {"mode": "match"}}))
+                    .collect();
+                entries.push(json!({"resource": all[1], "search": {"mode": "include"}}));
+                json_response(
+                    StatusCode::OK,
+                    &json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(),
+                            "link": [{"relation": "next", "url": "http://upstream.invalid/fhir?_getpages=abc"}],
+                            "entry": entries}),
+                )
+            }
+            ("POST", []) => json_response(
+                StatusCode::OK,
+                &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": []}),
+            ),
+            _ => {
+                let body: Value = serde_json::from_slice(&seen.body).unwrap_or(json!({}));
+                json_response(StatusCode::OK, &body)
+            }
+        };
+        Box::pin(std::future::ready(resp))
+    })
+}
+
+struct Setup {
+    up: FakeUpstream,
+    key: TestKey,
+    gw: TestGateway,
+    _jwks: FakeJwks,
+}
+
+async fn setup(extra: &str) -> Setup {
+    setup_with(extra, "").await
+}
+
+/// `upstream_extra` goes into `[upstream]`.
+async fn setup_with(extra: &str, upstream_extra: &str) -> Setup {
+    let key = TestKey::rsa("rsa-1", Algorithm::RS256);
+    let jwks = FakeJwks::start(&[&key]).await;
+    let up = FakeUpstream::start(hostile_store()).await;
+    let text = config_auth(&up.base(), &jwt_auth(&jwks.uri(), ""), extra).replace(
+        "timeout = \"5s\"\n\n[",
+        &format!("timeout = \"5s\"\n{upstream_extra}\n\n["),
+    );
+    let gw = TestGateway::boot(&text).await;
+    Setup {
+        up,
+        key,
+        gw,
+        _jwks: jwks,
+    }
+}
+
+fn token(key: &TestKey, scope: &str, patient: Option<&str>) -> String {
+    let mut c = claims();
+    c["scope"] = json!(scope);
+    match patient {
+        Some(p) => c["patient"] = json!(p),
+        None => {
+            c.as_object_mut().unwrap().remove("patient");
+        }
+    }
+    key.sign(&c)
+}
+
+async fn call(
+    s: &Setup,
+    method: &str,
+    path: &str,
+    tok: &str,
+    content: Option<(&str, Value)>,
+    headers: &[(&str, &str)],
+) -> (StatusCode, http::HeaderMap, Value) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(s.gw.url(path))
+        .header("authorization", format!("Bearer {tok}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let b = match content {
+        Some((ct, v)) => {
+            req = req.header("content-type", ct);
+            v.to_string()
+        }
+        None => String::new(),
+    };
+    let (status, h, bytes) = send(req.body(body(b)).unwrap()).await;
+    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, h, v)
+}
+
+fn ids(bundle: &Value) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .map(|e| {
+                    format!(
+                        "{}/{}",
+                        e["resource"]["resourceType"].as_str().unwrap_or(""),
+                        e["resource"]["id"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Rule 4: reads are verified; another patient's record is refused, 403 or 404 by config.
+#[tokio::test]
+async fn confined_reads() {
+    let s = setup("").await;
+    let app = token(
+        &s.key,
+        "patient/Observation.r patient/Patient.r patient/Medication.r",
+        Some("123"),
+    );
+    let (st, _, b) = call(&s, "GET", "/r4/Observation/o1", &app, None, &[]).await;
+    assert_eq!((st, b["id"].as_str()), (StatusCode::OK, Some("o1")));
+    for other in ["/r4/Observation/o3", "/r4/Observation/o4"] {
+        let (st, h, b) = call(&s, "GET", other, &app, None, &[]).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{other}");
+        assert!(
+            h["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("insufficient_scope")
+        );
+        assert_eq!(
+            b["resourceType"], "OperationOutcome",
+            "nothing of the resource leaks"
+        );
+    }
+    let before = s.up.requests().len();
+    let (st, _, _) = call(&s, "GET", "/r4/Patient/456", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert_eq!(
+        s.up.requests().len(),
+        before,
+        "decided without asking the upstream"
+    );
+    assert_eq!(
+        call(&s, "GET", "/r4/Patient/123", &app, None, &[]).await.0,
+        StatusCode::OK
+    );
+    // Outside the compartment: allowed by default.
+    assert_eq!(
+        call(&s, "GET", "/r4/Medication/m1", &app, None, &[])
+            .await
+            .0,
+        StatusCode::OK
+    );
+    // Upstream errors pass as they are.
+    assert_eq!(
+        call(&s, "GET", "/r4/Observation/nope", &app, None, &[])
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+
+    let hidden =
+        setup("[policy]\ndenied_read_status = 404\npatient_scope_non_compartment = \"deny\"\n")
+            .await;
+    let app = token(
+        &hidden.key,
+        "patient/Observation.r patient/Medication.r",
+        Some("123"),
+    );
+    assert_eq!(
+        call(&hidden, "GET", "/r4/Observation/o3", &app, None, &[])
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(&hidden, "GET", "/r4/Medication/m1", &app, None, &[])
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+}
+
+/// Rule 5: searches get the patient injected and every entry verified — matches,
+/// includes and opaque paging pages alike; total is dropped when entries are removed.
+#[tokio::test]
+async fn confined_searches() {
+    let s = setup("").await;
+    let app = token(&s.key, "patient/Observation.rs", Some("123"));
+    let (st, _, b) = call(
+        &s,
+        "GET",
+        "/r4/Observation?code=x&_include=Observation:subject",
+        &app,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(ids(&b), vec!["Observation/o1", "Observation/o2"]);
+    assert!(b.get("total").is_none());
+    let seen = s.up.requests().last().unwrap().uri.clone();
+    assert!(seen.contains("patient=Patient%2F123"), "{seen}");
+    // The next link is rewritten to the gateway; following it is verified again.
+    let next = b["link"][0]["url"].as_str().unwrap().to_owned();
+    assert!(next.contains("_getpages=abc"), "{next}");
+    let (st, _, b) = call(&s, "GET", "/r4?_getpages=abc", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(ids(&b), vec!["Observation/o1", "Observation/o2"]);
+    // Compartment search of the patient; of another patient refused before forwarding.
+    let (st, _, b) = call(&s, "GET", "/r4/Patient/123/Observation", &app, None, &[]).await;
+    assert_eq!((st, ids(&b).len()), (StatusCode::OK, 2));
+    let before = s.up.requests().len();
+    for hostile in [
+        "/r4/Patient/456/Observation",
+        "/r4/Observation?patient=123,456",
+        "/r4/Observation?patient=123&subject=Patient/456",
+        "/r4/Observation?subject:Patient.name=x",
+        "/r4/Observation?_filter=subject%20eq%20Patient/456",
+    ] {
+        let (st, _, _) = call(&s, "GET", hostile, &app, None, &[]).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{hostile}");
+    }
+    assert_eq!(s.up.requests().len(), before);
+    // _revinclude on Patient: the other patient's resources never come back.
+    let both = token(
+        &s.key,
+        "patient/Patient.rs patient/Observation.rs",
+        Some("123"),
+    );
+    let (_, _, b) = call(
+        &s,
+        "GET",
+        "/r4/Patient?_revinclude=Observation:subject",
+        &both,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(ids(&b), vec!["Patient/123"]);
+    assert!(s.up.requests().last().unwrap().uri.contains("_id=123"));
+    let m = metrics(&s.gw).await;
+    assert!(m.contains("smartgate_verify_removed_entries_total"), "{m}");
+    assert!(
+        !m.contains("smartgate_verify_removed_entries_total 0"),
+        "{m}"
+    );
+}
+
+/// Unconfined tokens: an _include of a type the token cannot read is removed from the
+/// response rather than refused.
+#[tokio::test]
+async fn unconfined_includes_verified() {
+    let s = setup("").await;
+    let narrow = token(&s.key, "user/Observation.rs", None);
+    let (st, _, b) = call(
+        &s,
+        "GET",
+        "/r4/Observation?_include=Observation:subject",
+        &narrow,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(ids(&b).len(), 4, "the Patient include is gone");
+    assert!(ids(&b).iter().all(|i| i.starts_with("Observation/")));
+}
+
+/// Rule 6: writes are checked before anything is forwarded and pinned to the version
+/// checked with If-Match.
+#[tokio::test]
+async fn confined_writes() {
+    let s = setup("").await;
+    let app = token(&s.key, "patient/Observation.cruds", Some("123"));
+    let fhir = "application/fhir+json";
+    let writes = |s: &Setup| {
+        s.up.requests()
+            .into_iter()
+            .filter(|r| r.method != http::Method::GET)
+            .count()
+    };
+    // Update moving o1 from 123 to 456; update taking o3 from 456 to 123.
+    let (st, _, _) = call(
+        &s,
+        "PUT",
+        "/r4/Observation/o1",
+        &app,
+        Some((fhir, obs("o1", "456", "x"))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, _, _) = call(
+        &s,
+        "PUT",
+        "/r4/Observation/o3",
+        &app,
+        Some((fhir, obs("o3", "123", "x"))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    // Create for another patient; create with no patient at all.
+    let (st, _, _) = call(
+        &s,
+        "POST",
+        "/r4/Observation",
+        &app,
+        Some((fhir, obs("n", "456", "x"))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let mut orphan = obs("n", "123", "x");
+    orphan.as_object_mut().unwrap().remove("subject");
+    let (st, _, _) = call(
+        &s,
+        "POST",
+        "/r4/Observation",
+        &app,
+        Some((fhir, orphan)),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    // A JSON Patch that rewrites subject; FHIRPath Patch is not checked: 415.
+    let patch = json!([{"op": "replace", "path": "/subject/reference", "value": "Patient/456"}]);
+    let (st, _, _) = call(
+        &s,
+        "PATCH",
+        "/r4/Observation/o1",
+        &app,
+        Some(("application/json-patch+json", patch)),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, _, _) = call(
+        &s,
+        "PATCH",
+        "/r4/Observation/o1",
+        &app,
+        Some((fhir, json!({"resourceType": "Parameters"}))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // Delete of another patient's resource.
+    let (st, _, _) = call(&s, "DELETE", "/r4/Observation/o3", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    // XML bodies cannot be checked.
+    let (st, _, _) = call(
+        &s,
+        "POST",
+        "/r4/Observation",
+        &app,
+        Some(("application/fhir+xml", json!("<x/>"))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(writes(&s), 0, "a refused write reached the upstream");
+
+    // The allowed ones, each pinned to the version checked.
+    let (st, _, _) = call(
+        &s,
+        "PUT",
+        "/r4/Observation/o1",
+        &app,
+        Some((fhir, obs("o1", "123", "y"))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let last = s.up.requests().last().unwrap().clone();
+    assert_eq!(
+        (
+            last.method.as_str(),
+            last.headers["if-match"].to_str().unwrap()
+        ),
+        ("PUT", "W/\"1\"")
+    );
+    let ok_patch = json!([{"op": "replace", "path": "/status", "value": "amended"}]);
+    let (st, _, _) = call(
+        &s,
+        "PATCH",
+        "/r4/Observation/o1",
+        &app,
+        Some(("application/json-patch+json", ok_patch)),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        s.up.requests().last().unwrap().headers["if-match"],
+        "W/\"1\""
+    );
+    let (st, _, _) = call(&s, "DELETE", "/r4/Observation/o2", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        s.up.requests().last().unwrap().headers["if-match"],
+        "W/\"1\""
+    );
+    // A client If-Match for another version fails here, as the upstream would.
+    let (st, _, _) = call(
+        &s,
+        "DELETE",
+        "/r4/Observation/o2",
+        &app,
+        None,
+        &[("if-match", "W/\"7\"")],
+    )
+    .await;
+    assert_eq!(st, StatusCode::PRECONDITION_FAILED);
+    // Update-as-create needs only the body.
+    let (st, _, _) = call(
+        &s,
+        "PUT",
+        "/r4/Observation/new1",
+        &app,
+        Some((fhir, obs("new1", "123", "x"))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    // Create, and conditional create narrowed to the patient.
+    let (st, _, _) = call(
+        &s,
+        "POST",
+        "/r4/Observation",
+        &app,
+        Some((fhir, obs("n", "123", "x"))),
+        &[("if-none-exist", "code=x")],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let ine = s.up.requests().last().unwrap().headers["if-none-exist"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(ine, "code=x&patient=Patient%2F123");
+    // Conditional delete narrowed the same way.
+    let (st, _, _) = call(&s, "DELETE", "/r4/Observation?code=x", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        s.up.requests()
+            .last()
+            .unwrap()
+            .uri
+            .ends_with("code=x&patient=Patient%2F123")
+    );
+}
+
+/// Rule 8: transaction entries get the same checks.
+#[tokio::test]
+async fn transaction_entries() {
+    let s = setup("").await;
+    let app = token(&s.key, "patient/Observation.cruds", Some("123"));
+    let fhir = "application/fhir+json";
+    let tx =
+        |entries: Value| json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    let bad = tx(json!([
+        {"fullUrl": "urn:uuid:1", "resource": obs("a", "123", "x"), "request": {"method": "POST", "url": "Observation"}},
+        {"fullUrl": "urn:uuid:2", "resource": obs("b", "456", "x"), "request": {"method": "POST", "url": "Observation"}}
+    ]));
+    let (st, _, b) = call(&s, "POST", "/r4", &app, Some((fhir, bad)), &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{b}");
+    // An update entry of another patient's stored resource.
+    let sneaky = tx(json!([
+        {"resource": obs("o3", "123", "x"), "request": {"method": "PUT", "url": "Observation/o3"}}
+    ]));
+    let (st, _, _) = call(&s, "POST", "/r4", &app, Some((fhir, sneaky)), &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert!(
+        s.up.requests()
+            .iter()
+            .all(|r| r.method == http::Method::GET)
+    );
+    let good = tx(json!([
+        {"fullUrl": "urn:uuid:1", "resource": obs("a", "123", "x"), "request": {"method": "POST", "url": "Observation"}},
+        {"resource": obs("o1", "123", "x"), "request": {"method": "PUT", "url": "Observation/o1"}},
+        {"request": {"method": "GET", "url": "Observation?code=x"}}
+    ]));
+    let (st, _, _) = call(&s, "POST", "/r4", &app, Some((fhir, good)), &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    let sent: Value = serde_json::from_slice(&s.up.requests().last().unwrap().body).unwrap();
+    assert_eq!(sent["entry"][1]["request"]["ifMatch"], "W/\"1\"");
+    assert_eq!(
+        sent["entry"][2]["request"]["url"],
+        "Observation?code=x&patient=Patient%2F123"
+    );
+}
+
+/// Rule 7: granular scopes on reads and searches.
+#[tokio::test]
+async fn granular_scopes() {
+    let s = setup("").await;
+    let lab = token(&s.key, "user/Observation.rs?category=laboratory", None);
+    assert_eq!(
+        call(&s, "GET", "/r4/Observation/o1", &lab, None, &[])
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, "GET", "/r4/Observation/o2", &lab, None, &[])
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(
+            &s,
+            "GET",
+            "/r4/Observation?category=vital-signs",
+            &lab,
+            None,
+            &[]
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+    let (st, _, b) = call(&s, "GET", "/r4/Observation?code=x", &lab, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        s.up.requests()
+            .last()
+            .unwrap()
+            .uri
+            .contains("category=laboratory")
+    );
+    assert_eq!(
+        ids(&b),
+        vec!["Observation/o1", "Observation/o3", "Observation/o4"]
+    );
+    // The union of two category scopes: both kinds, nothing else.
+    let two = token(
+        &s.key,
+        "user/Observation.rs?category=laboratory user/Observation.rs?category=vital-signs user/Patient.r",
+        None,
+    );
+    let (_, _, b) = call(&s, "GET", "/r4/Observation", &two, None, &[]).await;
+    let observations: Vec<String> = ids(&b)
+        .into_iter()
+        .filter(|i| i.starts_with("Observation/"))
+        .collect();
+    assert_eq!(observations.len(), 4);
+    // A scope with a modifier grants nothing.
+    let vs = token(&s.key, "user/Observation.rs?code:in=http://vs", None);
+    assert_eq!(
+        call(&s, "GET", "/r4/Observation?code=x", &vs, None, &[])
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+}
+
+/// Rule 10: a response too large to verify is refused, not streamed unchecked; one that
+/// needs no check still streams.
+#[tokio::test]
+async fn too_large_to_verify() {
+    let s = setup_with("", "max_response_buffer = \"200\"").await;
+    let app = token(&s.key, "patient/Observation.rs", Some("123"));
+    let (st, _, b) = call(&s, "GET", "/r4/Observation?code=x", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::BAD_GATEWAY);
+    assert_eq!(b["resourceType"], "OperationOutcome");
+}
