@@ -1,0 +1,388 @@
+//! End to end against a real FHIR engine: npm @medplum/fhir-router over its in-memory
+//! repository (tests/e2e/fhir-server.mjs), seeded with patients p1 (5 Observations) and
+//! p2 (3). Through the gateway each patient sees exactly their own data for every
+//! interaction the engine implements, and the counts equal a direct, correctly narrowed
+//! query. (The engine has no _include, compartment search or $everything; those are
+//! covered against a hostile fake upstream in tests/compartment.rs.)
+
+mod support;
+
+use http::{Request, StatusCode};
+use jsonwebtoken::Algorithm;
+use serde_json::{Value, json};
+use support::node::NodeServer;
+use support::tokens::*;
+use support::*;
+
+struct Env {
+    fhir: String,
+    gw: TestGateway,
+    key: TestKey,
+    _server: NodeServer,
+    _jwks: FakeJwks,
+}
+
+async fn env() -> Env {
+    let server = NodeServer::start("fhir-server.mjs", &[], &[]);
+    let fhir = server.address.clone();
+    let key = TestKey::rsa("rsa-1", Algorithm::RS256);
+    let jwks = FakeJwks::start(&[&key]).await;
+    let smart = r#"
+[smart]
+token_endpoint = "http://gateway.test/auth/token"
+capabilities = ["client-confidential-asymmetric", "permission-v2"]
+"#;
+    let gw = TestGateway::boot(&config_auth(&fhir, &jwt_auth(&jwks.uri(), ""), smart)).await;
+    Env {
+        fhir,
+        gw,
+        key,
+        _server: server,
+        _jwks: jwks,
+    }
+}
+
+fn token(e: &Env, scope: &str, patient: &str) -> String {
+    let mut c = claims();
+    c["scope"] = json!(scope);
+    c["patient"] = json!(patient);
+    e.key.sign(&c)
+}
+
+async fn call(
+    e: &Env,
+    method: &str,
+    path: &str,
+    tok: &str,
+    body_json: Option<(&str, Value)>,
+) -> (StatusCode, http::HeaderMap, Value) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(e.gw.url(&format!("/r4{path}")))
+        .header("authorization", format!("Bearer {tok}"));
+    let b = match body_json {
+        Some((ct, v)) => {
+            req = req.header("content-type", ct);
+            v.to_string()
+        }
+        None => String::new(),
+    };
+    let (st, h, bytes) = send(req.body(body(b)).unwrap()).await;
+    (st, h, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// Straight to the engine, no gateway.
+async fn direct(e: &Env, path: &str) -> Value {
+    let (st, _, b) = get(&format!("{}{path}", e.fhir)).await;
+    assert_eq!(st, StatusCode::OK, "{path}");
+    json(&b)
+}
+
+/// Every resource of a search, following `next` links through the gateway.
+async fn search_all(e: &Env, path: &str, tok: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut next = Some(format!("/r4{path}"));
+    let mut pages = 0;
+    while let Some(p) = next.take() {
+        let (st, _, b) = call(e, "GET", p.trim_start_matches("/r4"), tok, None).await;
+        assert_eq!(st, StatusCode::OK, "{p}: {b}");
+        for entry in b["entry"].as_array().into_iter().flatten() {
+            out.push(entry["resource"].clone());
+        }
+        next = b["link"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["relation"] == "next")
+            .map(|l| {
+                let url = l["url"].as_str().unwrap();
+                // Links come back rewritten to the gateway's public base.
+                let rest = url
+                    .strip_prefix("http://gateway.test")
+                    .unwrap_or_else(|| panic!("not rewritten: {url}"));
+                rest.to_owned()
+            });
+        pages += 1;
+        assert!(pages < 50);
+    }
+    out
+}
+
+fn subjects(resources: &[Value]) -> Vec<String> {
+    resources
+        .iter()
+        .map(|r| r["subject"]["reference"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn each_patient_sees_exactly_their_own_data() {
+    let e = env().await;
+    for (me, other) in [("p1", "p2"), ("p2", "p1")] {
+        let tok = token(&e, "launch/patient patient/*.cruds", me);
+        // read
+        assert_eq!(
+            call(&e, "GET", &format!("/Patient/{me}"), &tok, None)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(&e, "GET", &format!("/Patient/{other}"), &tok, None)
+                .await
+                .0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            call(
+                &e,
+                "GET",
+                &format!("/Observation/{other}-obs-0"),
+                &tok,
+                None
+            )
+            .await
+            .0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            call(&e, "GET", &format!("/Observation/{me}-obs-0"), &tok, None)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        // outside the compartment
+        assert_eq!(
+            call(&e, "GET", "/Medication/med", &tok, None).await.0,
+            StatusCode::OK
+        );
+        // searches, paged two at a time, equal the direct narrowed query
+        for ty in ["Observation", "Condition", "MedicationRequest"] {
+            let mine = search_all(&e, &format!("/{ty}?_count=2"), &tok).await;
+            let expected = direct(&e, &format!("/{ty}?patient=Patient/{me}&_count=100")).await;
+            let expected_n = expected["entry"].as_array().map_or(0, |a| a.len());
+            assert_eq!(mine.len(), expected_n, "{me} {ty}");
+            assert!(expected_n > 0);
+            assert!(
+                subjects(&mine)
+                    .iter()
+                    .all(|s| *s == format!("Patient/{me}")),
+                "{me} {ty}"
+            );
+        }
+        let direct_all = direct(&e, "/Observation?_count=100").await;
+        assert!(
+            direct_all["entry"].as_array().unwrap().len() > 5,
+            "the engine has both patients' data"
+        );
+        // naming the other patient is refused
+        for hostile in [
+            format!("/Observation?patient={other}"),
+            format!("/Observation?patient={me},{other}"),
+            format!("/Observation?subject=Patient/{other}"),
+        ] {
+            assert_eq!(
+                call(&e, "GET", &hostile, &tok, None).await.0,
+                StatusCode::FORBIDDEN,
+                "{hostile}"
+            );
+        }
+        // history of one's own resource; of another's refused
+        assert_eq!(
+            call(
+                &e,
+                "GET",
+                &format!("/Condition/{me}-cond/_history"),
+                &tok,
+                None
+            )
+            .await
+            .0,
+            StatusCode::OK
+        );
+        let (st, _, b) = call(
+            &e,
+            "GET",
+            &format!("/Condition/{other}-cond/_history"),
+            &tok,
+            None,
+        )
+        .await;
+        assert!(
+            st == StatusCode::OK && b["entry"].as_array().is_none_or(|a| a.is_empty()),
+            "{st} {b}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn writes_stay_in_the_compartment() {
+    let e = env().await;
+    let tok = token(&e, "launch/patient patient/*.cruds", "p1");
+    let fhir = "application/fhir+json";
+    let obs = |p: &str| json!({"resourceType": "Observation", "status": "final", "code": {"text": "new"}, "subject": {"reference": format!("Patient/{p}")}});
+    // create
+    let (st, h, created) = call(&e, "POST", "/Observation", &tok, Some((fhir, obs("p1")))).await;
+    assert_eq!(st, StatusCode::CREATED, "{created}");
+    assert!(
+        h["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("http://gateway.test/r4/Observation/")
+    );
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        call(&e, "POST", "/Observation", &tok, Some((fhir, obs("p2"))))
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    let p2_before = direct(&e, "/Observation?patient=Patient/p2&_count=100").await["entry"]
+        .as_array()
+        .unwrap()
+        .len();
+    // update: own passes (pinned with If-Match); moving to p2 or taking p2's is refused
+    let mut mine = created.clone();
+    mine["status"] = json!("amended");
+    let (st, _, b) = call(
+        &e,
+        "PUT",
+        &format!("/Observation/{id}"),
+        &tok,
+        Some((fhir, mine.clone())),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    let mut moved = b.clone();
+    moved["subject"] = json!({"reference": "Patient/p2"});
+    assert_eq!(
+        call(
+            &e,
+            "PUT",
+            &format!("/Observation/{id}"),
+            &tok,
+            Some((fhir, moved))
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+    let mut taken = direct(&e, "/Observation/p2-obs-0").await;
+    taken["subject"] = json!({"reference": "Patient/p1"});
+    assert_eq!(
+        call(
+            &e,
+            "PUT",
+            "/Observation/p2-obs-0",
+            &tok,
+            Some((fhir, taken))
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+    // patch
+    let ok = json!([{"op": "replace", "path": "/status", "value": "corrected"}]);
+    assert_eq!(
+        call(
+            &e,
+            "PATCH",
+            &format!("/Observation/{id}"),
+            &tok,
+            Some(("application/json-patch+json", ok))
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    let bad = json!([{"op": "replace", "path": "/subject/reference", "value": "Patient/p2"}]);
+    assert_eq!(
+        call(
+            &e,
+            "PATCH",
+            &format!("/Observation/{id}"),
+            &tok,
+            Some(("application/json-patch+json", bad))
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+    // transaction creating data for p2
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:0b8b6c1e-9c3a-4d7e-8f00-000000000001", "resource": obs("p2"), "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    assert_eq!(
+        call(&e, "POST", "", &tok, Some((fhir, tx))).await.0,
+        StatusCode::FORBIDDEN
+    );
+    // delete: another's refused, own passes
+    assert_eq!(
+        call(&e, "DELETE", "/Observation/p2-obs-1", &tok, None)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    let (st, _, b) = call(&e, "DELETE", &format!("/Observation/{id}"), &tok, None).await;
+    assert!(st.is_success(), "{st} {b}");
+    // p2's data is untouched
+    let after = direct(&e, "/Observation?patient=Patient/p2&_count=100").await;
+    assert_eq!(after["entry"].as_array().unwrap().len(), p2_before);
+    assert_eq!(
+        direct(&e, "/Observation/p2-obs-0").await["subject"]["reference"],
+        "Patient/p2"
+    );
+}
+
+#[tokio::test]
+async fn granular_scopes_against_the_engine() {
+    let e = env().await;
+    let tok = token(
+        &e,
+        "launch/patient patient/Observation.rs?category=laboratory",
+        "p1",
+    );
+    let got = search_all(&e, "/Observation?_count=2", &tok).await;
+    let expected = direct(
+        &e,
+        "/Observation?patient=Patient/p1&category=laboratory&_count=100",
+    )
+    .await;
+    assert_eq!(got.len(), expected["entry"].as_array().unwrap().len());
+    assert_eq!(got.len(), 3);
+    assert_eq!(
+        call(&e, "GET", "/Observation?category=vital-signs", &tok, None)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(&e, "GET", "/Observation/p1-obs-1", &tok, None).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(&e, "GET", "/Observation/p1-obs-0", &tok, None).await.0,
+        StatusCode::OK
+    );
+}
+
+/// #6: /metadata from the real engine, augmented with the SMART security section.
+#[tokio::test]
+async fn metadata_from_the_real_engine() {
+    let e = env().await;
+    let (st, h, b) = get(&e.gw.url("/r4/metadata")).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(h["access-control-allow-origin"], "*");
+    let cs = json(&b);
+    assert_eq!(cs["resourceType"], "CapabilityStatement");
+    assert_eq!(cs["fhirVersion"], "4.0.1");
+    let security = &cs["rest"][0]["security"];
+    assert_eq!(security["cors"], true);
+    assert_eq!(security["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
+    let uris = security["extension"][0]["extension"].as_array().unwrap();
+    assert!(
+        uris.iter()
+            .any(|x| x["url"] == "token" && x["valueUri"] == "http://gateway.test/auth/token")
+    );
+    assert_eq!(cs["implementation"]["url"], "http://gateway.test/r4");
+}
