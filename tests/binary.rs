@@ -400,3 +400,20 @@ fn keygen_writes_key_and_prints_jwks() {
     assert_eq!(again.status.code(), Some(2));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), pem);
 }
+
+/// The README's run command is `cargo run --release -- serve …`: with two binaries in the
+/// package that only works while `default-run` names the gateway.
+#[test]
+fn cargo_run_runs_the_gateway() {
+    let manifest: toml::Value = toml::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        manifest["package"]["default-run"].as_str(),
+        Some("smartgate")
+    );
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(readme.contains("cargo run --release -- serve --config config/smartgate.example.toml"));
+}
