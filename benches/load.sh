@@ -44,6 +44,10 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP=$(free_port); NGX=$(free_port); SG=$(free_port); SGA=$(free_port); SGJ=$(free_port); SGJA=$(free_port)
 
+# A FHIR Patient and an Observation of that patient, as a small static upstream would
+# return them. The Observation is read with a patient/ token: a compartment-verified read.
+OBS='{"resourceType":"Observation","id":"obs-1","meta":{"versionId":"1","lastUpdated":"2024-01-01T00:00:00Z"},"status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory"}]}],"code":{"coding":[{"system":"http://loinc.org","code":"2339-0","display":"Glucose"}]},"subject":{"reference":"Patient/example"},"effectiveDateTime":"2024-01-01T08:00:00Z","valueQuantity":{"value":95,"unit":"mg/dL","system":"http://unitsofmeasure.org","code":"mg/dL"}}'
+VERIFIED_PATH=/Observation/obs-1
 # A FHIR Patient, as a small static upstream would return it.
 PATIENT='{"resourceType":"Patient","id":"example","meta":{"versionId":"1","lastUpdated":"2024-01-01T00:00:00Z"},"active":true,"name":[{"use":"official","family":"Chalmers","given":["Peter","James"]}],"gender":"male","birthDate":"1974-12-25"}'
 
@@ -79,6 +83,10 @@ start_nginx upstream 1 <<NGINX
     location /fhir/ {
       default_type $UPSTREAM_TYPE;
       return 200 '$PATIENT';
+    }
+    location /fhir/Observation/ {
+      default_type application/fhir+json;
+      return 200 '$OBS';
     }
   }
 NGINX
@@ -172,6 +180,8 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 [ "$code" = 200 ] || { echo "smartgate (jwt) does not accept the bench token: $code" >&2; tail -5 "$WORK/smartgate-jwt.log" >&2; exit 1; }
+[ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$SGJ/r4$VERIFIED_PATH")" = 200 ] \
+  || { echo "smartgate (jwt) refuses the verified read" >&2; exit 1; }
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$SGJ/r4$PATH_UNDER_BASE")" = 401 ] \
   || { echo "smartgate (jwt) let a request without a token through" >&2; exit 1; }
 
@@ -219,8 +229,10 @@ nginx_pids() { echo "$1" $(pgrep -P "$1"); }
 export WRK_HEADER="Authorization: Bearer $TOKEN"
 declare -A RPS P99 CPU
 for round in $(seq "$ROUNDS"); do
-  for target in direct nginx smartgate jwt; do
+  for target in direct nginx smartgate jwt nginx_obs verified; do
     case $target in
+      nginx_obs) out=$(measure "http://127.0.0.1:$NGX/r4$VERIFIED_PATH" $(nginx_pids "$NGINX_PROXY")) ;;
+      verified) out=$(measure "http://127.0.0.1:$SGJ/r4$VERIFIED_PATH" "$SMARTGATE_JWT_PID") ;;
       direct) out=$(measure "http://127.0.0.1:$UP/fhir$PATH_UNDER_BASE" $(nginx_pids "$NGINX_UPSTREAM")) ;;
       nginx) out=$(measure "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE" $(nginx_pids "$NGINX_PROXY")) ;;
       smartgate) out=$(measure "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE" "$SMARTGATE_PID") ;;
@@ -236,6 +248,8 @@ d_rps=$(median "${RPS[direct]}"); d_p99=$(median "${P99[direct]}"); d_cpu=$(medi
 n_rps=$(median "${RPS[nginx]}"); n_p99=$(median "${P99[nginx]}"); n_cpu=$(median "${CPU[nginx]}")
 s_rps=$(median "${RPS[smartgate]}"); s_p99=$(median "${P99[smartgate]}"); s_cpu=$(median "${CPU[smartgate]}")
 j_rps=$(median "${RPS[jwt]}"); j_p99=$(median "${P99[jwt]}"); j_cpu=$(median "${CPU[jwt]}")
+o_rps=$(median "${RPS[nginx_obs]}"); o_p99=$(median "${P99[nginx_obs]}"); o_cpu=$(median "${CPU[nginx_obs]}")
+v_rps=$(median "${RPS[verified]}"); v_p99=$(median "${P99[verified]}"); v_cpu=$(median "${CPU[verified]}")
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
 printf '\n%-24s %10s %8s %9s %10s %14s\n' target "req/s" "p99 ms" "vs nginx" "vs direct" "CPU us/req"
@@ -243,7 +257,11 @@ printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "direct (upstream)" "$d_rps" "$d_p99
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx proxy_pass" "$n_rps" "$n_p99" 1.00 "$(ratio "$n_rps" "$d_rps")" "$n_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate pass-through" "$s_rps" "$s_p99" "$(ratio "$s_rps" "$n_rps")" "$(ratio "$s_rps" "$d_rps")" "$s_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate JWT+decision" "$j_rps" "$j_p99" "$(ratio "$j_rps" "$n_rps")" "$(ratio "$j_rps" "$d_rps")" "$j_cpu (proxy)"
+printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx, Observation" "$o_rps" "$o_p99" 1.00 - "$o_cpu (proxy)"
+printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate verified read" "$v_rps" "$v_p99" "$(ratio "$v_rps" "$o_rps")" - "$v_cpu (proxy)"
 echo
+echo "verified read (patient/ token, Observation checked against the compartment) / nginx: throughput $(ratio "$v_rps" "$o_rps"), p99 $(ratio "$v_p99" "$o_p99"), CPU per request $(ratio "$v_cpu" "$o_cpu")"
+echo "verified read / JWT pass-through read: throughput $(ratio "$v_rps" "$j_rps")"
 echo "smartgate / nginx: throughput $(ratio "$s_rps" "$n_rps"), p99 $(ratio "$s_p99" "$n_p99"), CPU per request $(ratio "$s_cpu" "$n_cpu")"
 echo "smartgate JWT + decision / pass-through: throughput $(ratio "$j_rps" "$s_rps"), p99 $(ratio "$j_p99" "$s_p99"), CPU per request $(ratio "$j_cpu" "$s_cpu")"
 echo "(medians of $ROUNDS interleaved rounds, ${DURATION}s per target each, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores)"
