@@ -82,7 +82,7 @@ algorithms = ["RS256", "ES384"]
     let config = Config::parse(&text, "bench", Vec::new()).unwrap();
     let outbound = Outbound::new(None).unwrap();
     let auth: std::sync::Arc<Authenticator> =
-        Authenticator::new(&config, &outbound, &Metrics::new())
+        Authenticator::new(&config, &outbound, &Metrics::new(), None)
             .unwrap()
             .unwrap();
 

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod authz;
 pub mod body;
 pub mod config;
 pub mod error;

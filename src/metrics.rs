@@ -8,7 +8,7 @@ use prometheus::{
 };
 
 /// Route labels known in advance; their series are resolved once, not per request.
-pub const ROUTES: &[&str] = &["fhir", "metadata", "discovery", "not_found"];
+pub const ROUTES: &[&str] = &["fhir", "metadata", "discovery", "auth", "not_found"];
 
 /// Results of inspecting a FHIR JSON response (`smartgate_response_rewrites_total`).
 pub const REWRITE_RESULTS: &[&str] =
@@ -55,6 +55,9 @@ pub struct Metrics {
     pub token_cache: IntCounterVec,
     /// `smartgate_jwks_fetches_total{result}`
     pub jwks_fetches: IntCounterVec,
+    /// `smartgate_authz_requests_total{result}`: embedded authorization server answers
+    /// (`issued`, or the OAuth error code).
+    pub tokens_issued: IntCounterVec,
     /// `smartgate_decisions_total{decision,reason}`
     pub decisions: IntCounterVec,
     /// `smartgate_scopes_ignored_total`: malformed scopes in verified tokens.
@@ -160,6 +163,14 @@ impl Metrics {
             &["event"],
         )
         .expect("static metric definition");
+        let tokens_issued = IntCounterVec::new(
+            Opts::new(
+                "smartgate_authz_requests_total",
+                "Embedded authorization server requests, by result (issued or the OAuth error)",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition");
         let jwks_fetches = IntCounterVec::new(
             Opts::new("smartgate_jwks_fetches_total", "JWKS fetches, by result"),
             &["result"],
@@ -210,6 +221,7 @@ impl Metrics {
             Box::new(token_validations.clone()),
             Box::new(token_cache.clone()),
             Box::new(jwks_fetches.clone()),
+            Box::new(tokens_issued.clone()),
             Box::new(decisions.clone()),
             Box::new(scopes_ignored.clone()),
             Box::new(decision_cache.clone()),
@@ -253,6 +265,7 @@ impl Metrics {
             token_validations,
             token_cache,
             jwks_fetches,
+            tokens_issued,
             decisions,
             scopes_ignored,
             decision_allow,

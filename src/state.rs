@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub identity_headers: Vec<HeaderName>,
     /// The authorization policy.
     pub policy: crate::policy::Policy,
+    /// The embedded authorization server, when enabled.
+    pub authz: Option<Arc<crate::authz::AuthServer>>,
     /// The serialised SMART configuration document, when `[smart]` is set.
     pub discovery: Option<bytes::Bytes>,
     /// The augmented CapabilityStatement and when it was fetched; per snapshot, so a
@@ -63,14 +65,34 @@ impl Snapshot {
             &config.upstream.url,
             &config.upstream.aliases,
         );
+        // Reused when its configuration is unchanged, so a reload keeps the replay cache
+        // and rate limits.
+        let same_authz = |p: &Snapshot| {
+            p.config.authorization_server == config.authorization_server
+                && p.config.server.public_base_url == config.server.public_base_url
+                && p.config.auth.leeway == config.auth.leeway
+        };
+        let authz = match previous {
+            Some(p) if same_authz(p) => p.authz.clone(),
+            _ => crate::authz::AuthServer::new(&config, outbound, metrics)
+                .map_err(CompileError::Auth)?
+                .map(Arc::new),
+        };
         let auth = match previous {
             Some(p)
                 if p.config.auth == config.auth
-                    && p.config.server.public_base_url == config.server.public_base_url =>
+                    && p.config.server.public_base_url == config.server.public_base_url
+                    && same_authz(p) =>
             {
                 p.auth.clone()
             }
-            _ => Authenticator::new(&config, outbound, metrics).map_err(CompileError::Auth)?,
+            _ => Authenticator::new(
+                &config,
+                outbound,
+                metrics,
+                authz.as_ref().map(|a| a.issuer.clone()),
+            )
+            .map_err(CompileError::Auth)?,
         };
         // Validated with the configuration; compiling cannot fail here but says so if it does.
         let policy = crate::policy::Policy {
@@ -93,9 +115,9 @@ impl Snapshot {
                 .map(|b| b.as_string().trim_end_matches('/').to_owned())
                 .collect(),
         };
-        let discovery = match &config.smart {
+        let discovery = match config.effective_smart() {
             Some(smart) => Some(bytes::Bytes::from(
-                crate::smart::discovery::document(smart)
+                crate::smart::discovery::document(&smart)
                     .map_err(|(k, m)| CompileError::Auth(format!("{k}: {m}")))?
                     .to_string(),
             )),
@@ -115,6 +137,7 @@ impl Snapshot {
             auth,
             identity_headers,
             policy,
+            authz,
             discovery,
             metadata: std::sync::Mutex::new(None),
         })

@@ -386,3 +386,94 @@ async fn metadata_from_the_real_engine() {
     );
     assert_eq!(cs["implementation"]["url"], "http://gateway.test/r4");
 }
+
+/// #6: a Backend Services client written independently of the gateway (Node, npm `jose`)
+/// registers RS384 and ES384 keys, gets tokens from the embedded authorization server and
+/// reads data from the real FHIR engine through the gateway.
+#[tokio::test]
+async fn independent_backend_client() {
+    support::node::ensure_npm_packages();
+    let server = NodeServer::start("fhir-server.mjs", &[], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let keyfile = dir.path().join("client-keys.json");
+    let out = std::process::Command::new("node")
+        .args(["backend-client.mjs", "keys", keyfile.to_str().unwrap()])
+        .current_dir(support::node::e2e_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let client_jwks = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("JWKS "))
+        .unwrap()
+        .to_owned();
+    let (pem, _) = smartgate::keygen::generate("ES384").unwrap();
+    let key_path = dir.path().join("gateway.pem");
+    std::fs::write(&key_path, pem).unwrap();
+    let extra = format!(
+        r#"
+[authorization_server]
+enabled = true
+signing_key = "{}"
+
+[[authorization_server.clients]]
+client_id = "exporter"
+jwks = '{client_jwks}'
+scope = "system/Patient.rs system/Observation.rs"
+"#,
+        key_path.display()
+    );
+    let gw = TestGateway::boot(&config_auth(
+        &server.address,
+        "[auth]\nmode = \"embedded\"\n",
+        &extra,
+    ))
+    .await;
+    let args: Vec<String> = vec![
+        "backend-client.mjs".into(),
+        "run".into(),
+        keyfile.to_str().unwrap().into(),
+        gw.url("/r4/auth/token"),
+        "http://gateway.test/r4/auth/token".into(),
+        "exporter".into(),
+        "system/Observation.rs system/Condition.rs".into(),
+        gw.url("/r4/Observation?_count=100"),
+    ];
+    // The gateway runs on this runtime: the client waits on another thread.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .args(&args)
+            .current_dir(support::node::e2e_dir())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let results: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("RESULT "))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .collect();
+    assert_eq!(results.len(), 2, "{stdout}");
+    for r in &results {
+        assert_eq!(r["tokenStatus"], 200, "{r}");
+        assert_eq!(r["token"]["scope"], "system/Observation.rs", "{r}");
+        assert_eq!(r["fhir"]["status"], 200, "{r}");
+        assert_eq!(
+            r["fhir"]["body"]["entry"].as_array().unwrap().len(),
+            8,
+            "both patients' Observations: {r}"
+        );
+    }
+}

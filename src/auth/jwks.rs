@@ -123,6 +123,21 @@ impl KeySet {
         }
     }
 
+    /// Every key with exactly this `kid` that fits `alg` (the JWK's own `alg`, if any,
+    /// must be it).
+    pub fn matching<'a>(
+        &'a self,
+        kid: &'a str,
+        alg: Algorithm,
+    ) -> impl Iterator<Item = &'a DecodingKey> + 'a {
+        self.keys
+            .iter()
+            .filter(move |k| {
+                k.kid.as_deref() == Some(kid) && k.kind.fits(alg) && k.alg.is_none_or(|a| a == alg)
+            })
+            .map(|k| &k.decoding)
+    }
+
     /// Number of usable keys.
     pub fn len(&self) -> usize {
         self.keys.len()

@@ -130,6 +130,8 @@ impl From<bearer::BearerError> for AuthFailure {
 enum Verifier {
     Jwt(jwt::JwtVerifier),
     Introspection(Box<introspection::Introspector>),
+    /// Only the embedded server's tokens.
+    EmbeddedOnly,
 }
 
 /// A cached verdict: the principal, or the refusal.
@@ -174,6 +176,9 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// Turns bearer tokens into principals for one `[auth]` configuration.
 pub struct Authenticator {
     id: u64,
+    /// The embedded authorization server's tokens, verified in-process.
+    embedded: Option<Arc<crate::authz::issuer::Issuer>>,
+    leeway: u64,
     max_ttl: Duration,
     mode: &'static str,
     verifier: Verifier,
@@ -197,10 +202,12 @@ impl Authenticator {
         config: &Config,
         outbound: &Outbound,
         metrics: &Metrics,
+        embedded: Option<Arc<crate::authz::issuer::Issuer>>,
     ) -> Result<Option<Arc<Authenticator>>, String> {
         let auth = &config.auth;
         let (mode, verifier, cache_scope) = match auth.mode {
             AuthMode::None => return Ok(None),
+            AuthMode::Embedded => ("embedded", Verifier::EmbeddedOnly, "embedded".to_owned()),
             AuthMode::Jwt => {
                 let cfg = auth.jwt.as_ref().ok_or("auth.jwt: missing")?;
                 let keys = Arc::new(jwks::KeySource::new(
@@ -242,6 +249,8 @@ impl Authenticator {
             .build();
         Ok(Some(Arc::new(Authenticator {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            embedded,
+            leeway: auth.leeway.0.as_secs(),
             max_ttl: auth.cache_max_ttl.0,
             mode,
             verifier,
@@ -336,15 +345,17 @@ impl Authenticator {
 
     /// Verifies without the cache (what a cache miss runs; also `explain-token`).
     pub async fn verify(&self, token: &str) -> Result<Verdict, Unavailable> {
-        let claims = match &self.verifier {
-            Verifier::Jwt(v) => v.verify(token).await.map_err(|_| {
-                tracing::warn!("token not verifiable: no signing keys available");
-                Unavailable
-            })?,
-            Verifier::Introspection(i) => i.introspect(token).await.map_err(|e| {
-                tracing::warn!(error = %e.0, "token not verifiable: introspection unavailable");
-                Unavailable
-            })?,
+        let ours = self
+            .embedded
+            .as_ref()
+            .filter(|i| i.claims_to_be_ours(token));
+        let claims = match (ours, &self.verifier) {
+            (Some(issuer), _) => issuer.verify(token, self.leeway),
+            (None, Verifier::EmbeddedOnly) => Err(match self.embedded {
+                Some(_) => TokenError::Issuer,
+                None => TokenError::UnknownKey,
+            }),
+            (None, v) => Self::verify_external(v, token).await?,
         };
         Ok(claims.map(|c| {
             let p = claims::principal(&c, &self.claims);
@@ -354,11 +365,28 @@ impl Authenticator {
         }))
     }
 
+    async fn verify_external(
+        verifier: &Verifier,
+        token: &str,
+    ) -> Result<Result<serde_json::Map<String, serde_json::Value>, TokenError>, Unavailable> {
+        Ok(match verifier {
+            Verifier::Jwt(v) => v.verify(token).await.map_err(|_| {
+                tracing::warn!("token not verifiable: no signing keys available");
+                Unavailable
+            })?,
+            Verifier::Introspection(i) => i.introspect(token).await.map_err(|e| {
+                tracing::warn!(error = %e.0, "token not verifiable: introspection unavailable");
+                Unavailable
+            })?,
+            Verifier::EmbeddedOnly => Err(TokenError::Issuer),
+        })
+    }
+
     /// Ready when a token could be judged now.
     pub fn readiness(&self) -> Result<(), String> {
         match &self.verifier {
             Verifier::Jwt(v) => v.keys().readiness(),
-            Verifier::Introspection(_) => Ok(()),
+            Verifier::Introspection(_) | Verifier::EmbeddedOnly => Ok(()),
         }
     }
 

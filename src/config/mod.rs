@@ -44,8 +44,78 @@ pub struct Config {
     /// Authorization policy.
     #[serde(default)]
     pub policy: PolicyConfig,
-    /// The SMART discovery document (`/.well-known/smart-configuration`); absent → 404.
+    /// The SMART discovery document (`/.well-known/smart-configuration`); absent → 404
+    /// (unless the embedded authorization server is on: then it is derived).
     pub smart: Option<SmartConfig>,
+    /// The embedded SMART Backend Services authorization server.
+    #[serde(default)]
+    pub authorization_server: AuthorizationServerConfig,
+}
+
+/// `[authorization_server]`: the embedded SMART Backend Services authorization server.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationServerConfig {
+    /// Serve `{base}/auth/token`, `/auth/introspect`, `/auth/jwks`.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The gateway's signing key: PKCS#8 PEM (`smartgate keygen` writes one).
+    pub signing_key: Option<PathBuf>,
+    /// `ES384` (default) or `ES256`.
+    #[serde(default = "defaults::signing_alg")]
+    pub signing_alg: String,
+    /// Access token lifetime (SMART: should not exceed five minutes).
+    #[serde(default = "defaults::token_lifetime")]
+    pub token_lifetime: Dur,
+    /// Token requests per second allowed per client (a burst of the same size).
+    #[serde(default = "defaults::token_rate_limit")]
+    pub rate_limit: u32,
+    /// Client assertion algorithms accepted.
+    #[serde(default = "defaults::assertion_algorithms")]
+    pub assertion_algorithms: Vec<String>,
+    /// Most assertion ids (`jti`) remembered for replay detection.
+    #[serde(default = "defaults::replay_cache_max_entries")]
+    pub replay_cache_max_entries: u64,
+    /// A bearer token carrying this scope may call `/auth/introspect`.
+    pub introspection_scope: Option<String>,
+    /// Registered clients.
+    #[serde(default)]
+    pub clients: Vec<ClientConfig>,
+}
+
+impl Default for AuthorizationServerConfig {
+    fn default() -> Self {
+        AuthorizationServerConfig {
+            enabled: false,
+            signing_key: None,
+            signing_alg: defaults::signing_alg(),
+            token_lifetime: defaults::token_lifetime(),
+            rate_limit: defaults::token_rate_limit(),
+            assertion_algorithms: defaults::assertion_algorithms(),
+            replay_cache_max_entries: defaults::replay_cache_max_entries(),
+            introspection_scope: None,
+            clients: Vec::new(),
+        }
+    }
+}
+
+/// `[[authorization_server.clients]]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The client id (`iss` and `sub` of its assertions).
+    pub client_id: String,
+    /// Its public keys, inline as a JWKS JSON document.
+    pub jwks: Option<String>,
+    /// Or where to fetch them (cached per Cache-Control, refetched on an unknown kid).
+    pub jwks_uri: Option<String>,
+    /// Or, for a symmetric client (client_secret_basic): `sha256:<hex>` of its secret.
+    pub client_secret_hash: Option<String>,
+    /// The most this client may be granted (space-separated scopes).
+    pub scope: String,
+    /// `jku` header values this client may use (else a `jku` is refused).
+    #[serde(default)]
+    pub jku_allow: Vec<String>,
 }
 
 /// `[smart]`: SMART App Launch 2.2 conformance.html fields.
@@ -54,7 +124,8 @@ pub struct Config {
 pub struct SmartConfig {
     /// Required when a `launch-*` capability is listed.
     pub authorization_endpoint: Option<String>,
-    /// Required.
+    /// Required (filled in when the embedded authorization server is on).
+    #[serde(default)]
     pub token_endpoint: String,
     /// Required: SMART capabilities.
     pub capabilities: Vec<String>,
@@ -358,6 +429,25 @@ pub struct JwtConfig {
     pub http_timeout: Dur,
 }
 
+impl JwtConfig {
+    /// Defaults for fetching a client's keys (the embedded authorization server): the
+    /// same refresh and rate limits as the gateway's own key source.
+    pub fn for_client_keys() -> JwtConfig {
+        JwtConfig {
+            issuer: String::new(),
+            audience: String::new(),
+            jwks_uri: None,
+            jwks: None,
+            algorithms: defaults::algorithms(),
+            refresh_min: defaults::jwks_refresh_min(),
+            refresh_max: defaults::jwks_refresh_max(),
+            max_key_age: defaults::jwks_max_age(),
+            unknown_kid_refetch_interval: defaults::unknown_kid_interval(),
+            http_timeout: defaults::auth_http_timeout(),
+        }
+    }
+}
+
 /// `[auth.introspection]`
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -445,6 +535,9 @@ pub enum AuthMode {
     Jwt,
     /// RFC 7662 token introspection.
     Introspection,
+    /// Only tokens of the embedded authorization server (validated in-process). In the
+    /// other modes its tokens are accepted too, beside the external issuer's.
+    Embedded,
 }
 
 /// `[log]`
@@ -507,6 +600,23 @@ mod defaults {
     use std::net::SocketAddr;
     use std::time::Duration;
 
+    pub fn signing_alg() -> String {
+        "ES384".into()
+    }
+    pub fn token_lifetime() -> Dur {
+        Dur(Duration::from_secs(300))
+    }
+    pub fn token_rate_limit() -> u32 {
+        10
+    }
+    pub fn assertion_algorithms() -> Vec<String> {
+        ["RS384", "ES384", "RS256", "ES256"]
+            .map(String::from)
+            .to_vec()
+    }
+    pub fn replay_cache_max_entries() -> u64 {
+        100_000
+    }
     pub fn non_compartment() -> String {
         "allow".into()
     }
@@ -793,8 +903,9 @@ impl Config {
             ));
         }
         self.validate_auth()?;
-        if let Some(smart) = &self.smart {
-            crate::smart::discovery::document(smart)?;
+        self.validate_authorization_server()?;
+        if let Some(smart) = self.effective_smart() {
+            crate::smart::discovery::document(&smart)?;
         }
         let p = &self.policy;
         if !["allow", "deny"].contains(&p.patient_scope_non_compartment.as_str()) {
@@ -839,6 +950,155 @@ impl Config {
         Ok(())
     }
 
+    /// The discovery configuration with the embedded server's endpoints filled in.
+    pub fn effective_smart(&self) -> Option<SmartConfig> {
+        let a = &self.authorization_server;
+        if !a.enabled {
+            return self.smart.clone();
+        }
+        let base = self.server.public_base_url.as_string();
+        let base = base.trim_end_matches('/');
+        let mut s = self.smart.clone().unwrap_or_default();
+        if s.token_endpoint.is_empty() {
+            s.token_endpoint = format!("{base}/auth/token");
+        }
+        s.introspection_endpoint
+            .get_or_insert_with(|| format!("{base}/auth/introspect"));
+        let symmetric = a.clients.iter().any(|c| c.client_secret_hash.is_some());
+        let asymmetric = a.clients.iter().any(|c| c.client_secret_hash.is_none());
+        let mut caps = Vec::new();
+        if asymmetric || !symmetric {
+            caps.push("client-confidential-asymmetric");
+        }
+        if symmetric {
+            caps.push("client-confidential-symmetric");
+        }
+        caps.extend(["permission-v2", "permission-v1"]);
+        for c in caps {
+            if !s.capabilities.iter().any(|x| x == c) {
+                s.capabilities.push(c.to_owned());
+            }
+        }
+        let mut methods = Vec::new();
+        if asymmetric || !symmetric {
+            methods.push("private_key_jwt".to_owned());
+        }
+        if symmetric {
+            methods.push("client_secret_basic".to_owned());
+        }
+        s.token_endpoint_auth_methods_supported
+            .get_or_insert(methods);
+        s.token_endpoint_auth_signing_alg_values_supported
+            .get_or_insert_with(|| a.assertion_algorithms.clone());
+        s.grant_types_supported
+            .get_or_insert_with(|| vec!["client_credentials".to_owned()]);
+        if s.scopes_supported.is_none() {
+            let mut scopes: Vec<String> = a
+                .clients
+                .iter()
+                .flat_map(|c| c.scope.split_whitespace().map(str::to_owned))
+                .collect();
+            scopes.sort();
+            scopes.dedup();
+            s.scopes_supported = Some(scopes);
+        }
+        Some(s)
+    }
+
+    fn validate_authorization_server(&self) -> Result<(), (String, String)> {
+        let a = &self.authorization_server;
+        let err = |k: &str, m: String| Err((format!("authorization_server.{k}"), m));
+        if !a.enabled {
+            return Ok(());
+        }
+        let Some(key) = &a.signing_key else {
+            return err(
+                "signing_key",
+                "is required when enabled (smartgate keygen --alg ES384 --out FILE writes one)"
+                    .into(),
+            );
+        };
+        if !["ES384", "ES256"].contains(&a.signing_alg.as_str()) {
+            return err(
+                "signing_alg",
+                format!("{:?} is not ES384 or ES256", a.signing_alg),
+            );
+        }
+        if let Err(e) =
+            crate::authz::issuer::Issuer::load(key, &a.signing_alg, "x", a.token_lifetime.0)
+        {
+            return err("signing_key", e);
+        }
+        let secs = a.token_lifetime.0.as_secs();
+        if !(1..=3600).contains(&secs) {
+            return err(
+                "token_lifetime",
+                format!("{secs}s is outside 1s..1h (SMART: at most 5 minutes)"),
+            );
+        }
+        if a.rate_limit == 0 {
+            return err("rate_limit", "must be at least 1".into());
+        }
+        for alg in &a.assertion_algorithms {
+            if ![
+                "RS384", "ES384", "RS256", "ES256", "RS512", "ES512", "PS256", "PS384", "PS512",
+            ]
+            .contains(&alg.as_str())
+            {
+                return err(
+                    "assertion_algorithms",
+                    format!("{alg:?} is not an asymmetric JWS algorithm"),
+                );
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, c) in a.clients.iter().enumerate() {
+            let key = |k: &str| format!("clients[{i}].{k}");
+            if c.client_id.is_empty() || !seen.insert(c.client_id.as_str()) {
+                return err(
+                    &key("client_id"),
+                    format!("{:?} is empty or registered twice", c.client_id),
+                );
+            }
+            let sources = [
+                c.jwks.is_some(),
+                c.jwks_uri.is_some(),
+                c.client_secret_hash.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
+            if sources != 1 {
+                return err(
+                    &key("jwks"),
+                    "set exactly one of jwks, jwks_uri, client_secret_hash".into(),
+                );
+            }
+            if let Some(j) = &c.jwks
+                && let Err(e) = crate::auth::jwks::KeySet::parse(j.as_bytes())
+            {
+                return err(&key("jwks"), e);
+            }
+            if let Some(u) = &c.jwks_uri
+                && let Err(e) = BaseUrl::parse(u)
+            {
+                return err(&key("jwks_uri"), e);
+            }
+            if let Some(h) = &c.client_secret_hash
+                && crate::authz::clients::parse_secret_hash(h).is_none()
+            {
+                return err(
+                    &key("client_secret_hash"),
+                    "must be sha256:<64 hex digits> (echo -n SECRET | sha256sum)".into(),
+                );
+            }
+            if c.scope.split_whitespace().next().is_none() {
+                return err(&key("scope"), "must grant at least one scope".into());
+            }
+        }
+        Ok(())
+    }
+
     fn validate_auth(&self) -> Result<(), (String, String)> {
         let a = &self.auth;
         let err = |k: &str, m: String| Err((k.to_owned(), m));
@@ -862,6 +1122,11 @@ impl Config {
         }
         match a.mode {
             AuthMode::None => Ok(()),
+            AuthMode::Embedded if !self.authorization_server.enabled => err(
+                "auth.mode",
+                "\"embedded\" needs [authorization_server] enabled = true".into(),
+            ),
+            AuthMode::Embedded => Ok(()),
             AuthMode::Jwt => {
                 let Some(j) = &a.jwt else {
                     return err("auth.jwt", "is required when auth.mode = \"jwt\"".into());
@@ -969,6 +1234,11 @@ impl Config {
                 *secret = "***".to_owned();
             }
         }
+        for c in &mut masked.authorization_server.clients {
+            if let Some(h) = c.client_secret_hash.as_mut() {
+                *h = "***".to_owned();
+            }
+        }
         toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -978,6 +1248,7 @@ fn mode_name(mode: AuthMode) -> &'static str {
         AuthMode::None => "none",
         AuthMode::Jwt => "jwt",
         AuthMode::Introspection => "introspection",
+        AuthMode::Embedded => "embedded",
     }
 }
 

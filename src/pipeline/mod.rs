@@ -54,6 +54,8 @@ enum Route {
     Metadata,
     /// `[base]/.well-known/smart-configuration`: public, served by the gateway.
     Discovery,
+    /// `[base]/auth/…`: the embedded authorization server.
+    Auth,
     /// Anything else.
     NotFound,
 }
@@ -64,6 +66,7 @@ impl Route {
             Route::Fhir => "fhir",
             Route::Metadata => "metadata",
             Route::Discovery => "discovery",
+            Route::Auth => "auth",
             Route::NotFound => "not_found",
         }
     }
@@ -132,6 +135,12 @@ async fn serve(
     {
         ctx.route = Route::Metadata;
         return public::metadata(shared, snap, conn, req, &rel, request_id, ctx).await;
+    }
+    if let Some(authz) = &snap.authz
+        && rel.starts_with("/auth/")
+    {
+        ctx.route = Route::Auth;
+        return authz.handle(snap.auth.as_deref(), req, &rel).await;
     }
     ctx.route = Route::Fhir;
     let mut upstream_uri = snap.upstream.uri_for(&rel)?;

@@ -1,0 +1,334 @@
+//! Registered clients and how they authenticate at the token endpoint: a signed client
+//! assertion (RFC 7523, SMART client-confidential-asymmetric) or HTTP Basic with a secret
+//! (SMART client-confidential-symmetric).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, Validation};
+use serde_json::{Map, Value};
+
+use super::OAuthError;
+use crate::auth::jwks::{KeySet, KeySource};
+use crate::config::{AuthorizationServerConfig, ClientConfig, JwtConfig};
+use crate::outbound::Outbound;
+
+/// `urn:ietf:params:oauth:client-assertion-type:jwt-bearer`
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Longest an assertion may live (SMART backend-services: `exp` no more than five
+/// minutes in the future).
+const MAX_ASSERTION_LIFETIME: u64 = 300;
+/// Clock skew tolerated on `exp`, `nbf` and `iat`.
+const LEEWAY: u64 = 30;
+
+/// How a client proves who it is.
+enum Credential {
+    /// Its public keys, and keys from allow-listed `jku` URLs.
+    Keys {
+        source: Arc<KeySource>,
+        jku: HashMap<String, Arc<KeySource>>,
+    },
+    /// SHA-256 of its secret.
+    Secret([u8; 32]),
+}
+
+/// One registered client.
+pub struct Client {
+    /// Its id.
+    pub id: String,
+    /// The scopes it may be granted at most.
+    pub scope: String,
+    credential: Credential,
+}
+
+/// The registry, the replay cache and the rate limiter.
+pub struct Clients {
+    clients: HashMap<String, Client>,
+    algorithms: Vec<Algorithm>,
+    token_endpoint: String,
+    /// `(client_id, jti)` seen, until the assertion would have expired anyway.
+    replay: moka::sync::Cache<(String, String), ()>,
+    /// Per client: (tokens left, last refill).
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    rate: f64,
+}
+
+/// Parses `sha256:<64 hex>`.
+pub fn parse_secret_hash(s: &str) -> Option<[u8; 32]> {
+    let hex = s.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Expiry of a replay-cache entry: the assertion's remaining lifetime plus leeway.
+struct ReplayExpiry;
+
+impl moka::Expiry<(String, String), ()> for ReplayExpiry {
+    fn expire_after_create(&self, _: &(String, String), _: &(), _: Instant) -> Option<Duration> {
+        Some(Duration::from_secs(MAX_ASSERTION_LIFETIME + 2 * LEEWAY))
+    }
+}
+
+impl Clients {
+    /// The registry for `cfg`; `token_endpoint` is the `aud` assertions must carry.
+    pub fn new(
+        cfg: &AuthorizationServerConfig,
+        token_endpoint: &str,
+        outbound: &Outbound,
+        fetches: &prometheus::IntCounterVec,
+    ) -> Result<Clients, String> {
+        let mut clients = HashMap::new();
+        for c in &cfg.clients {
+            clients.insert(c.client_id.clone(), client(c, outbound, fetches)?);
+        }
+        Ok(Clients {
+            clients,
+            algorithms: cfg
+                .assertion_algorithms
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            token_endpoint: token_endpoint.to_owned(),
+            replay: moka::sync::Cache::builder()
+                .max_capacity(cfg.replay_cache_max_entries)
+                .expire_after(ReplayExpiry)
+                .build(),
+            buckets: Mutex::new(HashMap::new()),
+            rate: f64::from(cfg.rate_limit),
+        })
+    }
+
+    /// A registered client.
+    pub fn get(&self, id: &str) -> Option<&Client> {
+        self.clients.get(id)
+    }
+
+    /// Takes one token from the client's bucket; `false` when it is empty.
+    pub fn allow(&self, id: &str) -> bool {
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        let (tokens, last) = buckets.entry(id.to_owned()).or_insert((self.rate, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.rate);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The client a Basic `Authorization` header proves, if its secret matches.
+    pub fn authenticate_basic(&self, header: &str) -> Result<&Client, OAuthError> {
+        let bad = || OAuthError::invalid_client_basic("client authentication failed");
+        let b64 = header
+            .strip_prefix("Basic ")
+            .or_else(|| header.strip_prefix("basic "))
+            .ok_or_else(bad)?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|_| bad())?;
+        let raw = String::from_utf8(raw).map_err(|_| bad())?;
+        let (id, secret) = raw.split_once(':').ok_or_else(bad)?;
+        // RFC 6749 §2.3.1: both form-urlencoded before Basic encoding.
+        let id = form_decode(id);
+        let secret = form_decode(secret);
+        let client = self.clients.get(&id).ok_or_else(bad)?;
+        let Credential::Secret(want) = &client.credential else {
+            return Err(bad());
+        };
+        let got: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes())
+            .as_ref()
+            .try_into()
+            .map_err(|_| bad())?;
+        // Constant time: every byte compared whatever the first difference.
+        let diff = want
+            .iter()
+            .zip(got.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff == 0 { Ok(client) } else { Err(bad()) }
+    }
+
+    /// The client id an assertion claims (`iss`), before anything is verified: to find
+    /// the client and rate-limit it.
+    pub fn claimed_id(assertion: &str) -> Result<String, OAuthError> {
+        let payload = assertion
+            .split('.')
+            .nth(1)
+            .ok_or_else(|| OAuthError::invalid_client("the client assertion is not a JWT"))?;
+        let claims: Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .ok_or_else(|| OAuthError::invalid_client("the client assertion is not a JWT"))?;
+        claims["iss"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| OAuthError::invalid_client("the client assertion has no iss"))
+    }
+
+    /// Verifies a client assertion (RFC 7523 §3, SMART backend-services): allowed
+    /// asymmetric `alg`, a `kid` naming exactly one key of the client's of a matching
+    /// type, `jku` only when allow-listed, `iss` = `sub` = the client, `aud` = the token
+    /// endpoint, `exp` present and at most five minutes ahead, `jti` never seen before.
+    pub async fn verify_assertion(
+        &self,
+        client: &Client,
+        assertion: &str,
+    ) -> Result<(), OAuthError> {
+        let invalid = OAuthError::invalid_client;
+        let header = jsonwebtoken::decode_header(assertion).map_err(|_| {
+            invalid("the client assertion header is malformed or its alg is not allowed")
+        })?;
+        if !self.algorithms.contains(&header.alg) {
+            return Err(invalid("the client assertion's alg is not allowed"));
+        }
+        let kid = header
+            .kid
+            .as_deref()
+            .ok_or_else(|| invalid("the client assertion has no kid"))?;
+        let Credential::Keys { source, jku } = &client.credential else {
+            return Err(invalid("this client authenticates with a secret"));
+        };
+        let source = match &header.jku {
+            None => source,
+            Some(url) => jku
+                .get(url)
+                .ok_or_else(|| invalid("the client assertion's jku is not allow-listed"))?,
+        };
+        let keys = source.keys().await.map_err(|_| {
+            OAuthError::temporarily_unavailable("the client's keys cannot be fetched")
+        })?;
+        let keys = match one_key(&keys, kid, header.alg) {
+            Some(_) => keys,
+            None => match source.refetch_for_unknown_kid(&keys).await {
+                Some(newer) => newer,
+                None => {
+                    return Err(invalid(
+                        "no key of the client matches the assertion's kid and alg",
+                    ));
+                }
+            },
+        };
+        let key = one_key(&keys, kid, header.alg)
+            .ok_or_else(|| invalid("no key of the client matches the assertion's kid and alg"))?;
+        let mut v = Validation::new(header.alg);
+        v.algorithms = vec![header.alg];
+        v.leeway = LEEWAY;
+        v.set_issuer(&[&client.id]);
+        v.set_audience(&[&self.token_endpoint]);
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v.sub = Some(client.id.clone());
+        let data = jsonwebtoken::decode::<Map<String, Value>>(assertion, key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind::*;
+            match e.kind() {
+                InvalidAudience => invalid("the client assertion's aud is not this token endpoint"),
+                InvalidIssuer | InvalidSubject => {
+                    invalid("the client assertion's iss and sub must both be the client id")
+                }
+                ExpiredSignature => invalid("the client assertion has expired"),
+                ImmatureSignature => invalid("the client assertion is not yet valid"),
+                MissingRequiredClaim(_) => {
+                    invalid("the client assertion lacks exp, iss, sub or aud")
+                }
+                _ => invalid("the client assertion's signature does not verify"),
+            }
+        })?;
+        let now = jsonwebtoken::get_current_timestamp();
+        let exp = data.claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        if exp > now + MAX_ASSERTION_LIFETIME + LEEWAY {
+            return Err(invalid(
+                "the client assertion's exp is more than five minutes ahead",
+            ));
+        }
+        let jti = data
+            .claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .filter(|j| !j.is_empty())
+            .ok_or_else(|| invalid("the client assertion has no jti"))?;
+        // Atomic insert-if-absent: two concurrent uses of one jti cannot both pass.
+        let entry = self
+            .replay
+            .entry((client.id.clone(), jti.to_owned()))
+            .or_insert(());
+        if !entry.is_fresh() {
+            return Err(invalid(
+                "the client assertion was already used (jti replay)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Exactly one key with this `kid` whose type fits `alg`.
+fn one_key<'k>(
+    keys: &'k KeySet,
+    kid: &'k str,
+    alg: Algorithm,
+) -> Option<&'k jsonwebtoken::DecodingKey> {
+    let mut found = keys.matching(kid, alg);
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
+}
+
+fn form_decode(s: &str) -> String {
+    form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+fn client(
+    c: &ClientConfig,
+    outbound: &Outbound,
+    fetches: &prometheus::IntCounterVec,
+) -> Result<Client, String> {
+    let source_for =
+        |jwks: Option<String>, jwks_uri: Option<String>| -> Result<Arc<KeySource>, String> {
+            let cfg = JwtConfig {
+                issuer: c.client_id.clone(),
+                audience: String::new(),
+                jwks_uri,
+                jwks,
+                ..JwtConfig::for_client_keys()
+            };
+            let s = Arc::new(KeySource::new(&cfg, outbound.clone(), fetches.clone())?);
+            // Remote keys are kept fresh per Cache-Control, like the gateway's own.
+            if tokio::runtime::Handle::try_current().is_ok() {
+                s.spawn_refresh();
+            }
+            Ok(s)
+        };
+    let credential = match (&c.client_secret_hash, &c.jwks, &c.jwks_uri) {
+        (Some(h), _, _) => {
+            Credential::Secret(parse_secret_hash(h).ok_or("client_secret_hash: malformed")?)
+        }
+        (None, jwks, uri) => {
+            let mut jku = HashMap::new();
+            for url in &c.jku_allow {
+                jku.insert(url.clone(), source_for(None, Some(url.clone()))?);
+            }
+            Credential::Keys {
+                source: source_for(jwks.clone(), uri.clone())?,
+                jku,
+            }
+        }
+    };
+    Ok(Client {
+        id: c.client_id.clone(),
+        scope: c.scope.clone(),
+        credential,
+    })
+}

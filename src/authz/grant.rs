@@ -1,0 +1,113 @@
+//! Which scopes a backend client gets: what it asked for, intersected with what it is
+//! registered for. Backend Services clients act for themselves, so only `system/` data
+//! scopes are granted; other scope strings only when registered verbatim.
+
+use crate::smart::scope::{Level, ResourceScope, Scope, parse};
+
+/// Whether scope `g` allows everything scope `r` asks for.
+fn covers(g: &ResourceScope, r: &ResourceScope) -> bool {
+    g.level == r.level
+        && (g.resource == crate::smart::scope::TypeSel::Any || g.resource == r.resource)
+        && g.perms.contains(r.perms)
+        && g.constraints.iter().all(|c| r.constraints.contains(c))
+}
+
+/// The granted scope string: each requested scope that a registered one covers, as
+/// requested; for a requested scope wider than the registration, the registered scopes
+/// it covers. Order kept, duplicates dropped.
+pub fn grant(requested: &str, registered: &str) -> String {
+    let reg: Vec<(&str, Option<ResourceScope>)> = registered
+        .split_whitespace()
+        .map(|s| {
+            let parsed = match parse(s) {
+                Ok(Scope::Resource(r)) if r.level == Level::System => Some(r),
+                _ => None,
+            };
+            (s, parsed)
+        })
+        .collect();
+    let mut out: Vec<&str> = Vec::new();
+    let mut push = |s| {
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    };
+    for want in requested.split_whitespace() {
+        match parse(want) {
+            Ok(Scope::Resource(r)) => {
+                if r.level != Level::System {
+                    continue;
+                }
+                if reg
+                    .iter()
+                    .any(|(_, g)| g.as_ref().is_some_and(|g| covers(g, &r)))
+                {
+                    push(want);
+                } else {
+                    for (s, g) in &reg {
+                        if g.as_ref().is_some_and(|g| covers(&r, g)) {
+                            push(s);
+                        }
+                    }
+                }
+            }
+            // Anything else only when registered exactly.
+            _ => {
+                if reg.iter().any(|(s, _)| *s == want) {
+                    push(want);
+                }
+            }
+        }
+    }
+    out.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grant;
+
+    #[test]
+    fn intersection() {
+        let reg =
+            "system/Observation.rs system/Patient.r system/Condition.rs?category=x introspect";
+        assert_eq!(grant("system/Observation.rs", reg), "system/Observation.rs");
+        assert_eq!(grant("system/Observation.r", reg), "system/Observation.r");
+        assert_eq!(
+            grant("system/Observation.read", reg),
+            "system/Observation.read"
+        );
+        // Wider than registered: the registered part of it.
+        assert_eq!(
+            grant("system/Observation.cruds", reg),
+            "system/Observation.rs"
+        );
+        assert_eq!(
+            grant("system/Encounter.rs", reg),
+            "",
+            "beyond the registration"
+        );
+        let all = "system/Observation.rs system/Patient.r system/Condition.rs?category=x";
+        assert_eq!(grant("system/*.rs", reg), all);
+        assert_eq!(grant("system/*.read", reg), all);
+        // The registration is narrower: the client gets the narrower scope.
+        assert_eq!(
+            grant("system/Condition.rs", reg),
+            "system/Condition.rs?category=x"
+        );
+        assert_eq!(
+            grant("system/Condition.rs?category=x", reg),
+            "system/Condition.rs?category=x"
+        );
+        assert_eq!(
+            grant("patient/Observation.rs user/Observation.rs", reg),
+            "",
+            "system/ only"
+        );
+        assert_eq!(
+            grant("introspect openid system/Patient.r system/Patient.r", reg),
+            "introspect system/Patient.r"
+        );
+        assert_eq!(grant("system/*.cruds", "system/*.rs"), "system/*.rs");
+        assert_eq!(grant("", reg), "");
+    }
+}

@@ -1,0 +1,440 @@
+//! The embedded SMART Backend Services authorization server (SMART App Launch 2.2
+//! backend-services, client-confidential-asymmetric/-symmetric, token-introspection):
+//! `POST {base}/auth/token`, `POST {base}/auth/introspect`, `GET {base}/auth/jwks`.
+//! Its tokens are validated in-process by the authenticate stage.
+
+pub mod clients;
+pub mod grant;
+pub mod issuer;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use serde_json::{Value, json};
+
+use crate::body::{BoxBody, full};
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::outbound::Outbound;
+use clients::{Clients, JWT_BEARER};
+use issuer::Issuer;
+
+/// Largest form body the token and introspection endpoints read.
+const MAX_FORM: usize = 64 * 1024;
+
+/// An OAuth 2 error response (RFC 6749 §5.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthError {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+    /// Answer 401 with a Basic challenge (the client tried HTTP Basic).
+    basic: bool,
+}
+
+impl OAuthError {
+    fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> OAuthError {
+        OAuthError {
+            status,
+            error,
+            description: description.into(),
+            basic: false,
+        }
+    }
+    /// `invalid_request` (400).
+    pub fn invalid_request(d: impl Into<String>) -> OAuthError {
+        OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", d)
+    }
+    /// `invalid_client` (401).
+    pub fn invalid_client(d: impl Into<String>) -> OAuthError {
+        OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", d)
+    }
+    /// `invalid_client` (401) with `WWW-Authenticate: Basic`.
+    pub fn invalid_client_basic(d: impl Into<String>) -> OAuthError {
+        OAuthError {
+            basic: true,
+            ..OAuthError::invalid_client(d)
+        }
+    }
+    /// 503: something the server needs is out of reach.
+    pub fn temporarily_unavailable(d: impl Into<String>) -> OAuthError {
+        OAuthError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            d,
+        )
+    }
+
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        self.error
+    }
+
+    fn into_response(self) -> Response<BoxBody> {
+        let mut resp = json_response(
+            self.status,
+            &json!({"error": self.error, "error_description": self.description}),
+        );
+        if self.basic {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"smartgate\", charset=\"UTF-8\""),
+            );
+        }
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// The embedded authorization server of one configuration snapshot.
+pub struct AuthServer {
+    /// Signs and verifies the gateway's tokens.
+    pub issuer: Arc<Issuer>,
+    clients: Clients,
+    introspection_scope: Option<String>,
+    leeway: u64,
+    issued: prometheus::IntCounterVec,
+}
+
+impl AuthServer {
+    /// Builds the server for `config`, or `None` when it is off.
+    pub fn new(
+        config: &Config,
+        outbound: &Outbound,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Option<AuthServer>, String> {
+        let a = &config.authorization_server;
+        if !a.enabled {
+            return Ok(None);
+        }
+        let base = config.server.public_base_url.as_string();
+        let base = base.trim_end_matches('/');
+        let key = a
+            .signing_key
+            .as_ref()
+            .ok_or("authorization_server.signing_key: missing")?;
+        let issuer = Issuer::load(key, &a.signing_alg, base, a.token_lifetime.0)?;
+        let clients = Clients::new(
+            a,
+            &format!("{base}/auth/token"),
+            outbound,
+            &metrics.jwks_fetches,
+        )?;
+        Ok(Some(AuthServer {
+            issuer: Arc::new(issuer),
+            clients,
+            introspection_scope: a.introspection_scope.clone(),
+            leeway: config.auth.leeway.0.as_secs(),
+            issued: metrics.tokens_issued.clone(),
+        }))
+    }
+
+    /// Serves `/auth/…` (`rel` is the path under the public base).
+    pub async fn handle(
+        &self,
+        auth: Option<&crate::auth::Authenticator>,
+        req: Request<hyper::body::Incoming>,
+        rel: &str,
+    ) -> Result<Response<BoxBody>, GatewayError> {
+        let path = rel.split('?').next().unwrap_or(rel);
+        let result = match (path, req.method()) {
+            ("/auth/jwks", &Method::GET | &Method::HEAD) => {
+                let mut resp = json_response(StatusCode::OK, &self.issuer.jwks());
+                resp.headers_mut().insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("public, max-age=300"),
+                );
+                return Ok(resp);
+            }
+            ("/auth/token", &Method::POST) => self.token(req).await,
+            ("/auth/introspect", &Method::POST) => self.introspect(auth, req).await,
+            ("/auth/token" | "/auth/introspect" | "/auth/jwks", _) => {
+                return Err(GatewayError::MethodNotAllowed);
+            }
+            _ => return Err(GatewayError::NotFound),
+        };
+        let resp = match result {
+            Ok(resp) => {
+                self.issued.with_label_values(&["issued"]).inc();
+                resp
+            }
+            Err(e) => {
+                self.issued.with_label_values(&[e.code()]).inc();
+                tracing::info!(error = e.error, description = %e.description, "token endpoint refused");
+                e.into_response()
+            }
+        };
+        Ok(no_store(resp))
+    }
+
+    /// `POST /auth/token`: `client_credentials` with a client assertion or HTTP Basic.
+    async fn token(
+        &self,
+        req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<BoxBody>, OAuthError> {
+        let (basic, form) = read_form(req).await?;
+        match one(&form, "grant_type")? {
+            None => return Err(OAuthError::invalid_request("grant_type is required")),
+            Some("client_credentials") => {}
+            Some(_) => {
+                return Err(OAuthError::new(
+                    StatusCode::BAD_REQUEST,
+                    "unsupported_grant_type",
+                    "only client_credentials is supported",
+                ));
+            }
+        }
+        let client = self.authenticate_client(basic.as_deref(), &form).await?;
+        if let Some(id) = one(&form, "client_id")?
+            && id != client.id
+        {
+            return Err(OAuthError::invalid_request(
+                "client_id does not match the authenticated client",
+            ));
+        }
+        let requested = one(&form, "scope")?.unwrap_or("");
+        if requested.trim().is_empty() {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                "scope is required",
+            ));
+        }
+        let granted = grant::grant(requested, &client.scope);
+        if granted.is_empty() {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                "none of the requested scopes is registered for this client",
+            ));
+        }
+        let issued = self
+            .issuer
+            .issue(&client.id, &granted)
+            .map_err(OAuthError::temporarily_unavailable)?;
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "access_token": issued.token, "token_type": "bearer",
+                "expires_in": issued.expires_in, "scope": granted,
+            }),
+        ))
+    }
+
+    /// The client a token or introspection request authenticates as: a JWT-bearer
+    /// assertion, or HTTP Basic — exactly one. Rate-limited per client before any
+    /// cryptography.
+    async fn authenticate_client(
+        &self,
+        basic: Option<&str>,
+        form: &[(String, String)],
+    ) -> Result<&clients::Client, OAuthError> {
+        let assertion_type = one(form, "client_assertion_type")?;
+        let assertion = one(form, "client_assertion")?;
+        match (basic, assertion_type, assertion) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(OAuthError::invalid_request(
+                "use one client authentication method",
+            )),
+            (None, None, None) => Err(OAuthError::invalid_client(
+                "client authentication is required",
+            )),
+            (None, Some(t), _) if t != JWT_BEARER => Err(OAuthError::invalid_client(
+                "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            )),
+            (None, _, None) | (None, None, Some(_)) => Err(OAuthError::invalid_client(
+                "client_assertion and client_assertion_type go together",
+            )),
+            (None, Some(_), Some(a)) => {
+                let id = Clients::claimed_id(a)?;
+                let client = self
+                    .clients
+                    .get(&id)
+                    .ok_or_else(|| OAuthError::invalid_client("unknown client"))?;
+                self.limit(&client.id)?;
+                self.clients.verify_assertion(client, a).await?;
+                Ok(client)
+            }
+            (Some(h), None, None) => {
+                if let Some(id) = basic_id(h) {
+                    self.limit(&id)?;
+                }
+                self.clients.authenticate_basic(h)
+            }
+        }
+    }
+
+    fn limit(&self, id: &str) -> Result<(), OAuthError> {
+        if self.clients.allow(id) {
+            Ok(())
+        } else {
+            Err(OAuthError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "slow_down",
+                "too many token requests for this client",
+            ))
+        }
+    }
+
+    /// `POST /auth/introspect` (RFC 7662 with the SMART fields). The caller is a
+    /// registered client, or brings a bearer token with the configured introspection
+    /// scope.
+    async fn introspect(
+        &self,
+        auth: Option<&crate::auth::Authenticator>,
+        req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<BoxBody>, OAuthError> {
+        let authz = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let (basic, form) = read_form(req).await?;
+        let bearer = authz.as_deref().and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        });
+        match (bearer, &self.introspection_scope) {
+            (Some(token), Some(scope)) => {
+                let ok = match auth {
+                    Some(a) => a
+                        .authenticate(token.trim())
+                        .await
+                        .is_ok_and(|p| p.scopes.iter().any(|s| s == scope)),
+                    None => self
+                        .issuer
+                        .verify(token.trim(), self.leeway)
+                        .is_ok_and(|c| {
+                            c.get("scope")
+                                .and_then(Value::as_str)
+                                .is_some_and(|s| s.split_whitespace().any(|x| x == scope))
+                        }),
+                };
+                if !ok {
+                    return Err(OAuthError::invalid_client(
+                        "the bearer token may not introspect",
+                    ));
+                }
+            }
+            (Some(_), None) => {
+                return Err(OAuthError::invalid_client(
+                    "introspection by bearer token is not configured",
+                ));
+            }
+            (None, _) => {
+                self.authenticate_client(basic.as_deref(), &form).await?;
+            }
+        }
+        let token =
+            one(&form, "token")?.ok_or_else(|| OAuthError::invalid_request("token is required"))?;
+        let body = match self.issuer.verify(token, self.leeway) {
+            Ok(c) => {
+                let mut out = json!({"active": true, "token_type": "Bearer"});
+                for k in [
+                    "scope",
+                    "client_id",
+                    "exp",
+                    "iat",
+                    "sub",
+                    "iss",
+                    "aud",
+                    "jti",
+                ] {
+                    if let Some(v) = c.get(k) {
+                        out[k] = v.clone();
+                    }
+                }
+                out
+            }
+            Err(_) => json!({"active": false}),
+        };
+        Ok(json_response(StatusCode::OK, &body))
+    }
+}
+
+/// The client id of a Basic header, undecoded further (for rate limiting).
+fn basic_id(h: &str) -> Option<String> {
+    use base64::Engine;
+    let b64 = h
+        .strip_prefix("Basic ")
+        .or_else(|| h.strip_prefix("basic "))?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let raw = String::from_utf8(raw).ok()?;
+    Some(raw.split_once(':')?.0.to_owned())
+}
+
+/// The Basic `Authorization` header (if any) and the form parameters of a request.
+async fn read_form(
+    req: Request<hyper::body::Incoming>,
+) -> Result<(Option<String>, Vec<(String, String)>), OAuthError> {
+    let form_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !form_type {
+        return Err(OAuthError::invalid_request(
+            "the body must be application/x-www-form-urlencoded",
+        ));
+    }
+    if req.uri().query().is_some_and(|q| !q.is_empty()) {
+        return Err(OAuthError::invalid_request(
+            "parameters go in the body, not the query",
+        ));
+    }
+    let basic = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() > 6 && v[..6].eq_ignore_ascii_case("basic "))
+        .map(str::to_owned);
+    let bytes: Bytes = Limited::new(req.into_body(), MAX_FORM)
+        .collect()
+        .await
+        .map_err(|_| OAuthError::invalid_request("the body is too large or incomplete"))?
+        .to_bytes();
+    let form = form_urlencoded::parse(&bytes)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    Ok((basic, form))
+}
+
+/// A parameter that may appear at most once (RFC 6749 §3.1).
+fn one<'a>(form: &'a [(String, String)], name: &str) -> Result<Option<&'a str>, OAuthError> {
+    let mut values = form.iter().filter(|(k, _)| k == name);
+    let first = values.next().map(|(_, v)| v.as_str());
+    if values.next().is_some() {
+        return Err(OAuthError::invalid_request(format!("{name} is repeated")));
+    }
+    Ok(first)
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<BoxBody> {
+    let mut resp = Response::new(full(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// RFC 6749 §5.1: token responses are never cached.
+fn no_store(mut resp: Response<BoxBody>) -> Response<BoxBody> {
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    resp
+}
