@@ -477,3 +477,85 @@ scope = "system/Patient.rs system/Observation.rs"
         );
     }
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// #6 item 5: the one-command demo starts the real FHIR engine and the gateway with its
+/// embedded authorization server, and its printed commands work (DEMO_SELFTEST runs them).
+#[test]
+fn demo_commands_work() {
+    support::node::ensure_npm_packages();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new("bash")
+        .arg(format!("{root}/deploy/demo.sh"))
+        .env("SMARTGATE_BIN", env!("CARGO_BIN_EXE_smartgate"))
+        .env("DEMO_SELFTEST", "1")
+        .env("GATEWAY_PORT", free_port().to_string())
+        .env("ADMIN_PORT", free_port().to_string())
+        .env("FHIR_PORT", free_port().to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("selftest: read 200 (3 entries), refusal 403"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("client-assertion --key"), "{stdout}");
+}
+
+/// Ctrl-C stops everything the demo started.
+#[test]
+fn demo_stops_on_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    support::node::ensure_npm_packages();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let (gw, fhir) = (free_port(), free_port());
+    let mut child = std::process::Command::new("bash")
+        .arg(format!("{root}/deploy/demo.sh"))
+        .env("SMARTGATE_BIN", env!("CARGO_BIN_EXE_smartgate"))
+        .env("GATEWAY_PORT", gw.to_string())
+        .env("ADMIN_PORT", free_port().to_string())
+        .env("FHIR_PORT", fhir.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("Ctrl-C stops everything")),
+        "the demo did not come up"
+    );
+    for port in [gw, fhir] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            "{port} up"
+        );
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = child.wait().unwrap();
+    for port in [gw, fhir] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "{port} still up"
+        );
+    }
+}

@@ -266,3 +266,76 @@ fn policy_operations_validated() {
     let e = err(&ok.replace("\"Observation\"", "\"Obs\""));
     assert!(e.contains("policy.operations[0].resource_type"), "{e}");
 }
+
+/// The embedded authorization server's configuration: errors name the key; secrets are
+/// masked; discovery is derived from it.
+#[test]
+fn authorization_server_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("gw.pem");
+    std::fs::write(&key, crate::keygen::generate("ES384").unwrap().0).unwrap();
+    let hash = format!("sha256:{}", "ab".repeat(32));
+    let with = |body: &str| {
+        format!(
+            "{MINIMAL}\n[authorization_server]\nenabled = true\nsigning_key = \"{}\"\n{body}",
+            key.display()
+        )
+    };
+    let client = format!(
+        "[[authorization_server.clients]]\nclient_id = \"c\"\nclient_secret_hash = \"{hash}\"\nscope = \"system/*.rs\"\n"
+    );
+    let c = parse(&with(&client)).unwrap();
+    let smart = c.effective_smart().unwrap();
+    assert_eq!(
+        smart.token_endpoint,
+        "https://fhir.example.org/r4/auth/token"
+    );
+    assert!(
+        smart
+            .capabilities
+            .contains(&"client-confidential-symmetric".to_owned())
+    );
+    assert!(!c.to_masked_toml().contains(&hash));
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("{MINIMAL}\n[authorization_server]\nenabled = true\n"),
+            "authorization_server.signing_key: is required",
+        ),
+        (
+            with("signing_alg = \"RS256\""),
+            "authorization_server.signing_alg",
+        ),
+        (
+            with("token_lifetime = \"2h\""),
+            "authorization_server.token_lifetime",
+        ),
+        (with("rate_limit = 0"), "authorization_server.rate_limit"),
+        (
+            with(&client.replace(&hash, "sha256:xyz")),
+            "authorization_server.clients[0].client_secret_hash",
+        ),
+        (
+            with(&client.replace(
+                "scope = \"system/*.rs\"",
+                "scope = \"system/*.rs\"\njwks_uri = \"https://x/jwks\"",
+            )),
+            "authorization_server.clients[0].jwks: set exactly one",
+        ),
+        (
+            with(&format!("{client}{client}")),
+            "authorization_server.clients[1].client_id",
+        ),
+        (
+            MINIMAL.replace("mode = \"none\"", "mode = \"embedded\""),
+            "auth.mode: \"embedded\" needs [authorization_server]",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = err(&text);
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    let bad_key = dir.path().join("bad.pem");
+    std::fs::write(&bad_key, "nonsense").unwrap();
+    let e = err(&with("").replace(&key.display().to_string(), &bad_key.display().to_string()));
+    assert!(e.contains("authorization_server.signing_key"), "{e}");
+}
