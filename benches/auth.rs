@@ -1,5 +1,7 @@
 //! Token paths: a cached token (hash + cache hit → Principal), and cold verification of
-//! RS256 and ES384 tokens (header checks, key lookup, signature, claims, principal).
+//! RS256 and ES384 tokens (header checks, key lookup, signature, claims, principal); the
+//! embedded authorization server: issuing a token (verify an ES384 client assertion,
+//! intersect scopes, sign an ES384 access token) and introspecting one of its tokens.
 //!
 //!   cargo bench --bench auth
 
@@ -102,6 +104,80 @@ algorithms = ["RS256", "ES384"]
     g.bench_function("cold_es384", |b| {
         b.to_async(&rt)
             .iter(|| async { black_box(auth.verify(black_box(&es384)).await.unwrap().unwrap()) })
+    });
+    g.finish();
+
+    // The embedded authorization server.
+    let (client_key, client_jwk) = key(Algorithm::ES384, "client");
+    let client_jwks = json!({"keys": [client_jwk]}).to_string();
+    let (gateway_pem, _) = smartgate::keygen::generate("ES384").unwrap();
+    let issuer = smartgate::authz::issuer::Issuer::from_pem(
+        &gateway_pem,
+        "ES384",
+        "http://gateway.test/r4",
+        std::time::Duration::from_secs(300),
+    )
+    .unwrap();
+    let as_text = format!(
+        "{text}\n[authorization_server]\nenabled = false\n[[authorization_server.clients]]\nclient_id = \"app\"\nscope = \"system/*.rs\"\njwks = '{client_jwks}'\n"
+    );
+    let as_config = Config::parse(&as_text, "bench", Vec::new()).unwrap();
+    let clients = smartgate::authz::clients::Clients::new(
+        &as_config.authorization_server,
+        "http://gateway.test/r4/auth/token",
+        &outbound,
+        &Metrics::new().jwks_fetches,
+    )
+    .unwrap();
+    let client = clients.get("app").unwrap();
+    let (clients, issuer_ref) = (&clients, &issuer);
+    let assertion = || {
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut header = Header::new(Algorithm::ES384);
+        header.kid = Some("client".into());
+        let claims = json!({
+            "iss": "app", "sub": "app", "aud": "http://gateway.test/r4/auth/token",
+            "jti": uuid::Uuid::new_v4().to_string(), "iat": now, "exp": now + 240,
+        });
+        jsonwebtoken::encode(&header, &claims, &client_key).unwrap()
+    };
+    let mut g = c.benchmark_group("authorization_server");
+    g.bench_function("issue_token_es384", |b| {
+        b.to_async(&rt).iter_batched(
+            assertion,
+            |a| async move {
+                clients.verify_assertion(client, &a).await.unwrap();
+                let scope = smartgate::authz::grant::grant("system/Observation.rs", &client.scope);
+                black_box(issuer_ref.issue(&client.id, &scope).unwrap())
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("sign_access_token_es384", |b| {
+        b.iter(|| black_box(issuer.issue("app", "system/Observation.rs").unwrap()))
+    });
+    let ours = issuer.issue("app", "system/Observation.rs").unwrap().token;
+    g.bench_function("introspect_embedded_token_es384", |b| {
+        b.iter(|| black_box(issuer.verify(black_box(&ours), 0).unwrap()))
+    });
+    // signing_alg = "ES256": P-256 has ring's optimised code.
+    let (pem256, _) = smartgate::keygen::generate("ES256").unwrap();
+    let issuer256 = smartgate::authz::issuer::Issuer::from_pem(
+        &pem256,
+        "ES256",
+        "http://gateway.test/r4",
+        std::time::Duration::from_secs(300),
+    )
+    .unwrap();
+    g.bench_function("sign_access_token_es256", |b| {
+        b.iter(|| black_box(issuer256.issue("app", "system/Observation.rs").unwrap()))
+    });
+    let ours256 = issuer256
+        .issue("app", "system/Observation.rs")
+        .unwrap()
+        .token;
+    g.bench_function("introspect_embedded_token_es256", |b| {
+        b.iter(|| black_box(issuer256.verify(black_box(&ours256), 0).unwrap()))
     });
     g.finish();
 }

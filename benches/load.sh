@@ -164,6 +164,45 @@ TOML
 PIDS+=($!)
 SMARTGATE_JWT_PID=$!
 
+# The embedded authorization server: token requests per second from a symmetric client
+# (client_secret_basic, so wrk can repeat one request; an assertion may be used only once).
+SGT=$(free_port); SGTA=$(free_port)
+"$BIN" keygen --alg ES384 --out "$WORK/gateway-es384.pem" >/dev/null 2>&1
+"$BIN" keygen --alg ES256 --out "$WORK/gateway-es256.pem" >/dev/null 2>&1
+SECRET_HASH=$(printf 'bench-secret' | sha256sum | cut -d' ' -f1)
+token_config() { # $1 = alg
+  cat <<TOML
+[server]
+listen = "127.0.0.1:$SGT"
+public_base_url = "http://127.0.0.1:$SGT/r4"
+[admin]
+listen = "127.0.0.1:$SGTA"
+[upstream]
+url = "http://127.0.0.1:$UP/fhir"
+[auth]
+mode = "embedded"
+[log]
+level = "warn"
+[reload]
+watch = false
+[authorization_server]
+enabled = true
+signing_key = "$WORK/gateway-${1,,}.pem"
+signing_alg = "$1"
+rate_limit = 1000000
+[[authorization_server.clients]]
+client_id = "bench"
+client_secret_hash = "sha256:$SECRET_HASH"
+scope = "system/*.rs"
+TOML
+}
+cat >"$WORK/token.lua" <<LUA
+wrk.method = "POST"
+wrk.body = "grant_type=client_credentials&scope=system%2FPatient.rs"
+wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
+wrk.headers["Authorization"] = "Basic $(printf 'bench:bench-secret' | base64)"
+LUA
+
 wait_up() {
   for _ in $(seq 100); do
     curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
@@ -243,6 +282,24 @@ for round in $(seq "$ROUNDS"); do
   done
   echo "round $round/$ROUNDS done" >&2
 done
+# Token issuance, once per signing algorithm (after the proxy rounds).
+declare -A TOKEN_RPS
+for alg in ES384 ES256; do
+  token_config "$alg" >"$WORK/smartgate-token.toml"
+  "$BIN" serve --config "$WORK/smartgate-token.toml" 2>"$WORK/smartgate-token.log" &
+  TOKEN_PID=$!
+  for _ in $(seq 100); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$SGTA/readyz" 2>/dev/null && break
+    sleep 0.1
+  done
+  code=$(curl -s -o /dev/null -w '%{http_code}' -u bench:bench-secret -d grant_type=client_credentials -d scope=system/Patient.rs "http://127.0.0.1:$SGT/r4/auth/token")
+  [ "$code" = 200 ] || { echo "token endpoint answers $code" >&2; tail -5 "$WORK/smartgate-token.log" >&2; exit 1; }
+  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -s "$WORK/token.lua" "http://127.0.0.1:$SGT/r4/auth/token")
+  if grep -q "Non-2xx" <<<"$out"; then echo "non-2xx answers from the token endpoint" >&2; echo "$out" >&2; exit 1; fi
+  TOKEN_RPS[$alg]=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+  kill "$TOKEN_PID"; wait "$TOKEN_PID" 2>/dev/null || true
+done
+
 median() { python3 -c "import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))" $1; }
 d_rps=$(median "${RPS[direct]}"); d_p99=$(median "${P99[direct]}"); d_cpu=$(median "${CPU[direct]}")
 n_rps=$(median "${RPS[nginx]}"); n_p99=$(median "${P99[nginx]}"); n_cpu=$(median "${CPU[nginx]}")
@@ -264,4 +321,5 @@ echo "verified read (patient/ token, Observation checked against the compartment
 echo "verified read / JWT pass-through read: throughput $(ratio "$v_rps" "$j_rps")"
 echo "smartgate / nginx: throughput $(ratio "$s_rps" "$n_rps"), p99 $(ratio "$s_p99" "$n_p99"), CPU per request $(ratio "$s_cpu" "$n_cpu")"
 echo "smartgate JWT + decision / pass-through: throughput $(ratio "$j_rps" "$s_rps"), p99 $(ratio "$j_p99" "$s_p99"), CPU per request $(ratio "$j_cpu" "$s_cpu")"
+echo "embedded /auth/token (client_secret_basic, sign an access token): ES384 ${TOKEN_RPS[ES384]} req/s, ES256 ${TOKEN_RPS[ES256]} req/s; ES256/ES384 $(ratio "${TOKEN_RPS[ES256]}" "${TOKEN_RPS[ES384]}"); ES384 tokens / nginx proxied reads $(ratio "${TOKEN_RPS[ES384]}" "$n_rps")"
 echo "(medians of $ROUNDS interleaved rounds, ${DURATION}s per target each, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores)"

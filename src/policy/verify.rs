@@ -51,6 +51,50 @@ impl Viewer<'_> {
         })
     }
 
+    /// [`Viewer::visible`] straight from the bytes of one resource, parsing only the
+    /// top-level elements the check reads (`resourceType`, `id`, the compartment paths,
+    /// the granular constraints' paths): a read's response is mostly text the check
+    /// never looks at. An OperationOutcome passes, as in [`Viewer::verify`]. `None` when
+    /// the body is not a plain JSON object of a known type, or is a Bundle (the caller
+    /// then parses it whole).
+    pub fn visible_bytes(&self, bytes: &[u8], any: Perms) -> Option<bool> {
+        use serde_json::value::RawValue;
+        let top: std::collections::BTreeMap<&str, &RawValue> =
+            serde_json::from_slice(bytes).ok()?;
+        let ty: &str = serde_json::from_str(top.get("resourceType")?.get()).ok()?;
+        let ty = crate::fhir::request::resource_type(ty).ok()?;
+        if ty == "Bundle" {
+            return None;
+        }
+        // As in `verify`: the server speaking about the request, not a stored resource.
+        if ty == "OperationOutcome" {
+            return Some(true);
+        }
+        let mut wanted: Vec<&str> = vec!["resourceType", "id"];
+        if let Some(params) = crate::fhir::search::compartment_paths(ty) {
+            for (_, paths) in params {
+                wanted.extend(paths.iter().map(|p| p.split('.').next().unwrap_or(p)));
+            }
+        }
+        for scope in &self.grants.scopes {
+            for (k, _) in &scope.constraints {
+                if let Some(p) = crate::fhir::search::param(ty, k) {
+                    wanted.extend(p.paths.iter().map(|p| p.split('.').next().unwrap_or(p)));
+                }
+            }
+        }
+        let mut partial = serde_json::Map::new();
+        for key in wanted {
+            if partial.contains_key(key) {
+                continue;
+            }
+            if let Some(raw) = top.get(key) {
+                partial.insert(key.to_owned(), serde_json::from_str(raw.get()).ok()?);
+            }
+        }
+        Some(self.visible(&Value::Object(partial), any))
+    }
+
     /// Whether the token may write `resource` (as type `ty`) with `perm`: under
     /// confinement every compartment reference names the patient and there is at least
     /// one; under constraints the resource matches them.
@@ -260,6 +304,37 @@ mod tests {
                 );
             },
         );
+    }
+
+    /// The partial parse decides exactly like the whole one.
+    #[test]
+    fn visible_bytes_agrees() {
+        let rs = Perms::R.union(Perms::S);
+        for scopes in [
+            "patient/Observation.rs",
+            "user/Observation.rs?category=laboratory",
+            "system/*.rs",
+        ] {
+            with(scopes, Some("123"), |v| {
+                for doc in [
+                    obs("1", "123", "laboratory"),
+                    obs("2", "456", "laboratory"),
+                    obs("3", "123", "imaging"),
+                    json!({"resourceType": "Patient", "id": "123"}),
+                    json!({"resourceType": "Observation", "performer": [{"reference": "Patient/123"}], "note": [{"text": "x"}]}),
+                ] {
+                    let bytes = serde_json::to_vec(&doc).unwrap();
+                    assert_eq!(
+                        v.visible_bytes(&bytes, rs),
+                        Some(v.visible(&doc, rs)),
+                        "{scopes} {doc}"
+                    );
+                }
+                assert_eq!(v.visible_bytes(b"[1]", rs), None);
+                assert_eq!(v.visible_bytes(br#"{"resourceType":"Bundle"}"#, rs), None);
+                assert_eq!(v.visible_bytes(br#"{"resourceType":"Nope"}"#, rs), None);
+            });
+        }
     }
 
     #[test]
