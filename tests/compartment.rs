@@ -232,6 +232,32 @@ async fn confined_reads() {
         StatusCode::NOT_FOUND
     );
 
+    // HEAD cannot skip the check: asked as GET, verified, answered without a body.
+    let (st, _, b) = call(&s, "HEAD", "/r4/Observation/o3", &app, None, &[]).await;
+    assert_eq!((st, b), (StatusCode::FORBIDDEN, Value::Null));
+    let (st, _, b) = call(&s, "HEAD", "/r4/Observation/o1", &app, None, &[]).await;
+    assert_eq!((st, b), (StatusCode::OK, Value::Null));
+    assert_eq!(s.up.requests().last().unwrap().method, http::Method::GET);
+    // No 304 confirming another patient's version: the validators are not forwarded.
+    let (st, _, _) = call(
+        &s,
+        "GET",
+        "/r4/Observation/o3",
+        &app,
+        None,
+        &[("if-none-match", "W/\"1\"")],
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert!(
+        !s.up
+            .requests()
+            .last()
+            .unwrap()
+            .headers
+            .contains_key("if-none-match")
+    );
+
     let hidden =
         setup("[policy]\ndenied_read_status = 404\npatient_scope_non_compartment = \"deny\"\n")
             .await;

@@ -168,6 +168,7 @@ async fn serve(
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         }),
     };
+    let mut head = false;
     if let (false, Some(principal)) = (plan.is_pass_through(), principal.as_deref()) {
         // Narrow the request and check writes before anything is forwarded.
         if !plan.inject.is_empty() {
@@ -200,11 +201,21 @@ async fn serve(
             req = fetcher.bundle(&plan.entries, req).await?;
         }
         if needs_verify(&plan) {
-            // Verification reads JSON only.
-            req.headers_mut().insert(
+            // Verification reads JSON only, and needs the body: no 304 that would confirm
+            // a version of a resource it cannot see, no HEAD that skips the check (asked
+            // as GET, answered without the body).
+            let h = req.headers_mut();
+            h.insert(
                 header::ACCEPT,
                 HeaderValue::from_static("application/fhir+json"),
             );
+            for name in [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE] {
+                h.remove(name);
+            }
+            if req.method() == Method::HEAD {
+                head = true;
+                *req.method_mut() = Method::GET;
+            }
         }
     }
     let method = req.method().clone();
@@ -232,7 +243,13 @@ async fn serve(
         .observe(upstream_time.as_secs_f64());
 
     // respond
-    respond(shared, snap, &plan, principal.as_deref(), &method, resp).await
+    let resp = respond(shared, snap, &plan, principal.as_deref(), &method, resp).await?;
+    if head {
+        let (mut parts, _) = resp.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Ok(Response::from_parts(parts, crate::body::empty()));
+    }
+    Ok(resp)
 }
 
 /// Whether the response must be verified.

@@ -118,6 +118,9 @@ impl Viewer<'_> {
             let compartment_ok = match a.confined_to {
                 None => true,
                 Some(_) if ty == "Patient" && resource.get("id").is_none() => false,
+                // A conditional reference (`Patient?identifier=…`) the server would
+                // resolve to some patient: unknowable here, so refused.
+                Some(_) if has_conditional_reference(ty, resource) => false,
                 Some(p) => {
                     let ids = compartment_patients(ty, resource, bases);
                     !ids.is_empty() && ids.iter().all(|i| *i == p)
@@ -227,6 +230,25 @@ impl Viewer<'_> {
             Verdict::Unchanged
         }
     }
+}
+
+/// Whether a compartment path of the resource holds a conditional reference
+/// (`Type?search`, FHIR R4 http.html#trules), which names no fixed resource.
+fn has_conditional_reference(ty: &str, resource: &Value) -> bool {
+    let Some(params) = crate::fhir::search::compartment_paths(ty) else {
+        return false;
+    };
+    let mut elems = Vec::new();
+    for (_, paths) in params {
+        for path in *paths {
+            crate::fhir::search::values_at(resource, path, &mut elems);
+        }
+    }
+    elems.iter().any(|e| {
+        e.get("reference")
+            .and_then(Value::as_str)
+            .is_some_and(|r| r.contains('?'))
+    })
 }
 
 /// The `resourceType` of a resource, if it is an R4 type.
@@ -404,6 +426,13 @@ mod tests {
                     json!({"resourceType": "Observation", "subject": {"reference": "urn:uuid:1"}});
                 assert_eq!(
                     v.check_write("Observation", &none, Perms::C),
+                    Err(DenyReason::Compartment)
+                );
+                // A conditional reference beside ours: it could resolve to anyone.
+                let mut cond = obs("1", "123", "x");
+                cond["performer"] = json!([{"reference": "Patient?identifier=http://x|456"}]);
+                assert_eq!(
+                    v.check_write("Observation", &cond, u),
                     Err(DenyReason::Compartment)
                 );
                 // A body of another type than the URL says.
