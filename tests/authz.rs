@@ -31,15 +31,7 @@ async fn setup() -> Setup {
 }
 
 fn token(key: &TestKey, scope: &str, patient: Option<&str>) -> String {
-    let mut c = claims();
-    c["scope"] = json!(scope);
-    match patient {
-        Some(p) => c["patient"] = json!(p),
-        None => {
-            c.as_object_mut().unwrap().remove("patient");
-        }
-    }
-    key.sign(&c)
+    token_with(key, scope, patient)
 }
 
 async fn call(

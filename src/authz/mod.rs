@@ -374,15 +374,8 @@ fn basic_id(h: &str) -> Option<String> {
 async fn read_form(
     req: Request<hyper::body::Incoming>,
 ) -> Result<(Option<String>, Vec<(String, String)>), OAuthError> {
-    let form_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| {
-            v.trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        });
+    let form_type =
+        crate::proxy::headers::media_type_is(req.headers(), "application/x-www-form-urlencoded");
     if !form_type {
         return Err(OAuthError::invalid_request(
             "the body must be application/x-www-form-urlencoded",

@@ -17,7 +17,7 @@ use crate::body::{BoxBody, empty, full};
 use crate::error::{Denial, GatewayError};
 use crate::policy::verify::Viewer;
 use crate::policy::{DenyReason, Plan, Write, WriteCheck};
-use crate::proxy::headers::ClientSide;
+use crate::proxy::headers::{ClientSide, media_type_is};
 use crate::state::{Shared, Snapshot};
 
 /// What the checks need to reach the upstream.
@@ -304,14 +304,6 @@ fn json_body(headers: &http::HeaderMap, bytes: &[u8]) -> Result<Value, GatewayEr
         ));
     }
     serde_json::from_slice(bytes).map_err(|_| GatewayError::BadRequest("the body is not JSON"))
-}
-
-fn media_type_is(headers: &http::HeaderMap, want: &str) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
 }
 
 /// A policy refusal found while checking, counted like the decision's own.

@@ -338,14 +338,7 @@ pub(super) async fn buffer(
 }
 
 fn is_form(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|ct| ct.split(';').next())
-        .is_some_and(|e| {
-            e.trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        })
+    crate::proxy::headers::media_type_is(headers, "application/x-www-form-urlencoded")
 }
 
 /// Identity headers for the upstream: client copies always stripped; values set only when

@@ -164,6 +164,16 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("invalid"))
 }
 
+/// Whether the `Content-Type` essence (before any `;` parameters) is `essence`, compared
+/// case-insensitively (RFC 9110 §8.3.1).
+pub fn media_type_is(headers: &http::HeaderMap, essence: &str) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(essence))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

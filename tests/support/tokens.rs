@@ -202,3 +202,16 @@ pub fn jwt_auth(jwks_uri: &str, extra: &str) -> String {
         "[auth]\nmode = \"jwt\"\n{extra}\n[auth.jwt]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks_uri = \"{jwks_uri}\"\nalgorithms = [\"RS256\", \"ES384\", \"ES256\"]\n"
     )
 }
+
+/// A token from the test issuer with `scope`, and `patient` in context or none.
+pub fn token_with(key: &TestKey, scope: &str, patient: Option<&str>) -> String {
+    let mut c = claims();
+    c["scope"] = json!(scope);
+    match patient {
+        Some(p) => c["patient"] = json!(p),
+        None => {
+            c.as_object_mut().unwrap().remove("patient");
+        }
+    }
+    key.sign(&c)
+}
