@@ -568,6 +568,40 @@ async fn transaction_entries() {
             .iter()
             .all(|r| r.method == http::Method::GET)
     );
+    // urn:uuid references between entries: to an entry updating the patient's own
+    // record it counts; to an entry creating something it never does.
+    let linked = tx(json!([
+        {"fullUrl": "urn:uuid:0c3a6a52-0000-4000-8000-000000000001", "resource": {"resourceType": "Patient", "id": "123"}, "request": {"method": "PUT", "url": "Patient/123"}},
+        {"resource": {"resourceType": "Observation", "code": {"text": "x"}, "subject": {"reference": "urn:uuid:0c3a6a52-0000-4000-8000-000000000001"}}, "request": {"method": "POST", "url": "Observation"}}
+    ]));
+    let all = token(
+        &s.key,
+        "patient/Observation.cruds patient/Patient.ru",
+        Some("123"),
+    );
+    let (st, _, b) = call(&s, "POST", "/r4", &all, Some((fhir, linked)), &[]).await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    let orphan = tx(json!([
+        {"fullUrl": "urn:uuid:0c3a6a52-0000-4000-8000-000000000002", "resource": {"resourceType": "Encounter", "status": "planned", "class": {"code": "x"}, "subject": {"reference": "Patient/123"}}, "request": {"method": "POST", "url": "Encounter"}},
+        {"resource": {"resourceType": "Observation", "code": {"text": "x"}, "subject": {"reference": "urn:uuid:0c3a6a52-0000-4000-8000-000000000002"}}, "request": {"method": "POST", "url": "Observation"}}
+    ]));
+    let with_encounter = token(
+        &s.key,
+        "patient/Observation.cruds patient/Encounter.c",
+        Some("123"),
+    );
+    let (st, _, b) = call(
+        &s,
+        "POST",
+        "/r4",
+        &with_encounter,
+        Some((fhir, orphan)),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let why = b["issue"][0]["diagnostics"].as_str().unwrap_or("");
+    assert!(why.contains("entry 1") && !why.contains("entry 0"), "{b}");
     let good = tx(json!([
         {"fullUrl": "urn:uuid:1", "resource": obs("a", "123", "x"), "request": {"method": "POST", "url": "Observation"}},
         {"resource": obs("o1", "123", "x"), "request": {"method": "PUT", "url": "Observation/o1"}},

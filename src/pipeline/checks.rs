@@ -160,6 +160,7 @@ impl Fetcher<'_> {
         let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) else {
             return Ok(req);
         };
+        let local = uuid_targets(entries);
         for (i, (entry, plan)) in entries.iter_mut().zip(plans).enumerate() {
             if !plan.inject.is_empty() {
                 let request = &mut entry["request"];
@@ -180,8 +181,12 @@ impl Fetcher<'_> {
             let ty = w.resource_type;
             match w.check {
                 WriteCheck::Body | WriteCheck::StoredAndBody => {
+                    // References to other entries (`urn:uuid:…`) read as the resources
+                    // those entries write, where the entry names one.
+                    let mut resource = entry["resource"].clone();
+                    resolve_uuids(&mut resource, &local);
                     viewer
-                        .check_write(ty, &entry["resource"], w.perm)
+                        .check_write(ty, &resource, w.perm)
                         .map_err(|r| deny_entry(i, r))?;
                 }
                 WriteCheck::Patch => {
@@ -228,6 +233,46 @@ impl Fetcher<'_> {
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         Ok(Request::from_parts(parts, full(Bytes::from(body))))
+    }
+}
+
+/// `fullUrl` (`urn:uuid:…`) → `Type/id` for the entries that write a named resource
+/// (`PUT Type/id`). Entries that create (`POST`) name none: a reference to them stays a
+/// `urn:uuid` and never counts as a patient.
+fn uuid_targets(entries: &[Value]) -> Vec<(String, String)> {
+    entries
+        .iter()
+        .filter_map(|e| {
+            let full = e["fullUrl"].as_str()?.strip_prefix("urn:uuid:")?;
+            if e["request"]["method"] != "PUT" {
+                return None;
+            }
+            let url = e["request"]["url"].as_str()?;
+            let (ty, id) = url.split_once('/')?;
+            (crate::fhir::request::resource_type(ty).is_ok() && crate::fhir::is_id(id))
+                .then(|| (format!("urn:uuid:{full}"), format!("{ty}/{id}")))
+        })
+        .collect()
+}
+
+/// Replaces every `reference` that names a mapped `urn:uuid` with its `Type/id`.
+fn resolve_uuids(v: &mut Value, map: &[(String, String)]) {
+    if map.is_empty() {
+        return;
+    }
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::String(r)) = o.get_mut("reference")
+                && let Some((_, to)) = map.iter().find(|(from, _)| from == r)
+            {
+                *r = to.clone();
+            }
+            for child in o.values_mut() {
+                resolve_uuids(child, map);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|c| resolve_uuids(c, map)),
+        _ => {}
     }
 }
 

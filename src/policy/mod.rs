@@ -206,7 +206,13 @@ impl fmt::Display for DenyReason {
             DenyReason::Entries(entries) => {
                 let parts: Vec<String> = entries
                     .iter()
-                    .map(|(i, r, needed)| format!("entry {i}: {r} (needs {needed})"))
+                    .map(|(i, r, needed)| {
+                        if needed.is_empty() {
+                            format!("entry {i}: {r}")
+                        } else {
+                            format!("entry {i}: {r} (needs {needed})")
+                        }
+                    })
                     .collect();
                 write!(f, "{}", parts.join("; "))
             }
