@@ -8,6 +8,7 @@
 #
 #   benches/load.sh                 # 3 rounds x 5 s per target, 64 connections
 #   ROUNDS=5 DURATION=5 CONNECTIONS=32 benches/load.sh
+#   TARGETS="nginx smartgate" TOKEN=0 benches/load.sh   # a subset, no token endpoint run
 #
 # The targets are measured in interleaved rounds and each figure is the median over the
 # rounds: on a shared 2-core machine one run can be off by 10 %.
@@ -268,7 +269,7 @@ nginx_pids() { echo "$1" $(pgrep -P "$1"); }
 export WRK_HEADER="Authorization: Bearer $TOKEN"
 declare -A RPS P99 CPU
 for round in $(seq "$ROUNDS"); do
-  for target in direct nginx smartgate jwt nginx_obs verified; do
+  for target in ${TARGETS:-direct nginx smartgate jwt nginx_obs verified}; do
     case $target in
       nginx_obs) out=$(measure "http://127.0.0.1:$NGX/r4$VERIFIED_PATH" $(nginx_pids "$NGINX_PROXY")) ;;
       verified) out=$(measure "http://127.0.0.1:$SGJ/r4$VERIFIED_PATH" "$SMARTGATE_JWT_PID") ;;
@@ -284,7 +285,7 @@ for round in $(seq "$ROUNDS"); do
 done
 # Token issuance, once per signing algorithm (after the proxy rounds).
 declare -A TOKEN_RPS
-for alg in ES384 ES256; do
+for alg in $([ "${TOKEN:-1}" = 1 ] && echo ES384 ES256); do
   token_config "$alg" >"$WORK/smartgate-token.toml"
   "$BIN" serve --config "$WORK/smartgate-token.toml" 2>"$WORK/smartgate-token.log" &
   TOKEN_PID=$!
@@ -300,15 +301,17 @@ for alg in ES384 ES256; do
   kill "$TOKEN_PID"; wait "$TOKEN_PID" 2>/dev/null || true
 done
 
-median() { python3 -c "import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))" $1; }
-d_rps=$(median "${RPS[direct]}"); d_p99=$(median "${P99[direct]}"); d_cpu=$(median "${CPU[direct]}")
-n_rps=$(median "${RPS[nginx]}"); n_p99=$(median "${P99[nginx]}"); n_cpu=$(median "${CPU[nginx]}")
-s_rps=$(median "${RPS[smartgate]}"); s_p99=$(median "${P99[smartgate]}"); s_cpu=$(median "${CPU[smartgate]}")
-j_rps=$(median "${RPS[jwt]}"); j_p99=$(median "${P99[jwt]}"); j_cpu=$(median "${CPU[jwt]}")
-o_rps=$(median "${RPS[nginx_obs]}"); o_p99=$(median "${P99[nginx_obs]}"); o_cpu=$(median "${CPU[nginx_obs]}")
-v_rps=$(median "${RPS[verified]}"); v_p99=$(median "${P99[verified]}"); v_cpu=$(median "${CPU[verified]}")
+median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(statistics.median(v) if v else 'nan')" $1; }
+d_rps=$(median "${RPS[direct]:-}"); d_p99=$(median "${P99[direct]:-}"); d_cpu=$(median "${CPU[direct]:-}")
+n_rps=$(median "${RPS[nginx]:-}"); n_p99=$(median "${P99[nginx]:-}"); n_cpu=$(median "${CPU[nginx]:-}")
+s_rps=$(median "${RPS[smartgate]:-}"); s_p99=$(median "${P99[smartgate]:-}"); s_cpu=$(median "${CPU[smartgate]:-}")
+j_rps=$(median "${RPS[jwt]:-}"); j_p99=$(median "${P99[jwt]:-}"); j_cpu=$(median "${CPU[jwt]:-}")
+o_rps=$(median "${RPS[nginx_obs]:-}"); o_p99=$(median "${P99[nginx_obs]:-}"); o_cpu=$(median "${CPU[nginx_obs]:-}")
+v_rps=$(median "${RPS[verified]:-}"); v_p99=$(median "${P99[verified]:-}"); v_cpu=$(median "${CPU[verified]:-}")
 
-ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+ratio() { python3 -c "
+a, b = float('$1' or 'nan'), float('$2' or 'nan')
+print(f'{a/b:.2f}' if b == b and b else 'n/a')"; }
 printf '\n%-24s %10s %8s %9s %10s %14s\n' target "req/s" "p99 ms" "vs nginx" "vs direct" "CPU us/req"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "direct (upstream)" "$d_rps" "$d_p99" "$(ratio "$d_rps" "$n_rps")" 1.00 "$d_cpu (upstream)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx proxy_pass" "$n_rps" "$n_p99" 1.00 "$(ratio "$n_rps" "$d_rps")" "$n_cpu (proxy)"
@@ -321,5 +324,5 @@ echo "verified read (patient/ token, Observation checked against the compartment
 echo "verified read / JWT pass-through read: throughput $(ratio "$v_rps" "$j_rps")"
 echo "smartgate / nginx: throughput $(ratio "$s_rps" "$n_rps"), p99 $(ratio "$s_p99" "$n_p99"), CPU per request $(ratio "$s_cpu" "$n_cpu")"
 echo "smartgate JWT + decision / pass-through: throughput $(ratio "$j_rps" "$s_rps"), p99 $(ratio "$j_p99" "$s_p99"), CPU per request $(ratio "$j_cpu" "$s_cpu")"
-echo "embedded /auth/token (client_secret_basic, sign an access token): ES384 ${TOKEN_RPS[ES384]} req/s, ES256 ${TOKEN_RPS[ES256]} req/s; ES256/ES384 $(ratio "${TOKEN_RPS[ES256]}" "${TOKEN_RPS[ES384]}"); ES384 tokens / nginx proxied reads $(ratio "${TOKEN_RPS[ES384]}" "$n_rps")"
+[ "${TOKEN:-1}" = 1 ] && echo "embedded /auth/token (client_secret_basic, sign an access token): ES384 ${TOKEN_RPS[ES384]} req/s, ES256 ${TOKEN_RPS[ES256]} req/s; ES256/ES384 $(ratio "${TOKEN_RPS[ES256]}" "${TOKEN_RPS[ES384]}"); ES384 tokens / nginx proxied reads $(ratio "${TOKEN_RPS[ES384]}" "$n_rps")"
 echo "(medians of $ROUNDS interleaved rounds, ${DURATION}s per target each, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores)"
