@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub policy: crate::policy::Policy,
     /// The embedded authorization server, when enabled.
     pub authz: Option<Arc<crate::authz::AuthServer>>,
+    /// `[smart]` with the embedded server's endpoints filled in (discovery, /metadata).
+    pub smart: Option<crate::config::SmartConfig>,
     /// The serialised SMART configuration document, when `[smart]` is set.
     pub discovery: Option<bytes::Bytes>,
     /// The augmented CapabilityStatement and when it was fetched; per snapshot, so a
@@ -115,9 +117,10 @@ impl Snapshot {
                 .map(|b| b.as_string().trim_end_matches('/').to_owned())
                 .collect(),
         };
-        let discovery = match config.effective_smart() {
+        let smart = config.effective_smart();
+        let discovery = match &smart {
             Some(smart) => Some(bytes::Bytes::from(
-                crate::smart::discovery::document(&smart)
+                crate::smart::discovery::document(smart)
                     .map_err(|(k, m)| CompileError::Auth(format!("{k}: {m}")))?
                     .to_string(),
             )),
@@ -138,6 +141,7 @@ impl Snapshot {
             identity_headers,
             policy,
             authz,
+            smart,
             discovery,
             metadata: std::sync::Mutex::new(None),
         })

@@ -466,6 +466,22 @@ scope = "system/Patient.rs system/Observation.rs"
         .map(|j| serde_json::from_str(j).unwrap())
         .collect();
     assert_eq!(results.len(), 2, "{stdout}");
+    // /metadata from the real engine names the embedded server's endpoints.
+    let (st, _, b) = get(&gw.url("/r4/metadata")).await;
+    assert_eq!(st, StatusCode::OK);
+    let uris = json(&b)["rest"][0]["security"]["extension"][0]["extension"].clone();
+    for (name, url) in [
+        ("token", "http://gateway.test/r4/auth/token"),
+        ("introspect", "http://gateway.test/r4/auth/introspect"),
+    ] {
+        assert!(
+            uris.as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["url"] == name && x["valueUri"] == url),
+            "{name}: {uris}"
+        );
+    }
     for r in &results {
         assert_eq!(r["tokenStatus"], 200, "{r}");
         assert_eq!(r["token"]["scope"], "system/Observation.rs", "{r}");

@@ -108,7 +108,7 @@ async fn fetch_metadata(
         .to_bytes();
     let mut statement: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|_| GatewayError::UpstreamInvalid("CapabilityStatement is not JSON"))?;
-    if !crate::smart::capability::augment(&mut statement, snap.config.smart.as_ref()) {
+    if !crate::smart::capability::augment(&mut statement, snap.smart.as_ref()) {
         return Err(GatewayError::UpstreamInvalid("not a CapabilityStatement"));
     }
     if let Some(url) = statement["implementation"]["url"].as_str()
