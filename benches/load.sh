@@ -8,7 +8,7 @@
 #
 #   benches/load.sh                 # 3 rounds x 5 s per target, 64 connections
 #   ROUNDS=5 DURATION=5 CONNECTIONS=32 benches/load.sh
-#   TARGETS="nginx smartgate" TOKEN=0 benches/load.sh   # a subset, no token endpoint run
+#   TARGETS="nginx smartgate" TOKEN_RUN=0 benches/load.sh   # a subset, no token endpoint run
 #
 # The targets are measured in interleaved rounds and each figure is the median over the
 # rounds: on a shared 2-core machine one run can be off by 10 %.
@@ -285,7 +285,7 @@ for round in $(seq "$ROUNDS"); do
 done
 # Token issuance, once per signing algorithm (after the proxy rounds).
 declare -A TOKEN_RPS
-for alg in $([ "${TOKEN:-1}" = 1 ] && echo ES384 ES256); do
+for alg in $([ "${TOKEN_RUN:-1}" = 1 ] && echo ES384 ES256); do
   token_config "$alg" >"$WORK/smartgate-token.toml"
   "$BIN" serve --config "$WORK/smartgate-token.toml" 2>"$WORK/smartgate-token.log" &
   TOKEN_PID=$!
@@ -324,5 +324,5 @@ echo "verified read (patient/ token, Observation checked against the compartment
 echo "verified read / JWT pass-through read: throughput $(ratio "$v_rps" "$j_rps")"
 echo "smartgate / nginx: throughput $(ratio "$s_rps" "$n_rps"), p99 $(ratio "$s_p99" "$n_p99"), CPU per request $(ratio "$s_cpu" "$n_cpu")"
 echo "smartgate JWT + decision / pass-through: throughput $(ratio "$j_rps" "$s_rps"), p99 $(ratio "$j_p99" "$s_p99"), CPU per request $(ratio "$j_cpu" "$s_cpu")"
-[ "${TOKEN:-1}" = 1 ] && echo "embedded /auth/token (client_secret_basic, sign an access token): ES384 ${TOKEN_RPS[ES384]} req/s, ES256 ${TOKEN_RPS[ES256]} req/s; ES256/ES384 $(ratio "${TOKEN_RPS[ES256]}" "${TOKEN_RPS[ES384]}"); ES384 tokens / nginx proxied reads $(ratio "${TOKEN_RPS[ES384]}" "$n_rps")"
+[ "${TOKEN_RUN:-1}" = 1 ] && echo "embedded /auth/token (client_secret_basic, sign an access token): ES384 ${TOKEN_RPS[ES384]} req/s, ES256 ${TOKEN_RPS[ES256]} req/s; ES256/ES384 $(ratio "${TOKEN_RPS[ES256]}" "${TOKEN_RPS[ES384]}"); ES384 tokens / nginx proxied reads $(ratio "${TOKEN_RPS[ES384]}" "$n_rps")"
 echo "(medians of $ROUNDS interleaved rounds, ${DURATION}s per target each, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores)"
