@@ -604,3 +604,85 @@ async fn alongside_an_external_issuer() {
     let (st, _, _) = get_with_token(&e.gw.url("/r4/Patient/1"), &external.sign(&forged)).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
 }
+
+/// Client keys from a `jwks_uri`: fetched, refetched once for a rotated key, and an
+/// unknown-kid storm does not become a fetch storm; an allow-listed `jku` is used.
+#[tokio::test]
+async fn client_keys_from_jwks_uri_and_jku() {
+    let old = TestKey::ec384("old");
+    let new = TestKey::ec384("new");
+    let published = FakeJwks::start(&[&old]).await;
+    let jku_key = TestKey::rsa("jku-1", Algorithm::RS384);
+    let jku_server = FakeJwks::start(&[&jku_key]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("gateway.pem");
+    std::fs::write(&key_path, smartgate::keygen::generate("ES384").unwrap().0).unwrap();
+    let up = FakeUpstream::echo().await;
+    let extra = format!(
+        r#"
+[authorization_server]
+enabled = true
+signing_key = "{}"
+rate_limit = 1000
+
+[[authorization_server.clients]]
+client_id = "app"
+jwks_uri = "{}"
+scope = "system/Patient.rs"
+jku_allow = ["{}"]
+"#,
+        key_path.display(),
+        published.uri(),
+        jku_server.uri()
+    );
+    let gw = TestGateway::boot(&config_auth(
+        &up.base(),
+        "[auth]\nmode = \"embedded\"\n",
+        &extra,
+    ))
+    .await;
+    let e = Env {
+        gw,
+        up,
+        rsa: jku_key.clone(),
+        ec: old.clone(),
+        _dir: dir,
+        _jwks: None,
+    };
+    let (st, _, b) = token_request(
+        &e,
+        &assertion(&old, good_claims(), |_| {}),
+        "system/Patient.rs",
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    // Rotation: the new key is published; its first use refetches once.
+    published.set_keys(&[&old, &new]);
+    let before = published.fetches();
+    let (st, _, b) = token_request(
+        &e,
+        &assertion(&new, good_claims(), |_| {}),
+        "system/Patient.rs",
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    assert_eq!(published.fetches(), before + 1);
+    // A storm of unknown kids: refused, and no more fetches within the interval.
+    for i in 0..20 {
+        let a = assertion(&new, good_claims(), |h| h.kid = Some(format!("storm-{i}")));
+        assert_eq!(
+            token_request(&e, &a, "system/Patient.rs").await.0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_eq!(published.fetches(), before + 1);
+    // jku: the allow-listed URL's keys; the key is not in the client's own JWKS.
+    let a = assertion(&jku_key, good_claims(), |h| h.jku = Some(jku_server.uri()));
+    let (st, _, b) = token_request(&e, &a, "system/Patient.rs").await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    let a = assertion(&jku_key, good_claims(), |_| {});
+    assert_eq!(
+        token_request(&e, &a, "system/Patient.rs").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}
