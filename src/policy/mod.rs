@@ -550,7 +550,13 @@ fn decide_perm(
         // Full access to every type asked for; what else the response may carry
         // (includes, contained) is verified unless the token can read everything.
         let mut plan = Plan::pass_through();
-        if reaches && !sees_everything(grants, ctx, policy) {
+        // A system-level search or history leans on the upstream honouring `_type`; one
+        // that ignores it would return every type. Checked unless the token sees all.
+        let across_types = matches!(
+            req.interaction,
+            Interaction::SearchSystem | Interaction::HistorySystem
+        );
+        if (reaches || across_types) && !sees_everything(grants, ctx, policy) {
             plan.verify = Verify::Bundle { narrowed: true };
         }
         return Decision::Allow(plan);

@@ -459,6 +459,19 @@ fn chains_need_search_on_their_targets() {
         )
         .is_pass_through()
     );
+    // A system search relies on the upstream honouring _type: verified unless the token
+    // sees everything.
+    assert_eq!(
+        plan(
+            "system/Observation.rs system/Condition.rs",
+            None,
+            "GET",
+            "?_type=Observation,Condition"
+        )
+        .verify,
+        Verify::Bundle { narrowed: true }
+    );
+    assert!(plan("system/*.rs", None, "GET", "?_type=Observation").is_pass_through());
 }
 
 /// Rule 6: writes are checked before forwarding, with the stored version where one
