@@ -43,6 +43,8 @@ pub struct ConnInfo {
     pub tls: bool,
     /// Index of the worker thread serving the connection.
     pub worker: usize,
+    /// The peer address as the forwarding headers write it (formatted once).
+    pub peer_text: Arc<crate::proxy::headers::PeerText>,
 }
 
 /// Low-cardinality route class, the `route` metric label.
@@ -160,7 +162,7 @@ async fn serve(
         return Err(GatewayError::PayloadTooLarge);
     }
     let client = ClientSide {
-        ip: conn.peer.ip(),
+        peer: conn.peer_text.clone(),
         proto: if conn.tls { "https" } else { "http" },
         host: req.headers().get(header::HOST).cloned().or_else(|| {
             req.uri()

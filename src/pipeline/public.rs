@@ -80,7 +80,7 @@ async fn fetch_metadata(
         .body(crate::body::empty())
         .map_err(|_| GatewayError::Internal)?;
     let client = ClientSide {
-        ip: conn.peer.ip(),
+        peer: conn.peer_text.clone(),
         proto: if conn.tls { "https" } else { "http" },
         host: req.headers().get(header::HOST).cloned(),
     };

@@ -57,28 +57,59 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// What the gateway knows about the client side of a request.
 #[derive(Debug, Clone)]
 pub struct ClientSide {
-    /// Peer address of the client connection.
-    pub ip: IpAddr,
+    /// Peer address of the client connection, as the forwarding headers write it.
+    pub peer: std::sync::Arc<PeerText>,
     /// `http` or `https`.
     pub proto: &'static str,
     /// `Host` (HTTP/1.1) or `:authority` (h2) as the client sent it.
     pub host: Option<HeaderValue>,
 }
 
+/// A client address formatted for the forwarding headers, once per connection rather
+/// than per request.
+#[derive(Debug, Clone)]
+pub struct PeerText {
+    /// For `X-Forwarded-For`: the canonical address.
+    xff: HeaderValue,
+    /// For `Forwarded` (RFC 7239 §6): IPv4 as is, IPv6 bracketed and quoted.
+    node: String,
+}
+
+impl PeerText {
+    /// The texts for `ip`.
+    pub fn new(ip: IpAddr) -> PeerText {
+        let ip = ip.to_canonical();
+        let node = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        PeerText {
+            xff: HeaderValue::from_str(&ip.to_string())
+                .unwrap_or(HeaderValue::from_static("unknown")),
+            node,
+        }
+    }
+}
+
 /// Appends the client to `X-Forwarded-For` and `Forwarded`; sets `X-Forwarded-Proto` and
 /// `X-Forwarded-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientSide) {
-    let ip = client.ip.to_canonical();
-    let xff = match headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-    {
-        prior if prior.is_empty() => ip.to_string(),
-        prior => format!("{}, {ip}", prior.join(", ")),
-    };
-    set(headers, &X_FORWARDED_FOR, &xff);
+    let peer = &client.peer;
+    if headers.contains_key(&X_FORWARDED_FOR) {
+        let prior: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let xff = format!(
+            "{}, {}",
+            prior.join(", "),
+            peer.xff.to_str().unwrap_or("unknown")
+        );
+        set(headers, &X_FORWARDED_FOR, &xff);
+    } else {
+        headers.insert(&X_FORWARDED_FOR, peer.xff.clone());
+    }
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(client.proto));
     match &client.host {
         Some(host) => {
@@ -90,25 +121,27 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientSide) {
     }
 
     // RFC 7239 §6: IPv6 addresses are bracketed and the node quoted.
-    let node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut element = format!("for={node};proto={}", client.proto);
+    let mut element = String::with_capacity(64);
+    element.push_str("for=");
+    element.push_str(&peer.node);
+    element.push_str(";proto=");
+    element.push_str(client.proto);
     if let Some(host) = client.host.as_ref().and_then(|h| h.to_str().ok())
         && host.bytes().all(is_host_char)
     {
-        element.push_str(&format!(";host=\"{host}\""));
+        element.push_str(";host=\"");
+        element.push_str(host);
+        element.push('"');
     }
-    let prior: Vec<&str> = headers
-        .get_all(&FORWARDED)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let fwd = if prior.is_empty() {
-        element
-    } else {
+    let fwd = if headers.contains_key(&FORWARDED) {
+        let prior: Vec<&str> = headers
+            .get_all(&FORWARDED)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
         format!("{}, {element}", prior.join(", "))
+    } else {
+        element
     };
     set(headers, &FORWARDED, &fwd);
 }
@@ -153,15 +186,27 @@ fn new_request_id() -> HeaderValue {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let id = format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        prefix >> 32,
-        (prefix >> 16) & 0xffff,
-        prefix & 0xffff,
-        (n >> 48) & 0xffff,
-        n & 0xffff_ffff_ffff
-    );
-    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("invalid"))
+    // UUID text form, written without the formatting machinery (it is per request).
+    let mut id = Vec::with_capacity(36);
+    for (i, (v, digits)) in [
+        (prefix >> 32, 8),
+        ((prefix >> 16) & 0xffff, 4),
+        (prefix & 0xffff, 4),
+        ((n >> 48) & 0xffff, 4),
+        (n & 0xffff_ffff_ffff, 12),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if i > 0 {
+            id.push(b'-');
+        }
+        for d in (0..digits).rev() {
+            id.push(b"0123456789abcdef"[((v >> (4 * d)) & 0xf) as usize]);
+        }
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
+        .unwrap_or(HeaderValue::from_static("invalid"))
 }
 
 /// Whether the `Content-Type` essence (before any `;` parameters) is `essence`, compared
@@ -219,7 +264,7 @@ mod tests {
             ("x-forwarded-proto", "gopher"),
         ]);
         let client = ClientSide {
-            ip: "::ffff:192.0.2.7".parse().unwrap(),
+            peer: std::sync::Arc::new(PeerText::new("::ffff:192.0.2.7".parse().unwrap())),
             proto: "https",
             host: Some(HeaderValue::from_static("fhir.example.org")),
         };
@@ -234,7 +279,7 @@ mod tests {
 
         let mut h = HeaderMap::new();
         let v6 = ClientSide {
-            ip: "2001:db8::1".parse().unwrap(),
+            peer: std::sync::Arc::new(PeerText::new("2001:db8::1".parse().unwrap())),
             proto: "http",
             host: None,
         };
@@ -257,5 +302,14 @@ mod tests {
         let (a, b) = (request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
         assert_eq!(a.len(), 36);
         assert_ne!(a, b, "ids must be unique");
+        // UUID text form: 8-4-4-4-12 lowercase hex.
+        let text = a.to_str().unwrap();
+        let groups: Vec<usize> = text.split('-').map(str::len).collect();
+        assert_eq!(groups, vec![8, 4, 4, 4, 12], "{text}");
+        assert!(
+            text.bytes()
+                .all(|c| c == b'-' || c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        );
+        assert!(uuid::Uuid::parse_str(text).is_ok(), "{text}");
     }
 }

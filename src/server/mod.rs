@@ -268,6 +268,7 @@ impl Worker {
                 peer,
                 tls: self.tls.is_some(),
                 worker: self.index,
+                peer_text: Arc::new(crate::proxy::headers::PeerText::new(peer.ip())),
             });
             tokio::spawn(connection(
                 self.shared.clone(),
