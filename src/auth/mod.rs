@@ -160,16 +160,54 @@ impl Expiry<[u8; 32], Verdict> for VerdictExpiry {
 
 /// Most valid verdicts a worker keeps in its own first-level cache.
 const LOCAL_MAX: usize = 4096;
+/// Longest token kept there (longer ones use the shared cache only).
+const LOCAL_TOKEN_MAX: usize = 4096;
 
 thread_local! {
     /// A worker's own cache of valid verdicts, in front of the shared one: each worker is
     /// single-threaded, so a hit here takes no lock and touches no shared cache line.
     /// Keyed by authenticator instance too, so verdicts never survive an `[auth]` change.
-    static LOCAL: RefCell<LocalCache> = RefCell::new(HashMap::new());
+    static LOCAL: RefCell<LocalCache> = RefCell::new(HashMap::with_hasher(BuildFast));
 }
 
-/// (authenticator id, token hash) → (principal, valid until).
-type LocalCache = HashMap<(u64, [u8; 32]), (Arc<Principal>, Instant)>;
+/// token → (authenticator id, principal, valid until). Keyed by the token itself with
+/// a cheap hash: a hit costs one pass over the token and one comparison, where the shared
+/// cache's SHA-256 key costs a cryptographic hash per request. Only verified tokens are
+/// ever inserted, so colliding keys cannot be planted from outside.
+type LocalCache = HashMap<Box<str>, (u64, Arc<Principal>, Instant), BuildFast>;
+
+/// A fast non-cryptographic hasher for [`LocalCache`] (FxHash-style: 8 bytes a step).
+#[derive(Default, Clone, Copy)]
+struct BuildFast;
+
+impl std::hash::BuildHasher for BuildFast {
+    type Hasher = FastHasher;
+    fn build_hasher(&self) -> FastHasher {
+        FastHasher(0)
+    }
+}
+
+struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+            self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -269,12 +307,12 @@ impl Authenticator {
 
     /// The principal for `token`, from the cache or by verification.
     pub async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, AuthFailure> {
-        let key = self.cache_key(token);
-        if let Some(p) = self.local_get(&key) {
+        if let Some(p) = self.local_get(token) {
             self.hit.inc();
             self.valid.inc();
             return Ok(p);
         }
+        let key = self.cache_key(token);
         let verdict = match self.cache.get(&key).await {
             Some(v) => {
                 self.hit.inc();
@@ -302,7 +340,7 @@ impl Authenticator {
                     return Err(AuthFailure::Invalid(TokenError::Expired));
                 }
                 self.valid.inc();
-                self.local_put(key, &p);
+                self.local_put(token, &p);
                 Ok(p)
             }
             Err(e) => {
@@ -312,17 +350,17 @@ impl Authenticator {
         }
     }
 
-    fn local_get(&self, key: &[u8; 32]) -> Option<Arc<Principal>> {
+    fn local_get(&self, token: &str) -> Option<Arc<Principal>> {
         LOCAL.with(|l| {
             let l = l.borrow();
-            let (p, until) = l.get(&(self.id, *key))?;
-            (Instant::now() < *until).then(|| p.clone())
+            let (id, p, until) = l.get(token)?;
+            (*id == self.id && Instant::now() < *until).then(|| p.clone())
         })
     }
 
     /// Keeps a valid verdict for this worker, as long as the shared cache would (capped
     /// by `cache_max_ttl` and the token's `exp`).
-    fn local_put(&self, key: [u8; 32], p: &Arc<Principal>) {
+    fn local_put(&self, token: &str, p: &Arc<Principal>) {
         let ttl = match p.expires_at {
             Some(exp) => {
                 Duration::from_secs(exp.saturating_sub(jsonwebtoken::get_current_timestamp()))
@@ -330,7 +368,8 @@ impl Authenticator {
             }
             None => self.max_ttl,
         };
-        if ttl.is_zero() {
+        // Bounded memory: at most LOCAL_MAX tokens of at most LOCAL_TOKEN_MAX bytes.
+        if ttl.is_zero() || token.len() > LOCAL_TOKEN_MAX {
             return;
         }
         LOCAL.with(|l| {
@@ -339,7 +378,7 @@ impl Authenticator {
                 // Crude but bounded: start over rather than track recency per entry.
                 l.clear();
             }
-            l.insert((self.id, key), (p.clone(), Instant::now() + ttl));
+            l.insert(token.into(), (self.id, p.clone(), Instant::now() + ttl));
         });
     }
 
