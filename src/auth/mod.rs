@@ -167,7 +167,7 @@ thread_local! {
     /// A worker's own cache of valid verdicts, in front of the shared one: each worker is
     /// single-threaded, so a hit here takes no lock and touches no shared cache line.
     /// Keyed by authenticator instance too, so verdicts never survive an `[auth]` change.
-    static LOCAL: RefCell<LocalCache> = RefCell::new(HashMap::with_hasher(BuildFast));
+    static LOCAL: RefCell<LocalCache> = const { RefCell::new(HashMap::with_hasher(BuildFast)) };
 }
 
 /// token → (authenticator id, principal, valid until). Keyed by the token itself with
