@@ -300,14 +300,19 @@ pub fn authorize(grants: &Grants, ctx: &Context, req: &FhirRequest, policy: &Pol
         Need::Continue => {
             // A paging continuation (`_getpages`, cursors): nothing to decide by, so any
             // search permission lets it through and every entry is verified.
+            let mut no_patient = false;
             let any = crate::fhir::generated::RESOURCE_TYPES.iter().any(|t| {
-                !applicable(grants, ctx, policy, t, Perms::S, false)
-                    .0
-                    .is_empty()
+                let (apps, missing) = applicable(grants, ctx, policy, t, Perms::S, false);
+                no_patient |= missing;
+                !apps.is_empty()
             });
             if !any {
                 return Decision::Deny {
-                    reason: DenyReason::InsufficientScope,
+                    reason: if no_patient {
+                        DenyReason::NoPatientContext
+                    } else {
+                        DenyReason::InsufficientScope
+                    },
                     needed: format!("{}/*.s", level_of(grants)),
                 };
             }

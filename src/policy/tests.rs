@@ -368,6 +368,10 @@ fn confined_searches() {
         reason("patient/Observation.c", p, "GET", "?_getpages=abc"),
         DenyReason::InsufficientScope
     );
+    assert_eq!(
+        reason(s, None, "GET", "?_getpages=abc"),
+        DenyReason::NoPatientContext
+    );
     // History cannot be narrowed by parameters: verified entry by entry, no total.
     assert_eq!(
         plan(s, p, "GET", "/Observation/_history").verify,
