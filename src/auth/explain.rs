@@ -1,6 +1,5 @@
 //! `smartgate explain-token`: what the gateway makes of one token, for operators.
 
-use base64::Engine;
 use serde_json::{Value, json};
 
 use super::{AuthFailure, Authenticator, bearer};
@@ -65,13 +64,7 @@ pub async fn explain_token(config: &Config, token: &str) -> Result<Value, String
 
 fn unverified_parts(token: &str) -> Option<(Value, Value)> {
     let mut parts = token.split('.');
-    let decode = |p: &str| -> Option<Value> {
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(p)
-            .ok()?;
-        serde_json::from_slice(&raw).ok()
-    };
-    let header = decode(parts.next()?)?;
-    let claims = decode(parts.next()?)?;
+    let header = super::jwt::decode_segment(parts.next()?)?;
+    let claims = super::jwt::decode_segment(parts.next()?)?;
     Some((header, claims))
 }

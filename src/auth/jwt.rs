@@ -78,10 +78,7 @@ impl JwtVerifier {
         else {
             return Err(TokenError::Malformed);
         };
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(h)
-            .map_err(|_| TokenError::Malformed)?;
-        let v: Value = serde_json::from_slice(&raw).map_err(|_| TokenError::Malformed)?;
+        let v: Value = decode_segment(h).ok_or(TokenError::Malformed)?;
         let obj = v.as_object().ok_or(TokenError::Malformed)?;
         let alg = obj
             .get("alg")
@@ -135,6 +132,14 @@ impl JwtVerifier {
         }
         Ok(claims)
     }
+}
+
+/// One base64url JSON segment of a compact JWS (header or claims), unverified.
+pub fn decode_segment<T: serde::de::DeserializeOwned>(segment: &str) -> Option<T> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(segment)
+        .ok()?;
+    serde_json::from_slice(&raw).ok()
 }
 
 fn map_error(kind: &ErrorKind) -> TokenError {

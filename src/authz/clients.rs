@@ -167,10 +167,7 @@ impl Clients {
             .split('.')
             .nth(1)
             .ok_or_else(|| OAuthError::invalid_client("the client assertion is not a JWT"))?;
-        let claims: Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .ok()
-            .and_then(|raw| serde_json::from_slice(&raw).ok())
+        let claims: Value = crate::auth::jwt::decode_segment(payload)
             .ok_or_else(|| OAuthError::invalid_client("the client assertion is not a JWT"))?;
         claims["iss"]
             .as_str()

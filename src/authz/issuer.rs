@@ -15,6 +15,7 @@ use ring::signature::{
 use serde_json::{Map, Value, json};
 
 use crate::auth::TokenError;
+use crate::auth::jwt::decode_segment;
 
 /// Signs and verifies the gateway's access tokens.
 pub struct Issuer {
@@ -148,11 +149,7 @@ impl Issuer {
         let (Some(_), Some(payload)) = (parts.next(), parts.next()) else {
             return false;
         };
-        URL_SAFE_NO_PAD
-            .decode(payload)
-            .ok()
-            .and_then(|raw| serde_json::from_slice::<Value>(&raw).ok())
-            .is_some_and(|v| v["iss"] == self.issuer.as_str())
+        decode_segment::<Value>(payload).is_some_and(|v| v["iss"] == self.issuer.as_str())
     }
 
     /// Verifies one of our tokens in-process: header, signature, `iss`, `aud`, `exp`,
@@ -165,11 +162,7 @@ impl Issuer {
         if s.contains('.') {
             return Err(TokenError::Malformed);
         }
-        let header: Value = URL_SAFE_NO_PAD
-            .decode(h)
-            .ok()
-            .and_then(|raw| serde_json::from_slice(&raw).ok())
-            .ok_or(TokenError::Malformed)?;
+        let header: Value = decode_segment(h).ok_or(TokenError::Malformed)?;
         if header["alg"] != self.alg {
             return Err(TokenError::Algorithm);
         }
@@ -187,11 +180,7 @@ impl Issuer {
         public
             .verify(signed.as_bytes(), &sig)
             .map_err(|_| TokenError::Signature)?;
-        let claims: Map<String, Value> = URL_SAFE_NO_PAD
-            .decode(p)
-            .ok()
-            .and_then(|raw| serde_json::from_slice(&raw).ok())
-            .ok_or(TokenError::Malformed)?;
+        let claims: Map<String, Value> = decode_segment(p).ok_or(TokenError::Malformed)?;
         if claims.get("iss").and_then(Value::as_str) != Some(self.issuer.as_str()) {
             return Err(TokenError::Issuer);
         }
