@@ -40,17 +40,6 @@ pub struct Principal {
     pub id: u64,
 }
 
-impl Principal {
-    /// Whether `fhirUser` names a Patient (then `user/` scopes are confined to them).
-    pub fn user_is_patient(&self) -> bool {
-        self.fhir_user.as_deref().is_some_and(|u| {
-            let mut parts = u.rsplit('/');
-            let _id = parts.next();
-            parts.next() == Some("Patient")
-        })
-    }
-}
-
 /// Maps claims to a principal with the configured claim names.
 pub fn principal(claims: &Map<String, Value>, names: &ClaimsConfig) -> Principal {
     let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);

@@ -129,22 +129,10 @@ impl Clients {
         }
     }
 
-    /// The client a Basic `Authorization` header proves, if its secret matches.
-    pub fn authenticate_basic(&self, header: &str) -> Result<&Client, OAuthError> {
+    /// The client `id`, if it is a secret client and `secret` is its secret.
+    pub fn authenticate_secret(&self, id: &str, secret: &str) -> Result<&Client, OAuthError> {
         let bad = || OAuthError::invalid_client_basic("client authentication failed");
-        let b64 = header
-            .strip_prefix("Basic ")
-            .or_else(|| header.strip_prefix("basic "))
-            .ok_or_else(bad)?;
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
-            .map_err(|_| bad())?;
-        let raw = String::from_utf8(raw).map_err(|_| bad())?;
-        let (id, secret) = raw.split_once(':').ok_or_else(bad)?;
-        // RFC 6749 §2.3.1: both form-urlencoded before Basic encoding.
-        let id = form_decode(id);
-        let secret = form_decode(secret);
-        let client = self.clients.get(&id).ok_or_else(bad)?;
+        let client = self.clients.get(id).ok_or_else(bad)?;
         let Credential::Secret(want) = &client.credential else {
             return Err(bad());
         };
@@ -158,6 +146,20 @@ impl Clients {
             .zip(got.iter())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if diff == 0 { Ok(client) } else { Err(bad()) }
+    }
+
+    /// The `(client id, secret)` of an HTTP Basic `Authorization` header (RFC 6749
+    /// §2.3.1: each form-urlencoded before the Basic encoding).
+    pub fn basic_credentials(header: &str) -> Option<(String, String)> {
+        let b64 = header
+            .strip_prefix("Basic ")
+            .or_else(|| header.strip_prefix("basic "))?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .ok()?;
+        let raw = String::from_utf8(raw).ok()?;
+        let (id, secret) = raw.split_once(':')?;
+        Some((form_decode(id), form_decode(secret)))
     }
 
     /// The client id an assertion claims (`iss`), before anything is verified: to find

@@ -261,10 +261,11 @@ impl AuthServer {
                 Ok(client)
             }
             (Some(h), None, None) => {
-                if let Some(id) = basic_id(h) {
-                    self.limit(&id)?;
-                }
-                self.clients.authenticate_basic(h)
+                let (id, secret) = Clients::basic_credentials(h).ok_or_else(|| {
+                    OAuthError::invalid_client_basic("client authentication failed")
+                })?;
+                self.limit(&id)?;
+                self.clients.authenticate_secret(&id, &secret)
             }
         }
     }
@@ -355,19 +356,6 @@ impl AuthServer {
         };
         Ok(json_response(StatusCode::OK, &body))
     }
-}
-
-/// The client id of a Basic header, undecoded further (for rate limiting).
-fn basic_id(h: &str) -> Option<String> {
-    use base64::Engine;
-    let b64 = h
-        .strip_prefix("Basic ")
-        .or_else(|| h.strip_prefix("basic "))?;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .ok()?;
-    let raw = String::from_utf8(raw).ok()?;
-    Some(raw.split_once(':')?.0.to_owned())
 }
 
 /// The Basic `Authorization` header (if any) and the form parameters of a request.

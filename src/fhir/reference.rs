@@ -37,16 +37,16 @@ pub fn reference_target<'a>(element: &'a Value, bases: &[String]) -> Option<(&'a
     local_target(element.get("reference")?.as_str()?, bases)
 }
 
-/// Whether the reference points to `Patient/<patient>` on this server — exactly: `12`
-/// never matches `123`.
-pub fn is_patient(element: &Value, patient: &str, bases: &[String]) -> bool {
-    reference_target(element, bases) == Some(("Patient", patient))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Whether the reference points to `Patient/<patient>` on this server — exactly: `12`
+    /// never matches `123`.
+    pub fn is_patient(element: &Value, patient: &str, bases: &[String]) -> bool {
+        reference_target(element, bases) == Some(("Patient", patient))
+    }
 
     fn bases() -> Vec<String> {
         vec![

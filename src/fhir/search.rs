@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 use super::generated::{PATIENT_COMPARTMENT_PATHS, ParamKind, SEARCH_PARAMS, SearchParam};
-use super::reference::local_target;
+use super::reference::{local_target, reference_target};
 
 /// The search parameter `code` of `ty`, if the gateway can evaluate it.
 pub fn param(ty: &str, code: &str) -> Option<&'static SearchParam> {
@@ -53,26 +53,26 @@ pub fn compartment_patients<'a>(ty: &str, resource: &'a Value, bases: &[String])
         }
         return ids;
     }
-    let Some(params) = compartment_paths(ty) else {
-        return ids;
-    };
-    let mut elems = Vec::new();
-    for (_, paths) in params {
-        for path in *paths {
-            values_at(resource, path, &mut elems);
-        }
-    }
-    for e in elems {
-        if let Some(("Patient", id)) = e
-            .get("reference")
-            .and_then(Value::as_str)
-            .and_then(|r| local_target(r, bases))
+    for e in compartment_elements(ty, resource) {
+        if let Some(("Patient", id)) = reference_target(e, bases)
             && !ids.contains(&id)
         {
             ids.push(id);
         }
     }
     ids
+}
+
+/// The elements at the compartment paths of a resource of type `ty` (none for types
+/// outside the compartment).
+pub fn compartment_elements<'a>(ty: &str, resource: &'a Value) -> Vec<&'a Value> {
+    let mut elems = Vec::new();
+    for (_, paths) in compartment_paths(ty).unwrap_or_default() {
+        for path in *paths {
+            values_at(resource, path, &mut elems);
+        }
+    }
+    elems
 }
 
 /// Whether a resource of type `ty` is in `patient`'s compartment. Types outside the
@@ -112,9 +112,7 @@ pub fn matches(
             ParamKind::Reference => {
                 let want = parse_reference(alt, bases)?;
                 elems.iter().any(|e| {
-                    e.get("reference")
-                        .and_then(Value::as_str)
-                        .and_then(|r| local_target(r, bases))
+                    reference_target(e, bases)
                         .is_some_and(|(t, id)| id == want.1 && want.0.is_none_or(|w| w == t))
                 })
             }

@@ -205,21 +205,12 @@ impl Fetcher<'_> {
                 viewer
                     .check_write(ty, &stored.resource, w.perm)
                     .map_err(|r| deny_entry(i, r))?;
-                let Some(v) = stored.version else {
-                    return Err(GatewayError::UpstreamInvalid(
-                        "the upstream gave no version to guard the write with",
-                    ));
-                };
-                let want = format!("W/\"{v}\"");
                 let request = &mut entry["request"];
-                if let Some(given) = request.get("ifMatch").and_then(Value::as_str)
-                    && etag_version(given).as_deref() != Some(v.as_str())
-                {
-                    return Err(GatewayError::PreconditionFailed(
-                        "If-Match does not name the current version",
-                    ));
-                }
-                request["ifMatch"] = Value::String(want);
+                let tag = pinned(
+                    stored.version.as_deref(),
+                    request.get("ifMatch").and_then(Value::as_str),
+                )?;
+                request["ifMatch"] = Value::String(tag);
                 changed = true;
             }
         }
@@ -280,22 +271,27 @@ fn resolve_uuids(v: &mut Value, map: &[(String, String)]) {
 /// fails now (412), as the upstream would. Without a version the write cannot be guarded
 /// and is refused.
 fn pin_version(headers: &mut http::HeaderMap, version: Option<&str>) -> Result<(), GatewayError> {
+    let given = headers.get(header::IF_MATCH).and_then(|h| h.to_str().ok());
+    let value = HeaderValue::from_str(&pinned(version, given)?)
+        .map_err(|_| GatewayError::UpstreamInvalid("the stored version id is malformed"))?;
+    headers.insert(header::IF_MATCH, value);
+    Ok(())
+}
+
+/// The `If-Match` value for the version checked (`W/"v"`), given the client's own, if
+/// any: refused without a version, 412 when the client's names another.
+fn pinned(version: Option<&str>, given: Option<&str>) -> Result<String, GatewayError> {
     let Some(v) = version else {
         return Err(GatewayError::UpstreamInvalid(
             "the upstream gave no version to guard the write with",
         ));
     };
-    if let Some(given) = headers.get(header::IF_MATCH).and_then(|h| h.to_str().ok())
-        && etag_version(given).as_deref() != Some(v)
-    {
+    if given.is_some_and(|g| etag_version(g).as_deref() != Some(v)) {
         return Err(GatewayError::PreconditionFailed(
             "If-Match does not name the current version",
         ));
     }
-    let value = HeaderValue::from_str(&format!("W/\"{v}\""))
-        .map_err(|_| GatewayError::UpstreamInvalid("the stored version id is malformed"))?;
-    headers.insert(header::IF_MATCH, value);
-    Ok(())
+    Ok(format!("W/\"{v}\""))
 }
 
 /// The version in an ETag: `W/"3"` or `"3"` → `3`.

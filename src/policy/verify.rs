@@ -235,20 +235,13 @@ impl Viewer<'_> {
 /// Whether a compartment path of the resource holds a conditional reference
 /// (`Type?search`, FHIR R4 http.html#trules), which names no fixed resource.
 fn has_conditional_reference(ty: &str, resource: &Value) -> bool {
-    let Some(params) = crate::fhir::search::compartment_paths(ty) else {
-        return false;
-    };
-    let mut elems = Vec::new();
-    for (_, paths) in params {
-        for path in *paths {
-            crate::fhir::search::values_at(resource, path, &mut elems);
-        }
-    }
-    elems.iter().any(|e| {
-        e.get("reference")
-            .and_then(Value::as_str)
-            .is_some_and(|r| r.contains('?'))
-    })
+    crate::fhir::search::compartment_elements(ty, resource)
+        .iter()
+        .any(|e| {
+            e.get("reference")
+                .and_then(Value::as_str)
+                .is_some_and(|r| r.contains('?'))
+        })
 }
 
 /// The `resourceType` of a resource, if it is an R4 type.
