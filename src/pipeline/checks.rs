@@ -28,6 +28,7 @@ pub(super) struct Fetcher<'a> {
     pub client: &'a ClientSide,
     pub request_id: &'a HeaderValue,
     pub principal: &'a Principal,
+    pub viewer: Viewer<'a>,
 }
 
 /// A stored resource and the version that was read.
@@ -80,14 +81,6 @@ impl Fetcher<'_> {
         Ok(Some(Stored { resource, version }))
     }
 
-    fn viewer<'v>(&'v self, ctx: &'v crate::policy::Context) -> Viewer<'v> {
-        Viewer {
-            grants: &self.principal.grants,
-            ctx,
-            policy: &self.snap.policy,
-        }
-    }
-
     /// Checks a single write; returns the request to forward (body put back, `If-Match`
     /// set to the version checked).
     pub async fn write(
@@ -95,8 +88,7 @@ impl Fetcher<'_> {
         w: &Write,
         req: Request<BoxBody>,
     ) -> Result<Request<BoxBody>, GatewayError> {
-        let ctx = super::authorize::context(self.snap, self.principal);
-        let viewer = self.viewer(&ctx);
+        let viewer = self.viewer;
         let ty = w.resource_type;
         let (mut req, bytes) = buffer(self.snap, req).await?;
         let deny = |r: DenyReason| forbidden(self.shared, r);
@@ -145,8 +137,7 @@ impl Fetcher<'_> {
         plans: &[Plan],
         req: Request<BoxBody>,
     ) -> Result<Request<BoxBody>, GatewayError> {
-        let ctx = super::authorize::context(self.snap, self.principal);
-        let viewer = self.viewer(&ctx);
+        let viewer = self.viewer;
         let (req, bytes) = buffer(self.snap, req).await?;
         let mut bundle: Value = serde_json::from_slice(&bytes)
             .map_err(|_| GatewayError::BadRequest("the posted Bundle is not JSON"))?;
@@ -336,10 +327,7 @@ pub(super) fn append_params(target: &str, params: &[(String, String)]) -> String
 
 /// A JSON request body, or 415 for a format the gateway cannot check.
 fn json_body(headers: &http::HeaderMap, bytes: &[u8]) -> Result<Value, GatewayError> {
-    if !(media_type_is(headers, "application/fhir+json")
-        || media_type_is(headers, "application/json")
-        || media_type_is(headers, "application/json+fhir"))
-    {
+    if !crate::proxy::headers::is_fhir_json(headers) {
         return Err(GatewayError::UnsupportedMediaType(
             "only JSON bodies can be checked",
         ));

@@ -171,7 +171,20 @@ async fn serve(
         }),
     };
     let mut head = false;
-    if let (false, Some(principal)) = (plan.is_pass_through(), principal.as_deref()) {
+    // The caller as the checks see it, built once, only when the plan has checks.
+    let context = principal
+        .as_deref()
+        .filter(|_| !plan.is_pass_through())
+        .map(|p| authorize::context(snap, p));
+    let viewer = principal
+        .as_deref()
+        .zip(context.as_ref())
+        .map(|(p, ctx)| Viewer {
+            grants: &p.grants,
+            ctx,
+            policy: &snap.policy,
+        });
+    if let (Some(principal), Some(viewer)) = (principal.as_deref(), viewer) {
         // Narrow the request and check writes before anything is forwarded.
         if !plan.inject.is_empty() {
             let conditional_create =
@@ -195,6 +208,7 @@ async fn serve(
             client: &client,
             request_id,
             principal,
+            viewer,
         };
         if let Some(w) = &plan.write {
             req = fetcher.write(w, req).await?;
@@ -245,7 +259,7 @@ async fn serve(
         .observe(upstream_time.as_secs_f64());
 
     // respond
-    let resp = respond(shared, snap, &plan, principal.as_deref(), &method, resp).await?;
+    let resp = respond(shared, snap, &plan, viewer, &method, resp).await?;
     if head {
         let (mut parts, _) = resp.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
@@ -375,7 +389,7 @@ async fn respond(
     shared: &Shared,
     snap: &Snapshot,
     plan: &Plan,
-    principal: Option<&Principal>,
+    viewer: Option<Viewer<'_>>,
     method: &Method,
     mut resp: Response<BoxBody>,
 ) -> Result<Response<BoxBody>, GatewayError> {
@@ -397,14 +411,13 @@ async fn respond(
         || resp.status() == StatusCode::NO_CONTENT
         || resp.status() == StatusCode::NOT_MODIFIED;
     // Only successful answers carry resources to verify; errors pass as they are.
-    let verify = match principal {
-        Some(p) if needs_verify(plan) && resp.status().is_success() && !bodiless => Some(p),
-        _ => None,
-    };
-    if verify.is_none() && (!plan.rewrite_links || bodiless || !is_fhir_json(&resp)) {
+    let verify = viewer.filter(|_| needs_verify(plan) && resp.status().is_success() && !bodiless);
+    if verify.is_none()
+        && (!plan.rewrite_links || bodiless || !crate::proxy::headers::is_fhir_json(resp.headers()))
+    {
         return Ok(resp);
     }
-    if verify.is_some() && !is_fhir_json(&resp) {
+    if verify.is_some() && !crate::proxy::headers::is_fhir_json(resp.headers()) {
         count(shared, "verify_unreadable");
         return Err(GatewayError::UpstreamInvalid(
             "a response that must be verified is not FHIR JSON",
@@ -448,7 +461,7 @@ async fn respond(
 
     let bytes = match verify {
         None => rewrite_body(shared, snap, bytes),
-        Some(principal) => verify_body(shared, snap, plan, principal, &bytes)?,
+        Some(viewer) => verify_body(shared, snap, plan, viewer, &bytes)?,
     };
     parts.headers.remove(header::TRANSFER_ENCODING);
     parts
@@ -463,15 +476,9 @@ fn verify_body(
     shared: &Shared,
     snap: &Snapshot,
     plan: &Plan,
-    principal: &Principal,
+    viewer: Viewer<'_>,
     bytes: &Bytes,
 ) -> Result<Bytes, GatewayError> {
-    let ctx = authorize::context(snap, principal);
-    let viewer = Viewer {
-        grants: &principal.grants,
-        ctx: &ctx,
-        policy: &snap.policy,
-    };
     // One resource (a read): checked from the bytes, nothing to rewrite or re-serialise.
     if let (true, Verify::Resource(perm)) = (plan.entries.is_empty(), plan.verify) {
         match viewer.visible_bytes(bytes, perm) {
@@ -480,12 +487,9 @@ fn verify_body(
                 return Ok(bytes.clone());
             }
             Some(false) => {
-                shared.metrics.count_verify("refused");
-                if snap.config.policy.denied_read_status == 404 {
-                    return Err(GatewayError::NotFound);
-                }
-                return Err(checks::forbidden(
+                return Err(refused(
                     shared,
+                    snap,
                     crate::policy::DenyReason::Compartment,
                 ));
             }
@@ -511,13 +515,7 @@ fn verify_body(
             }
             true
         }
-        Verdict::Refuse(reason) => {
-            shared.metrics.count_verify("refused");
-            if snap.config.policy.denied_read_status == 404 {
-                return Err(GatewayError::NotFound);
-            }
-            return Err(checks::forbidden(shared, reason));
-        }
+        Verdict::Refuse(reason) => return Err(refused(shared, snap, reason)),
     };
     if !changed {
         shared.metrics.count_verify("passed");
@@ -529,6 +527,16 @@ fn verify_body(
     serde_json::to_vec(&doc)
         .map(Bytes::from)
         .map_err(|_| GatewayError::Internal)
+}
+
+/// A response the token may not see: 403, or 404 with `policy.denied_read_status`.
+fn refused(shared: &Shared, snap: &Snapshot, reason: crate::policy::DenyReason) -> GatewayError {
+    shared.metrics.count_verify("refused");
+    if snap.config.policy.denied_read_status == 404 {
+        GatewayError::NotFound
+    } else {
+        checks::forbidden(shared, reason)
+    }
 }
 
 /// Parses a FHIR JSON body only when it may hold links, rewrites them structurally, and
@@ -580,25 +588,6 @@ fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
-}
-
-/// `application/fhir+json`, `application/json` or the DSTU2 `application/json+fhir`.
-fn is_fhir_json<B>(resp: &Response<B>) -> bool {
-    let Some(ct) = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let essence = ct.split(';').next().unwrap_or("").trim();
-    [
-        "application/fhir+json",
-        "application/json",
-        "application/json+fhir",
-    ]
-    .iter()
-    .any(|t| essence.eq_ignore_ascii_case(t))
 }
 
 /// The `log` stage: metrics and one access line, for every request.

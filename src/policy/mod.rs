@@ -300,8 +300,22 @@ pub fn authorize(grants: &Grants, ctx: &Context, req: &FhirRequest, policy: &Pol
         Need::Continue => {
             // A paging continuation (`_getpages`, cursors): nothing to decide by, so any
             // search permission lets it through and every entry is verified.
+            // Only a type a scope names can have search on it (every type, with a `*`).
             let mut no_patient = false;
-            let any = crate::fhir::generated::RESOURCE_TYPES.iter().any(|t| {
+            let wildcard = grants.scopes.iter().any(|s| s.resource == TypeSel::Any);
+            let named: Vec<&str> = if wildcard {
+                crate::fhir::generated::RESOURCE_TYPES.to_vec()
+            } else {
+                grants
+                    .scopes
+                    .iter()
+                    .filter_map(|s| match s.resource {
+                        TypeSel::Type(t) => Some(t),
+                        TypeSel::Any => None,
+                    })
+                    .collect()
+            };
+            let any = named.into_iter().any(|t| {
                 let (apps, missing) = applicable(grants, ctx, policy, t, Perms::S, false);
                 no_patient |= missing;
                 !apps.is_empty()
@@ -769,12 +783,17 @@ fn probe_targets(
     Ok(())
 }
 
-fn level_of(grants: &Grants) -> &'static str {
+/// The level the token's scopes use, patient before user before system: the level a
+/// missing scope is named at.
+fn first_level(grants: &Grants) -> Level {
     [Level::Patient, Level::User, Level::System]
         .into_iter()
         .find(|l| grants.scopes.iter().any(|s| s.level == *l))
         .unwrap_or(Level::Patient)
-        .as_str()
+}
+
+fn level_of(grants: &Grants) -> &'static str {
+    first_level(grants).as_str()
 }
 
 /// Whether the query names the patient (compartment parameters, `_id` on Patient), and
@@ -931,10 +950,7 @@ fn reaches_other_resources(req: &FhirRequest) -> bool {
 /// The narrowest scope that would allow the request: at the level the token already
 /// uses (patient before user before system), on the type, with the one letter.
 fn narrowest(grants: &Grants, types: &Types, perm: Perms) -> String {
-    let level = [Level::Patient, Level::User, Level::System]
-        .into_iter()
-        .find(|l| grants.scopes.iter().any(|s| s.level == *l))
-        .unwrap_or(Level::Patient);
+    let level = first_level(grants);
     let ty = match types {
         Types::All => "*".to_owned(),
         Types::Some(ts) => ts

@@ -219,6 +219,18 @@ pub fn media_type_is(headers: &http::HeaderMap, essence: &str) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case(essence))
 }
 
+/// Whether the body is FHIR JSON: `application/fhir+json`, `application/json` or the
+/// DSTU2 `application/json+fhir`.
+pub fn is_fhir_json(headers: &http::HeaderMap) -> bool {
+    [
+        "application/fhir+json",
+        "application/json",
+        "application/json+fhir",
+    ]
+    .iter()
+    .any(|t| media_type_is(headers, t))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
