@@ -5,33 +5,15 @@
 mod support;
 
 use http::{Request, StatusCode};
-use jsonwebtoken::Algorithm;
 use serde_json::json;
+use support::tokens::token_with as token;
 use support::tokens::*;
 use support::*;
 
-struct Setup {
-    up: FakeUpstream,
-    key: TestKey,
-    gw: TestGateway,
-    _jwks: FakeJwks,
-}
+type Setup = JwtGateway;
 
 async fn setup() -> Setup {
-    let key = TestKey::rsa("rsa-1", Algorithm::RS256);
-    let jwks = FakeJwks::start(&[&key]).await;
-    let up = FakeUpstream::echo().await;
-    let gw = TestGateway::boot(&config_auth(&up.base(), &jwt_auth(&jwks.uri(), ""), "")).await;
-    Setup {
-        up,
-        key,
-        gw,
-        _jwks: jwks,
-    }
-}
-
-fn token(key: &TestKey, scope: &str, patient: Option<&str>) -> String {
-    token_with(key, scope, patient)
+    jwt_gateway(FakeUpstream::echo().await, "", "").await
 }
 
 async fn call(

@@ -8,8 +8,8 @@ mod support;
 use std::sync::Arc;
 
 use http::{Request, StatusCode};
-use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
+use support::tokens::token_with as token;
 use support::tokens::*;
 use support::*;
 
@@ -95,12 +95,7 @@ fn hostile_store() -> Responder {
     })
 }
 
-struct Setup {
-    up: FakeUpstream,
-    key: TestKey,
-    gw: TestGateway,
-    _jwks: FakeJwks,
-}
+type Setup = JwtGateway;
 
 async fn setup(extra: &str) -> Setup {
     setup_with(extra, "").await
@@ -108,24 +103,12 @@ async fn setup(extra: &str) -> Setup {
 
 /// `upstream_extra` goes into `[upstream]`.
 async fn setup_with(extra: &str, upstream_extra: &str) -> Setup {
-    let key = TestKey::rsa("rsa-1", Algorithm::RS256);
-    let jwks = FakeJwks::start(&[&key]).await;
-    let up = FakeUpstream::start(hostile_store()).await;
-    let text = config_auth(&up.base(), &jwt_auth(&jwks.uri(), ""), extra).replace(
-        "timeout = \"5s\"\n\n[",
-        &format!("timeout = \"5s\"\n{upstream_extra}\n\n["),
-    );
-    let gw = TestGateway::boot(&text).await;
-    Setup {
-        up,
-        key,
-        gw,
-        _jwks: jwks,
-    }
-}
-
-fn token(key: &TestKey, scope: &str, patient: Option<&str>) -> String {
-    token_with(key, scope, patient)
+    jwt_gateway(
+        FakeUpstream::start(hostile_store()).await,
+        extra,
+        upstream_extra,
+    )
+    .await
 }
 
 async fn call(

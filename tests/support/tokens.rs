@@ -11,7 +11,7 @@ use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
-use super::{FakeUpstream, Seen};
+use super::{FakeUpstream, Seen, TestGateway, config_auth};
 
 /// A signing key with its public JWK.
 #[derive(Clone)]
@@ -214,4 +214,30 @@ pub fn token_with(key: &TestKey, scope: &str, patient: Option<&str>) -> String {
         }
     }
     key.sign(&c)
+}
+
+/// A gateway in JWT mode (one RS256 test key behind a fake JWKS) in front of `up`.
+pub struct JwtGateway {
+    pub up: FakeUpstream,
+    pub key: TestKey,
+    pub gw: TestGateway,
+    _jwks: FakeJwks,
+}
+
+/// Boots a [`JwtGateway`]; `extra` is appended to the configuration, `upstream_extra`
+/// goes into its `[upstream]` section.
+pub async fn jwt_gateway(up: FakeUpstream, extra: &str, upstream_extra: &str) -> JwtGateway {
+    let key = TestKey::rsa("rsa-1", Algorithm::RS256);
+    let jwks = FakeJwks::start(&[&key]).await;
+    let text = config_auth(&up.base(), &jwt_auth(&jwks.uri(), ""), extra).replace(
+        "timeout = \"5s\"\n\n[",
+        &format!("timeout = \"5s\"\n{upstream_extra}\n\n["),
+    );
+    let gw = TestGateway::boot(&text).await;
+    JwtGateway {
+        up,
+        key,
+        gw,
+        _jwks: jwks,
+    }
 }
