@@ -39,6 +39,8 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// `smartgate_inflight_requests`
     pub inflight: IntGauge,
+    /// `smartgate_worker_connections{worker}`: open client connections per worker thread.
+    pub worker_connections: IntGaugeVec,
     /// `smartgate_config_reloads_total{result}`
     pub config_reloads: IntCounterVec,
     /// `smartgate_tls_reloads_total{result}`
@@ -113,6 +115,14 @@ impl Metrics {
         .expect("static metric definition");
         let inflight = IntGauge::new("smartgate_inflight_requests", "Requests being handled")
             .expect("static metric definition");
+        let worker_connections = IntGaugeVec::new(
+            Opts::new(
+                "smartgate_worker_connections",
+                "Open client connections, by worker thread",
+            ),
+            &["worker"],
+        )
+        .expect("static metric definition");
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 "smartgate_config_reloads_total",
@@ -213,6 +223,7 @@ impl Metrics {
             Box::new(upstream_duration.clone()),
             Box::new(upstream_errors.clone()),
             Box::new(inflight.clone()),
+            Box::new(worker_connections.clone()),
             Box::new(config_reloads.clone()),
             Box::new(tls_reloads.clone()),
             Box::new(response_rewrites.clone()),
@@ -257,6 +268,7 @@ impl Metrics {
             upstream_duration,
             upstream_errors,
             inflight,
+            worker_connections,
             config_reloads,
             tls_reloads,
             response_rewrites,

@@ -334,3 +334,63 @@ async fn https_upstream_with_private_ca_and_h2() {
     assert_eq!(versions.lock().unwrap().len(), 1);
     gw.stop().await;
 }
+
+/// The value of `smartgate_worker_connections{worker="N"}`.
+fn worker_connections(metrics: &str, worker: usize) -> i64 {
+    let prefix = format!("smartgate_worker_connections{{worker=\"{worker}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no connection gauge for worker {worker}:\n{metrics}"))
+}
+
+/// Keep-alive connections opened together are spread evenly over the worker threads (and
+/// counted per worker), not left on whichever worker woke first.
+#[tokio::test]
+async fn connections_spread_over_workers() {
+    let up = FakeUpstream::echo().await;
+    let text = config(&up.base(), "").replace(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"5s\"\nworkers = 2",
+    );
+    let gw = TestGateway::boot(&text).await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let task = tokio::spawn(conn);
+        let req = Request::get(gw.url("/r4/Patient/1"))
+            .body(smartgate::body::empty())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body().collect().await.unwrap();
+        open.push((sender, task));
+    }
+    let text = metrics(&gw).await;
+    assert_eq!(worker_connections(&text, 0), 2, "{text}");
+    assert_eq!(worker_connections(&text, 1), 2, "{text}");
+
+    for (sender, task) in open {
+        drop(sender);
+        let _ = task.await;
+    }
+    let mut remaining = (-1, -1);
+    for _ in 0..100 {
+        let text = metrics(&gw).await;
+        remaining = (worker_connections(&text, 0), worker_connections(&text, 1));
+        if remaining == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        remaining,
+        (0, 0),
+        "closed connections are no longer counted"
+    );
+    gw.stop().await;
+}

@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -151,30 +152,33 @@ impl Gateway {
         // Each worker holds a sender until its thread has finished.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let workers = shared.snapshot.load().config.server.worker_threads();
-        match public.into_std() {
-            Ok(listener) => {
-                for worker in 0..workers {
-                    let ctx = Worker {
-                        index: worker,
-                        shared: shared.clone(),
-                        tls: tls.clone(),
-                        stop: stop_rx.clone(),
-                        kill: kill_rx.clone(),
-                        conn_tx: conn_tx.clone(),
-                        _done: done_tx.clone(),
-                    };
-                    let spawned = listener.try_clone().and_then(|l| {
-                        std::thread::Builder::new()
-                            .name(format!("smartgate-w{worker}"))
-                            .spawn(move || ctx.run(l))
-                    });
-                    if let Err(e) = spawned {
-                        tracing::error!(error = %e, worker, "cannot start worker thread");
-                    }
-                }
+        let mut slots = Vec::with_capacity(workers);
+        for worker in 0..workers {
+            let (handoff_tx, handoff_rx) = mpsc::unbounded_channel();
+            let ctx = Worker {
+                index: worker,
+                shared: shared.clone(),
+                tls: tls.clone(),
+                stop: stop_rx.clone(),
+                kill: kill_rx.clone(),
+                conn_tx: conn_tx.clone(),
+                _done: done_tx.clone(),
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("smartgate-w{worker}"))
+                .spawn(move || ctx.run(handoff_rx));
+            match spawned {
+                Ok(_) => slots.push(Slot {
+                    handoff: handoff_tx,
+                    load: shared
+                        .metrics
+                        .worker_connections
+                        .with_label_values(&[&worker.to_string()]),
+                }),
+                Err(e) => tracing::error!(error = %e, worker, "cannot start worker thread"),
             }
-            Err(e) => tracing::error!(error = %e, "cannot hand the listener to the workers"),
         }
+        let acceptor = tokio::spawn(accept_loop(public, slots, stop_rx.clone()));
         drop(done_tx);
         drop(conn_tx);
 
@@ -190,12 +194,101 @@ impl Gateway {
         }
         let _ = kill_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), done_rx.recv()).await;
+        acceptor.abort();
         watch_task.abort();
         admin_task.abort();
     }
 }
 
-/// One worker thread: its own event loop, accepting on a clone of the public socket.
+/// Accepts on the public socket and hands each connection to the worker serving the
+/// fewest connections. One acceptor, not every worker polling a shared socket: woken
+/// together, the worker that happens to run first takes a whole burst of connections, and
+/// keep-alive clients (load balancers, sidecar peers) then stay on one core for good.
+async fn accept_loop(listener: TcpListener, mut slots: Vec<Slot>, mut stop: watch::Receiver<bool>) {
+    let mut next = 0usize;
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = stopped(&mut stop) => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::Interrupted
+                ) => continue,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // The worker registers the socket with its own event loop.
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        let mut handoff = Handoff { stream, peer };
+        loop {
+            let Some(i) = least_loaded(&slots, next) else {
+                tracing::error!("no worker is running; closing the connection");
+                break;
+            };
+            next = (i + 1) % slots.len();
+            let load = Load::new(slots[i].load.clone());
+            match slots[i].handoff.send((handoff, load)) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError((back, _))) => {
+                    // That worker's thread has ended; the others take its share.
+                    handoff = back;
+                    slots.swap_remove(i);
+                    next = 0;
+                }
+            }
+        }
+    }
+}
+
+/// The worker with the fewest open connections; ties go to the first from `start` on, so
+/// equal workers take turns.
+fn least_loaded(slots: &[Slot], start: usize) -> Option<usize> {
+    let n = slots.len();
+    (0..n)
+        .map(|k| (start + k) % n)
+        .min_by_key(|&i| slots[i].load.get())
+}
+
+/// The acceptor's view of one worker.
+struct Slot {
+    handoff: mpsc::UnboundedSender<(Handoff, Load)>,
+    /// Connections the worker is serving (`smartgate_worker_connections`).
+    load: IntGauge,
+}
+
+/// An accepted connection on its way to a worker.
+struct Handoff {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+}
+
+/// One connection counted against its worker for as long as it lives.
+struct Load(IntGauge);
+
+impl Load {
+    fn new(gauge: IntGauge) -> Load {
+        gauge.inc();
+        Load(gauge)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// One worker thread: its own event loop, serving the connections the acceptor hands it.
 struct Worker {
     index: usize,
     shared: Arc<Shared>,
@@ -207,7 +300,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self, listener: std::net::TcpListener) {
+    fn run(self, handoffs: mpsc::UnboundedReceiver<(Handoff, Load)>) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -220,17 +313,10 @@ impl Worker {
         };
         // Dropping the runtime after block_on cancels connections still open past the
         // grace period.
-        runtime.block_on(self.accept_loop(listener));
+        runtime.block_on(self.serve(handoffs));
     }
 
-    async fn accept_loop(mut self, listener: std::net::TcpListener) {
-        let listener = match TcpListener::from_std(listener) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, worker = self.index, "cannot register listener");
-                return;
-            }
-        };
+    async fn serve(mut self, mut handoffs: mpsc::UnboundedReceiver<(Handoff, Load)>) {
         let header_timeout = self
             .shared
             .snapshot
@@ -251,17 +337,22 @@ impl Worker {
         let builder = Arc::new(builder);
 
         loop {
-            let (stream, peer) = tokio::select! {
+            let (Handoff { stream, peer }, load) = tokio::select! {
                 () = stopped(&mut self.stop) => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                next = handoffs.recv() => match next {
+                    Some(h) => h,
+                    None => break,
                 },
+            };
+            let stream = match stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, worker = self.index, "cannot register connection");
+                    continue;
+                }
             };
             let _ = stream.set_nodelay(true);
             let conn = Arc::new(ConnInfo {
@@ -278,10 +369,10 @@ impl Worker {
                 conn,
                 header_timeout,
                 self.stop.clone(),
-                self.conn_tx.clone(),
+                (self.conn_tx.clone(), load),
             ));
         }
-        drop(listener);
+        drop(handoffs);
         drop(self.conn_tx);
         stopped(&mut self.kill).await;
     }
@@ -302,7 +393,7 @@ async fn connection(
     conn: Arc<ConnInfo>,
     handshake_timeout: Duration,
     stop: watch::Receiver<bool>,
-    _drain: mpsc::Sender<()>,
+    _drain: (mpsc::Sender<()>, Load),
 ) {
     match tls {
         None => serve_io(shared, &builder, stream, conn, stop).await,
