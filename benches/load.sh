@@ -3,6 +3,8 @@
 #   1. direct,
 #   2. through nginx proxy_pass with upstream keepalive (the baseline),
 #   3. through smartgate (auth.mode = "none": pass-through),
+#   4. through benches/hyper_floor.rs: the same stack (tokio, hyper, hyper-util's client)
+#      with none of smartgate's work, the floor a hyper proxy stands on,
 # and any extra smartgate configurations given as scenarios (see SCENARIOS below).
 # Prints requests/s and p99 latency for each, and ratios to nginx and to direct.
 #
@@ -32,6 +34,12 @@ for tool in nginx wrk; do
 done
 cargo build --release --quiet
 BIN=target/release/smartgate
+FLOOR_BIN=$(cargo build --release --quiet --bench hyper_floor --message-format=json \
+  | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "hyper_floor" and m.get("executable"):
+        print(m["executable"])')
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -44,6 +52,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP=$(free_port); NGX=$(free_port); SG=$(free_port); SGA=$(free_port); SGJ=$(free_port); SGJA=$(free_port)
+FLR=$(free_port)
 
 # A FHIR Patient and an Observation of that patient, as a small static upstream would
 # return them. The Observation is read with a patient/ token: a compartment-verified read.
@@ -127,6 +136,9 @@ TOML
 "$BIN" serve --config "$WORK/smartgate.toml" 2>"$WORK/smartgate.log" &
 PIDS+=($!)
 SMARTGATE_PID=$!
+"$FLOOR_BIN" "127.0.0.1:$FLR" "http://127.0.0.1:$UP/fhir" /r4 2>"$WORK/floor.log" &
+PIDS+=($!)
+FLOOR_PID=$!
 
 # JWT mode: an RS256 key, its JWKS inline in the configuration, and one token (cached by
 # the gateway after its first use, as a client's token is).
@@ -214,6 +226,7 @@ wait_up() {
 wait_up "http://127.0.0.1:$UP/fhir$PATH_UNDER_BASE"
 wait_up "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE"
 wait_up "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE"
+wait_up "http://127.0.0.1:$FLR/r4$PATH_UNDER_BASE"
 for _ in $(seq 100); do
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$SGJ/r4$PATH_UNDER_BASE" || true)
   [ "$code" = 200 ] && break
@@ -269,12 +282,13 @@ nginx_pids() { echo "$1" $(pgrep -P "$1"); }
 export WRK_HEADER="Authorization: Bearer $TOKEN"
 declare -A RPS P99 CPU
 for round in $(seq "$ROUNDS"); do
-  for target in ${TARGETS:-direct nginx smartgate jwt nginx_obs verified}; do
+  for target in ${TARGETS:-direct nginx floor smartgate jwt nginx_obs verified}; do
     case $target in
       nginx_obs) out=$(measure "http://127.0.0.1:$NGX/r4$VERIFIED_PATH" $(nginx_pids "$NGINX_PROXY")) ;;
       verified) out=$(measure "http://127.0.0.1:$SGJ/r4$VERIFIED_PATH" "$SMARTGATE_JWT_PID") ;;
       direct) out=$(measure "http://127.0.0.1:$UP/fhir$PATH_UNDER_BASE" $(nginx_pids "$NGINX_UPSTREAM")) ;;
       nginx) out=$(measure "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE" $(nginx_pids "$NGINX_PROXY")) ;;
+      floor) out=$(measure "http://127.0.0.1:$FLR/r4$PATH_UNDER_BASE" "$FLOOR_PID") ;;
       smartgate) out=$(measure "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE" "$SMARTGATE_PID") ;;
       jwt) out=$(measure "http://127.0.0.1:$SGJ/r4$PATH_UNDER_BASE" "$SMARTGATE_JWT_PID") ;;
     esac
@@ -304,6 +318,7 @@ done
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(statistics.median(v) if v else 'nan')" $1; }
 d_rps=$(median "${RPS[direct]:-}"); d_p99=$(median "${P99[direct]:-}"); d_cpu=$(median "${CPU[direct]:-}")
 n_rps=$(median "${RPS[nginx]:-}"); n_p99=$(median "${P99[nginx]:-}"); n_cpu=$(median "${CPU[nginx]:-}")
+f_rps=$(median "${RPS[floor]:-}"); f_p99=$(median "${P99[floor]:-}"); f_cpu=$(median "${CPU[floor]:-}")
 s_rps=$(median "${RPS[smartgate]:-}"); s_p99=$(median "${P99[smartgate]:-}"); s_cpu=$(median "${CPU[smartgate]:-}")
 j_rps=$(median "${RPS[jwt]:-}"); j_p99=$(median "${P99[jwt]:-}"); j_cpu=$(median "${CPU[jwt]:-}")
 o_rps=$(median "${RPS[nginx_obs]:-}"); o_p99=$(median "${P99[nginx_obs]:-}"); o_cpu=$(median "${CPU[nginx_obs]:-}")
@@ -315,6 +330,7 @@ print(f'{a/b:.2f}' if b == b and b else 'n/a')"; }
 printf '\n%-24s %10s %8s %9s %10s %14s\n' target "req/s" "p99 ms" "vs nginx" "vs direct" "CPU us/req"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "direct (upstream)" "$d_rps" "$d_p99" "$(ratio "$d_rps" "$n_rps")" 1.00 "$d_cpu (upstream)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx proxy_pass" "$n_rps" "$n_p99" 1.00 "$(ratio "$n_rps" "$d_rps")" "$n_cpu (proxy)"
+printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "hyper floor (bare proxy)" "$f_rps" "$f_p99" "$(ratio "$f_rps" "$n_rps")" "$(ratio "$f_rps" "$d_rps")" "$f_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate pass-through" "$s_rps" "$s_p99" "$(ratio "$s_rps" "$n_rps")" "$(ratio "$s_rps" "$d_rps")" "$s_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate JWT+decision" "$j_rps" "$j_p99" "$(ratio "$j_rps" "$n_rps")" "$(ratio "$j_rps" "$d_rps")" "$j_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx, Observation" "$o_rps" "$o_p99" 1.00 - "$o_cpu (proxy)"
@@ -323,6 +339,8 @@ echo
 echo "verified read (patient/ token, Observation checked against the compartment) / nginx: throughput $(ratio "$v_rps" "$o_rps"), p99 $(ratio "$v_p99" "$o_p99"), CPU per request $(ratio "$v_cpu" "$o_cpu")"
 echo "verified read / JWT pass-through read: throughput $(ratio "$v_rps" "$j_rps")"
 echo "smartgate / nginx: throughput $(ratio "$s_rps" "$n_rps"), p99 $(ratio "$s_p99" "$n_p99"), CPU per request $(ratio "$s_cpu" "$n_cpu")"
+echo "hyper floor / nginx: throughput $(ratio "$f_rps" "$n_rps"), p99 $(ratio "$f_p99" "$n_p99"), CPU per request $(ratio "$f_cpu" "$n_cpu")"
+echo "smartgate / hyper floor: throughput $(ratio "$s_rps" "$f_rps"), p99 $(ratio "$s_p99" "$f_p99"), CPU per request $(ratio "$s_cpu" "$f_cpu")"
 echo "smartgate JWT + decision / pass-through: throughput $(ratio "$j_rps" "$s_rps"), p99 $(ratio "$j_p99" "$s_p99"), CPU per request $(ratio "$j_cpu" "$s_cpu")"
 [ "${TOKEN_RUN:-1}" = 1 ] && echo "embedded /auth/token (client_secret_basic, sign an access token): ES384 ${TOKEN_RPS[ES384]} req/s, ES256 ${TOKEN_RPS[ES256]} req/s; ES256/ES384 $(ratio "${TOKEN_RPS[ES256]}" "${TOKEN_RPS[ES384]}"); ES384 tokens / nginx proxied reads $(ratio "${TOKEN_RPS[ES384]}" "$n_rps")"
 echo "(medians of $ROUNDS interleaved rounds, ${DURATION}s per target each, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores)"
