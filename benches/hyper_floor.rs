@@ -84,7 +84,11 @@ fn main() {
         let listener = tokio::net::TcpListener::bind(&listen).await.expect("bind");
         let mut next = 0;
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                _ = tokio::signal::ctrl_c() => std::process::exit(0),
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((stream, _)) = accepted else {
                 continue;
             };
             let Ok(stream) = stream.into_std() else {

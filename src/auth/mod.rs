@@ -320,8 +320,10 @@ impl Authenticator {
             }
             None => {
                 self.cache_events.with_label_values(&["miss"]).inc();
-                // Concurrent misses for one key wait for this one verification.
-                match self.cache.try_get_with(key, self.verify(token)).await {
+                // Concurrent misses for one key wait for this one verification. Boxed: the
+                // cache's future is large and rare, and would otherwise sit inline in
+                // every request's future.
+                match Box::pin(self.cache.try_get_with(key, self.verify(token))).await {
                     Ok(v) => v,
                     Err(_) => {
                         self.count("unavailable");

@@ -136,13 +136,18 @@ async fn serve(
         && rel.split('?').next() == Some("/metadata")
     {
         ctx.route = Route::Metadata;
-        return public::metadata(shared, snap, conn, req, &rel, request_id, ctx).await;
+        // Boxed, like the other rare routes: their futures would otherwise make every
+        // request's future (allocated and moved once per request) as large as theirs.
+        return Box::pin(public::metadata(
+            shared, snap, conn, req, &rel, request_id, ctx,
+        ))
+        .await;
     }
     if let Some(authz) = &snap.authz
         && rel.starts_with("/auth/")
     {
         ctx.route = Route::Auth;
-        return authz.handle(snap.auth.as_deref(), req, &rel).await;
+        return Box::pin(authz.handle(snap.auth.as_deref(), req, &rel)).await;
     }
     ctx.route = Route::Fhir;
     let mut upstream_uri = snap.upstream.uri_for(&rel)?;

@@ -36,20 +36,35 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Removes hop-by-hop headers: the fixed list and every header named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.is_empty() {
+    // One pass over the names present, and a removal (which reshuffles the map) only for
+    // those there: most messages carry none, or only `Connection: keep-alive`.
+    let mut present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name))
+        .cloned()
+        .collect();
+    if present.is_empty() {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in &named {
-        headers.remove(name);
+    if present.contains(&header::CONNECTION) {
+        let listed = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // Fixed hop-by-hop names (`keep-alive`) are already in `present`.
+            .filter(|t| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(t))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|name| headers.contains_key(name))
+            .collect::<Vec<_>>();
+        present.extend(listed);
     }
-    for name in &HOP_BY_HOP {
+    for name in &present {
         headers.remove(name);
     }
 }
@@ -67,12 +82,15 @@ pub struct ClientSide {
 
 /// A client address formatted for the forwarding headers, once per connection rather
 /// than per request.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PeerText {
     /// For `X-Forwarded-For`: the canonical address.
     xff: HeaderValue,
     /// For `Forwarded` (RFC 7239 §6): IPv4 as is, IPv6 bracketed and quoted.
     node: String,
+    /// The last `Forwarded` element built on this connection, with the protocol and
+    /// `Host` it was built for: a connection's requests nearly always share them.
+    last_forwarded: std::sync::Mutex<Option<(&'static str, Option<HeaderValue>, HeaderValue)>>,
 }
 
 impl PeerText {
@@ -87,7 +105,41 @@ impl PeerText {
             xff: HeaderValue::from_str(&ip.to_string())
                 .unwrap_or(HeaderValue::from_static("unknown")),
             node,
+            last_forwarded: std::sync::Mutex::new(None),
         }
+    }
+
+    /// This client's `Forwarded` element (RFC 7239 §4) for a request with `proto` and
+    /// `host`; built once per connection while they stay the same.
+    fn forwarded_element(&self, proto: &'static str, host: Option<&HeaderValue>) -> HeaderValue {
+        let mut last = self
+            .last_forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((p, h, element)) = last.as_ref()
+            && *p == proto
+            && h.as_ref() == host
+        {
+            return element.clone();
+        }
+        // RFC 7239 §6: IPv6 addresses are bracketed and the node quoted.
+        let mut text = String::with_capacity(64);
+        text.push_str("for=");
+        text.push_str(&self.node);
+        text.push_str(";proto=");
+        text.push_str(proto);
+        if let Some(host) = host.and_then(|h| h.to_str().ok())
+            && host.bytes().all(is_host_char)
+        {
+            text.push_str(";host=\"");
+            text.push_str(host);
+            text.push('"');
+        }
+        // Only host characters, digits, brackets and quotes: always a valid value.
+        let element =
+            HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("for=unknown"));
+        *last = Some((proto, host.cloned(), element.clone()));
+        element
     }
 }
 
@@ -120,30 +172,22 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientSide) {
         }
     }
 
-    // RFC 7239 §6: IPv6 addresses are bracketed and the node quoted.
-    let mut element = String::with_capacity(64);
-    element.push_str("for=");
-    element.push_str(&peer.node);
-    element.push_str(";proto=");
-    element.push_str(client.proto);
-    if let Some(host) = client.host.as_ref().and_then(|h| h.to_str().ok())
-        && host.bytes().all(is_host_char)
-    {
-        element.push_str(";host=\"");
-        element.push_str(host);
-        element.push('"');
-    }
-    let fwd = if headers.contains_key(&FORWARDED) {
+    let element = peer.forwarded_element(client.proto, client.host.as_ref());
+    if headers.contains_key(&FORWARDED) {
         let prior: Vec<&str> = headers
             .get_all(&FORWARDED)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        format!("{}, {element}", prior.join(", "))
+        let fwd = format!(
+            "{}, {}",
+            prior.join(", "),
+            element.to_str().unwrap_or("for=unknown")
+        );
+        set(headers, &FORWARDED, &fwd);
     } else {
-        element
-    };
-    set(headers, &FORWARDED, &fwd);
+        headers.insert(&FORWARDED, element);
+    }
 }
 
 fn is_host_char(b: u8) -> bool {
@@ -298,6 +342,72 @@ mod tests {
         add_forwarded(&mut h, &v6);
         assert_eq!(h[&FORWARDED], "for=\"[2001:db8::1]\";proto=http");
         assert!(!h.contains_key(&X_FORWARDED_HOST));
+    }
+
+    /// One connection, requests with different `Host` values or a prior `Forwarded`:
+    /// each gets its own element, never the one cached for an earlier request.
+    #[test]
+    fn forwarded_element_follows_each_request() {
+        let peer = std::sync::Arc::new(PeerText::new("192.0.2.7".parse().unwrap()));
+        let side = |host: Option<&'static str>| ClientSide {
+            peer: peer.clone(),
+            proto: "http",
+            host: host.map(HeaderValue::from_static),
+        };
+        let forwarded = |client: &ClientSide, prior: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(p) = prior {
+                h.insert(&FORWARDED, HeaderValue::from_str(p).unwrap());
+            }
+            add_forwarded(&mut h, client);
+            h[&FORWARDED].to_str().unwrap().to_owned()
+        };
+        let a = side(Some("a.example"));
+        let b = side(Some("b.example"));
+        assert_eq!(
+            forwarded(&a, None),
+            "for=192.0.2.7;proto=http;host=\"a.example\""
+        );
+        assert_eq!(
+            forwarded(&a, None),
+            "for=192.0.2.7;proto=http;host=\"a.example\""
+        );
+        assert_eq!(
+            forwarded(&b, None),
+            "for=192.0.2.7;proto=http;host=\"b.example\""
+        );
+        assert_eq!(forwarded(&side(None), None), "for=192.0.2.7;proto=http");
+        assert_eq!(
+            forwarded(&side(Some("bad host\"x")), None),
+            "for=192.0.2.7;proto=http"
+        );
+        assert_eq!(
+            forwarded(&b, Some("for=10.0.0.1")),
+            "for=10.0.0.1, for=192.0.2.7;proto=http;host=\"b.example\""
+        );
+        let tls = ClientSide {
+            proto: "https",
+            ..side(Some("b.example"))
+        };
+        assert_eq!(
+            forwarded(&tls, None),
+            "for=192.0.2.7;proto=https;host=\"b.example\""
+        );
+    }
+
+    /// Every connection option goes, even `close` as a header name (RFC 9110 §7.6.1); a
+    /// listed header that is absent is no error; the rest stays.
+    #[test]
+    fn connection_options_named_headers_go() {
+        let mut h = map(&[
+            ("connection", "Keep-Alive, close, x-absent"),
+            ("content-type", "application/fhir+json"),
+            ("close", "1"),
+            ("keep-alive", "timeout=5"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("content-type"));
     }
 
     /// Sane client request ids are kept; anything else is replaced.

@@ -7,6 +7,7 @@ pub mod urls;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
@@ -90,6 +91,9 @@ type HttpClient = Client<HttpsConnector<HttpConnector>, BoxBody>;
 /// (no cross-thread wake-ups, the way an nginx worker owns its connections).
 pub struct Upstream {
     base: BaseUrl,
+    /// `base`'s scheme and authority, parsed once; `None` only if they do not parse as
+    /// URI parts (then each URI is parsed whole, and fails as the client's error).
+    origin: Option<(Scheme, Authority)>,
     clients: Vec<HttpClient>,
     extra_headers: HeaderMap,
     forward_authorization: bool,
@@ -131,6 +135,9 @@ impl Upstream {
 
         Ok(Upstream {
             base: cfg.url.clone(),
+            origin: Scheme::try_from(cfg.url.scheme.as_str())
+                .ok()
+                .zip(Authority::try_from(cfg.url.authority.as_str()).ok()),
             clients,
             extra_headers,
             forward_authorization: cfg.forward_authorization,
@@ -141,12 +148,27 @@ impl Upstream {
 
     /// The upstream URL for `rel` (the request's path-and-query after the public base).
     pub fn uri_for(&self, rel: &str) -> Result<Uri, GatewayError> {
+        let bad = || GatewayError::BadRequest("unparseable request target");
+        if let Some((scheme, authority)) = &self.origin {
+            // From parts: no formatting and re-parsing of the base on every request.
+            let mut pq = String::with_capacity(1 + self.base.path.len() + rel.len());
+            pq.push_str(&self.base.path);
+            pq.push_str(rel);
+            if !pq.starts_with('/') {
+                pq.insert(0, '/');
+            }
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(scheme.clone());
+            parts.authority = Some(authority.clone());
+            parts.path_and_query = Some(PathAndQuery::try_from(pq).map_err(|_| bad())?);
+            return Uri::from_parts(parts).map_err(|_| bad());
+        }
         format!(
             "{}://{}{}{}",
             self.base.scheme, self.base.authority, self.base.path, rel
         )
         .parse()
-        .map_err(|_| GatewayError::BadRequest("unparseable request target"))
+        .map_err(|_| bad())
     }
 
     /// `(host, port)` of the upstream, for readiness probes.
@@ -233,5 +255,56 @@ fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamFailure {
         UpstreamFailure::RequestBody
     } else {
         UpstreamFailure::Protocol
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(url: &str) -> Upstream {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\npublic_base_url = \"http://gw.test/r4\"\n\
+             [upstream]\nurl = \"{url}\"\n[auth]\nmode = \"none\"\n"
+        );
+        let config = crate::Config::parse(&text, "test", Vec::new()).unwrap();
+        Upstream::new(&config.upstream, 1).unwrap()
+    }
+
+    /// Building the URI from parts gives exactly what parsing the whole URL gives, and
+    /// refuses what it refuses.
+    #[test]
+    fn uri_from_parts_matches_parsing_the_whole_url() {
+        for base in [
+            "http://fhir.internal:8080/fhir",
+            "https://fhir.example/",
+            "http://[::1]:9000/a/b",
+        ] {
+            let up = upstream(base);
+            assert!(up.origin.is_some(), "{base}");
+            for rel in [
+                "",
+                "/",
+                "?_count=1",
+                "/Patient/1",
+                "/Patient?name=a%20b&_include=Observation:subject",
+                "/Observation?code=http://loinc.org|1234-5",
+                "/Patient/1#fragment",
+                "/Patient/1 2",
+                "/Patient/\u{e9}",
+                "/Patient/\"x\"",
+                "/a{b}",
+                "/%zz",
+            ] {
+                let whole = format!(
+                    "{}://{}{}{}",
+                    up.base.scheme, up.base.authority, up.base.path, rel
+                )
+                .parse::<Uri>()
+                .ok();
+                let built = up.uri_for(rel).ok();
+                assert_eq!(built, whole, "{base} + {rel:?}");
+            }
+        }
     }
 }
