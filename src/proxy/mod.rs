@@ -2,8 +2,10 @@
 //! timeouts. Knows HTTP, not SMART: what may be forwarded is decided before this runs.
 
 pub mod headers;
+mod pool;
 pub mod urls;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -84,6 +86,14 @@ pub struct Identity<'a> {
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, BoxBody>;
 
+/// How requests reach the upstream, one pool per worker either way.
+enum Transport {
+    /// `http://`: keep-alive HTTP/1.1 connections (`pool.rs`).
+    Plain(Vec<Arc<pool::H1Pool>>),
+    /// `https://`: hyper-util's client (TLS, ALPN h2, `upstream.ca_file`).
+    Tls(Vec<HttpClient>),
+}
+
 /// The protected FHIR server: where it is and how to talk to it.
 ///
 /// Holds one connection pool per worker thread: a worker only uses its own pool, so a
@@ -94,7 +104,7 @@ pub struct Upstream {
     /// `base`'s scheme and authority, parsed once; `None` only if they do not parse as
     /// URI parts (then each URI is parsed whole, and fails as the client's error).
     origin: Option<(Scheme, Authority)>,
-    clients: Vec<HttpClient>,
+    transport: Transport,
     extra_headers: HeaderMap,
     forward_authorization: bool,
     timeout: Duration,
@@ -102,22 +112,47 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds `workers` pooled clients from `[upstream]`.
+    /// Builds `workers` connection pools from `[upstream]`.
     pub fn new(cfg: &UpstreamConfig, workers: usize) -> Result<Upstream, UpstreamSetupError> {
-        let connector =
-            crate::outbound::https_connector(cfg.ca_file.as_deref(), cfg.connect_timeout.0)
-                .map_err(UpstreamSetupError::CaFile)?;
-
-        let clients = (0..workers.max(1))
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(cfg.pool_idle_timeout.0)
-                    .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .build(connector.clone())
+        let workers = workers.max(1);
+        let (host, port) = host_port(&cfg.url);
+        let plain = (cfg.url.scheme == "http")
+            .then(|| {
+                (0..workers)
+                    .map(|_| {
+                        pool::H1Pool::new(
+                            host.clone(),
+                            port,
+                            &cfg.url.authority,
+                            cfg.connect_timeout.0,
+                            cfg.pool_idle_timeout.0,
+                            cfg.pool_max_idle_per_host,
+                        )
+                        .map(Arc::new)
+                    })
+                    .collect::<Option<Vec<_>>>()
             })
-            .collect();
+            .flatten();
+        let transport = match plain {
+            Some(pools) => Transport::Plain(pools),
+            None => {
+                let connector =
+                    crate::outbound::https_connector(cfg.ca_file.as_deref(), cfg.connect_timeout.0)
+                        .map_err(UpstreamSetupError::CaFile)?;
+                Transport::Tls(
+                    (0..workers)
+                        .map(|_| {
+                            Client::builder(TokioExecutor::new())
+                                .pool_idle_timeout(cfg.pool_idle_timeout.0)
+                                .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+                                .pool_timer(TokioTimer::new())
+                                .timer(TokioTimer::new())
+                                .build(connector.clone())
+                        })
+                        .collect(),
+                )
+            }
+        };
 
         let mut extra_headers = HeaderMap::new();
         for (name, value) in &cfg.headers {
@@ -138,7 +173,7 @@ impl Upstream {
             origin: Scheme::try_from(cfg.url.scheme.as_str())
                 .ok()
                 .zip(Authority::try_from(cfg.url.authority.as_str()).ok()),
-            clients,
+            transport,
             extra_headers,
             forward_authorization: cfg.forward_authorization,
             timeout: cfg.timeout.0,
@@ -173,14 +208,7 @@ impl Upstream {
 
     /// `(host, port)` of the upstream, for readiness probes.
     pub fn host_port(&self) -> (String, u16) {
-        let default = if self.base.scheme == "https" { 443 } else { 80 };
-        match self.base.authority.parse::<http::uri::Authority>() {
-            Ok(a) => (
-                a.host().trim_matches(['[', ']']).to_owned(),
-                a.port_u16().unwrap_or(default),
-            ),
-            Err(_) => (self.base.authority.clone(), default),
-        }
+        host_port(&self.base)
     }
 
     /// Sends `req` (whose URI is already the upstream URI) with cleaned headers, and
@@ -215,18 +243,40 @@ impl Upstream {
         }
 
         let started = Instant::now();
-        let client = &self.clients[worker % self.clients.len()];
-        let result = tokio::time::timeout(self.timeout, client.request(req)).await;
-        let elapsed = started.elapsed();
-        let resp = match result {
-            Err(_) => return Err(UpstreamFailure::Timeout),
-            Ok(Err(e)) => return Err(classify(&e)),
-            Ok(Ok(resp)) => resp,
-        };
         let idle = self.idle_timeout;
-        let mut resp = resp.map(|b| IdleTimeoutBody::new(b, idle).boxed());
+        let result = match &self.transport {
+            Transport::Plain(pools) => {
+                let pool = &pools[worker % pools.len()];
+                match tokio::time::timeout(self.timeout, pool.send(req)).await {
+                    Err(_) => Err(UpstreamFailure::Timeout),
+                    Ok(r) => r.map(|resp| resp.map(|b| IdleTimeoutBody::new(b, idle).boxed())),
+                }
+            }
+            Transport::Tls(clients) => {
+                let client = &clients[worker % clients.len()];
+                match tokio::time::timeout(self.timeout, client.request(req)).await {
+                    Err(_) => Err(UpstreamFailure::Timeout),
+                    Ok(Err(e)) => Err(classify(&e)),
+                    Ok(Ok(resp)) => Ok(resp.map(|b| IdleTimeoutBody::new(b, idle).boxed())),
+                }
+            }
+        };
+        let elapsed = started.elapsed();
+        let mut resp = result?;
         headers::remove_hop_by_hop(resp.headers_mut());
         Ok((resp, elapsed))
+    }
+}
+
+/// `(host, port)` of `base`: brackets off an IPv6 literal, the scheme's default port.
+fn host_port(base: &BaseUrl) -> (String, u16) {
+    let default = if base.scheme == "https" { 443 } else { 80 };
+    match base.authority.parse::<http::uri::Authority>() {
+        Ok(a) => (
+            a.host().trim_matches(['[', ']']).to_owned(),
+            a.port_u16().unwrap_or(default),
+        ),
+        Err(_) => (base.authority.clone(), default),
     }
 }
 
