@@ -6,7 +6,12 @@ use serde_json::Value;
 /// change: only Bundles carry links. A body that names `Bundle` only through JSON escapes
 /// contains `\u`, so it is caught too.
 pub fn may_need_link_rewrite(body: &[u8]) -> bool {
-    memchr::memmem::find(body, b"Bundle").is_some() || memchr::memmem::find(body, b"\\u").is_some()
+    use memchr::memmem::Finder;
+    use std::sync::LazyLock;
+    // Built once: a searcher costs more to build than a small body costs to search.
+    static BUNDLE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"Bundle"));
+    static ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
+    BUNDLE.find(body).is_some() || ESCAPE.find(body).is_some()
 }
 
 /// Rewrites `Bundle.link[].url`, `Bundle.entry[].fullUrl` and

@@ -29,23 +29,36 @@ pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// `X-Request-Id`
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Whether `name` is a fixed hop-by-hop header.
+/// Whether `name` is a fixed hop-by-hop header ([`HOP_BY_HOP`]; names are lowercase).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
+    // A string match (length first) rather than nine `HeaderName` comparisons: this runs
+    // for every header of every message.
+    matches!(
+        name.as_str(),
+        "connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "keep-alive"
+            | "proxy-connection"
+    )
 }
 
 /// Removes hop-by-hop headers: the fixed list and every header named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names present, and a removal (which reshuffles the map) only for
     // those there: most messages carry none, or only `Connection: keep-alive`.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let mut present: Vec<HeaderName> = headers
         .keys()
         .filter(|name| is_hop_by_hop(name))
         .cloned()
         .collect();
-    if present.is_empty() {
-        return;
-    }
     if present.contains(&header::CONNECTION) {
         let listed = headers
             .get_all(header::CONNECTION)
@@ -256,23 +269,30 @@ fn new_request_id() -> HeaderValue {
 /// Whether the `Content-Type` essence (before any `;` parameters) is `essence`, compared
 /// case-insensitively (RFC 9110 §8.3.1).
 pub fn media_type_is(headers: &http::HeaderMap, essence: &str) -> bool {
+    media_type(headers).is_some_and(|v| v.eq_ignore_ascii_case(essence))
+}
+
+/// The `Content-Type` essence: the media type before any `;` parameters, trimmed.
+fn media_type(headers: &http::HeaderMap) -> Option<&str> {
     headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case(essence))
+        .map(str::trim)
 }
 
 /// Whether the body is FHIR JSON: `application/fhir+json`, `application/json` or the
 /// DSTU2 `application/json+fhir`.
 pub fn is_fhir_json(headers: &http::HeaderMap) -> bool {
-    [
-        "application/fhir+json",
-        "application/json",
-        "application/json+fhir",
-    ]
-    .iter()
-    .any(|t| media_type_is(headers, t))
+    media_type(headers).is_some_and(|essence| {
+        [
+            "application/fhir+json",
+            "application/json",
+            "application/json+fhir",
+        ]
+        .iter()
+        .any(|t| essence.eq_ignore_ascii_case(t))
+    })
 }
 
 #[cfg(test)]
@@ -342,6 +362,23 @@ mod tests {
         add_forwarded(&mut h, &v6);
         assert_eq!(h[&FORWARDED], "for=\"[2001:db8::1]\";proto=http");
         assert!(!h.contains_key(&X_FORWARDED_HOST));
+    }
+
+    /// The string match and the list are the same set.
+    #[test]
+    fn hop_by_hop_match_is_the_list() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in [
+            "host",
+            "content-length",
+            "x-connection",
+            "tes",
+            "authorization",
+        ] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
     }
 
     /// One connection, requests with different `Host` values or a prior `Forwarded`:

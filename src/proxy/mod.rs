@@ -227,7 +227,6 @@ impl Upstream {
             h.remove(name);
         }
         headers::remove_hop_by_hop(h);
-        h.remove(header::HOST);
         // The gateway must see plain bodies to rewrite and verify them.
         h.remove(header::ACCEPT_ENCODING);
         if !self.forward_authorization {
@@ -253,6 +252,9 @@ impl Upstream {
                 }
             }
             Transport::Tls(clients) => {
+                // hyper-util's client sets Host from the URI when there is none. (The
+                // plain pool replaces it, which costs less than a removal.)
+                req.headers_mut().remove(header::HOST);
                 let client = &clients[worker % clients.len()];
                 match tokio::time::timeout(self.timeout, client.request(req)).await {
                     Err(_) => Err(UpstreamFailure::Timeout),
