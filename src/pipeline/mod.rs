@@ -215,11 +215,13 @@ async fn serve(
             principal,
             viewer,
         };
+        // Boxed: writes and transactions under a confined token are the rarer requests,
+        // and their futures would otherwise size every request's.
         if let Some(w) = &plan.write {
-            req = fetcher.write(w, req).await?;
+            req = Box::pin(fetcher.write(w, req)).await?;
         }
         if !plan.entries.is_empty() {
-            req = fetcher.bundle(&plan.entries, req).await?;
+            req = Box::pin(fetcher.bundle(&plan.entries, req)).await?;
         }
         if needs_verify(&plan) {
             // Verification reads JSON only, and needs the body: no 304 that would confirm
@@ -438,14 +440,22 @@ async fn respond(
     }
 
     let limit = snap.config.upstream.max_response_buffer.0;
-    if declared_length(resp.headers()).is_some_and(|n| n > limit) {
+    let declared = declared_length(resp.headers());
+    if declared.is_some_and(|n| n > limit) {
         count(shared, "too_large");
         return Err(GatewayError::UpstreamInvalid(
             "response too large to inspect",
         ));
     }
     let (mut parts, body) = resp.into_parts();
-    let bytes = match limited(body, limit).collect().await {
+    // A declared length within the limit needs no counting: hyper delivers exactly that
+    // many bytes or fails the body.
+    let body = if declared.is_some() {
+        body
+    } else {
+        limited(body, limit)
+    };
+    let bytes = match body.collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             count(shared, "too_large");
