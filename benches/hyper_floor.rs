@@ -1,7 +1,9 @@
 //! The floor of the stack smartgate is built on: the least a reverse proxy made of the same
 //! parts can do per request. One current-thread runtime per CPU, one acceptor handing
-//! connections out in turn, hyper's HTTP/1 + h2 server, hyper-util's pooled client per
-//! worker, and nothing else: no header hygiene, no forwarding headers, no request id, no
+//! connections out in turn, hyper's HTTP/1 + h2 server, and per worker either hyper-util's
+//! pooled client (default) or, with `FLOOR_CLIENT=conn`, a bare stack of hyper
+//! connection-level HTTP/1 senders (what smartgate's plain-HTTP pool is built on, minus
+//! its checks). Nothing else: no header hygiene, no forwarding headers, no request id, no
 //! metrics, no logging, no link rewriting, no limits, no timeouts.
 //!
 //! Not a product and not a benchmark of smartgate: `benches/load.sh` runs it beside nginx
@@ -11,6 +13,7 @@
 //!     cargo bench --bench hyper_floor -- LISTEN UPSTREAM_BASE PUBLIC_PREFIX
 //!     e.g. ... -- 127.0.0.1:8090 http://127.0.0.1:8080/fhir /r4
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -53,8 +56,11 @@ fn main() {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let client: Client<HttpConnector, BoxBody> =
-                    Client::builder(TokioExecutor::new()).build_http();
+                let client = if std::env::var("FLOOR_CLIENT").as_deref() == Ok("conn") {
+                    Upstream::Conn
+                } else {
+                    Upstream::Pooled(Box::new(Client::builder(TokioExecutor::new()).build_http()))
+                };
                 let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
                 while let Some(stream) = rx.recv().await {
                     let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
@@ -100,8 +106,84 @@ fn main() {
     });
 }
 
+#[derive(Clone)]
+enum Upstream {
+    Pooled(Box<Client<HttpConnector, BoxBody>>),
+    Conn,
+}
+
+thread_local! {
+    /// The worker's idle connection-level senders (`FLOOR_CLIENT=conn`).
+    static IDLE: RefCell<Vec<hyper::client::conn::http1::SendRequest<BoxBody>>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// Sends on an idle connection of this worker, or a new one; the connection goes back
+/// once the response body has been read to its end (by `Recycle`).
+async fn send_conn(
+    authority: &str,
+    req: Request<BoxBody>,
+) -> Result<Response<BoxBody>, Box<dyn std::error::Error + Send + Sync>> {
+    let idle = IDLE.with(|i| {
+        let mut i = i.borrow_mut();
+        while let Some(s) = i.pop() {
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    });
+    let mut sender = match idle {
+        Some(s) => s,
+        None => {
+            let stream = tokio::net::TcpStream::connect(authority).await?;
+            let _ = stream.set_nodelay(true);
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            sender
+        }
+    };
+    let resp = sender.send_request(req).await?;
+    Ok(resp.map(|body| {
+        Recycle {
+            body,
+            sender: Some(sender),
+        }
+        .boxed()
+    }))
+}
+
+/// A response body that hands its connection back at its end.
+struct Recycle {
+    body: Incoming,
+    sender: Option<hyper::client::conn::http1::SendRequest<BoxBody>>,
+}
+
+impl http_body::Body for Recycle {
+    type Data = bytes::Bytes;
+    type Error = smartgate::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if self.body.is_end_stream()
+            && let Some(s) = self.sender.take()
+        {
+            IDLE.with(|i| i.borrow_mut().push(s));
+        }
+        polled.map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+}
+
 async fn forward(
-    client: Client<HttpConnector, BoxBody>,
+    client: Upstream,
     upstream: Arc<str>,
     prefix: Arc<str>,
     req: Request<Incoming>,
@@ -113,14 +195,30 @@ async fn forward(
         Err(_) => return Ok(status(400)),
     };
     let (mut parts, body) = req.into_parts();
-    parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    parts.headers.remove(http::header::HOST);
-    let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
-    Ok(match client.request(req).await {
-        Ok(resp) => resp.map(|b| b.map_err(Into::into).boxed()),
-        Err(_) => status(502),
-    })
+    let body = body.map_err(Into::into).boxed();
+    let sent = match client {
+        Upstream::Pooled(client) => {
+            parts.uri = uri;
+            parts.headers.remove(http::header::HOST);
+            client
+                .request(Request::from_parts(parts, body))
+                .await
+                .map(|resp| resp.map(|b| b.map_err(Into::into).boxed()))
+                .map_err(Into::into)
+        }
+        Upstream::Conn => {
+            let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+            if let Ok(host) = http::HeaderValue::from_str(&authority) {
+                parts.headers.insert(http::header::HOST, host);
+            }
+            parts.uri = uri
+                .path_and_query()
+                .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+            send_conn(&authority, Request::from_parts(parts, body)).await
+        }
+    };
+    Ok(sent.unwrap_or_else(|_| status(502)))
 }
 
 fn status(code: u16) -> Response<BoxBody> {

@@ -3,8 +3,9 @@
 #   1. direct,
 #   2. through nginx proxy_pass with upstream keepalive (the baseline),
 #   3. through smartgate (auth.mode = "none": pass-through),
-#   4. through benches/hyper_floor.rs: the same stack (tokio, hyper, hyper-util's client)
-#      with none of smartgate's work, the floor a hyper proxy stands on,
+#   4. through benches/hyper_floor.rs: the same stack (tokio, hyper's server, a stack of
+#      hyper connection-level senders per worker) with none of smartgate's work, the floor
+#      a hyper proxy stands on,
 # and any extra smartgate configurations given as scenarios (see SCENARIOS below).
 # Prints requests/s and p99 latency for each, and ratios to nginx and to direct.
 #
@@ -136,7 +137,7 @@ TOML
 "$BIN" serve --config "$WORK/smartgate.toml" 2>"$WORK/smartgate.log" &
 PIDS+=($!)
 SMARTGATE_PID=$!
-"$FLOOR_BIN" "127.0.0.1:$FLR" "http://127.0.0.1:$UP/fhir" /r4 2>"$WORK/floor.log" &
+FLOOR_CLIENT=conn "$FLOOR_BIN" "127.0.0.1:$FLR" "http://127.0.0.1:$UP/fhir" /r4 2>"$WORK/floor.log" &
 PIDS+=($!)
 FLOOR_PID=$!
 
