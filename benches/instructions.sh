@@ -6,6 +6,7 @@
 #
 #   benches/instructions.sh                # every target
 #   TARGETS="nginx smartgate" benches/instructions.sh
+#   KEEP_CALLGRIND=/tmp/cg TARGETS=jwt benches/instructions.sh   # keep the profiles
 #
 # Each target runs twice under callgrind, serving N1 and then N2 requests from 4
 # keep-alive connections; (instructions(N2) - instructions(N1)) / (N2 - N1) is the cost
@@ -179,6 +180,11 @@ run_once() {
   wait "$pid" || true
   # One "summary:" line per output file (one file unless a process forks).
   cat "$out"* | awk '/^summary:/ {s += $2} END {print s}'
+  # KEEP_CALLGRIND=DIR keeps the profiles, for callgrind_annotate.
+  if [ -n "${KEEP_CALLGRIND:-}" ]; then
+    mkdir -p "$KEEP_CALLGRIND"
+    for f in "$out"*; do cp "$f" "$KEEP_CALLGRIND/$(basename "$f")"; done
+  fi
   rm -f "$out"*
 }
 

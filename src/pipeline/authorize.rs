@@ -31,7 +31,9 @@ pub(super) async fn classify_and_authorize(
     // checks, which the cache must never skip.
     crate::fhir::request::check_headers(req.headers()).map_err(classify_error)?;
     let cacheable = !base_post && form.is_none();
-    let if_none_exist = req.headers().contains_key("if-none-exist");
+    let if_none_exist = req
+        .headers()
+        .contains_key(&crate::fhir::request::IF_NONE_EXIST);
     if cacheable && let Some(decision) = cache::get(principal.id, req.method(), if_none_exist, rel)
     {
         shared.metrics.decision_cache_hit.inc();

@@ -23,6 +23,7 @@ use crate::auth::{AuthFailure, Principal, bearer};
 use crate::body::{BoxBody, full};
 use crate::error::GatewayError;
 use crate::fhir::bundle;
+use crate::fhir::request::IF_NONE_EXIST;
 use crate::policy::verify::{Verdict, Viewer};
 use crate::policy::{Plan, Verify};
 use crate::proxy::Identity;
@@ -193,13 +194,13 @@ async fn serve(
         // Narrow the request and check writes before anything is forwarded.
         if !plan.inject.is_empty() {
             let conditional_create =
-                req.method() == Method::POST && req.headers().contains_key("if-none-exist");
+                req.method() == Method::POST && req.headers().contains_key(&IF_NONE_EXIST);
             if conditional_create {
-                let current = req.headers()["if-none-exist"].to_str().unwrap_or("");
+                let current = req.headers()[&IF_NONE_EXIST].to_str().unwrap_or("");
                 let narrowed = checks::append_query(current, &plan.inject);
                 let value = HeaderValue::from_str(&narrowed)
                     .map_err(|_| GatewayError::BadRequest("If-None-Exist is malformed"))?;
-                req.headers_mut().insert("if-none-exist", value);
+                req.headers_mut().insert(&IF_NONE_EXIST, value);
             } else {
                 upstream_uri = snap
                     .upstream
