@@ -179,6 +179,13 @@ impl H1Pool {
 
 /// Whether the upstream said it closes the connection after this response.
 fn closes(headers: &http::HeaderMap) -> bool {
+    // The usual answers first: no Connection header, or a lone `keep-alive`.
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    match (values.next(), values.next()) {
+        (None, _) => return false,
+        (Some(v), None) if v.as_bytes().eq_ignore_ascii_case(b"keep-alive") => return false,
+        _ => {}
+    }
     headers
         .get_all(header::CONNECTION)
         .iter()
