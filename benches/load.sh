@@ -340,6 +340,17 @@ echo
 echo "verified read (patient/ token, Observation checked against the compartment) / nginx: throughput $(ratio "$v_rps" "$o_rps"), p99 $(ratio "$v_p99" "$o_p99"), CPU per request $(ratio "$v_cpu" "$o_cpu")"
 echo "verified read / JWT pass-through read: throughput $(ratio "$v_rps" "$j_rps")"
 echo "smartgate / nginx: throughput $(ratio "$s_rps" "$n_rps"), p99 $(ratio "$s_p99" "$n_p99"), CPU per request $(ratio "$s_cpu" "$n_cpu")"
+# Round by round (each pair measured minutes apart at most): the spread of the ratio.
+paired() { python3 -c "
+import statistics, sys
+a = [float(x) for x in sys.argv[1].split()]
+b = [float(x) for x in sys.argv[2].split()]
+r = sorted(x / y for x, y in zip(a, b) if y)
+print(f'median {statistics.median(r):.2f}, range {r[0]:.2f}-{r[-1]:.2f} over {len(r)} rounds' if r else 'n/a')
+" "$1" "$2"; }
+[ -n "${RPS[smartgate]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "smartgate / nginx throughput, round by round: $(paired "${RPS[smartgate]}" "${RPS[nginx]}")"
+[ -n "${RPS[floor]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "hyper floor / nginx throughput, round by round: $(paired "${RPS[floor]}" "${RPS[nginx]}")"
+[ -n "${RPS[jwt]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "JWT + decision / nginx throughput, round by round: $(paired "${RPS[jwt]}" "${RPS[nginx]}")"
 echo "hyper floor / nginx: throughput $(ratio "$f_rps" "$n_rps"), p99 $(ratio "$f_p99" "$n_p99"), CPU per request $(ratio "$f_cpu" "$n_cpu")"
 echo "smartgate / hyper floor: throughput $(ratio "$s_rps" "$f_rps"), p99 $(ratio "$s_p99" "$f_p99"), CPU per request $(ratio "$s_cpu" "$f_cpu")"
 echo "smartgate JWT + decision / pass-through: throughput $(ratio "$j_rps" "$s_rps"), p99 $(ratio "$j_p99" "$s_p99"), CPU per request $(ratio "$j_cpu" "$s_cpu")"
