@@ -234,4 +234,25 @@ mod tests {
             assert_eq!(extract(&h, None), checked, "{v:?}");
         }
     }
+
+    proptest::proptest! {
+        /// On any Authorization value: the fast path never disagrees with the step-by-step
+        /// path, and `extract` gives exactly what the step-by-step path gives.
+        #[test]
+        fn fast_path_never_disagrees(
+            scheme in "(Bearer|bearer|BEARER|Basic|Bearer |)",
+            token in "[ -~]{0,40}|[A-Za-z0-9._~+/=-]{1,40}",
+        ) {
+            let text = format!("{scheme} {token}");
+            if let Ok(value) = http::HeaderValue::from_str(&text) {
+                let mut h = HeaderMap::new();
+                h.insert(AUTHORIZATION, value);
+                let checked = extract_checked(&h, None);
+                if let Some(fast) = well_formed(&h) {
+                    proptest::prop_assert_eq!(checked, Ok(fast));
+                }
+                proptest::prop_assert_eq!(extract(&h, None), checked);
+            }
+        }
+    }
 }
