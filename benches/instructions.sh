@@ -27,51 +27,10 @@ N2=${N2:-2400}
 for tool in valgrind nginx python3 openssl; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y valgrind nginx)" >&2; exit 2; }
 done
-cargo build --release --quiet
-BIN=target/release/smartgate
-FLOOR_BIN=$(cargo build --release --quiet --bench hyper_floor --message-format=json \
-  | python3 -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "hyper_floor" and m.get("executable"):
-        print(m["executable"])')
-
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/common.sh
+. benches/common.sh
+build_binaries
 UP=$(free_port); PORT=$(free_port); ADMIN=$(free_port)
-
-PATIENT='{"resourceType":"Patient","id":"example","meta":{"versionId":"1","lastUpdated":"2024-01-01T00:00:00Z"},"active":true,"name":[{"use":"official","family":"Chalmers","given":["Peter","James"]}],"gender":"male","birthDate":"1974-12-25"}'
-OBS='{"resourceType":"Observation","id":"obs-1","meta":{"versionId":"1","lastUpdated":"2024-01-01T00:00:00Z"},"status":"final","code":{"coding":[{"system":"http://loinc.org","code":"2339-0"}]},"subject":{"reference":"Patient/example"},"valueQuantity":{"value":95,"unit":"mg/dL"}}'
-
-# nginx configuration $1 (directory) with server blocks on stdin; worker settings in $2.
-nginx_conf() {
-  mkdir -p "$WORK/$1"
-  { cat <<NGINX
-$2
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/$1/body;
-  proxy_temp_path $WORK/$1/proxy;
-  fastcgi_temp_path $WORK/$1/fcgi;
-  uwsgi_temp_path $WORK/$1/uwsgi;
-  scgi_temp_path $WORK/$1/scgi;
-  keepalive_requests 1000000;
-NGINX
-    cat
-    echo "}"
-  } >"$WORK/$1/nginx.conf"
-}
 
 # The upstream: a plain nginx, not measured.
 nginx_conf upstream "worker_processes 1;" <<NGINX
@@ -85,20 +44,7 @@ nginx -c "$WORK/upstream/nginx.conf" -p "$WORK/upstream" -g 'daemon off;' &
 PIDS+=($!)
 
 # The measured nginx: one process, so callgrind sees all of its work.
-nginx_conf proxy "worker_processes 1; master_process off; daemon off;" <<NGINX
-  upstream fhir { server 127.0.0.1:$UP; keepalive 128; }
-  server {
-    listen 127.0.0.1:$PORT;
-    location /r4/ {
-      proxy_pass http://fhir/fhir/;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$proxy_host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-    }
-  }
-NGINX
+nginx_conf proxy "worker_processes 1; master_process off; daemon off;" < <(proxy_server "$UP" "$PORT")
 
 gateway_conf() { # $1 = [auth] section
   cat <<TOML
@@ -119,14 +65,7 @@ TOML
 gateway_conf $'[auth]\nmode = "none"' >"$WORK/none.toml"
 
 # A JWT for the jwt and verified targets: RS256, JWKS inline.
-openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$WORK/jwt.pem" 2>/dev/null
-b64url() { python3 -c 'import base64,sys; print(base64.urlsafe_b64encode(sys.stdin.buffer.read()).rstrip(b"=").decode())'; }
-MODULUS=$(openssl rsa -in "$WORK/jwt.pem" -noout -modulus | cut -d= -f2 | python3 -c 'import sys; sys.stdout.buffer.write(bytes.fromhex(sys.stdin.read().strip()))' | b64url)
-NOW=$(date +%s)
-HEADER=$(printf '{"alg":"RS256","kid":"bench","typ":"at+jwt"}' | b64url)
-PAYLOAD=$(printf '{"iss":"https://issuer.bench","aud":"http://127.0.0.1:%s/r4","sub":"bench","client_id":"bench","scope":"launch/patient patient/*.rs","patient":"example","iat":%s,"exp":%s}' "$PORT" "$NOW" "$((NOW + 3600))" | b64url)
-SIGNATURE=$(printf '%s.%s' "$HEADER" "$PAYLOAD" | openssl dgst -sha256 -sign "$WORK/jwt.pem" | b64url)
-TOKEN="$HEADER.$PAYLOAD.$SIGNATURE"
+bench_token "http://127.0.0.1:$PORT/r4"
 gateway_conf "[auth]
 mode = \"jwt\"
 [auth.jwt]

@@ -33,55 +33,17 @@ PATH_UNDER_BASE=${PATH_UNDER_BASE:-/Patient/example}
 for tool in nginx wrk; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y nginx wrk)" >&2; exit 2; }
 done
-cargo build --release --quiet
-BIN=target/release/smartgate
-FLOOR_BIN=$(cargo build --release --quiet --bench hyper_floor --message-format=json \
-  | python3 -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "hyper_floor" and m.get("executable"):
-        print(m["executable"])')
-
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/common.sh
+. benches/common.sh
+build_binaries
 UP=$(free_port); NGX=$(free_port); SG=$(free_port); SGA=$(free_port); SGJ=$(free_port); SGJA=$(free_port)
 FLR=$(free_port)
 
-# A FHIR Patient and an Observation of that patient, as a small static upstream would
-# return them. The Observation is read with a patient/ token: a compartment-verified read.
-OBS='{"resourceType":"Observation","id":"obs-1","meta":{"versionId":"1","lastUpdated":"2024-01-01T00:00:00Z"},"status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory"}]}],"code":{"coding":[{"system":"http://loinc.org","code":"2339-0","display":"Glucose"}]},"subject":{"reference":"Patient/example"},"effectiveDateTime":"2024-01-01T08:00:00Z","valueQuantity":{"value":95,"unit":"mg/dL","system":"http://unitsofmeasure.org","code":"mg/dL"}}'
 VERIFIED_PATH=/Observation/obs-1
-# A FHIR Patient, as a small static upstream would return it.
-PATIENT='{"resourceType":"Patient","id":"example","meta":{"versionId":"1","lastUpdated":"2024-01-01T00:00:00Z"},"active":true,"name":[{"use":"official","family":"Chalmers","given":["Peter","James"]}],"gender":"male","birthDate":"1974-12-25"}'
 
 # nginx instance $1 (upstream | proxy), with worker count $2 and server blocks on stdin.
 start_nginx() {
-  mkdir -p "$WORK/$1"
-  { cat <<NGINX
-worker_processes $2;
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/$1/body;
-  proxy_temp_path $WORK/$1/proxy;
-  fastcgi_temp_path $WORK/$1/fcgi;
-  uwsgi_temp_path $WORK/$1/uwsgi;
-  scgi_temp_path $WORK/$1/scgi;
-  keepalive_requests 1000000;
-NGINX
-    cat
-    echo "}"
-  } >"$WORK/$1/nginx.conf"
+  nginx_conf "$1" "worker_processes $2;"
   nginx -c "$WORK/$1/nginx.conf" -p "$WORK/$1" -g 'daemon off;' &
   PIDS+=($!)
   eval "NGINX_${1^^}=$!"
@@ -103,20 +65,7 @@ start_nginx upstream 1 <<NGINX
 NGINX
 
 # The baseline proxy: as many workers as smartgate has (one per CPU).
-start_nginx proxy auto <<NGINX
-  upstream fhir { server 127.0.0.1:$UP; keepalive 128; }
-  server {
-    listen 127.0.0.1:$NGX;
-    location /r4/ {
-      proxy_pass http://fhir/fhir/;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$proxy_host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-    }
-  }
-NGINX
+start_nginx proxy auto < <(proxy_server "$UP" "$NGX")
 
 cat >"$WORK/smartgate.toml" <<TOML
 [server]
@@ -143,15 +92,8 @@ FLOOR_PID=$!
 
 # JWT mode: an RS256 key, its JWKS inline in the configuration, and one token (cached by
 # the gateway after its first use, as a client's token is).
-openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$WORK/jwt.pem" 2>/dev/null
-b64url() { python3 -c 'import base64,sys; print(base64.urlsafe_b64encode(sys.stdin.buffer.read()).rstrip(b"=").decode())'; }
-MODULUS=$(openssl rsa -in "$WORK/jwt.pem" -noout -modulus | cut -d= -f2 | python3 -c 'import sys; sys.stdout.buffer.write(bytes.fromhex(sys.stdin.read().strip()))' | b64url)
+bench_token "http://127.0.0.1:$SGJ/r4"
 JWKS="{\\\"keys\\\":[{\\\"kty\\\":\\\"RSA\\\",\\\"kid\\\":\\\"bench\\\",\\\"alg\\\":\\\"RS256\\\",\\\"n\\\":\\\"$MODULUS\\\",\\\"e\\\":\\\"AQAB\\\"}]}"
-NOW=$(date +%s)
-HEADER=$(printf '{"alg":"RS256","kid":"bench","typ":"at+jwt"}' | b64url)
-PAYLOAD=$(printf '{"iss":"https://issuer.bench","aud":"http://127.0.0.1:%s/r4","sub":"bench","client_id":"bench","scope":"launch/patient patient/*.rs","patient":"example","iat":%s,"exp":%s}' "$SGJ" "$NOW" "$((NOW + 3600))" | b64url)
-SIGNATURE=$(printf '%s.%s' "$HEADER" "$PAYLOAD" | openssl dgst -sha256 -sign "$WORK/jwt.pem" | b64url)
-TOKEN="$HEADER.$PAYLOAD.$SIGNATURE"
 
 cat >"$WORK/smartgate-jwt.toml" <<TOML
 [server]
