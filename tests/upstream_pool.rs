@@ -25,6 +25,9 @@ enum Behaviour {
     AnnounceClose,
     /// First connection: headers and part of the body, then silence. Later ones: keep-alive.
     StallFirst,
+    /// Answers a connection's first request; closes on its second without answering (a
+    /// keep-alive timeout that fired as the request arrived).
+    DropSecond,
 }
 
 struct RawUpstream {
@@ -61,6 +64,9 @@ async fn raw_upstream(behaviour: Behaviour) -> RawUpstream {
                     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
                     buf.drain(..head_end);
                     served += 1;
+                    if matches!(behaviour, Behaviour::DropSecond) && served == 2 {
+                        return;
+                    }
                     let body = format!("{{\"resourceType\":\"Basic\",\"id\":\"c{n}r{served}\"}}");
                     let status = if head.contains("/Empty ") {
                         "204 No Content"
@@ -92,7 +98,7 @@ async fn raw_upstream(behaviour: Behaviour) -> RawUpstream {
                             tokio::time::sleep(Duration::from_secs(30)).await;
                             return;
                         }
-                        Behaviour::StallFirst => {}
+                        Behaviour::StallFirst | Behaviour::DropSecond => {}
                     }
                 }
             });
@@ -224,4 +230,45 @@ async fn concurrent_requests_then_reuse() {
     if let Ok(gw) = Arc::try_unwrap(gw) {
         gw.stop().await;
     }
+}
+
+/// The upstream closes an idle pooled connection just as a GET arrives on it: the GET is
+/// sent again on a new connection and answered. A POST in the same place is not replayed
+/// (it may have been acted on): the client gets the 502.
+#[tokio::test]
+async fn safe_request_on_a_connection_closed_under_it_is_replayed_once() {
+    let up = raw_upstream(Behaviour::DropSecond).await;
+    let gw = TestGateway::boot(&single_worker(&up.base)).await;
+    let (status, body) = request(&gw, Method::GET, "/r4/Basic/1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("\"c0r1\""), "{body}");
+    // Idle long enough for the gateway to keep a copy of the next safe request.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, body) = request(&gw, Method::GET, "/r4/Basic/1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains("\"c1r1\""),
+        "answered on a new connection: {body}"
+    );
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, _, _) = send(
+        Request::post(gw.url("/r4/Basic"))
+            .header("content-type", "application/fhir+json")
+            .body(body_of("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_GATEWAY,
+        "a POST is never sent twice"
+    );
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+    gw.stop().await;
+}
+
+fn body_of(text: &'static str) -> smartgate::body::BoxBody {
+    smartgate::body::full(text)
 }

@@ -12,7 +12,9 @@
 //! response was abandoned, failed or announced `Connection: close` is dropped, and hyper
 //! closes it. A request that could not be written because a pooled connection had been
 //! closed by the upstream meanwhile is retried on another: nothing of it reached the
-//! upstream.
+//! upstream. A safe, bodiless request (GET, HEAD, OPTIONS) sent on a connection idle for a
+//! second or more, which the upstream then closed without answering (its keep-alive
+//! timeout racing the request), is sent once more on a new connection.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -83,11 +85,24 @@ impl H1Pool {
         req.headers_mut()
             .insert(header::HOST, self.host_header.clone());
 
+        let mut replayed = false;
         loop {
-            let (mut sender, reused) = match self.checkout().await {
-                Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+            let pooled = if replayed {
+                None
+            } else {
+                self.checkout().await
             };
+            let (mut sender, reused, idle_for) = match pooled {
+                Some((sender, idle_for)) => (sender, true, idle_for),
+                None => (self.connect().await?, false, Duration::ZERO),
+            };
+            // A connection that sat idle may have been closed by the upstream just as the
+            // request went out. A safe request without a body is kept to be sent once
+            // more on a new connection then, as nginx does; under load connections are
+            // reused within milliseconds and this copy is never made.
+            let replay = (reused && idle_for >= REPLAY_AFTER_IDLE)
+                .then(|| replayable(&req))
+                .flatten();
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let reusable = !closes(resp.headers());
@@ -104,14 +119,26 @@ impl H1Pool {
                     // Not written: the pooled connection was closed meanwhile (the
                     // upstream's keep-alive timeout). Nothing reached the upstream.
                     Some(unsent) if reused => req = unsent,
-                    _ => return Err(failure(&e.into_error())),
+                    _ => {
+                        let error = e.into_error();
+                        let closed_before_answer = error.is_incomplete_message()
+                            || error.is_closed()
+                            || error.is_canceled();
+                        match replay {
+                            Some(copy) if closed_before_answer => {
+                                replayed = true;
+                                req = copy;
+                            }
+                            _ => return Err(failure(&error)),
+                        }
+                    }
                 },
             }
         }
     }
 
-    /// The most recently used idle connection that is still open.
-    async fn checkout(&self) -> Option<SendRequest<BoxBody>> {
+    /// The most recently used idle connection that is still open, and how long it was idle.
+    async fn checkout(&self) -> Option<(SendRequest<BoxBody>, Duration)> {
         loop {
             let Idle { mut sender, since } = {
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -123,7 +150,7 @@ impl H1Pool {
             // Returned as its response ended; hyper may not have turned back to reading
             // yet. Ready at once, or an error if the connection is closing.
             if sender.is_ready() || sender.ready().await.is_ok() {
-                return Some(sender);
+                return Some((sender, since.elapsed()));
             }
         }
     }
@@ -175,6 +202,28 @@ impl H1Pool {
         });
         Ok(sender)
     }
+}
+
+/// How long a connection must have been idle before a safe request sent on it is kept
+/// for one replay.
+const REPLAY_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// A copy of `req` if it can be sent twice without harm: a safe method (RFC 9110 §9.2.1)
+/// and no body.
+fn replayable(req: &Request<BoxBody>) -> Option<Request<BoxBody>> {
+    let safe = matches!(
+        *req.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    );
+    if !safe || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(crate::body::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
 /// Whether the upstream said it closes the connection after this response.
