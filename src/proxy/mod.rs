@@ -134,7 +134,15 @@ impl Upstream {
             })
             .flatten();
         let transport = match plain {
-            Some(pools) => Transport::Plain(pools),
+            Some(pools) => {
+                // An unusable upstream.ca_file is an error whatever the scheme: a typo must
+                // not wait to surface until the URL turns to https.
+                if cfg.ca_file.is_some() {
+                    crate::outbound::https_connector(cfg.ca_file.as_deref(), cfg.connect_timeout.0)
+                        .map_err(UpstreamSetupError::CaFile)?;
+                }
+                Transport::Plain(pools)
+            }
             None => {
                 let connector =
                     crate::outbound::https_connector(cfg.ca_file.as_deref(), cfg.connect_timeout.0)
@@ -321,6 +329,17 @@ mod tests {
         );
         let config = crate::Config::parse(&text, "test", Vec::new()).unwrap();
         Upstream::new(&config.upstream, 1).unwrap()
+    }
+
+    /// A missing CA file is refused for an http:// upstream too.
+    #[test]
+    fn unusable_ca_file_is_an_error_for_plain_upstreams() {
+        let text = "[server]\nlisten = \"127.0.0.1:0\"\npublic_base_url = \"http://gw.test/r4\"\n\
+                    [upstream]\nurl = \"http://127.0.0.1:1/fhir\"\n\
+                    ca_file = \"/nonexistent/ca.pem\"\n[auth]\nmode = \"none\"\n";
+        let config = crate::Config::parse(text, "test", Vec::new()).unwrap();
+        let err = Upstream::new(&config.upstream, 1).err().expect("refused");
+        assert!(err.to_string().starts_with("upstream.ca_file"), "{err}");
     }
 
     /// Building the URI from parts gives exactly what parsing the whole URL gives, and
