@@ -344,10 +344,8 @@ impl Worker {
                     None => break,
                 },
             };
-            let stream = match stream
-                .set_nonblocking(true)
-                .and_then(|()| TcpStream::from_std(stream))
-            {
+            // Still non-blocking: tokio's `into_std` leaves it so.
+            let stream = match TcpStream::from_std(stream) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, worker = self.index, "cannot register connection");
