@@ -58,41 +58,36 @@ impl Viewer<'_> {
     /// the body is not a plain JSON object of a known type, or is a Bundle (the caller
     /// then parses it whole).
     pub fn visible_bytes(&self, bytes: &[u8], any: Perms) -> Option<bool> {
-        use serde_json::value::RawValue;
-        let top: std::collections::BTreeMap<&str, &RawValue> =
-            serde_json::from_slice(bytes).ok()?;
-        let ty: &str = serde_json::from_str(top.get("resourceType")?.get()).ok()?;
-        let ty = crate::fhir::request::resource_type(ty).ok()?;
-        if ty == "Bundle" {
-            return None;
+        use serde::Deserializer as _;
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let top = de.deserialize_map(TopLevel { viewer: self }).ok()?;
+        de.end().ok()?;
+        match top {
+            // As in `verify`: the server speaking about the request, not a stored resource.
+            Top::Outcome => Some(true),
+            Top::Resource(partial) => Some(self.visible(&Value::Object(partial), any)),
         }
-        // As in `verify`: the server speaking about the request, not a stored resource.
-        if ty == "OperationOutcome" {
-            return Some(true);
-        }
-        let mut wanted: Vec<&str> = vec!["resourceType", "id"];
+    }
+
+    /// The top-level elements [`Viewer::visible`] reads for a resource of type `ty`:
+    /// `id`, the first step of each compartment path and of each path of the granted
+    /// scopes' constraints.
+    fn wanted(&self, ty: &str) -> Vec<&'static str> {
+        let first = |p: &'static str| p.split('.').next().unwrap_or(p);
+        let mut wanted = vec!["id"];
         if let Some(params) = crate::fhir::search::compartment_paths(ty) {
             for (_, paths) in params {
-                wanted.extend(paths.iter().map(|p| p.split('.').next().unwrap_or(p)));
+                wanted.extend(paths.iter().copied().map(first));
             }
         }
         for scope in &self.grants.scopes {
             for (k, _) in &scope.constraints {
                 if let Some(p) = crate::fhir::search::param(ty, k) {
-                    wanted.extend(p.paths.iter().map(|p| p.split('.').next().unwrap_or(p)));
+                    wanted.extend(p.paths.iter().copied().map(first));
                 }
             }
         }
-        let mut partial = serde_json::Map::new();
-        for key in wanted {
-            if partial.contains_key(key) {
-                continue;
-            }
-            if let Some(raw) = top.get(key) {
-                partial.insert(key.to_owned(), serde_json::from_str(raw.get()).ok()?);
-            }
-        }
-        Some(self.visible(&Value::Object(partial), any))
+        wanted
     }
 
     /// Whether the token may write `resource` (as type `ty`) with `perm`: under
@@ -245,6 +240,107 @@ fn has_conditional_reference(ty: &str, resource: &Value) -> bool {
 }
 
 /// The `resourceType` of a resource, if it is an R4 type.
+/// What [`Viewer::visible_bytes`] read from the top level of a resource.
+enum Top {
+    /// An OperationOutcome.
+    Outcome,
+    /// `resourceType` and the elements the check reads; nothing else.
+    Resource(serde_json::Map<String, Value>),
+}
+
+/// Reads one JSON object in a single pass, keeping only the top-level elements the check
+/// needs and skipping (while still validating) the rest. `resourceType` decides what is
+/// needed: elements before it (servers write it first) are held unparsed until it comes.
+/// `resourceType` missing or repeated, a Bundle or an unknown type is an error, and the
+/// caller falls back to parsing the document whole. A repeated element keeps its last
+/// value, as a whole-document parse and a client's `JSON.parse` do.
+struct TopLevel<'v, 'a> {
+    viewer: &'v Viewer<'a>,
+}
+
+impl<'de> serde::de::Visitor<'de> for TopLevel<'_, '_> {
+    type Value = Top;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a FHIR resource")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+        use serde::de::{Error, IgnoredAny};
+        use serde_json::value::RawValue;
+        let not_here = || A::Error::custom("not checked from the bytes");
+        let mut ty: Option<&'static str> = None;
+        let mut wanted = Vec::new();
+        let mut before: Vec<(Key<'de>, &'de RawValue)> = Vec::new();
+        let mut partial = serde_json::Map::new();
+        while let Some(key) = map.next_key::<Key>()? {
+            if *key == *"resourceType" {
+                if ty.is_some() {
+                    return Err(not_here());
+                }
+                let name = map.next_value::<Key>()?;
+                let t = crate::fhir::request::resource_type(&name).map_err(|_| not_here())?;
+                if t == "Bundle" {
+                    return Err(not_here());
+                }
+                if t != "OperationOutcome" {
+                    wanted = self.viewer.wanted(t);
+                }
+                for (key, raw) in before.drain(..) {
+                    if wanted.contains(&&*key) {
+                        let value = serde_json::from_str(raw.get()).map_err(A::Error::custom)?;
+                        partial.insert(key.0.into_owned(), value);
+                    }
+                }
+                ty = Some(t);
+            } else if ty.is_none() {
+                before.push((key, map.next_value()?));
+            } else if wanted.contains(&&*key) {
+                partial.insert(key.0.into_owned(), map.next_value()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        match ty {
+            None => Err(not_here()),
+            Some("OperationOutcome") => Ok(Top::Outcome),
+            Some(t) => {
+                partial.insert("resourceType".to_owned(), Value::from(t));
+                Ok(Top::Resource(partial))
+            }
+        }
+    }
+}
+
+/// A JSON string, borrowed from the input unless it has escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl std::ops::Deref for Key<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(s.into()))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(s.to_owned().into()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 fn resource_type(v: &Value) -> Option<&'static str> {
     crate::fhir::request::resource_type(v.get("resourceType")?.as_str()?).ok()
 }
@@ -348,6 +444,76 @@ mod tests {
                 assert_eq!(v.visible_bytes(b"[1]", rs), None);
                 assert_eq!(v.visible_bytes(br#"{"resourceType":"Bundle"}"#, rs), None);
                 assert_eq!(v.visible_bytes(br#"{"resourceType":"Nope"}"#, rs), None);
+            });
+        }
+    }
+
+    /// The single-pass reading of the bytes never disagrees with checking the whole
+    /// parsed document, whatever the key order, repeated keys, escaped keys and nested
+    /// look-alike text; and it does answer for the usual shape (`resourceType` first).
+    #[test]
+    fn visible_bytes_matches_the_whole_document() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let reference = prop_oneof![
+            Just(r#"{"reference":"Patient/123"}"#.to_owned()),
+            Just(r#"{"reference":"Patient/456"}"#.to_owned()),
+            Just(r#"{"reference":"http://up/fhir/Patient/123"}"#.to_owned()),
+            Just(r#"{"reference":"Group/1"}"#.to_owned()),
+            Just(r#"[{"reference":"Patient/123"},{"reference":"Patient/456"}]"#.to_owned()),
+            Just(r#"null"#.to_owned()),
+        ];
+        let element = prop_oneof![
+            reference.clone().prop_map(|r| format!(r#""subject":{r}"#)),
+            reference.clone().prop_map(|r| format!(r#""subj\u0065ct":{r}"#)),
+            reference.clone().prop_map(|r| format!(r#""performer":[{r}]"#)),
+            reference.prop_map(|r| format!(r#""patient":{r}"#)),
+            Just(r#""id":"1""#.to_owned()),
+            Just(r#""category":[{"coding":[{"code":"laboratory"}]}]"#.to_owned()),
+            Just(r#""category":[{"coding":[{"code":"imaging"}]}]"#.to_owned()),
+            Just(r#""note":[{"text":"\"subject\":{\"reference\":\"Patient/456\"}"}]"#.to_owned()),
+            Just(r#""contained":[{"resourceType":"Patient","id":"x","subject":{"reference":"Patient/456"}}]"#.to_owned()),
+            Just(r#""resourceType":"Observation""#.to_owned()),
+        ];
+        let ty = prop_oneof![
+            Just("Observation"),
+            Just("Patient"),
+            Just("Encounter"),
+            Just("OperationOutcome"),
+            Just("Bundle"),
+            Just("Nope"),
+        ];
+        let doc = (ty, prop::collection::vec(element, 0..6), 0usize..7).prop_map(
+            |(ty, mut elements, at)| {
+                elements.insert(at.min(elements.len()), format!(r#""resourceType":"{ty}""#));
+                format!("{{{}}}", elements.join(","))
+            },
+        );
+        let rs = Perms::R.union(Perms::S);
+        for scopes in [
+            "patient/Observation.rs patient/Encounter.rs patient/Patient.rs",
+            "user/Observation.rs?category=laboratory",
+            "patient/Observation.rs?category=imaging",
+        ] {
+            with(scopes, Some("123"), |v| {
+                let mut runner = TestRunner::new(Config::with_cases(400));
+                runner
+                    .run(&doc, |text| {
+                        let bytes = text.as_bytes();
+                        let whole: Value = serde_json::from_str(&text).unwrap();
+                        let usual = text.matches(r#""resourceType":"#).count() == 1
+                            && !text.contains("Bundle")
+                            && !text.contains("Nope");
+                        // An OperationOutcome passes, as in `verify`.
+                        let expected =
+                            whole["resourceType"] == "OperationOutcome" || v.visible(&whole, rs);
+                        match v.visible_bytes(bytes, rs) {
+                            Some(seen) => prop_assert_eq!(seen, expected, "{}", text),
+                            None => prop_assert!(!usual, "no answer for {}", text),
+                        }
+                        Ok(())
+                    })
+                    .unwrap();
             });
         }
     }
