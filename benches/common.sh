@@ -54,19 +54,35 @@ NGINX
 }
 
 # The baseline proxy's server blocks: nginx proxy_pass with upstream keepalive from port
-# $2 to the upstream on port $1, forwarding headers set as smartgate sets them.
+# $2 to the upstream on port $1. Under /r4/ the plain baseline (X-Forwarded-For and
+# X-Forwarded-Proto only); under /same/ nginx does the header work smartgate does on
+# every request: X-Forwarded-Host and Forwarded as well, a request id sent upstream and
+# returned, the client's Authorization and Accept-Encoding not passed on.
 proxy_server() {
   cat <<NGINX
   upstream fhir { server 127.0.0.1:$1; keepalive 128; }
   server {
     listen 127.0.0.1:$2;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host \$proxy_host;
+    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto \$scheme;
     location /r4/ {
       proxy_pass http://fhir/fhir/;
-      proxy_http_version 1.1;
+    }
+    location /same/ {
+      proxy_pass http://fhir/fhir/;
       proxy_set_header Connection "";
       proxy_set_header Host \$proxy_host;
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+      proxy_set_header Forwarded "for=\$remote_addr;proto=\$scheme;host=\$host";
+      proxy_set_header X-Request-Id \$request_id;
+      proxy_set_header Authorization "";
+      proxy_set_header Accept-Encoding "";
+      add_header X-Request-Id \$request_id always;
     }
   }
 NGINX

@@ -12,6 +12,7 @@
 # keep-alive connections; (instructions(N2) - instructions(N1)) / (N2 - N1) is the cost
 # of one request with start-up and shutdown taken out. Targets:
 #   nginx      nginx proxy_pass with upstream keepalive (one worker, no master)
+#   nginx_same the same nginx doing smartgate's per-request header work (common.sh)
 #   floor      benches/hyper_floor.rs with hyper-util's pooled client
 #   floor_conn benches/hyper_floor.rs with hyper connection-level senders
 #   smartgate  smartgate pass-through (auth.mode = "none")
@@ -97,6 +98,7 @@ run_once() {
   local cmd
   case $target in
     nginx) cmd=(nginx -c "$WORK/proxy/nginx.conf" -p "$WORK/proxy"); stop=QUIT ;;
+    nginx_same) cmd=(nginx -c "$WORK/proxy/nginx.conf" -p "$WORK/proxy"); stop=QUIT; path=/same/Patient/example ;;
     floor) cmd=("$FLOOR_BIN" "127.0.0.1:$PORT" "http://127.0.0.1:$UP/fhir" /r4) ;;
     floor_conn) cmd=(env FLOOR_CLIENT=conn "$FLOOR_BIN" "127.0.0.1:$PORT" "http://127.0.0.1:$UP/fhir" /r4) ;;
     smartgate) cmd=("$BIN" serve --config "$WORK/none.toml") ;;
@@ -128,7 +130,7 @@ run_once() {
 }
 
 declare -A PER
-for target in ${TARGETS:-nginx floor floor_conn smartgate jwt verified}; do
+for target in ${TARGETS:-nginx nginx_same floor floor_conn smartgate jwt verified}; do
   a=$(run_once "$target" "$N1")
   b=$(run_once "$target" "$N2")
   PER[$target]=$(( (b - a) / (N2 - N1) ))
@@ -136,7 +138,7 @@ for target in ${TARGETS:-nginx floor floor_conn smartgate jwt verified}; do
 done
 
 printf '\n%-34s %14s %9s\n' target "instr/request" "vs nginx"
-for target in ${TARGETS:-nginx floor floor_conn smartgate jwt verified}; do
+for target in ${TARGETS:-nginx nginx_same floor floor_conn smartgate jwt verified}; do
   ratio=$([ -n "${PER[nginx]:-}" ] && python3 -c "print(f'{${PER[$target]} / ${PER[nginx]}:.2f}')" || echo n/a)
   printf '%-34s %14s %9s\n' "$target" "${PER[$target]}" "$ratio"
 done

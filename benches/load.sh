@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Whole-proxy load test: the same tiny static FHIR upstream measured, in one run,
 #   1. direct,
-#   2. through nginx proxy_pass with upstream keepalive (the baseline),
+#   2. through nginx proxy_pass with upstream keepalive (the baseline), and through the
+#      same nginx doing smartgate's per-request header work (nginx_same, see common.sh),
 #   3. through smartgate (auth.mode = "none": pass-through),
 #   4. through benches/hyper_floor.rs: the same stack (tokio, hyper's server, a stack of
 #      hyper connection-level senders per worker) with none of smartgate's work, the floor
@@ -225,12 +226,13 @@ nginx_pids() { echo "$1" $(pgrep -P "$1"); }
 export WRK_HEADER="Authorization: Bearer $TOKEN"
 declare -A RPS P99 CPU
 for round in $(seq "$ROUNDS"); do
-  for target in ${TARGETS:-direct nginx floor smartgate jwt nginx_obs verified}; do
+  for target in ${TARGETS:-direct nginx nginx_same floor smartgate jwt nginx_obs verified}; do
     case $target in
       nginx_obs) out=$(measure "http://127.0.0.1:$NGX/r4$VERIFIED_PATH" $(nginx_pids "$NGINX_PROXY")) ;;
       verified) out=$(measure "http://127.0.0.1:$SGJ/r4$VERIFIED_PATH" "$SMARTGATE_JWT_PID") ;;
       direct) out=$(measure "http://127.0.0.1:$UP/fhir$PATH_UNDER_BASE" $(nginx_pids "$NGINX_UPSTREAM")) ;;
       nginx) out=$(measure "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE" $(nginx_pids "$NGINX_PROXY")) ;;
+      nginx_same) out=$(measure "http://127.0.0.1:$NGX/same$PATH_UNDER_BASE" $(nginx_pids "$NGINX_PROXY")) ;;
       floor) out=$(measure "http://127.0.0.1:$FLR/r4$PATH_UNDER_BASE" "$FLOOR_PID") ;;
       smartgate) out=$(measure "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE" "$SMARTGATE_PID") ;;
       jwt) out=$(measure "http://127.0.0.1:$SGJ/r4$PATH_UNDER_BASE" "$SMARTGATE_JWT_PID") ;;
@@ -261,6 +263,7 @@ done
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(statistics.median(v) if v else 'nan')" $1; }
 d_rps=$(median "${RPS[direct]:-}"); d_p99=$(median "${P99[direct]:-}"); d_cpu=$(median "${CPU[direct]:-}")
 n_rps=$(median "${RPS[nginx]:-}"); n_p99=$(median "${P99[nginx]:-}"); n_cpu=$(median "${CPU[nginx]:-}")
+e_rps=$(median "${RPS[nginx_same]:-}"); e_p99=$(median "${P99[nginx_same]:-}"); e_cpu=$(median "${CPU[nginx_same]:-}")
 f_rps=$(median "${RPS[floor]:-}"); f_p99=$(median "${P99[floor]:-}"); f_cpu=$(median "${CPU[floor]:-}")
 s_rps=$(median "${RPS[smartgate]:-}"); s_p99=$(median "${P99[smartgate]:-}"); s_cpu=$(median "${CPU[smartgate]:-}")
 j_rps=$(median "${RPS[jwt]:-}"); j_p99=$(median "${P99[jwt]:-}"); j_cpu=$(median "${CPU[jwt]:-}")
@@ -273,6 +276,7 @@ print(f'{a/b:.2f}' if b == b and b else 'n/a')"; }
 printf '\n%-24s %10s %8s %9s %10s %14s\n' target "req/s" "p99 ms" "vs nginx" "vs direct" "CPU us/req"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "direct (upstream)" "$d_rps" "$d_p99" "$(ratio "$d_rps" "$n_rps")" 1.00 "$d_cpu (upstream)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx proxy_pass" "$n_rps" "$n_p99" 1.00 "$(ratio "$n_rps" "$d_rps")" "$n_cpu (proxy)"
+printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx, same header work" "$e_rps" "$e_p99" "$(ratio "$e_rps" "$n_rps")" "$(ratio "$e_rps" "$d_rps")" "$e_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "hyper floor (bare proxy)" "$f_rps" "$f_p99" "$(ratio "$f_rps" "$n_rps")" "$(ratio "$f_rps" "$d_rps")" "$f_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate pass-through" "$s_rps" "$s_p99" "$(ratio "$s_rps" "$n_rps")" "$(ratio "$s_rps" "$d_rps")" "$s_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate JWT+decision" "$j_rps" "$j_p99" "$(ratio "$j_rps" "$n_rps")" "$(ratio "$j_rps" "$d_rps")" "$j_cpu (proxy)"
@@ -291,6 +295,7 @@ r = sorted(x / y for x, y in zip(a, b) if y)
 print(f'median {statistics.median(r):.2f}, range {r[0]:.2f}-{r[-1]:.2f} over {len(r)} rounds' if r else 'n/a')
 " "$1" "$2"; }
 [ -n "${RPS[smartgate]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "smartgate / nginx throughput, round by round: $(paired "${RPS[smartgate]}" "${RPS[nginx]}")"
+[ -n "${RPS[smartgate]:-}" ] && [ -n "${RPS[nginx_same]:-}" ] && echo "smartgate / nginx doing the same header work: throughput $(ratio "$s_rps" "$e_rps"), p99 $(ratio "$s_p99" "$e_p99"), CPU per request $(ratio "$s_cpu" "$e_cpu"); round by round: $(paired "${RPS[smartgate]}" "${RPS[nginx_same]}")"
 [ -n "${RPS[floor]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "hyper floor / nginx throughput, round by round: $(paired "${RPS[floor]}" "${RPS[nginx]}")"
 [ -n "${RPS[jwt]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "JWT + decision / nginx throughput, round by round: $(paired "${RPS[jwt]}" "${RPS[nginx]}")"
 echo "hyper floor / nginx: throughput $(ratio "$f_rps" "$n_rps"), p99 $(ratio "$f_p99" "$n_p99"), CPU per request $(ratio "$f_cpu" "$n_cpu")"
