@@ -187,19 +187,20 @@ diff <(curl -fsS "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE") \
      <(curl -fsS "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE") >/dev/null \
   || { echo "proxies disagree on the body" >&2; exit 1; }
 
-# CPU seconds (user + system) used so far by the processes given as PIDs.
+# CPU seconds used so far by the processes given as PIDs: "user system".
 cpu_seconds() {
-  local ticks=0 pid
+  local user=0 sys=0 pid u s
   for pid in "$@"; do
     for task in /proc/"$pid"/task/*/stat; do
-      ticks=$((ticks + $(awk '{print $14 + $15}' "$task" 2>/dev/null || echo 0)))
+      read -r u s < <(awk '{print $14, $15}' "$task" 2>/dev/null || echo 0 0)
+      user=$((user + u)); sys=$((sys + s))
     done
   done
-  python3 -c "print($ticks / $(getconf CLK_TCK))"
+  python3 -c "print($user / $(getconf CLK_TCK), $sys / $(getconf CLK_TCK))"
 }
 
-# wrk's summary → "rps p99_ms cpu_us_per_request", the CPU measured over the processes
-# whose PIDs follow the URL.
+# wrk's summary → "rps p99_ms cpu_us_per_request user_us sys_us", the CPU measured over
+# the processes whose PIDs follow the URL.
 # WRK_HEADER, when set, is sent with every request.
 measure() {
   local out rps p99 url=$1 c0 c1 cpu_per_req
@@ -211,7 +212,9 @@ measure() {
   p99=$(awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")
   if grep -q "Non-2xx" <<<"$out"; then echo "non-2xx answers from $url" >&2; echo "$out" >&2; exit 1; fi
   total=$(awk '/requests in/ {print $1}' <<<"$out")
-  cpu_per_req=$(python3 -c "print(f'{($c1 - $c0) * 1e6 / max($total, 1):.1f}')")
+  cpu_per_req=$(python3 -c "
+u0, s0 = map(float, '$c0'.split()); u1, s1 = map(float, '$c1'.split()); n = max($total, 1)
+print(f'{(u1 - u0 + s1 - s0) * 1e6 / n:.1f} {(u1 - u0) * 1e6 / n:.2f} {(s1 - s0) * 1e6 / n:.2f}')")
   echo "$rps $p99 $cpu_per_req"
 }
 
@@ -224,7 +227,7 @@ nginx_pids() { echo "$1" $(pgrep -P "$1"); }
 # Every target gets the identical request, token included, so the JWT ratio measures
 # validation rather than the extra header bytes (nginx and pass-through ignore it).
 export WRK_HEADER="Authorization: Bearer $TOKEN"
-declare -A RPS P99 CPU
+declare -A RPS P99 CPU USR SYS
 for round in $(seq "$ROUNDS"); do
   for target in ${TARGETS:-direct nginx nginx_same floor smartgate jwt nginx_obs verified}; do
     case $target in
@@ -237,8 +240,9 @@ for round in $(seq "$ROUNDS"); do
       smartgate) out=$(measure "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE" "$SMARTGATE_PID") ;;
       jwt) out=$(measure "http://127.0.0.1:$SGJ/r4$PATH_UNDER_BASE" "$SMARTGATE_JWT_PID") ;;
     esac
-    read -r rps p99 cpu <<<"$out"
+    read -r rps p99 cpu usr sys <<<"$out"
     RPS[$target]+="$rps "; P99[$target]+="$p99 "; CPU[$target]+="$cpu "
+    USR[$target]+="$usr "; SYS[$target]+="$sys "
   done
   echo "round $round/$ROUNDS done" >&2
 done
@@ -302,4 +306,11 @@ echo "hyper floor / nginx: throughput $(ratio "$f_rps" "$n_rps"), p99 $(ratio "$
 echo "smartgate / hyper floor: throughput $(ratio "$s_rps" "$f_rps"), p99 $(ratio "$s_p99" "$f_p99"), CPU per request $(ratio "$s_cpu" "$f_cpu")"
 echo "smartgate JWT + decision / pass-through: throughput $(ratio "$j_rps" "$s_rps"), p99 $(ratio "$j_p99" "$s_p99"), CPU per request $(ratio "$j_cpu" "$s_cpu")"
 [ "${TOKEN_RUN:-1}" = 1 ] && echo "embedded /auth/token (client_secret_basic, sign an access token): ES384 ${TOKEN_RPS[ES384]} req/s, ES256 ${TOKEN_RPS[ES256]} req/s; ES256/ES384 $(ratio "${TOKEN_RPS[ES256]}" "${TOKEN_RPS[ES384]}"); ES384 tokens / nginx proxied reads $(ratio "${TOKEN_RPS[ES384]}" "$n_rps")"
+# Where each proxy's CPU per request goes: its own code (user) and the kernel's TCP work
+# on its behalf (system).
+echo
+printf '%-16s %14s %14s\n' target "user us/req" "system us/req"
+for target in ${TARGETS:-direct nginx nginx_same floor smartgate jwt nginx_obs verified}; do
+  printf '%-16s %14s %14s\n' "$target" "$(median "${USR[$target]:-}")" "$(median "${SYS[$target]:-}")"
+done
 echo "(medians of $ROUNDS interleaved rounds, ${DURATION}s per target each, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores)"
