@@ -36,12 +36,17 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Removes hop-by-hop headers: the fixed list and every header named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names present, and a removal (which reshuffles the map) only for
-    // those there: most messages carry none, or only `Connection: keep-alive`.
+    remove_hop_by_hop_and(headers, |_| false);
+}
+
+/// [`remove_hop_by_hop`], and every header `also` selects, in the same pass over the
+/// names present: most messages carry a handful of headers, and a removal (a hash and a
+/// probe, then a reshuffle of the map) is done only for a header that is there.
+pub fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     // An empty Vec does not allocate.
     let mut present: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| is_hop_by_hop(name))
+        .filter(|name| is_hop_by_hop(name) || also(name))
         .cloned()
         .collect();
     if present.contains(&header::CONNECTION) {
@@ -51,8 +56,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            // Fixed hop-by-hop names (`keep-alive`) are already in `present`.
-            .filter(|name| !is_hop_by_hop(name) && headers.contains_key(name))
+            // Names already in `present` (`keep-alive`, or selected by `also`) stay once.
+            .filter(|name| !is_hop_by_hop(name) && !also(name) && headers.contains_key(name))
             .collect::<Vec<_>>();
         present.extend(listed);
     }
@@ -307,6 +312,29 @@ mod tests {
             ("accept", "application/fhir+json"),
         ]);
         remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("accept"));
+    }
+
+    /// The extra selection goes in the same pass, every value of a repeated header with
+    /// it, also when `Connection` names a selected header too.
+    #[test]
+    fn removes_selected_headers_in_the_same_pass() {
+        let mut h = map(&[
+            ("connection", "authorization, x-hop"),
+            ("authorization", "Bearer a"),
+            ("x-smart-patient", "1"),
+            ("x-smart-patient", "2"),
+            ("x-hop", "1"),
+            ("accept-encoding", "gzip"),
+            ("accept", "application/fhir+json"),
+        ]);
+        let selected = [
+            header::AUTHORIZATION,
+            header::ACCEPT_ENCODING,
+            HeaderName::from_static("x-smart-patient"),
+        ];
+        remove_hop_by_hop_and(&mut h, |name| selected.contains(name));
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("accept"));
     }

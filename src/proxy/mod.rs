@@ -231,15 +231,15 @@ impl Upstream {
         identity: &Identity<'_>,
     ) -> Result<(Response<BoxBody>, Duration), UpstreamFailure> {
         let h = req.headers_mut();
-        for name in identity.strip {
-            h.remove(name);
-        }
-        headers::remove_hop_by_hop(h);
-        // The gateway must see plain bodies to rewrite and verify them.
-        h.remove(header::ACCEPT_ENCODING);
-        if !self.forward_authorization {
-            h.remove(header::AUTHORIZATION);
-        }
+        let strip_authorization = !self.forward_authorization;
+        headers::remove_hop_by_hop_and(h, |name| {
+            // The gateway must see plain bodies to rewrite and verify them; the
+            // client's token stays here unless configured otherwise; identity headers
+            // come from the gateway only.
+            *name == header::ACCEPT_ENCODING
+                || (strip_authorization && *name == header::AUTHORIZATION)
+                || identity.strip.contains(name)
+        });
         headers::add_forwarded(h, client);
         h.insert(&headers::X_REQUEST_ID, request_id.clone());
         for (name, value) in &self.extra_headers {
