@@ -1,6 +1,7 @@
 //! The decision engine's hot functions: parsing a 20-scope token, classify + decide for a
-//! search with 6 parameters, and verifying a 1 MiB searchset Bundle of 500 Observations
-//! (parse, check every entry, re-serialise only when something changed), in MB/s.
+//! search with 6 parameters, checking one read Observation from its bytes, and verifying a
+//! 1 MiB searchset Bundle of 500 Observations (parse, check every entry, re-serialise only
+//! when something changed), in MB/s.
 //!
 //!   cargo bench --bench policy
 
@@ -104,6 +105,24 @@ fn bench(c: &mut Criterion) {
         }
     };
     let mut g = c.benchmark_group("verify");
+    // One resource read under a patient/ token, checked from its bytes (the response of
+    // `GET Observation/[id]`): the compartment-verified read of benches/load.sh.
+    let read = serde_json::to_vec(&serde_json::json!({
+        "resourceType": "Observation", "id": "obs-1",
+        "meta": {"versionId": "1", "lastUpdated": "2024-01-01T00:00:00Z"},
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0", "display": "Glucose"}]},
+        "subject": {"reference": "Patient/123"},
+        "effectiveDateTime": "2024-01-01T08:00:00Z",
+        "valueQuantity": {"value": 95, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}
+    }))
+    .unwrap();
+    let rs = smartgate::smart::scope::Perms::R.union(smartgate::smart::scope::Perms::S);
+    assert_eq!(viewer.visible_bytes(&read, rs), Some(true));
+    g.bench_function("read_observation_from_bytes", |b| {
+        b.iter(|| black_box(viewer.visible_bytes(black_box(&read), rs)))
+    });
     for (name, mixed) in [
         ("searchset_1mib_all_pass", false),
         ("searchset_1mib_half_removed", true),
