@@ -302,6 +302,7 @@ print(f'median {statistics.median(r):.2f}, range {r[0]:.2f}-{r[-1]:.2f} over {le
 [ -n "${RPS[smartgate]:-}" ] && [ -n "${RPS[nginx_same]:-}" ] && echo "smartgate / nginx doing the same header work: throughput $(ratio "$s_rps" "$e_rps"), p99 $(ratio "$s_p99" "$e_p99"), CPU per request $(ratio "$s_cpu" "$e_cpu"); round by round: $(paired "${RPS[smartgate]}" "${RPS[nginx_same]}")"
 [ -n "${RPS[floor]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "hyper floor / nginx throughput, round by round: $(paired "${RPS[floor]}" "${RPS[nginx]}")"
 [ -n "${RPS[jwt]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "JWT + decision / nginx throughput, round by round: $(paired "${RPS[jwt]}" "${RPS[nginx]}")"
+[ -n "${RPS[verified]:-}" ] && [ -n "${RPS[nginx_obs]:-}" ] && echo "verified read / nginx (same path) throughput, round by round: $(paired "${RPS[verified]}" "${RPS[nginx_obs]}")"
 echo "hyper floor / nginx: throughput $(ratio "$f_rps" "$n_rps"), p99 $(ratio "$f_p99" "$n_p99"), CPU per request $(ratio "$f_cpu" "$n_cpu")"
 echo "smartgate / hyper floor: throughput $(ratio "$s_rps" "$f_rps"), p99 $(ratio "$s_p99" "$f_p99"), CPU per request $(ratio "$s_cpu" "$f_cpu")"
 echo "smartgate JWT + decision / pass-through: throughput $(ratio "$j_rps" "$s_rps"), p99 $(ratio "$j_p99" "$s_p99"), CPU per request $(ratio "$j_cpu" "$s_cpu")"
