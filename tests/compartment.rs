@@ -514,6 +514,28 @@ async fn confined_writes() {
         .unwrap()
         .to_owned();
     assert_eq!(ine, "code=x&patient=Patient%2F123");
+    // A condition that cannot be read, or two of them, cannot be narrowed: refused, not
+    // replaced by the narrowing alone (which would find any of the patient's resources).
+    let forwarded = s.up.requests().len();
+    for values in [&[&b"code=caf\xc3\xa9"[..]][..], &[b"code=x", b"code=y"]] {
+        let mut req = Request::post(s.gw.url("/r4/Observation"))
+            .header("authorization", format!("Bearer {app}"))
+            .header("content-type", fhir);
+        for v in values {
+            req = req.header("if-none-exist", http::HeaderValue::from_bytes(v).unwrap());
+        }
+        let (st, _, b) = send(req.body(body(obs("n", "123", "x").to_string())).unwrap()).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{values:?}");
+        assert!(
+            String::from_utf8_lossy(&b).contains("If-None-Exist"),
+            "{values:?}"
+        );
+    }
+    assert_eq!(
+        s.up.requests().len(),
+        forwarded,
+        "a refused create reached the upstream"
+    );
     // Conditional delete narrowed the same way.
     let (st, _, _) = call(&s, "DELETE", "/r4/Observation?code=x", &app, None, &[]).await;
     assert_eq!(st, StatusCode::OK);

@@ -196,7 +196,14 @@ async fn serve(
             let conditional_create =
                 req.method() == Method::POST && req.headers().contains_key(&IF_NONE_EXIST);
             if conditional_create {
-                let current = req.headers()[&IF_NONE_EXIST].to_str().unwrap_or("");
+                // One readable condition, or none of it could be kept: narrowing an
+                // unreadable one would replace the client's condition with ours alone,
+                // and a second header would be dropped unseen.
+                let mut values = req.headers().get_all(&IF_NONE_EXIST).iter();
+                let current = match (values.next().map(HeaderValue::to_str), values.next()) {
+                    (Some(Ok(current)), None) => current,
+                    _ => return Err(GatewayError::BadRequest("If-None-Exist is malformed")),
+                };
                 let narrowed = checks::append_query(current, &plan.inject);
                 let value = HeaderValue::from_str(&narrowed)
                     .map_err(|_| GatewayError::BadRequest("If-None-Exist is malformed"))?;
