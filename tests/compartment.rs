@@ -548,6 +548,104 @@ async fn confined_writes() {
     );
 }
 
+/// A write body the checks cannot read is a 400 naming what is wrong, and no write
+/// reaches the upstream.
+#[tokio::test]
+async fn unreadable_write_bodies_refused() {
+    let s = setup("").await;
+    let app = token(&s.key, "patient/Observation.cruds", Some("123"));
+    let raw = |method: &str, path: &str, ct: &str, body_text: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(s.gw.url(path))
+            .header("authorization", format!("Bearer {app}"))
+            .header("content-type", ct)
+            .body(body(body_text))
+            .unwrap()
+    };
+    let fhir = "application/fhir+json";
+    let patch = "application/json-patch+json";
+    for (req, why) in [
+        (
+            raw("POST", "/r4/Observation", fhir, "{\"resourceType\":"),
+            "the body is not JSON",
+        ),
+        (
+            raw("PUT", "/r4/Observation/o1", fhir, "not json"),
+            "the body is not JSON",
+        ),
+        (
+            raw("PATCH", "/r4/Observation/o1", patch, "{\"op\": \"remove\"}"),
+            "the JSON Patch is malformed",
+        ),
+        (
+            raw(
+                "PATCH",
+                "/r4/Observation/o1",
+                patch,
+                "[{\"op\": \"remove\", \"path\": \"/nowhere\"}]",
+            ),
+            "the JSON Patch does not apply",
+        ),
+        (
+            raw("POST", "/r4", fhir, "[not a bundle"),
+            "the posted Bundle is not JSON",
+        ),
+    ] {
+        let (st, _, b) = send(req).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{why}");
+        assert!(String::from_utf8_lossy(&b).contains(why), "{why}: {b:?}");
+    }
+    assert!(
+        s.up.requests()
+            .iter()
+            .all(|r| r.method == http::Method::GET),
+        "a refused write reached the upstream"
+    );
+}
+
+/// An upstream answer the checks cannot read is a 502, never passed on: a read to verify,
+/// and the stored version an update or patch is checked against.
+#[tokio::test]
+async fn unreadable_upstream_answers_refused() {
+    let garbage: Responder = Arc::new(|seen: &Seen| {
+        let resp = if seen.method == http::Method::GET {
+            let mut resp =
+                http::Response::new(smartgate::body::full("{\"resourceType\": \"Observ"));
+            resp.headers_mut()
+                .insert("content-type", "application/fhir+json".parse().unwrap());
+            resp.headers_mut()
+                .insert("etag", "W/\"1\"".parse().unwrap());
+            resp
+        } else {
+            json_response(StatusCode::OK, &json!({}))
+        };
+        Box::pin(std::future::ready(resp))
+    });
+    let s = jwt_gateway(FakeUpstream::start(garbage).await, "", "").await;
+    let app = token(&s.key, "patient/Observation.cruds", Some("123"));
+    let (st, _, b) = call(&s, "GET", "/r4/Observation/o1", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::BAD_GATEWAY);
+    assert!(b.to_string().contains("not JSON"), "{b}");
+    let (st, _, b) = call(
+        &s,
+        "PUT",
+        "/r4/Observation/o1",
+        &app,
+        Some(("application/fhir+json", obs("o1", "123", "x"))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_GATEWAY);
+    assert!(b.to_string().contains("stored version"), "{b}");
+    assert!(
+        s.up.requests()
+            .iter()
+            .all(|r| r.method == http::Method::GET),
+        "a write checked against an unreadable version reached the upstream"
+    );
+}
+
 /// Rule 8: transaction entries get the same checks.
 #[tokio::test]
 async fn transaction_entries() {
