@@ -666,6 +666,17 @@ async fn transaction_entries() {
     ]));
     let (st, _, _) = call(&s, "POST", "/r4", &app, Some((fhir, sneaky)), &[]).await;
     assert_eq!(st, StatusCode::FORBIDDEN);
+    // An ifNoneExist that is not a string cannot be narrowed (it would become the
+    // patient condition alone, matching any of the patient's resources): refused.
+    for condition in [Value::Null, json!(5), json!({"code": "x"})] {
+        let odd = tx(json!([
+            {"resource": obs("n", "123", "x"), "request": {"method": "POST", "url": "Observation", "ifNoneExist": condition}}
+        ]));
+        let (st, _, b) = call(&s, "POST", "/r4", &app, Some((fhir, odd)), &[]).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{condition}: {b}");
+        let why = b["issue"][0]["diagnostics"].as_str().unwrap_or("");
+        assert!(why.contains("entry 0"), "{b}");
+    }
     assert!(
         s.up.requests()
             .iter()

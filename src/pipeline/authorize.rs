@@ -144,8 +144,14 @@ fn bundle_entries(snap: &Snapshot, bundle: &serde_json::Value) -> Vec<Result<Fhi
             };
             let path = if path == "/" { String::new() } else { path };
             let mut headers = http::HeaderMap::new();
-            if request.get("ifNoneExist").is_some() {
-                headers.insert("if-none-exist", HeaderValue::from_static("1"));
+            match request.get("ifNoneExist") {
+                None => {}
+                // A condition the gateway narrows must be one it can read: anything but a
+                // string (null included) would be narrowed to the patient alone.
+                Some(serde_json::Value::String(_)) => {
+                    headers.insert("if-none-exist", HeaderValue::from_static("1"));
+                }
+                Some(_) => return Err(()),
             }
             let resource = &entry["resource"];
             let nested_type = (resource["resourceType"] == "Bundle")

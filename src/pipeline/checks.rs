@@ -160,7 +160,10 @@ impl Fetcher<'_> {
                 } else {
                     "url"
                 };
-                let current = request[target].as_str().unwrap_or("").to_owned();
+                // Both are strings: entries where they are not were refused as malformed.
+                let Some(current) = request[target].as_str().map(str::to_owned) else {
+                    return Err(deny_entry(i, DenyReason::BadEntry(i)));
+                };
                 request[target] = Value::String(if target == "url" {
                     append_params(&current, &plan.inject)
                 } else {
