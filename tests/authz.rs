@@ -211,6 +211,20 @@ async fn hostile_paths_refused() {
         .body(smartgate::body::empty())
         .unwrap();
     assert_eq!(send(req).await.0, StatusCode::BAD_REQUEST);
+    // Two Content-Types: the gateway would judge the body by one, the server may read it
+    // by the other.
+    let req = Request::post(s.gw.url("/r4/Observation/_search"))
+        .header("authorization", format!("Bearer {all}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-type", "application/fhir+json")
+        .body(smartgate::body::full("code=x"))
+        .unwrap();
+    let (status, _, b) = send(req).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        String::from_utf8_lossy(&b).contains("Content-Type"),
+        "{b:?}"
+    );
     assert!(s.up.requests().is_empty());
 }
 

@@ -247,9 +247,23 @@ pub fn classify(
 /// `If-None-Exist` (FHIR R4 http.html#ccreate), a static name: no parse per lookup.
 pub static IF_NONE_EXIST: http::HeaderName = http::HeaderName::from_static("if-none-exist");
 
-/// Refuses headers that would make the upstream read the request as something else
-/// (method overrides). Run it before anything that skips classification.
+/// Refuses headers that would make the upstream read the request as something else:
+/// method overrides, and more than one `Content-Type` (a singleton field, RFC 9110
+/// §8.3: the gateway reads the first, a server may read another). Run it before
+/// anything that skips classification.
 pub fn check_headers(headers: &HeaderMap) -> Result<(), ClassifyError> {
+    // Repeated names are rare: counted only when some name repeats.
+    if headers.len() != headers.keys_len()
+        && headers
+            .get_all(http::header::CONTENT_TYPE)
+            .iter()
+            .nth(1)
+            .is_some()
+    {
+        return Err(ClassifyError::BadRequest(
+            "more than one Content-Type header",
+        ));
+    }
     // One pass over the names present (lowercase in a HeaderMap) rather than a parsed
     // lookup per name: this runs for every authorized request.
     let overrides = headers.keys().any(|name| {
