@@ -797,14 +797,18 @@ fn level_of(grants: &Grants) -> &'static str {
 }
 
 /// Whether the query names the patient (compartment parameters, `_id` on Patient), and
-/// every patient it names is `patient`: `Ok(true)`; names none: `Ok(false)`; names
-/// another, or in a way the gateway cannot read: `Err`.
+/// every patient it names is `patient`: `Ok(true)`; names none, or also allows what is
+/// not that patient (`performer=Practitioner/7,Patient/123`, or a bare id on a parameter
+/// that may point at other types): `Ok(false)`, and the patient is added; names another,
+/// or in a way the gateway cannot read: `Err`.
 fn names_patient(req: &FhirRequest, ty: &str, patient: &str, bases: &[String]) -> Result<bool, ()> {
     let comp: Vec<&str> = crate::fhir::search::compartment_paths(ty)
         .map(|ps| ps.iter().map(|(p, _)| *p).collect())
         .unwrap_or_default();
     let has_patient_param = crate::fhir::search::param(ty, "patient").is_some();
     let mut named = false;
+    // An alternative that matches more than the patient: the parameter does not confine.
+    let mut wider = false;
     for (k, v) in &req.params {
         if k.contains('.') {
             continue;
@@ -830,11 +834,21 @@ fn names_patient(req: &FhirRequest, ty: &str, patient: &str, bases: &[String]) -
                 match crate::fhir::reference::local_target(alt, bases) {
                     Some(("Patient", id)) => id == patient,
                     // Another type (a Practitioner performer): names no patient.
-                    Some(_) if name != "patient" => continue,
+                    Some(_) if name != "patient" => {
+                        wider = true;
+                        continue;
+                    }
                     _ => false,
                 }
+            } else if alt != patient {
+                false
+            } else if !points_only_at_patients(ty, name) {
+                // A bare id on a parameter that may point at other types: `subject=123`
+                // also matches a Group/123.
+                wider = true;
+                continue;
             } else {
-                alt == patient
+                true
             };
             if !ok {
                 return Err(());
@@ -842,7 +856,14 @@ fn names_patient(req: &FhirRequest, ty: &str, patient: &str, bases: &[String]) -
             named = true;
         }
     }
-    Ok(named)
+    Ok(named && !wider)
+}
+
+/// Whether search parameter `name` of `ty` is a reference that can point at a Patient
+/// and nothing else, so that a bare id in it can only mean that patient.
+fn points_only_at_patients(ty: &str, name: &str) -> bool {
+    crate::fhir::search::param(ty, name)
+        .is_some_and(|p| !p.targets.is_empty() && p.targets.iter().all(|t| *t == "Patient"))
 }
 
 /// What granular scopes do to a search.

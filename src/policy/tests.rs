@@ -326,11 +326,23 @@ fn confined_searches() {
             "{hostile}"
         );
     }
-    // A Practitioner performer names no patient: the patient is still injected.
-    assert_eq!(
-        plan(s, p, "GET", "/Observation?performer=Practitioner/7").inject,
-        inject("patient", "Patient/123")
-    );
+    // A Practitioner performer names no patient: the patient is still injected, also
+    // beside a patient alternative (the OR would match anyone that practitioner saw). A
+    // bare id on a parameter that may point at other types matches them too
+    // (`subject=123` is also Group/123): injected as well.
+    for wider in [
+        "/Observation?performer=Practitioner/7",
+        "/Observation?performer=Practitioner/7,Patient/123",
+        "/Observation?subject=123",
+        "/Observation?subject=123,Patient/123",
+        "/Observation?subject=123&code=x",
+    ] {
+        assert_eq!(
+            plan(s, p, "GET", wider).inject,
+            inject("patient", "Patient/123"),
+            "{wider}"
+        );
+    }
     // Patient searches are confined by _id.
     assert_eq!(
         plan("patient/Patient.rs", p, "GET", "/Patient?name=x").inject,
