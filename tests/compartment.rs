@@ -548,6 +548,76 @@ async fn confined_writes() {
     );
 }
 
+/// `_elements` under a confined token: the upstream is asked for the elements the check
+/// reads too, so a subsetted answer can still be verified (and is not emptied or refused).
+#[tokio::test]
+async fn elements_keep_what_the_check_reads() {
+    // A server that honours `_elements` (FHIR R4 search.html#elements): each resource
+    // with only the listed elements, `resourceType`, `id` and `meta`.
+    let subsetting: Responder = Arc::new(|seen: &Seen| {
+        let uri: http::Uri = seen.uri.parse().unwrap();
+        let keep: Vec<String> = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+            .filter(|(k, _)| k == "_elements")
+            .flat_map(|(_, v)| v.split(',').map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        let subset = |r: &Value| {
+            let mut r = r.clone();
+            r.as_object_mut().unwrap().retain(|k, _| {
+                ["resourceType", "id", "meta"].contains(&k.as_str()) || keep.iter().any(|e| e == k)
+            });
+            r
+        };
+        let path = uri.path().trim_start_matches("/fhir/");
+        let all = store();
+        let observations = all.iter().filter(|r| r["resourceType"] == "Observation");
+        let resp = match path.split_once('/') {
+            Some((_, id)) => json_response(
+                StatusCode::OK,
+                &subset(all.iter().find(|r| r["id"] == id).unwrap()),
+            ),
+            None => json_response(
+                StatusCode::OK,
+                &json!({"resourceType": "Bundle", "type": "searchset",
+                        "entry": observations.map(|r| json!({"resource": subset(r)})).collect::<Vec<_>>()}),
+            ),
+        };
+        Box::pin(std::future::ready(resp))
+    });
+    let s = jwt_gateway(FakeUpstream::start(subsetting).await, "", "").await;
+    let app = token(&s.key, "patient/Observation.rs", Some("123"));
+
+    let (st, _, b) = call(&s, "GET", "/r4/Observation?_elements=code", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    assert_eq!(ids(&b), ["Observation/o1", "Observation/o2"], "{b}");
+    assert_eq!(b["entry"][0]["resource"]["code"]["text"], "x");
+    let sent = s.up.requests().last().unwrap().uri.clone();
+    assert!(sent.contains("_elements=code,performer,subject"), "{sent}");
+    assert!(sent.contains("patient=Patient%2F123"), "{sent}");
+
+    let (st, _, b) = call(
+        &s,
+        "GET",
+        "/r4/Observation/o1?_elements=code",
+        &app,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    assert_eq!(b["code"]["text"], "x");
+    // Another patient's resource, subsetted the same way, is still refused.
+    let (st, _, _) = call(
+        &s,
+        "GET",
+        "/r4/Observation/o3?_elements=code",
+        &app,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+}
+
 /// A write body the checks cannot read is a 400 naming what is wrong, and no write
 /// reaches the upstream.
 #[tokio::test]

@@ -328,6 +328,35 @@ pub(super) fn append_params(target: &str, params: &[(String, String)]) -> String
     }
 }
 
+/// `target` (a path with or without a query) with each `_elements` parameter also asking
+/// for `extra`, the elements a check reads; every other parameter byte for byte as it
+/// was. The name is compared decoded, as the upstream reads it (`%5Felements` too).
+pub(super) fn widen_elements(target: &str, extra: &[&str]) -> String {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.to_owned();
+    };
+    let pieces: Vec<String> = query
+        .split('&')
+        .map(
+            |piece| match form_urlencoded::parse(piece.as_bytes()).next() {
+                Some((name, value)) if name == "_elements" => {
+                    let mut names: Vec<&str> = value.split(',').filter(|n| !n.is_empty()).collect();
+                    for e in extra {
+                        if !names.contains(e) {
+                            names.push(e);
+                        }
+                    }
+                    let value: String =
+                        form_urlencoded::byte_serialize(names.join(",").as_bytes()).collect();
+                    format!("_elements={}", value.replace("%2C", ","))
+                }
+                _ => piece.to_owned(),
+            },
+        )
+        .collect();
+    format!("{path}?{}", pieces.join("&"))
+}
+
 /// A JSON request body, or 415 for a format the gateway cannot check.
 fn json_body(headers: &http::HeaderMap, bytes: &[u8]) -> Result<Value, GatewayError> {
     if !crate::proxy::headers::is_fhir_json(headers) {
@@ -355,6 +384,42 @@ pub(super) fn forbidden(shared: &Shared, reason: DenyReason) -> GatewayError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every `_elements` (however its name is encoded) gains what is missing; nothing
+    /// else changes.
+    #[test]
+    fn elements_widened() {
+        let extra = ["performer", "subject"];
+        for (target, widened) in [
+            (
+                "/Observation?_elements=code",
+                "/Observation?_elements=code,performer,subject",
+            ),
+            (
+                "/Observation?code=a%2Cb&_elements=code,subject&_count=2",
+                "/Observation?code=a%2Cb&_elements=code,subject,performer&_count=2",
+            ),
+            (
+                "/Observation/1?%5Felements=code",
+                "/Observation/1?_elements=code,performer,subject",
+            ),
+            (
+                "/Observation?_elements=",
+                "/Observation?_elements=performer,subject",
+            ),
+            (
+                "/Observation?_elements=a&_elements=b",
+                "/Observation?_elements=a,performer,subject&_elements=b,performer,subject",
+            ),
+            (
+                "/Observation?_elementsx=a&x=_elements",
+                "/Observation?_elementsx=a&x=_elements",
+            ),
+            ("/Observation", "/Observation"),
+        ] {
+            assert_eq!(widen_elements(target, &extra), widened, "{target}");
+        }
+    }
 
     #[test]
     fn etags_and_params() {

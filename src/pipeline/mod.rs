@@ -192,6 +192,7 @@ async fn serve(
         });
     if let (Some(principal), Some(viewer)) = (principal.as_deref(), viewer) {
         // Narrow the request and check writes before anything is forwarded.
+        let mut narrowed: Option<String> = None;
         if !plan.inject.is_empty() {
             let conditional_create =
                 req.method() == Method::POST && req.headers().contains_key(&IF_NONE_EXIST);
@@ -209,10 +210,15 @@ async fn serve(
                     .map_err(|_| GatewayError::BadRequest("If-None-Exist is malformed"))?;
                 req.headers_mut().insert(&IF_NONE_EXIST, value);
             } else {
-                upstream_uri = snap
-                    .upstream
-                    .uri_for(&checks::append_params(&rel, &plan.inject))?;
+                narrowed = Some(checks::append_params(&rel, &plan.inject));
             }
+        }
+        if !plan.elements.is_empty() {
+            let target = narrowed.as_deref().unwrap_or(&rel);
+            narrowed = Some(checks::widen_elements(target, &plan.elements));
+        }
+        if let Some(target) = &narrowed {
+            upstream_uri = snap.upstream.uri_for(target)?;
         }
         let fetcher = checks::Fetcher {
             shared,

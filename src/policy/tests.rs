@@ -343,6 +343,27 @@ fn confined_searches() {
             "{wider}"
         );
     }
+    // `_elements` keeps what the check reads: the compartment references, and the
+    // constrained elements under a granular scope. Without `_elements`, nothing added.
+    assert_eq!(
+        plan(s, p, "GET", "/Observation?_elements=code").elements,
+        ["performer", "subject"]
+    );
+    assert_eq!(
+        plan(s, p, "GET", "/Observation/1?_elements=code").elements,
+        ["performer", "subject"]
+    );
+    assert_eq!(
+        plan(
+            "user/Observation.rs?category=laboratory",
+            None,
+            "GET",
+            "/Observation?_elements=code"
+        )
+        .elements,
+        ["category"]
+    );
+    assert!(plan(s, p, "GET", "/Observation?code=x").elements.is_empty());
     // Patient searches are confined by _id.
     assert_eq!(
         plan("patient/Patient.rs", p, "GET", "/Patient?name=x").inject,
