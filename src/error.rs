@@ -50,6 +50,9 @@ pub enum GatewayError {
     /// The client's precondition does not hold for the version the gateway checked.
     #[error("precondition failed: {0}")]
     PreconditionFailed(&'static str),
+    /// The client asks for a response format the gateway cannot check.
+    #[error("not acceptable: {0}")]
+    NotAcceptable(&'static str),
 
     // --- policy ---
     /// The token does not allow the request (RFC 6750 §3.1 `insufficient_scope`).
@@ -101,6 +104,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            GatewayError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::MissingToken | GatewayError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             GatewayError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
@@ -122,6 +126,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::UnsupportedMediaType(_) => "unsupported_media_type",
             GatewayError::PreconditionFailed(_) => "precondition_failed",
+            GatewayError::NotAcceptable(_) => "not_acceptable",
             GatewayError::Forbidden(d) => d.code,
             GatewayError::MissingToken => "missing_token",
             GatewayError::InvalidToken(_) => "invalid_token",
@@ -144,6 +149,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => "not-supported",
             GatewayError::UnsupportedMediaType(_) => "not-supported",
             GatewayError::PreconditionFailed(_) => "conflict",
+            GatewayError::NotAcceptable(_) => "not-supported",
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::MissingToken => "login",
             GatewayError::InvalidToken(_) => "login",
@@ -168,6 +174,7 @@ impl GatewayError {
             }
             GatewayError::UnsupportedMediaType(why) => format!("Unsupported media type: {why}."),
             GatewayError::PreconditionFailed(why) => format!("Precondition failed: {why}."),
+            GatewayError::NotAcceptable(why) => format!("Not acceptable: {why}."),
             GatewayError::Forbidden(d) => format!("Access denied: {}.", d.message),
             GatewayError::MissingToken => "A bearer token is required.".to_owned(),
             GatewayError::InvalidToken(why) => format!("The bearer token is not valid ({why})."),

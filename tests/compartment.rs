@@ -618,6 +618,37 @@ async fn elements_keep_what_the_check_reads() {
     assert_eq!(st, StatusCode::FORBIDDEN);
 }
 
+/// A request whose answer is checked cannot ask for XML: 406 before the upstream works on
+/// it (the gateway checks JSON only). JSON spelled any way passes; unchecked requests
+/// keep `_format` as it is.
+#[tokio::test]
+async fn format_other_than_json_not_acceptable_when_checked() {
+    let s = setup("").await;
+    let app = token(&s.key, "patient/Observation.rs", Some("123"));
+    for path in [
+        "/r4/Observation/o1?_format=xml",
+        "/r4/Observation?_format=application/fhir%2Bxml",
+        "/r4/Observation?code=x&_format=json&_format=xml",
+    ] {
+        let (st, _, b) = call(&s, "GET", path, &app, None, &[]).await;
+        assert_eq!(st, StatusCode::NOT_ACCEPTABLE, "{path}: {b}");
+        assert_eq!(b["resourceType"], "OperationOutcome");
+    }
+    assert!(s.up.requests().is_empty(), "the upstream was asked");
+    for path in [
+        "/r4/Observation/o1?_format=json",
+        "/r4/Observation/o1?_format=application/fhir%2Bjson",
+        "/r4/Observation/o1?_format=JSON",
+    ] {
+        let (st, _, b) = call(&s, "GET", path, &app, None, &[]).await;
+        assert_eq!(st, StatusCode::OK, "{path}: {b}");
+    }
+    let all = token(&s.key, "system/*.rs", None);
+    let (st, _, _) = call(&s, "GET", "/r4/Observation/o1?_format=xml", &all, None, &[]).await;
+    assert_eq!(st, StatusCode::OK, "an unchecked read keeps its _format");
+    assert!(s.up.requests().last().unwrap().uri.ends_with("_format=xml"));
+}
+
 /// A write body the checks cannot read is a 400 naming what is wrong, and no write
 /// reaches the upstream.
 #[tokio::test]

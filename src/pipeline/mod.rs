@@ -238,6 +238,13 @@ async fn serve(
             req = Box::pin(fetcher.bundle(&plan.entries, req)).await?;
         }
         if needs_verify(&plan) {
+            // `_format` overrides Accept at the server: asking for XML would only get
+            // the answer refused after the server did the work.
+            if asks_for_other_than_json(&rel) {
+                return Err(GatewayError::NotAcceptable(
+                    "responses to this token are checked, and only JSON can be checked",
+                ));
+            }
             // Verification reads JSON only, and needs the body: no 304 that would confirm
             // a version of a resource it cannot see, no HEAD that skips the check (asked
             // as GET, answered without the body).
@@ -287,6 +294,27 @@ async fn serve(
         return Ok(Response::from_parts(parts, crate::body::empty()));
     }
     Ok(resp)
+}
+
+/// Whether the query's `_format` (FHIR R4 http.html#mime-type) asks for anything but
+/// JSON.
+fn asks_for_other_than_json(rel: &str) -> bool {
+    let Some((_, query)) = rel.split_once('?') else {
+        return false;
+    };
+    form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "_format")
+        .any(|(_, v)| {
+            let essence = v.split(';').next().unwrap_or("").trim();
+            ![
+                "json",
+                "application/json",
+                "application/fhir+json",
+                "application/json+fhir",
+            ]
+            .iter()
+            .any(|json| essence.eq_ignore_ascii_case(json))
+        })
 }
 
 /// Whether the response must be verified.
