@@ -649,6 +649,79 @@ async fn format_other_than_json_not_acceptable_when_checked() {
     assert!(s.up.requests().last().unwrap().uri.ends_with("_format=xml"));
 }
 
+/// Binary is outside the R4 compartment but holds patients' documents: under a
+/// `patient/` scope one is readable only when its `securityContext` names the patient,
+/// and one is written only with it. An unconfined scope reads any.
+#[tokio::test]
+async fn binaries_confined_by_security_context() {
+    let binary = |id: &str, context: Option<&str>| {
+        let mut b = json!({"resourceType": "Binary", "id": id, "meta": {"versionId": "1"},
+                           "contentType": "text/plain", "data": "aGVsbG8="});
+        if let Some(c) = context {
+            b["securityContext"] = json!({"reference": c});
+        }
+        b
+    };
+    let binaries = [
+        binary("b1", Some("Patient/123")),
+        binary("b2", Some("Patient/456")),
+        binary("b3", None),
+        binary("b4", Some("DocumentReference/d1")),
+    ];
+    let store: Responder = Arc::new(move |seen: &Seen| {
+        let id = seen.uri.rsplit('/').next().unwrap_or("").to_owned();
+        let resp = match binaries.iter().find(|b| b["id"] == id.as_str()) {
+            Some(b) if seen.method == http::Method::GET => json_response(StatusCode::OK, b),
+            _ => json_response(
+                StatusCode::CREATED,
+                &json!({"resourceType": "Binary", "id": "new"}),
+            ),
+        };
+        Box::pin(std::future::ready(resp))
+    });
+    let s = jwt_gateway(FakeUpstream::start(store).await, "", "").await;
+    let app = token(&s.key, "patient/Binary.cr", Some("123"));
+    let (st, _, b) = call(&s, "GET", "/r4/Binary/b1", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    assert_eq!(b["data"], "aGVsbG8=");
+    for other in ["b2", "b3", "b4"] {
+        let (st, _, b) = call(&s, "GET", &format!("/r4/Binary/{other}"), &app, None, &[]).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{other}: {b}");
+    }
+    let all = token(&s.key, "user/Binary.r", None);
+    let (st, _, _) = call(&s, "GET", "/r4/Binary/b2", &all, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+
+    let fhir = "application/fhir+json";
+    let reads = s.up.requests().len();
+    for (context, allowed) in [
+        (Some("Patient/123"), true),
+        (Some("Patient/456"), false),
+        (None, false),
+    ] {
+        let (st, _, b) = call(
+            &s,
+            "POST",
+            "/r4/Binary",
+            &app,
+            Some((fhir, binary("n", context))),
+            &[],
+        )
+        .await;
+        let expected = if allowed {
+            StatusCode::CREATED
+        } else {
+            StatusCode::FORBIDDEN
+        };
+        assert_eq!(st, expected, "{context:?}: {b}");
+    }
+    assert_eq!(
+        s.up.requests().len(),
+        reads + 1,
+        "only the allowed create was forwarded"
+    );
+}
+
 /// A write body the checks cannot read is a 400 naming what is wrong, and no write
 /// reaches the upstream.
 #[tokio::test]

@@ -19,12 +19,25 @@ pub fn param(ty: &str, code: &str) -> Option<&'static SearchParam> {
 }
 
 /// Whether `ty` is in the Patient compartment, and by which element paths.
+///
+/// One addition to the R4 CompartmentDefinition: Binary. It is outside the compartment
+/// there, yet it holds the documents and images of patients, and ids are often
+/// sequential: a `patient/Binary.r` scope reading any Binary would read everyone's.
+/// FHIR R4 names `Binary.securityContext` as the resource whose access rules apply to
+/// it, so a Binary counts as in the compartment of the patient its `securityContext`
+/// references (a Binary with none, or with another resource there, is in no one's).
 pub fn compartment_paths(ty: &str) -> Option<&'static [(&'static str, &'static [&'static str])]> {
+    if ty == "Binary" {
+        return Some(BINARY_COMPARTMENT);
+    }
     PATIENT_COMPARTMENT_PATHS
         .binary_search_by(|(t, _)| (*t).cmp(ty))
         .ok()
         .map(|i| PATIENT_COMPARTMENT_PATHS[i].1)
 }
+
+/// Binary's place in the compartment: its `securityContext` (see [`compartment_paths`]).
+static BINARY_COMPARTMENT: &[(&str, &[&str])] = &[("securityContext", &["securityContext"])];
 
 /// Every value at a dotted element path, arrays flattened at every step.
 pub fn values_at<'a>(resource: &'a Value, path: &str, out: &mut Vec<&'a Value>) {
