@@ -681,11 +681,38 @@ async fn binaries_confined_by_security_context() {
     });
     let s = jwt_gateway(FakeUpstream::start(store).await, "", "").await;
     let app = token(&s.key, "patient/Binary.cr", Some("123"));
-    let (st, _, b) = call(&s, "GET", "/r4/Binary/b1", &app, None, &[]).await;
+    let json_accept = [("accept", "application/fhir+json")];
+    let (st, _, b) = call(&s, "GET", "/r4/Binary/b1", &app, None, &json_accept).await;
     assert_eq!(st, StatusCode::OK, "{b}");
     assert_eq!(b["data"], "aGVsbG8=");
+    // Asked for no FHIR format: checked as JSON, answered in its native form.
+    for accept in [None, Some("text/plain"), Some("*/*")] {
+        let mut req = Request::get(s.gw.url("/r4/Binary/b1"))
+            .header("authorization", format!("Bearer {app}"));
+        if let Some(a) = accept {
+            req = req.header("accept", a);
+        }
+        let (st, h, bytes) = send(req.body(body("")).unwrap()).await;
+        assert_eq!(st, StatusCode::OK, "{accept:?}");
+        assert_eq!(&bytes[..], b"hello", "{accept:?}");
+        assert_eq!(h["content-type"], "text/plain");
+        assert_eq!(h["content-length"], "5");
+    }
+    assert_eq!(
+        s.up.requests().last().unwrap().headers["accept"],
+        "application/fhir+json",
+        "the upstream is asked for JSON"
+    );
     for other in ["b2", "b3", "b4"] {
-        let (st, _, b) = call(&s, "GET", &format!("/r4/Binary/{other}"), &app, None, &[]).await;
+        let (st, _, b) = call(
+            &s,
+            "GET",
+            &format!("/r4/Binary/{other}"),
+            &app,
+            None,
+            &json_accept,
+        )
+        .await;
         assert_eq!(st, StatusCode::FORBIDDEN, "{other}: {b}");
     }
     let all = token(&s.key, "user/Binary.r", None);

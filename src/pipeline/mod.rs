@@ -177,6 +177,9 @@ async fn serve(
         }),
     };
     let mut head = false;
+    // The client asked for no FHIR format: a verified Binary is answered in its native
+    // form (FHIR R4 binary.html#rest), though the upstream is asked for JSON.
+    let mut native = false;
     // The caller as the checks see it, built once, only when the plan has checks.
     let context = principal
         .as_deref()
@@ -245,6 +248,9 @@ async fn serve(
                     "responses to this token are checked, and only JSON can be checked",
                 ));
             }
+            native = plan.binary_read
+                && !rel.contains("_format")
+                && !accepts_a_fhir_format(req.headers());
             // Verification reads JSON only, and needs the body: no 304 that would confirm
             // a version of a resource it cannot see, no HEAD that skips the check (asked
             // as GET, answered without the body).
@@ -287,7 +293,10 @@ async fn serve(
         .observe(upstream_time.as_secs_f64());
 
     // respond
-    let resp = respond(shared, snap, &plan, viewer, &method, resp).await?;
+    let mut resp = respond(shared, snap, &plan, viewer, &method, resp).await?;
+    if native {
+        resp = native_binary(resp).await;
+    }
     if head {
         let (mut parts, _) = resp.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
@@ -315,6 +324,57 @@ fn asks_for_other_than_json(rel: &str) -> bool {
             .iter()
             .any(|json| essence.eq_ignore_ascii_case(json))
         })
+}
+
+/// Whether `Accept` names a FHIR format (or plain JSON or XML, which FHIR reads as its
+/// own): anything else, or no `Accept`, asks a Binary for its native form.
+fn accepts_a_fhir_format(headers: &http::HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT).iter().any(|v| {
+        v.to_str()
+            .map_or(true, |v| v.contains("json") || v.contains("xml"))
+    })
+}
+
+/// A verified Binary (FHIR JSON) answered as its content: the bytes of `data` under its
+/// `contentType`. Anything else, or a Binary without both, goes back unchanged.
+async fn native_binary(resp: Response<BoxBody>) -> Response<BoxBody> {
+    use base64::Engine as _;
+    if resp.status() != StatusCode::OK {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // Already buffered by the verification: collecting is a move, not a read.
+    let Ok(bytes) = body.collect().await.map(|c| c.to_bytes()) else {
+        return Response::from_parts(parts, crate::body::empty());
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Binary<'a> {
+        resource_type: &'a str,
+        content_type: Option<&'a str>,
+        data: Option<&'a str>,
+    }
+    let content = serde_json::from_slice::<Binary>(&bytes)
+        .ok()
+        .filter(|b| b.resource_type == "Binary")
+        .and_then(|b| Some((b.content_type?, b.data?)))
+        .and_then(|(ty, data)| {
+            let ty = HeaderValue::from_str(ty).ok()?;
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .ok()?;
+            Some((ty, data))
+        });
+    match content {
+        Some((ty, data)) => {
+            parts.headers.insert(header::CONTENT_TYPE, ty);
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
+            Response::from_parts(parts, full(data))
+        }
+        None => Response::from_parts(parts, full(bytes)),
+    }
 }
 
 /// Whether the response must be verified.

@@ -76,6 +76,9 @@ pub struct Plan {
     /// (compartment references, constrained elements). Without them every resource of
     /// a subsetted answer would fail the check.
     pub elements: Vec<&'static str>,
+    /// A read of one Binary that is verified: asked as FHIR JSON, it may be answered in
+    /// its native form when the client asked for that.
+    pub binary_read: bool,
 }
 
 impl Plan {
@@ -712,6 +715,8 @@ fn decide_perm(
     if plan.verify != Verify::None && req.params.iter().any(|(k, _)| k == "_elements") {
         plan.elements = checked_elements(ty, apps);
     }
+    plan.binary_read =
+        plan.verify != Verify::None && *ty == "Binary" && matches!(req.interaction, Read | Vread);
     Decision::Allow(plan)
 }
 

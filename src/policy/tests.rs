@@ -364,6 +364,12 @@ fn confined_searches() {
         ["category"]
     );
     assert!(plan(s, p, "GET", "/Observation?code=x").elements.is_empty());
+    // A verified Binary read may be answered in native form; nothing else is marked so.
+    assert!(plan("patient/Binary.r", p, "GET", "/Binary/1").binary_read);
+    assert!(plan("patient/Binary.r", p, "GET", "/Binary/1/_history/2").binary_read);
+    assert!(!plan("patient/Binary.rs", p, "GET", "/Binary?_id=1").binary_read);
+    assert!(!plan("patient/Observation.r", p, "GET", "/Observation/1").binary_read);
+    assert!(!plan("user/Binary.r", None, "GET", "/Binary/1").binary_read);
     // Patient searches are confined by _id.
     assert_eq!(
         plan("patient/Patient.rs", p, "GET", "/Patient?name=x").inject,
