@@ -138,6 +138,16 @@ async fn call(
     (status, h, v)
 }
 
+/// Nothing but reads (the gateway's own fetches of stored versions) reached the upstream.
+fn assert_only_reads_forwarded(s: &Setup, why: &str) {
+    assert!(
+        s.up.requests()
+            .iter()
+            .all(|r| r.method == http::Method::GET),
+        "{why}"
+    );
+}
+
 fn ids(bundle: &Value) -> Vec<String> {
     bundle["entry"]
         .as_array()
@@ -797,12 +807,7 @@ async fn unreadable_write_bodies_refused() {
         assert_eq!(st, StatusCode::BAD_REQUEST, "{why}");
         assert!(String::from_utf8_lossy(&b).contains(why), "{why}: {b:?}");
     }
-    assert!(
-        s.up.requests()
-            .iter()
-            .all(|r| r.method == http::Method::GET),
-        "a refused write reached the upstream"
-    );
+    assert_only_reads_forwarded(&s, "a refused write reached the upstream");
 }
 
 /// An upstream answer the checks cannot read is a 502, never passed on: a read to verify,
@@ -839,11 +844,9 @@ async fn unreadable_upstream_answers_refused() {
     .await;
     assert_eq!(st, StatusCode::BAD_GATEWAY);
     assert!(b.to_string().contains("stored version"), "{b}");
-    assert!(
-        s.up.requests()
-            .iter()
-            .all(|r| r.method == http::Method::GET),
-        "a write checked against an unreadable version reached the upstream"
+    assert_only_reads_forwarded(
+        &s,
+        "a write checked against an unreadable version reached the upstream",
     );
 }
 
@@ -878,11 +881,7 @@ async fn transaction_entries() {
         let why = b["issue"][0]["diagnostics"].as_str().unwrap_or("");
         assert!(why.contains("entry 0"), "{b}");
     }
-    assert!(
-        s.up.requests()
-            .iter()
-            .all(|r| r.method == http::Method::GET)
-    );
+    assert_only_reads_forwarded(&s, "a refused write reached the upstream");
     // urn:uuid references between entries: to an entry updating the patient's own
     // record it counts; to an entry creating something it never does.
     let linked = tx(json!([
