@@ -286,6 +286,25 @@ async fn links_rewritten_to_public_base() {
                 .header("content-location", format!("{b}/Patient/9/_history/1"))
                 .body(smartgate::body::empty())
                 .unwrap()
+        } else if seen.uri.contains("export-status") {
+            // A Bulk Data export manifest, with a paging Link header.
+            let mut resp = json_response(
+                StatusCode::OK,
+                &json!({
+                    "transactionTime": "2024-01-01T00:00:00Z",
+                    "request": format!("{b}/$export"),
+                    "requiresAccessToken": true,
+                    "output": [{"type": "Patient", "url": format!("{b}/Binary/out1")}],
+                    "error": []
+                }),
+            );
+            resp.headers_mut().insert(
+                "link",
+                format!("<{b}/export-status?page=2>; rel=\"next\"")
+                    .parse()
+                    .unwrap(),
+            );
+            resp
         } else {
             json_response(
                 StatusCode::OK,
@@ -326,6 +345,20 @@ async fn links_rewritten_to_public_base() {
     );
     let text = String::from_utf8(b.to_vec()).unwrap();
     assert!(!text.contains(&up.addr.to_string()), "{text}");
+
+    // A Bulk Data manifest's file URLs and a Link header point at the gateway too.
+    let (status, headers, b) = get(&gw.url("/r4/export-status")).await;
+    assert_eq!(status, StatusCode::OK);
+    let manifest = json(&b);
+    assert_eq!(manifest["request"], "http://gateway.test/r4/$export");
+    assert_eq!(
+        manifest["output"][0]["url"],
+        "http://gateway.test/r4/Binary/out1"
+    );
+    assert_eq!(
+        headers["link"],
+        "<http://gateway.test/r4/export-status?page=2>; rel=\"next\""
+    );
 
     let req = Request::post(gw.url("/r4/Patient"))
         .body(body("{}"))

@@ -1,17 +1,19 @@
-//! Structural edits of FHIR JSON Bundles: the URL fields that point back at the server.
+//! Structural edits of FHIR JSON Bundles, and of Bulk Data export manifests: the URL
+//! fields that point back at the server.
 
 use serde_json::Value;
 
 /// Cheap test for whether a FHIR JSON body may hold something [`rewrite_links`] would
-/// change: only Bundles carry links. A body that names `Bundle` only through JSON escapes
-/// contains `\u`, so it is caught too.
+/// change: only Bundles and export manifests (which have `transactionTime`) carry links.
+/// A body that names either only through JSON escapes contains `\u`, so it is caught too.
 pub fn may_need_link_rewrite(body: &[u8]) -> bool {
     use memchr::memmem::Finder;
     use std::sync::LazyLock;
     // Built once: a searcher costs more to build than a small body costs to search.
     static BUNDLE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"Bundle"));
+    static MANIFEST: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"transactionTime"));
     static ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
-    BUNDLE.find(body).is_some() || ESCAPE.find(body).is_some()
+    BUNDLE.find(body).is_some() || MANIFEST.find(body).is_some() || ESCAPE.find(body).is_some()
 }
 
 /// Rewrites `Bundle.link[].url`, `Bundle.entry[].fullUrl` and
@@ -20,12 +22,29 @@ pub fn may_need_link_rewrite(body: &[u8]) -> bool {
 ///
 /// FHIR R4 bundle.html: `link.url` and `fullUrl` are absolute URLs on the server, and so
 /// would reveal the upstream's address.
+///
+/// A Bulk Data export manifest (an object with `transactionTime` and `output`, FHIR Bulk
+/// Data Access 2.0 export.html#response---complete-status) gets its `request` and the
+/// `url` of every `output`, `error` and `deleted` file rewritten the same way, so that
+/// the files are fetched through the gateway. URLs elsewhere (object storage) are kept.
 pub fn rewrite_links(resource: &mut Value, map: &dyn Fn(&str) -> Option<String>) -> bool {
     let Some(obj) = resource.as_object_mut() else {
         return false;
     };
     if obj.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-        return false;
+        if !(obj.contains_key("transactionTime") && obj.get("output").is_some_and(Value::is_array))
+        {
+            return false;
+        }
+        let mut changed = rewrite_field(resource, "request", map);
+        for list in ["output", "error", "deleted"] {
+            if let Some(files) = resource.get_mut(list).and_then(Value::as_array_mut) {
+                for file in files {
+                    changed |= rewrite_field(file, "url", map);
+                }
+            }
+        }
+        return changed;
     }
     let mut changed = false;
     if let Some(links) = obj.get_mut("link").and_then(Value::as_array_mut) {
@@ -110,6 +129,30 @@ mod tests {
             json!({"resourceType": "Bundle", "link": "nope", "entry": [1, null, {"fullUrl": 3}]});
         assert!(!rewrite_links(&mut odd, &up));
         assert!(!rewrite_links(&mut json!([1, 2]), &up));
+    }
+
+    /// An export manifest's file URLs on the server are rewritten; ones elsewhere are not.
+    #[test]
+    fn rewrites_export_manifests() {
+        let mut m = json!({
+            "transactionTime": "2024-01-01T00:00:00Z",
+            "request": "http://up/fhir/$export?_type=Patient",
+            "requiresAccessToken": true,
+            "output": [
+                {"type": "Patient", "url": "http://up/fhir/Binary/p1", "count": 2},
+                {"type": "Observation", "url": "https://storage.example/o1.ndjson"}
+            ],
+            "error": [{"type": "OperationOutcome", "url": "http://up/fhir/Binary/e1"}]
+        });
+        assert!(rewrite_links(&mut m, &up));
+        assert_eq!(m["request"], "https://pub/r4/$export?_type=Patient");
+        assert_eq!(m["output"][0]["url"], "https://pub/r4/Binary/p1");
+        assert_eq!(m["output"][1]["url"], "https://storage.example/o1.ndjson");
+        assert_eq!(m["error"][0]["url"], "https://pub/r4/Binary/e1");
+        // Without `output` it is not a manifest.
+        let mut other = json!({"transactionTime": "x", "request": "http://up/fhir/x"});
+        assert!(!rewrite_links(&mut other, &up));
+        assert!(may_need_link_rewrite(&serde_json::to_vec(&m).unwrap()));
     }
 
     /// The pre-filter never skips a Bundle, escaped or not.

@@ -502,6 +502,9 @@ async fn respond(
     method: &Method,
     mut resp: Response<BoxBody>,
 ) -> Result<Response<BoxBody>, GatewayError> {
+    if resp.headers().contains_key(header::LINK) {
+        rewrite_link_headers(snap, resp.headers_mut());
+    }
     for name in [header::LOCATION, header::CONTENT_LOCATION] {
         if let Some(new) = resp
             .headers()
@@ -585,6 +588,26 @@ async fn respond(
         .headers
         .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     Ok(Response::from_parts(parts, full(bytes)))
+}
+
+/// The upstream's address out of `Link` headers (paging links some servers send as
+/// headers). A value that is not text is dropped rather than passed unread.
+fn rewrite_link_headers(snap: &Snapshot, headers: &mut http::HeaderMap) {
+    let values: Vec<HeaderValue> = headers
+        .get_all(header::LINK)
+        .iter()
+        .filter_map(|v| {
+            let text = v.to_str().ok()?;
+            match crate::proxy::headers::map_link_targets(text, &|u| snap.urls.to_public(u)) {
+                Some(new) => HeaderValue::from_str(&new).ok(),
+                None => Some(v.clone()),
+            }
+        })
+        .collect();
+    headers.remove(header::LINK);
+    for v in values {
+        headers.append(header::LINK, v);
+    }
 }
 
 /// Verifies a response body as the plan says: parsed once, checked, links rewritten, and

@@ -66,6 +66,32 @@ pub fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName)
     }
 }
 
+/// A `Link` header value (RFC 8288: `<url>; rel="next", …`) with each target URL mapped
+/// by `map` (`None` keeps one); `None` when nothing changed.
+pub fn map_link_targets(value: &str, map: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    let mut changed = false;
+    while let Some(open) = rest.find('<') {
+        let Some(len) = rest[open..].find('>') else {
+            break;
+        };
+        let url = &rest[open + 1..open + len];
+        out.push_str(&rest[..=open]);
+        match map(url) {
+            Some(new) => {
+                out.push_str(&new);
+                changed = true;
+            }
+            None => out.push_str(url),
+        }
+        out.push('>');
+        rest = &rest[open + len + 1..];
+    }
+    out.push_str(rest);
+    changed.then_some(out)
+}
+
 /// What the gateway knows about the client side of a request.
 #[derive(Debug, Clone)]
 pub struct ClientSide {
@@ -337,6 +363,29 @@ mod tests {
         remove_hop_by_hop_and(&mut h, |name| selected.contains(name));
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("accept"));
+    }
+
+    /// Every target of a `Link` value is mapped, the rest kept byte for byte.
+    #[test]
+    fn link_targets() {
+        let map = |u: &str| {
+            u.strip_prefix("http://up/fhir")
+                .map(|r| format!("https://pub/r4{r}"))
+        };
+        assert_eq!(
+            map_link_targets(
+                r#"<http://up/fhir/Patient?page=2>; rel="next", <https://else.example/x>; rel="help", <http://up/fhir>; rel="self""#,
+                &map
+            )
+            .as_deref(),
+            Some(r#"<https://pub/r4/Patient?page=2>; rel="next", <https://else.example/x>; rel="help", <https://pub/r4>; rel="self""#)
+        );
+        assert_eq!(
+            map_link_targets(r#"<https://else.example/x>; rel="help""#, &map),
+            None
+        );
+        assert_eq!(map_link_targets("<http://up/fhir/unclosed", &map), None);
+        assert_eq!(map_link_targets("", &map), None);
     }
 
     /// X-Forwarded-For appends, the others are set, Forwarded follows RFC 7239.
