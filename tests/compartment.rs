@@ -759,6 +759,53 @@ async fn binaries_confined_by_security_context() {
     );
 }
 
+/// Device, Contract and GuidanceResponse are outside the R4 compartment but name one
+/// patient through their `patient` parameter: a `patient/` scope sees only that
+/// patient's (a US Core implant of another patient is refused, searched or read).
+#[tokio::test]
+async fn types_naming_a_patient_are_confined() {
+    let device = |id: &str, patient: &str| json!({"resourceType": "Device", "id": id, "patient": {"reference": format!("Patient/{patient}")}});
+    let devices = [device("d1", "123"), device("d2", "456")];
+    let store: Responder = Arc::new(move |seen: &Seen| {
+        let path = seen.uri.split('?').next().unwrap_or("").to_owned();
+        let resp = match path.rsplit_once('/') {
+            Some((_, id)) if id != "Device" => json_response(
+                StatusCode::OK,
+                devices.iter().find(|d| d["id"] == id).unwrap(),
+            ),
+            // A server that ignores the patient filter returns every device.
+            _ => json_response(
+                StatusCode::OK,
+                &json!({"resourceType": "Bundle", "type": "searchset",
+                        "entry": devices.iter().map(|d| json!({"resource": d})).collect::<Vec<_>>()}),
+            ),
+        };
+        Box::pin(std::future::ready(resp))
+    });
+    let s = jwt_gateway(FakeUpstream::start(store).await, "", "").await;
+    let app = token(&s.key, "patient/Device.rs", Some("123"));
+    let (st, _, _) = call(&s, "GET", "/r4/Device/d1", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _, _) = call(&s, "GET", "/r4/Device/d2", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, _, b) = call(&s, "GET", "/r4/Device?type=implant", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(ids(&b), ["Device/d1"]);
+    assert!(
+        s.up.requests()
+            .last()
+            .unwrap()
+            .uri
+            .contains("patient=Patient%2F123")
+    );
+    let (st, _, _) = call(&s, "GET", "/r4/Device?patient=456", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    // An unconfined scope is unchanged.
+    let all = token(&s.key, "user/Device.rs", None);
+    let (st, _, _) = call(&s, "GET", "/r4/Device/d2", &all, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+}
+
 /// A write body the checks cannot read is a 400 naming what is wrong, and no write
 /// reaches the upstream.
 #[tokio::test]

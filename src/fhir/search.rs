@@ -20,21 +20,47 @@ pub fn param(ty: &str, code: &str) -> Option<&'static SearchParam> {
 
 /// Whether `ty` is in the Patient compartment, and by which element paths.
 ///
-/// One addition to the R4 CompartmentDefinition: Binary. It is outside the compartment
-/// there, yet it holds the documents and images of patients, and ids are often
-/// sequential: a `patient/Binary.r` scope reading any Binary would read everyone's.
-/// FHIR R4 names `Binary.securityContext` as the resource whose access rules apply to
-/// it, so a Binary counts as in the compartment of the patient its `securityContext`
-/// references (a Binary with none, or with another resource there, is in no one's).
+/// Additions to the R4 CompartmentDefinition, for types outside it that still hold one
+/// patient's data (a `patient/` scope reading any instance would read everyone's):
+/// - a type with a `patient` search parameter (Contract, Device, GuidanceResponse, from
+///   the SearchParameter definitions) is in the compartment of the patient it names;
+/// - a Binary holds documents and images, and ids are often sequential. FHIR R4 names
+///   `Binary.securityContext` as the resource whose access rules apply to it: a Binary
+///   is in the compartment of the patient its `securityContext` references (with none,
+///   or another resource there, in no one's).
 pub fn compartment_paths(ty: &str) -> Option<&'static [(&'static str, &'static [&'static str])]> {
+    if let Ok(i) = PATIENT_COMPARTMENT_PATHS.binary_search_by(|(t, _)| (*t).cmp(ty)) {
+        return Some(PATIENT_COMPARTMENT_PATHS[i].1);
+    }
     if ty == "Binary" {
         return Some(BINARY_COMPARTMENT);
     }
-    PATIENT_COMPARTMENT_PATHS
+    let extra = &*PATIENT_PARAM_COMPARTMENT;
+    extra
         .binary_search_by(|(t, _)| (*t).cmp(ty))
         .ok()
-        .map(|i| PATIENT_COMPARTMENT_PATHS[i].1)
+        .map(|i| &extra[i].1[..])
 }
+
+/// Types outside the R4 Patient compartment that have a `patient` search parameter
+/// pointing at Patient, each with that parameter's paths, sorted by type.
+type CompartmentEntry = (&'static str, &'static [&'static str]);
+static PATIENT_PARAM_COMPARTMENT: std::sync::LazyLock<Vec<(&'static str, [CompartmentEntry; 1])>> =
+    std::sync::LazyLock::new(|| {
+        SEARCH_PARAMS
+            .iter()
+            .filter(|(ty, _)| {
+                PATIENT_COMPARTMENT_PATHS
+                    .binary_search_by(|(t, _)| t.cmp(ty))
+                    .is_err()
+            })
+            .filter_map(|(ty, params)| {
+                let p = params.iter().find(|p| p.code == "patient")?;
+                (p.targets == ["Patient"] && !p.paths.is_empty())
+                    .then_some((*ty, [("patient", p.paths)]))
+            })
+            .collect()
+    });
 
 /// Binary's place in the compartment: its `securityContext` (see [`compartment_paths`]).
 static BINARY_COMPARTMENT: &[(&str, &[&str])] = &[("securityContext", &["securityContext"])];
@@ -206,6 +232,41 @@ fn parse_reference<'a>(v: &'a str, bases: &[String]) -> Option<(Option<&'a str>,
 
 #[cfg(test)]
 mod tests {
+
+    /// Types outside the R4 compartment that name one patient are confined by it; types
+    /// that name none stay outside.
+    #[test]
+    fn compartment_additions() {
+        let paths = |t: &str| compartment_paths(t).map(|ps| ps.to_vec());
+        assert_eq!(paths("Device"), Some(vec![("patient", &["patient"][..])]));
+        assert_eq!(paths("Contract"), Some(vec![("patient", &["subject"][..])]));
+        assert_eq!(
+            paths("GuidanceResponse"),
+            Some(vec![("patient", &["subject"][..])])
+        );
+        assert_eq!(
+            paths("Binary"),
+            Some(vec![("securityContext", &["securityContext"][..])])
+        );
+        for outside in [
+            "Medication",
+            "Practitioner",
+            "Organization",
+            "Bundle",
+            "Nope",
+        ] {
+            assert_eq!(paths(outside), None, "{outside}");
+        }
+        // The R4 compartment itself is unchanged.
+        assert!(
+            paths("Observation")
+                .unwrap()
+                .iter()
+                .any(|(p, _)| *p == "subject")
+        );
+        let device = json!({"resourceType": "Device", "patient": {"reference": "Patient/456"}});
+        assert_eq!(compartment_patients("Device", &device, &[]), ["456"]);
+    }
     use super::*;
     use serde_json::json;
 
