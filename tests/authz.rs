@@ -390,3 +390,88 @@ async fn chains_refused_without_search_on_targets() {
         StatusCode::OK
     );
 }
+
+/// Browser apps: a CORS preflight (no token) is answered by the gateway and never
+/// forwarded; every answer to a cross-origin request, refusals included, carries CORS
+/// headers so the app can read it; same-origin answers carry none.
+#[tokio::test]
+async fn cors_for_browser_apps() {
+    let s = setup().await;
+    let preflight = Request::builder()
+        .method("OPTIONS")
+        .uri(s.gw.url("/r4/Observation?code=x"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "GET")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .body(body(""))
+        .unwrap();
+    let (status, h, _) = send(preflight).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert_eq!(
+        h["access-control-allow-headers"],
+        "authorization, content-type"
+    );
+    assert!(
+        h["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("DELETE")
+    );
+    // A header list that does not read as one is not echoed.
+    let odd = Request::builder()
+        .method("OPTIONS")
+        .uri(s.gw.url("/r4/Patient/1"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "PUT")
+        .header("access-control-request-headers", "x\"; evil=1")
+        .body(body(""))
+        .unwrap();
+    let (status, h, _) = send(odd).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(
+        h["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .starts_with("Authorization")
+    );
+    assert!(s.up.requests().is_empty(), "a preflight was forwarded");
+
+    // A refusal and an answer, each readable cross-origin.
+    let no_token = Request::get(s.gw.url("/r4/Observation"))
+        .header("origin", "https://app.example")
+        .body(body(""))
+        .unwrap();
+    let (status, h, _) = send(no_token).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert!(
+        h["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .contains("WWW-Authenticate")
+    );
+    let reader = token(&s.key, "user/Observation.rs", None);
+    let ok = Request::get(s.gw.url("/r4/Observation/1"))
+        .header("origin", "https://app.example")
+        .header("authorization", format!("Bearer {reader}"))
+        .body(body(""))
+        .unwrap();
+    let (status, h, _) = send(ok).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h["access-control-allow-origin"], "*");
+    // Without Origin, no CORS headers; an OPTIONS without the preflight headers is not
+    // answered as one (it needs a token like any request).
+    let (status, h, _) = call(&s, "GET", "/r4/Observation/1", &reader, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!h.contains_key("access-control-allow-origin"));
+    let plain = Request::builder()
+        .method("OPTIONS")
+        .uri(s.gw.url("/r4/Observation"))
+        .body(body(""))
+        .unwrap();
+    assert_eq!(send(plain).await.0, StatusCode::UNAUTHORIZED);
+}

@@ -94,6 +94,7 @@ pub async fn handle(
     let snap = shared.snapshot.load_full();
     let request_id = crate::proxy::headers::request_id(req.headers());
     let method = req.method().clone();
+    let cross_origin = req.headers().contains_key(header::ORIGIN);
     let mut ctx = Ctx {
         route: Route::NotFound,
         upstream_time: None,
@@ -109,6 +110,9 @@ pub async fn handle(
         }
     };
     resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+    if cross_origin {
+        public::allow_cross_origin(resp.headers_mut());
+    }
     log(&shared, &ctx, &method, resp.status(), started, &request_id);
     shared.metrics.inflight.dec();
     Ok(resp)
@@ -151,6 +155,10 @@ async fn serve(
         return Box::pin(authz.handle(snap.auth.as_deref(), req, &rel)).await;
     }
     ctx.route = Route::Fhir;
+    // A browser app's CORS preflight carries no token: answered here, never forwarded.
+    if public::is_preflight(&req) {
+        return Ok(public::preflight(req.headers()));
+    }
     let mut upstream_uri = snap.upstream.uri_for(&rel)?;
 
     // authenticate

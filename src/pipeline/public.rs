@@ -121,6 +121,72 @@ async fn fetch_metadata(
         .map_err(|_| GatewayError::Internal)
 }
 
+/// Whether `req` is a CORS preflight (Fetch standard: `OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`). FHIR R4 defines no `OPTIONS` interaction.
+pub(super) fn is_preflight<B>(req: &Request<B>) -> bool {
+    req.method() == Method::OPTIONS
+        && req.headers().contains_key(header::ORIGIN)
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+/// The answer to a preflight for the FHIR API: any origin (access rides on bearer
+/// tokens, not on cookies a browser would add), the FHIR methods, and the headers asked
+/// for when they read as a header list (else the ones FHIR clients send).
+pub(super) fn preflight(request: &http::HeaderMap) -> Response<BoxBody> {
+    let mut resp = Response::new(crate::body::empty());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let asked = request
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .filter(|v| {
+            v.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_, ".contains(b))
+        })
+        .cloned();
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        asked.unwrap_or(HeaderValue::from_static(
+            "Authorization, Accept, Content-Type, If-Match, If-None-Exist, If-None-Match, \
+             If-Modified-Since, Prefer, X-Request-Id",
+        )),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    h.insert(
+        header::VARY,
+        HeaderValue::from_static("Access-Control-Request-Headers"),
+    );
+    resp
+}
+
+/// CORS on an answer to a cross-origin request, refusals included (an app must be able
+/// to read a 401's challenge): any origin, and the headers a FHIR client reads exposed.
+pub(super) fn allow_cross_origin(h: &mut http::HeaderMap) {
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static(
+            "Location, Content-Location, ETag, Last-Modified, WWW-Authenticate, X-Request-Id",
+        ),
+    );
+}
+
 /// `/.well-known/smart-configuration` (SMART App Launch 2.2 conformance.html): no token,
 /// `application/json` whatever `Accept` says, readable from any origin.
 pub(super) fn discovery(
