@@ -421,6 +421,45 @@ mod tests {
         }
     }
 
+    /// On any query: the parameters other than `_elements` come out byte for byte and in
+    /// order, and every `_elements` then asks for the extra elements.
+    #[test]
+    fn elements_widened_on_any_query() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let piece = prop_oneof![
+            "[a-z_%5F0-9]{0,9}=[a-zA-Z0-9,%:|/._-]{0,12}",
+            Just("_elements=code,status".to_owned()),
+            Just("%5Felements=".to_owned()),
+            "[a-z=&%]{0,4}",
+        ];
+        let target = prop::collection::vec(piece, 0..6)
+            .prop_map(|pieces| format!("/Observation?{}", pieces.join("&")));
+        let extra = ["performer", "subject"];
+        TestRunner::new(Config::with_cases(500))
+            .run(&target, |target| {
+                let out = widen_elements(&target, &extra);
+                let (_, before) = target.split_once('?').unwrap();
+                let (path, after) = out.split_once('?').unwrap();
+                prop_assert_eq!(path, "/Observation");
+                let before: Vec<&str> = before.split('&').collect();
+                let after: Vec<&str> = after.split('&').collect();
+                prop_assert_eq!(before.len(), after.len());
+                for (b, a) in before.iter().zip(&after) {
+                    match form_urlencoded::parse(b.as_bytes()).next() {
+                        Some((name, _)) if name == "_elements" => {
+                            let (_, value) = form_urlencoded::parse(a.as_bytes()).next().unwrap();
+                            let names: Vec<&str> = value.split(',').collect();
+                            prop_assert!(extra.iter().all(|e| names.contains(e)), "{}", a);
+                        }
+                        _ => prop_assert_eq!(b, a),
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
     #[test]
     fn etags_and_params() {
         assert_eq!(etag_version("W/\"3\"").as_deref(), Some("3"));
