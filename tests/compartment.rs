@@ -672,16 +672,29 @@ async fn binaries_confined_by_security_context() {
         }
         b
     };
+    let document = |id: &str, patient: &str| {
+        json!({"resourceType": "DocumentReference", "id": id, "status": "current",
+               "subject": {"reference": format!("Patient/{patient}")}})
+    };
     let binaries = [
         binary("b1", Some("Patient/123")),
         binary("b2", Some("Patient/456")),
         binary("b3", None),
         binary("b4", Some("DocumentReference/d1")),
+        binary("b5", Some("DocumentReference/d2")),
+        binary("b6", Some("DocumentReference/gone")),
+        document("d1", "123"),
+        document("d2", "456"),
     ];
     let store: Responder = Arc::new(move |seen: &Seen| {
         let id = seen.uri.rsplit('/').next().unwrap_or("").to_owned();
         let resp = match binaries.iter().find(|b| b["id"] == id.as_str()) {
             Some(b) if seen.method == http::Method::GET => json_response(StatusCode::OK, b),
+            None if seen.method == http::Method::GET => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"resourceType": "OperationOutcome",
+                        "issue": [{"severity": "error", "code": "not-found"}]}),
+            ),
             _ => json_response(
                 StatusCode::CREATED,
                 &json!({"resourceType": "Binary", "id": "new"}),
@@ -713,6 +726,7 @@ async fn binaries_confined_by_security_context() {
         "application/fhir+json",
         "the upstream is asked for JSON"
     );
+    // b4's context is a DocumentReference: this token has no scope to read one.
     for other in ["b2", "b3", "b4"] {
         let (st, _, b) = call(
             &s,
@@ -728,6 +742,32 @@ async fn binaries_confined_by_security_context() {
     let all = token(&s.key, "user/Binary.r", None);
     let (st, _, _) = call(&s, "GET", "/r4/Binary/b2", &all, None, &[]).await;
     assert_eq!(st, StatusCode::OK);
+    // A Binary whose context is a DocumentReference is as readable as that document,
+    // fetched and checked: the patient's own, yes; another's or a missing one, no.
+    let docs = token(
+        &s.key,
+        "patient/Binary.r patient/DocumentReference.r",
+        Some("123"),
+    );
+    for (id, expected) in [
+        ("b4", StatusCode::OK),
+        ("b5", StatusCode::FORBIDDEN),
+        ("b6", StatusCode::FORBIDDEN),
+        ("b2", StatusCode::FORBIDDEN),
+    ] {
+        let path = format!("/r4/Binary/{id}");
+        let (st, _, b) = call(&s, "GET", &path, &docs, None, &json_accept).await;
+        assert_eq!(st, expected, "{id}: {b}");
+    }
+    let fetched =
+        s.up.requests()
+            .iter()
+            .filter(|r| r.uri.ends_with("/DocumentReference/d1"))
+            .count();
+    assert_eq!(
+        fetched, 2,
+        "the context is fetched once per read of b4 (two tokens)"
+    );
 
     let fhir = "application/fhir+json";
     let reads = s.up.requests().len();

@@ -81,6 +81,40 @@ impl Fetcher<'_> {
         Ok(Some(Stored { resource, version }))
     }
 
+    /// For a Binary whose `securityContext` references a resource other than a Patient
+    /// (FHIR R4: the resource whose access rules apply to the Binary), whether the token
+    /// may read that resource, fetched from the upstream (a missing one: no). `None` when
+    /// the reference is a Patient, absent or not local: the compartment check decides.
+    pub async fn security_context_readable(
+        &self,
+        binary: &[u8],
+    ) -> Result<Option<bool>, GatewayError> {
+        #[derive(serde::Deserialize)]
+        struct Binary {
+            #[serde(rename = "securityContext")]
+            security_context: Option<Value>,
+        }
+        let Some(context) = serde_json::from_slice::<Binary>(binary)
+            .ok()
+            .and_then(|b| b.security_context)
+        else {
+            return Ok(None);
+        };
+        let bases = &self.viewer.policy.bases;
+        let Some((ty, id)) = crate::fhir::reference::reference_target(&context, bases) else {
+            return Ok(None);
+        };
+        if ty == "Patient" {
+            return Ok(None);
+        }
+        Ok(Some(match self.fetch(ty, id).await? {
+            Some(stored) => self
+                .viewer
+                .visible(&stored.resource, crate::smart::scope::Perms::R),
+            None => false,
+        }))
+    }
+
     /// Checks a single write; returns the request to forward (body put back, `If-Match`
     /// set to the version checked).
     pub async fn write(

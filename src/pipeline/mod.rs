@@ -201,7 +201,19 @@ async fn serve(
             ctx,
             policy: &snap.policy,
         });
-    if let (Some(principal), Some(viewer)) = (principal.as_deref(), viewer) {
+    let fetcher = principal
+        .as_deref()
+        .zip(viewer)
+        .map(|(principal, viewer)| checks::Fetcher {
+            shared,
+            snap,
+            worker: conn.worker,
+            client: &client,
+            request_id,
+            principal,
+            viewer,
+        });
+    if let Some(fetcher) = &fetcher {
         // Narrow the request and check writes before anything is forwarded.
         let mut narrowed: Option<String> = None;
         if !plan.inject.is_empty() {
@@ -231,15 +243,6 @@ async fn serve(
         if let Some(target) = &narrowed {
             upstream_uri = snap.upstream.uri_for(target)?;
         }
-        let fetcher = checks::Fetcher {
-            shared,
-            snap,
-            worker: conn.worker,
-            client: &client,
-            request_id,
-            principal,
-            viewer,
-        };
         // Boxed: writes and transactions under a confined token are the rarer requests,
         // and their futures would otherwise size every request's.
         if let Some(w) = &plan.write {
@@ -301,7 +304,7 @@ async fn serve(
         .observe(upstream_time.as_secs_f64());
 
     // respond
-    let mut resp = respond(shared, snap, &plan, viewer, &method, resp).await?;
+    let mut resp = respond(shared, snap, &plan, fetcher.as_ref(), &method, resp).await?;
     if native {
         resp = native_binary(resp).await;
     }
@@ -506,10 +509,11 @@ async fn respond(
     shared: &Shared,
     snap: &Snapshot,
     plan: &Plan,
-    viewer: Option<Viewer<'_>>,
+    fetcher: Option<&checks::Fetcher<'_>>,
     method: &Method,
     mut resp: Response<BoxBody>,
 ) -> Result<Response<BoxBody>, GatewayError> {
+    let viewer = fetcher.map(|f| f.viewer);
     if resp.headers().contains_key(header::LINK) {
         rewrite_link_headers(snap, resp.headers_mut());
     }
@@ -587,9 +591,27 @@ async fn respond(
         }
     };
 
-    let bytes = match verify {
-        None => rewrite_body(shared, snap, bytes),
-        Some(viewer) => verify_body(shared, snap, plan, viewer, &bytes)?,
+    let bytes = match (verify, fetcher) {
+        (None, _) => rewrite_body(shared, snap, bytes),
+        // A Binary whose securityContext is another resource (a DocumentReference) is as
+        // readable as that resource: fetched and checked (boxed: rare).
+        (Some(viewer), Some(fetcher)) if plan.binary_read => {
+            match Box::pin(fetcher.security_context_readable(&bytes)).await? {
+                None => verify_body(shared, snap, plan, viewer, &bytes)?,
+                Some(true) => {
+                    shared.metrics.count_verify("passed");
+                    bytes
+                }
+                Some(false) => {
+                    return Err(refused(
+                        shared,
+                        snap,
+                        crate::policy::DenyReason::Compartment,
+                    ));
+                }
+            }
+        }
+        (Some(viewer), _) => verify_body(shared, snap, plan, viewer, &bytes)?,
     };
     parts.headers.remove(header::TRANSFER_ENCODING);
     parts
