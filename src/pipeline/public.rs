@@ -146,30 +146,37 @@ pub(super) fn preflight(request: &http::HeaderMap) -> Response<BoxBody> {
         })
         .cloned();
     let h = resp.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
+    allow_preflight(
+        h,
+        "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
         asked.unwrap_or(HeaderValue::from_static(
             "Authorization, Accept, Content-Type, If-Match, If-None-Exist, If-None-Match, \
              If-Modified-Since, Prefer, X-Request-Id",
         )),
     );
     h.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("86400"),
-    );
-    h.insert(
         header::VARY,
         HeaderValue::from_static("Access-Control-Request-Headers"),
     );
     resp
+}
+
+/// The headers of an answer to a preflight: any origin, `methods`, request `headers`,
+/// cached for a day.
+fn allow_preflight(h: &mut http::HeaderMap, methods: &'static str, headers: HeaderValue) {
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static(methods),
+    );
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, headers);
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
 }
 
 /// CORS on an answer to a cross-origin request, refusals included (an app must be able
@@ -203,24 +210,17 @@ pub(super) fn discovery(
         *resp.status_mut() = StatusCode::NO_CONTENT;
     }
     let h = resp.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
     if *method == Method::OPTIONS {
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, HEAD, OPTIONS"),
-        );
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
+        allow_preflight(
+            h,
+            "GET, HEAD, OPTIONS",
             HeaderValue::from_static("Accept, Content-Type"),
         );
-        h.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("86400"),
-        );
     } else {
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
