@@ -720,6 +720,8 @@ async fn binaries_confined_by_security_context() {
         assert_eq!(&bytes[..], b"hello", "{accept:?}");
         assert_eq!(h["content-type"], "text/plain");
         assert_eq!(h["content-length"], "5");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["content-security-policy"], "sandbox");
     }
     assert_eq!(
         s.up.requests().last().unwrap().headers["accept"],

@@ -379,6 +379,16 @@ async fn native_binary(resp: Response<BoxBody>) -> Response<BoxBody> {
     match content {
         Some((ty, data)) => {
             parts.headers.insert(header::CONTENT_TYPE, ty);
+            // Content from the record, served from the API's origin: never sniffed into
+            // something else, and never run as a page there (an HTML or SVG document).
+            parts.headers.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
+            parts.headers.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("sandbox"),
+            );
             parts
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
