@@ -566,7 +566,13 @@ async fn elements_keep_what_the_check_reads() {
     // with only the listed elements, `resourceType`, `id` and `meta`.
     let subsetting: Responder = Arc::new(|seen: &Seen| {
         let uri: http::Uri = seen.uri.parse().unwrap();
-        let keep: Vec<String> = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        // Parameters from the query, and from the body of a POST _search.
+        let params = format!(
+            "{}&{}",
+            uri.query().unwrap_or(""),
+            String::from_utf8_lossy(&seen.body)
+        );
+        let keep: Vec<String> = form_urlencoded::parse(params.as_bytes())
             .filter(|(k, _)| k == "_elements")
             .flat_map(|(_, v)| v.split(',').map(str::to_owned).collect::<Vec<_>>())
             .collect();
@@ -577,7 +583,10 @@ async fn elements_keep_what_the_check_reads() {
             });
             r
         };
-        let path = uri.path().trim_start_matches("/fhir/");
+        let path = uri
+            .path()
+            .trim_start_matches("/fhir/")
+            .trim_end_matches("/_search");
         let all = store();
         let observations = all.iter().filter(|r| r["resourceType"] == "Observation");
         let resp = match path.split_once('/') {
@@ -615,6 +624,19 @@ async fn elements_keep_what_the_check_reads() {
     .await;
     assert_eq!(st, StatusCode::OK, "{b}");
     assert_eq!(b["code"]["text"], "x");
+
+    // The same through a POST _search form.
+    let req = Request::post(s.gw.url("/r4/Observation/_search"))
+        .header("authorization", format!("Bearer {app}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body("_elements=code&status=final"))
+        .unwrap();
+    let (st, _, bytes) = send(req).await;
+    let b: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(st, StatusCode::OK, "{b}");
+    assert_eq!(ids(&b), ["Observation/o1", "Observation/o2"], "{b}");
+    let sent = s.up.requests().last().unwrap().body.clone();
+    assert_eq!(&sent[..], b"_elements=code,performer,subject&status=final");
     // Another patient's resource, subsetted the same way, is still refused.
     let (st, _, _) = call(
         &s,

@@ -163,6 +163,8 @@ async fn serve(
 
     // authenticate
     let (req, principal, form) = authenticate(snap, req, ctx).await?;
+    // A POST _search form, kept to rewrite its `_elements` (a cheap clone of the bytes).
+    let search_form = form.clone();
 
     // classify, authorize
     let (mut req, plan) = match &principal {
@@ -239,6 +241,18 @@ async fn serve(
         if !plan.elements.is_empty() {
             let target = narrowed.as_deref().unwrap_or(&rel);
             narrowed = Some(checks::widen_elements(target, &plan.elements));
+            // `_elements` in a POST _search body is widened the same way.
+            if let Some(text) = search_form
+                .as_deref()
+                .and_then(|b| std::str::from_utf8(b).ok())
+            {
+                let widened = checks::widen_elements(&format!("?{text}"), &plan.elements);
+                let body = widened.trim_start_matches('?').to_owned();
+                req.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                req.headers_mut().remove(header::TRANSFER_ENCODING);
+                *req.body_mut() = crate::body::full(body);
+            }
         }
         if let Some(target) = &narrowed {
             upstream_uri = snap.upstream.uri_for(target)?;
