@@ -65,6 +65,31 @@ static PATIENT_PARAM_COMPARTMENT: std::sync::LazyLock<Vec<(&'static str, [Compar
 /// Binary's place in the compartment: its `securityContext` (see [`compartment_paths`]).
 static BINARY_COMPARTMENT: &[(&str, &[&str])] = &[("securityContext", &["securityContext"])];
 
+/// The top-level elements a check of a resource of type `ty` reads: the first step of
+/// each compartment path (when `compartment`), and of each path of the `constrained`
+/// search parameters. Sorted, without repeats.
+pub fn checked_elements<'a>(
+    ty: &str,
+    compartment: bool,
+    constrained: impl IntoIterator<Item = &'a str>,
+) -> Vec<&'static str> {
+    let first = |p: &'static str| p.split('.').next().unwrap_or(p);
+    let mut out = Vec::new();
+    if compartment && let Some(params) = compartment_paths(ty) {
+        for (_, paths) in params {
+            out.extend(paths.iter().copied().map(first));
+        }
+    }
+    for k in constrained {
+        if let Some(p) = param(ty, k) {
+            out.extend(p.paths.iter().copied().map(first));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// Every value at a dotted element path, arrays flattened at every step.
 pub fn values_at<'a>(resource: &'a Value, path: &str, out: &mut Vec<&'a Value>) {
     let mut current: Vec<&Value> = vec![resource];

@@ -713,36 +713,17 @@ fn decide_perm(
         Capabilities | Batch | Transaction => {}
     }
     if plan.verify != Verify::None && req.params.iter().any(|(k, _)| k == "_elements") {
-        plan.elements = checked_elements(ty, apps);
+        let confined = apps.iter().any(|a| a.confined_to.is_some());
+        let constrained = apps.iter().flat_map(|a| a.constraints);
+        plan.elements = crate::fhir::search::checked_elements(
+            ty,
+            confined,
+            constrained.map(|(k, _)| k.as_str()),
+        );
     }
     plan.binary_read =
         plan.verify != Verify::None && *ty == "Binary" && matches!(req.interaction, Read | Vread);
     Decision::Allow(plan)
-}
-
-/// The top-level elements the check of a resource of type `ty` under `apps` reads: the
-/// first step of each compartment path when a scope is confined, and of each path of the
-/// constrained parameters. (`id` and `resourceType` are always returned.)
-fn checked_elements(ty: &str, apps: &[Applies<'_>]) -> Vec<&'static str> {
-    let first = |p: &'static str| p.split('.').next().unwrap_or(p);
-    let mut out = Vec::new();
-    if apps.iter().any(|a| a.confined_to.is_some())
-        && let Some(params) = crate::fhir::search::compartment_paths(ty)
-    {
-        for (_, paths) in params {
-            out.extend(paths.iter().copied().map(first));
-        }
-    }
-    for a in apps {
-        for (k, _) in a.constraints {
-            if let Some(p) = crate::fhir::search::param(ty, k) {
-                out.extend(p.paths.iter().copied().map(first));
-            }
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
 }
 
 /// Whether every resource the upstream could return is visible to the token: an

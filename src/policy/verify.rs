@@ -73,20 +73,10 @@ impl Viewer<'_> {
     /// `id`, the first step of each compartment path and of each path of the granted
     /// scopes' constraints.
     fn wanted(&self, ty: &str) -> Vec<&'static str> {
-        let first = |p: &'static str| p.split('.').next().unwrap_or(p);
-        let mut wanted = vec!["id"];
-        if let Some(params) = crate::fhir::search::compartment_paths(ty) {
-            for (_, paths) in params {
-                wanted.extend(paths.iter().copied().map(first));
-            }
-        }
-        for scope in &self.grants.scopes {
-            for (k, _) in &scope.constraints {
-                if let Some(p) = crate::fhir::search::param(ty, k) {
-                    wanted.extend(p.paths.iter().copied().map(first));
-                }
-            }
-        }
+        let constrained = self.grants.scopes.iter().flat_map(|s| &s.constraints);
+        let mut wanted =
+            crate::fhir::search::checked_elements(ty, true, constrained.map(|(k, _)| k.as_str()));
+        wanted.push("id");
         wanted
     }
 
