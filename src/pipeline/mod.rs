@@ -268,14 +268,13 @@ async fn serve(
         if needs_verify(&plan) {
             // `_format` overrides Accept at the server: asking for XML would only get
             // the answer refused after the server did the work.
-            if asks_for_other_than_json(&rel) {
+            let format = format_asked(&rel);
+            if format == Some(false) {
                 return Err(GatewayError::NotAcceptable(
                     "responses to this token are checked, and only JSON can be checked",
                 ));
             }
-            native = plan.binary_read
-                && !rel.contains("_format")
-                && !accepts_a_fhir_format(req.headers());
+            native = plan.binary_read && format.is_none() && !accepts_a_fhir_format(req.headers());
             // Verification reads JSON only, and needs the body: no 304 that would confirm
             // a version of a resource it cannot see, no HEAD that skips the check (asked
             // as GET, answered without the body).
@@ -330,25 +329,25 @@ async fn serve(
     Ok(resp)
 }
 
-/// Whether the query's `_format` (FHIR R4 http.html#mime-type) asks for anything but
-/// JSON.
-fn asks_for_other_than_json(rel: &str) -> bool {
-    let Some((_, query)) = rel.split_once('?') else {
-        return false;
+/// What the query's `_format` (FHIR R4 http.html#mime-type) asks for: `None` without
+/// one, `Some(true)` when every `_format` is JSON, `Some(false)` when one is not.
+fn format_asked(rel: &str) -> Option<bool> {
+    let (_, query) = rel.split_once('?')?;
+    let is_json = |v: &str| {
+        let essence = v.split(';').next().unwrap_or("").trim();
+        [
+            "json",
+            "application/json",
+            "application/fhir+json",
+            "application/json+fhir",
+        ]
+        .iter()
+        .any(|json| essence.eq_ignore_ascii_case(json))
     };
     form_urlencoded::parse(query.as_bytes())
         .filter(|(k, _)| k == "_format")
-        .any(|(_, v)| {
-            let essence = v.split(';').next().unwrap_or("").trim();
-            ![
-                "json",
-                "application/json",
-                "application/fhir+json",
-                "application/json+fhir",
-            ]
-            .iter()
-            .any(|json| essence.eq_ignore_ascii_case(json))
-        })
+        .map(|(_, v)| is_json(&v))
+        .reduce(|all, this| all && this)
 }
 
 /// Whether `Accept` names a FHIR format (or plain JSON or XML, which FHIR reads as its
