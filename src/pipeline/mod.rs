@@ -317,10 +317,7 @@ async fn serve(
         .observe(upstream_time.as_secs_f64());
 
     // respond
-    let mut resp = respond(shared, snap, &plan, fetcher.as_ref(), &method, resp).await?;
-    if native {
-        resp = native_binary(resp).await;
-    }
+    let resp = respond(shared, snap, &plan, fetcher.as_ref(), &method, native, resp).await?;
     if head {
         let (mut parts, _) = resp.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
@@ -361,16 +358,8 @@ fn accepts_a_fhir_format(headers: &http::HeaderMap) -> bool {
 
 /// A verified Binary (FHIR JSON) answered as its content: the bytes of `data` under its
 /// `contentType`. Anything else, or a Binary without both, goes back unchanged.
-async fn native_binary(resp: Response<BoxBody>) -> Response<BoxBody> {
+fn native_binary(mut parts: http::response::Parts, bytes: Bytes) -> Response<BoxBody> {
     use base64::Engine as _;
-    if resp.status() != StatusCode::OK {
-        return resp;
-    }
-    let (mut parts, body) = resp.into_parts();
-    // Already buffered by the verification: collecting is a move, not a read.
-    let Ok(bytes) = body.collect().await.map(|c| c.to_bytes()) else {
-        return Response::from_parts(parts, crate::body::empty());
-    };
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Binary<'a> {
@@ -534,6 +523,7 @@ async fn respond(
     plan: &Plan,
     fetcher: Option<&checks::Fetcher<'_>>,
     method: &Method,
+    native: bool,
     mut resp: Response<BoxBody>,
 ) -> Result<Response<BoxBody>, GatewayError> {
     let viewer = fetcher.map(|f| f.viewer);
@@ -640,6 +630,9 @@ async fn respond(
     parts
         .headers
         .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    if native && parts.status == StatusCode::OK {
+        return Ok(native_binary(parts, bytes));
+    }
     Ok(Response::from_parts(parts, full(bytes)))
 }
 
