@@ -7,13 +7,16 @@ use serde_json::Value;
 /// change: only Bundles and export manifests (which have `transactionTime`) carry links.
 /// A body that names either only through JSON escapes contains `\u`, so it is caught too.
 pub fn may_need_link_rewrite(body: &[u8]) -> bool {
-    use memchr::memmem::Finder;
-    use std::sync::LazyLock;
-    // Built once: a searcher costs more to build than a small body costs to search.
-    static BUNDLE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"Bundle"));
-    static MANIFEST: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"transactionTime"));
-    static ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
-    BUNDLE.find(body).is_some() || MANIFEST.find(body).is_some() || ESCAPE.find(body).is_some()
+    // One pass for the rare first letters of the three markers (`Bundle`,
+    // `transactionTime`, an escape `\u` that could spell either), then a look at each
+    // candidate: a third of three substring searches over a body that has none.
+    const MANIFEST: &[u8] = b"transactionTime";
+    const T_AT: usize = 11; // where `T` is in MANIFEST
+    memchr::memchr3_iter(b'B', b'T', b'\\', body).any(|i| match body[i] {
+        b'B' => body[i..].starts_with(b"Bundle"),
+        b'T' => i >= T_AT && body[i - T_AT..].starts_with(MANIFEST),
+        _ => body.get(i + 1) == Some(&b'u'),
+    })
 }
 
 /// Rewrites `Bundle.link[].url`, `Bundle.entry[].fullUrl` and
@@ -161,5 +164,32 @@ mod tests {
         assert!(may_need_link_rewrite(br#"{"resourceType":"Bundle"}"#));
         assert!(may_need_link_rewrite(br#"{"resourceType":"Bund\u006ce"}"#));
         assert!(!may_need_link_rewrite(br#"{"resourceType":"Patient"}"#));
+        assert!(may_need_link_rewrite(br#"{"transactionTime":"x"}"#));
+        // A `T` too near the start to end `transactionTime`, a `B` and a `\` at the end.
+        assert!(!may_need_link_rewrite(b"T actionTime B \\"));
+    }
+
+    /// Contains `needle`: the definition the pre-filter's single pass must keep.
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    proptest::proptest! {
+        /// The single pass finds exactly what three substring searches find, over text
+        /// made of the markers' pieces so that near misses are common.
+        #[test]
+        fn prefilter_is_the_three_searches(parts in proptest::collection::vec(
+            proptest::sample::select(vec![
+                "Bundle", "Bundl", "B", "transactionTime", "transaction", "actionTime",
+                "T", "\\", "u", "\\u", "\"", "{", "x",
+            ]),
+            0..24,
+        )) {
+            let body = parts.concat().into_bytes();
+            let expected = contains(&body, b"Bundle")
+                || contains(&body, b"transactionTime")
+                || contains(&body, b"\\u");
+            proptest::prop_assert_eq!(may_need_link_rewrite(&body), expected);
+        }
     }
 }
