@@ -28,6 +28,32 @@ pub fn empty() -> BoxBody {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
+/// A body read whole, trailers dropped. A body of one data frame (a small upstream answer
+/// usually is) is kept as it came, without a copy or a list of chunks.
+pub async fn read_whole<B>(mut body: B) -> Result<Bytes, B::Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut first = Bytes::new();
+    let mut more: Option<bytes::BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        match &mut more {
+            Some(buf) => buf.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut buf = bytes::BytesMut::with_capacity(first.len() + data.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&data);
+                more = Some(buf);
+            }
+        }
+    }
+    Ok(more.map_or(first, bytes::BytesMut::freeze))
+}
+
 /// The upstream sent no body frame for longer than the idle timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream body idle for longer than the configured timeout")]

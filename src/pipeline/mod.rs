@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
@@ -174,7 +175,8 @@ async fn serve(
 
     // forward
     let limit = snap.config.server.max_request_body.0;
-    if declared_length(req.headers()).is_some_and(|n| n > limit) {
+    // The length hyper frames the body by (its Content-Length), or a buffered body's.
+    if req.body().size_hint().exact().is_some_and(|n| n > limit) {
         return Err(GatewayError::PayloadTooLarge);
     }
     let client = ClientSide {
@@ -570,7 +572,9 @@ async fn respond(
     }
 
     let limit = snap.config.upstream.max_response_buffer.0;
-    let declared = declared_length(resp.headers());
+    // The length hyper frames the body by, read before any of it is: a Content-Length
+    // hyper does not go by (beside Transfer-Encoding) does not count.
+    let declared = resp.body().size_hint().exact();
     if declared.is_some_and(|n| n > limit) {
         count(shared, "too_large");
         return Err(GatewayError::UpstreamInvalid(
@@ -585,8 +589,8 @@ async fn respond(
     } else {
         limited(body, limit)
     };
-    let bytes = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
+    let bytes = match crate::body::read_whole(body).await {
+        Ok(bytes) => bytes,
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             count(shared, "too_large");
             return Err(GatewayError::UpstreamInvalid(
@@ -626,10 +630,14 @@ async fn respond(
         }
         (Some(viewer), _) => verify_body(shared, snap, plan, viewer, &bytes)?,
     };
-    parts.headers.remove(header::TRANSFER_ENCODING);
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    // The upstream's Content-Length stands when hyper framed the body by it and the
+    // body kept its length; otherwise the length is the gateway's to state.
+    if declared != Some(bytes.len() as u64) {
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    }
     if native && parts.status == StatusCode::OK {
         return Ok(native_binary(parts, bytes));
     }

@@ -240,6 +240,9 @@ impl Upstream {
                 || (strip_authorization && *name == header::AUTHORIZATION)
                 || identity.strip.contains(name)
         });
+        // Room for what is added below, made once: a client sends few headers, and the
+        // map would otherwise grow (rehashing every entry) twice on the way.
+        h.reserve(6 + self.extra_headers.len() + identity.set.len());
         headers::add_forwarded(h, client);
         h.insert(&headers::X_REQUEST_ID, request_id.clone());
         for (name, value) in &self.extra_headers {
