@@ -190,4 +190,40 @@ mod tests {
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], b"hello");
     }
+
+    /// Frames of a body in order, each a data frame or trailers, then maybe an error.
+    struct Frames(std::collections::VecDeque<Result<Frame<Bytes>, &'static str>>);
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = &'static str;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front())
+        }
+    }
+
+    fn frames(parts: Vec<Result<Frame<Bytes>, &'static str>>) -> Frames {
+        Frames(parts.into())
+    }
+
+    /// Every data frame, in order, whatever their number and sizes; trailers dropped;
+    /// an error fails the read.
+    #[tokio::test]
+    async fn read_whole_joins_every_frame() {
+        let data = |s: &'static str| Ok(Frame::data(Bytes::from_static(s.as_bytes())));
+        let trailers = || Ok(Frame::trailers(http::HeaderMap::new()));
+        for (parts, whole) in [
+            (vec![], ""),
+            (vec![data("one")], "one"),
+            (vec![data(""), data("a"), data(""), data("b")], "ab"),
+            (vec![data("a"), data("bc"), data("def")], "abcdef"),
+            (vec![data("a"), trailers(), data("b")], "ab"),
+        ] {
+            assert_eq!(read_whole(frames(parts)).await.unwrap(), whole);
+        }
+        let failed = read_whole(frames(vec![data("a"), Err("reset"), data("b")])).await;
+        assert_eq!(failed, Err("reset"));
+    }
 }
