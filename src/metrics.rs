@@ -13,6 +13,8 @@ pub const ROUTES: &[&str] = &["fhir", "metadata", "discovery", "auth", "not_foun
 /// Results of inspecting a FHIR JSON response (`smartgate_response_rewrites_total`).
 pub const REWRITE_RESULTS: &[&str] =
     &["skipped", "unparsed", "unchanged", "rewritten", "too_large"];
+/// The results a verified response is counted under.
+const VERIFY_RESULTS: &[&str] = &["passed", "filtered", "refused"];
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -29,6 +31,7 @@ pub struct Metrics {
     registry: Registry,
     routes: Vec<RouteSeries>,
     rewrites: Vec<(&'static str, IntCounter)>,
+    verifications: Vec<(&'static str, IntCounter)>,
     /// `smartgate_requests_total{route,status_class}`
     pub requests: IntCounterVec,
     /// `smartgate_request_duration_seconds{route}`
@@ -254,15 +257,21 @@ impl Metrics {
                 duration: request_duration.with_label_values(&[route]),
             })
             .collect();
-        let rewrites = REWRITE_RESULTS
-            .iter()
-            .map(|&r| (r, response_rewrites.with_label_values(&[r])))
-            .collect();
+        // Series resolved once: a label lookup hashes and locks on every count.
+        let resolved = |vec: &IntCounterVec, labels: &[&'static str]| {
+            labels
+                .iter()
+                .map(|&r| (r, vec.with_label_values(&[r])))
+                .collect::<Vec<_>>()
+        };
+        let rewrites = resolved(&response_rewrites, REWRITE_RESULTS);
+        let verifications = resolved(&response_verifications, VERIFY_RESULTS);
 
         Metrics {
             registry,
             routes,
             rewrites,
+            verifications,
             requests,
             request_duration,
             upstream_duration,
@@ -306,17 +315,12 @@ impl Metrics {
 
     /// Counts one inspected FHIR JSON response by result.
     pub fn count_rewrite(&self, result: &'static str) {
-        match self.rewrites.iter().find(|(r, _)| *r == result) {
-            Some((_, c)) => c.inc(),
-            None => self.response_rewrites.with_label_values(&[result]).inc(),
-        }
+        count_in(&self.rewrites, &self.response_rewrites, result);
     }
 
     /// Counts one verified response by result.
     pub fn count_verify(&self, result: &'static str) {
-        self.response_verifications
-            .with_label_values(&[result])
-            .inc();
+        count_in(&self.verifications, &self.response_verifications, result);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -324,6 +328,14 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Counts `label` on its resolved series, or through the vector for a label not resolved.
+fn count_in(resolved: &[(&'static str, IntCounter)], vec: &IntCounterVec, label: &'static str) {
+    match resolved.iter().find(|(r, _)| *r == label) {
+        Some((_, c)) => c.inc(),
+        None => vec.with_label_values(&[label]).inc(),
     }
 }
 
@@ -341,5 +353,57 @@ pub fn status_class(status: http::StatusCode) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the series `name{labels}` in the exposition, if it is there.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Counts land on their own label, resolved or not, and resolved series are
+    /// exposed from zero.
+    #[test]
+    fn labelled_counts_land_on_their_label() {
+        let m = Metrics::default();
+        let before = m.render();
+        for result in VERIFY_RESULTS.iter().chain(REWRITE_RESULTS) {
+            assert!(
+                before.contains(&format!("result=\"{result}\"}} 0")),
+                "{result}"
+            );
+        }
+        m.count_verify("passed");
+        m.count_verify("passed");
+        m.count_verify("refused");
+        m.count_rewrite("skipped");
+        m.count_rewrite("verify_unreadable");
+        let text = m.render();
+        let v = |s: &str| value(&text, s);
+        assert_eq!(
+            v(r#"smartgate_response_verifications_total{result="passed"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            v(r#"smartgate_response_verifications_total{result="refused"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            v(r#"smartgate_response_verifications_total{result="filtered"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            v(r#"smartgate_response_rewrites_total{result="skipped"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            v(r#"smartgate_response_rewrites_total{result="verify_unreadable"}"#),
+            Some(1.0)
+        );
     }
 }
