@@ -242,6 +242,20 @@ async fn confined_reads() {
             .headers
             .contains_key("if-none-match")
     );
+    // No 206 with a part of a resource, which could not be checked: the whole is
+    // answered, verified.
+    let (st, _, b) = call(
+        &s,
+        "GET",
+        "/r4/Observation/o1",
+        &app,
+        None,
+        &[("range", "bytes=0-9"), ("if-range", "W/\"1\"")],
+    )
+    .await;
+    assert_eq!((st, &b["id"]), (StatusCode::OK, &Value::from("o1")));
+    let seen = s.up.requests().last().unwrap().headers.clone();
+    assert!(!seen.contains_key("range") && !seen.contains_key("if-range"));
 
     let hidden =
         setup("[policy]\ndenied_read_status = 404\npatient_scope_non_compartment = \"deny\"\n")

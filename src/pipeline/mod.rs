@@ -278,14 +278,20 @@ async fn serve(
             }
             native = plan.binary_read && format.is_none() && !accepts_a_fhir_format(req.headers());
             // Verification reads JSON only, and needs the body: no 304 that would confirm
-            // a version of a resource it cannot see, no HEAD that skips the check (asked
-            // as GET, answered without the body).
+            // a version of a resource it cannot see, no 206 with a part of one that
+            // cannot be checked (the whole is answered, which RFC 9110 §14.2 allows),
+            // no HEAD that skips the check (asked as GET, answered without the body).
             let h = req.headers_mut();
             h.insert(
                 header::ACCEPT,
                 HeaderValue::from_static("application/fhir+json"),
             );
-            for name in [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE] {
+            for name in [
+                header::IF_NONE_MATCH,
+                header::IF_MODIFIED_SINCE,
+                header::RANGE,
+                header::IF_RANGE,
+            ] {
                 h.remove(name);
             }
             if req.method() == Method::HEAD {
