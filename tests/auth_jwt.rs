@@ -535,3 +535,35 @@ async fn waiting_for_startup_fetch_does_not_block_rotation() {
         "rotation refused: the allowance was spent by waiting"
     );
 }
+
+/// An answer the upstream calls public leaves a request made with a token as private: a
+/// shared cache in front of the gateway would otherwise keep it and serve it to anyone
+/// asking for the URL, past every check. Without tokens (`auth.mode = "none"`) the
+/// gateway is a plain proxy and leaves the header as it is.
+#[tokio::test]
+async fn answers_to_tokens_are_kept_out_of_shared_caches() {
+    let rsa = TestKey::rsa("rsa-1", Algorithm::RS256);
+    let jwks = FakeJwks::start(&[&rsa]).await;
+    let up = FakeUpstream::start(std::sync::Arc::new(|_: &Seen| {
+        let mut resp = json_response(
+            StatusCode::OK,
+            &json!({"resourceType": "Patient", "id": "123"}),
+        );
+        resp.headers_mut().insert(
+            "cache-control",
+            http::HeaderValue::from_static("public, max-age=60"),
+        );
+        Box::pin(std::future::ready(resp))
+    }))
+    .await;
+    let gw = TestGateway::boot(&config_auth(&up.base(), &jwt_auth(&jwks.uri(), ""), "")).await;
+    let (status, headers, _) =
+        get_with_token(&gw.url("/r4/Patient/123"), &rsa.sign(&claims())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["cache-control"], "max-age=60, private");
+
+    let open = TestGateway::boot(&config(&up.base(), "")).await;
+    let (status, headers, _) = get(&open.url("/r4/Patient/123")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["cache-control"], "public, max-age=60");
+}

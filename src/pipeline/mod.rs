@@ -325,7 +325,11 @@ async fn serve(
         .observe(upstream_time.as_secs_f64());
 
     // respond
-    let resp = respond(shared, snap, &plan, fetcher.as_ref(), &method, native, resp).await?;
+    let mut resp = respond(shared, snap, &plan, fetcher.as_ref(), &method, native, resp).await?;
+    // What a token was shown is not for a shared cache to show others.
+    if principal.is_some() {
+        crate::proxy::headers::keep_private(resp.headers_mut());
+    }
     if head {
         let (mut parts, _) = resp.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);

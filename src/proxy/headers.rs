@@ -66,6 +66,72 @@ pub fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName)
     }
 }
 
+/// Keeps an answer to a request made with a token out of shared caches.
+///
+/// A shared cache does not store an answer to a request with `Authorization` unless the
+/// answer says `public`, `s-maxage` or `must-revalidate` (RFC 9111 §3.5); then it serves
+/// it to anyone asking for the URL, without the gateway seeing the request. The upstream
+/// says so about its answer to what it was asked (a query the gateway may have narrowed
+/// to one patient) and knows nothing of who else may read it. Such an answer gets
+/// `private` (§5.2.2.7: no shared cache stores it) and loses `public`; the other
+/// directives stay for the client's own cache. An answer that does not ask to be shared
+/// is left as it is; an unreadable `Cache-Control` becomes `private`.
+pub fn keep_private(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::CACHE_CONTROL).iter().peekable();
+    if values.peek().is_none() {
+        return;
+    }
+    let mut kept: Vec<&str> = Vec::new();
+    let mut shared = false;
+    for value in values {
+        let Ok(text) = value.to_str() else {
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+            return;
+        };
+        for directive in cache_directives(text) {
+            let name = directive.split('=').next().unwrap_or_default().trim_end();
+            let lets_share = ["public", "s-maxage", "must-revalidate"]
+                .iter()
+                .any(|d| name.eq_ignore_ascii_case(d));
+            shared |= lets_share;
+            if !name.eq_ignore_ascii_case("public") {
+                kept.push(directive);
+            }
+        }
+    }
+    if !shared {
+        return;
+    }
+    kept.push("private");
+    let joined = kept.join(", ");
+    let value = HeaderValue::from_str(&joined).unwrap_or(HeaderValue::from_static("private"));
+    headers.insert(header::CACHE_CONTROL, value);
+}
+
+/// The directives of a `Cache-Control` value (RFC 9111 §5.2: comma-separated, a value
+/// may be a quoted string holding commas), trimmed, empty ones skipped.
+fn cache_directives(value: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, b) in value.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b',' if !quoted => {
+                out.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&value[start..]);
+    out.into_iter()
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect()
+}
+
 /// A `Link` header value (RFC 8288: `<url>; rel="next", …`) with each target URL mapped
 /// by `map` (`None` keeps one); `None` when nothing changed.
 pub fn map_link_targets(value: &str, map: &dyn Fn(&str) -> Option<String>) -> Option<String> {
@@ -308,6 +374,64 @@ pub fn is_fhir_json(headers: &http::HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `Cache-Control` an answer leaves with, given the upstream's values.
+    fn private_of(values: &[&str]) -> Vec<String> {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(header::CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+        }
+        keep_private(&mut h);
+        h.get_all(header::CACHE_CONTROL)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn shareable_answers_become_private() {
+        // Directives that let a shared cache keep an answer to a request with a token.
+        assert_eq!(private_of(&["public, max-age=60"]), ["max-age=60, private"]);
+        assert_eq!(private_of(&["s-maxage=600"]), ["s-maxage=600, private"]);
+        assert_eq!(
+            private_of(&["max-age=5, MUST-REVALIDATE"]),
+            ["max-age=5, MUST-REVALIDATE, private"]
+        );
+        assert_eq!(private_of(&["Public"]), ["private"]);
+        // Over several header lines, and a quoted value holding a comma and a quote.
+        assert_eq!(
+            private_of(&["no-cache=\"a, \\\"b\"", "public"]),
+            ["no-cache=\"a, \\\"b\", private"]
+        );
+        // A qualified `private="…"` still lets the rest be shared: the plain one is added.
+        assert_eq!(
+            private_of(&["public, private=\"set-cookie\""]),
+            ["private=\"set-cookie\", private"]
+        );
+        // A directive named only inside a quoted value is not one.
+        assert_eq!(
+            private_of(&["no-cache=\"public\""]),
+            ["no-cache=\"public\""]
+        );
+        // Answers that do not ask to be shared are left as they are.
+        for kept in [
+            vec![],
+            vec!["max-age=60"],
+            vec!["no-store"],
+            vec!["private, max-age=9"],
+        ] {
+            let expected: Vec<String> = kept.iter().map(|s| s.to_string()).collect();
+            assert_eq!(private_of(&kept), expected);
+        }
+        // Unreadable: private.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_bytes(b"public, \xff").unwrap(),
+        );
+        keep_private(&mut h);
+        assert_eq!(h[header::CACHE_CONTROL], "private");
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
