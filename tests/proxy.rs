@@ -244,6 +244,48 @@ async fn authorization_and_upstream_credentials() {
     gw.stop().await;
 }
 
+/// An upstream asking for credentials refuses the gateway's own (`[upstream.headers]`),
+/// not the client's token: 502 naming that, counted, never a 401 or a password prompt
+/// that would have the app sign in again. With `forward_authorization` the client's
+/// token is what the upstream judged, and its 401 is the client's to see.
+#[tokio::test]
+async fn upstream_refusing_the_gateways_credentials_is_502() {
+    let up = FakeUpstream::start(Arc::new(|_: &Seen| {
+        let mut resp = json_response(StatusCode::UNAUTHORIZED, &json!({}));
+        resp.headers_mut().insert(
+            "www-authenticate",
+            http::HeaderValue::from_static("Basic realm=\"fhir\""),
+        );
+        Box::pin(std::future::ready(resp))
+    }))
+    .await;
+    let gw = TestGateway::boot(&config(&up.base(), "")).await;
+    let (status, headers, body) = get(&gw.url("/r4/Patient")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(!headers.contains_key("www-authenticate"));
+    let diagnostics = json(&body)["issue"][0]["diagnostics"].to_string();
+    assert!(
+        diagnostics.contains("refused the gateway's credentials"),
+        "{diagnostics}"
+    );
+    assert!(
+        metrics(&gw)
+            .await
+            .contains("smartgate_upstream_errors_total{kind=\"credentials_refused\"} 1")
+    );
+    gw.stop().await;
+
+    let text = config(&up.base(), "").replace(
+        "timeout = \"5s\"",
+        "timeout = \"5s\"\nforward_authorization = true",
+    );
+    let gw = TestGateway::boot(&text).await;
+    let (status, headers, _) = get(&gw.url("/r4/Patient")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["www-authenticate"], "Basic realm=\"fhir\"");
+    gw.stop().await;
+}
+
 /// A sane client request id is kept end to end; others are replaced; every response
 /// (errors included) carries one.
 #[tokio::test]

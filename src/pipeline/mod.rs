@@ -323,6 +323,24 @@ async fn serve(
         .metrics
         .upstream_duration
         .observe(upstream_time.as_secs_f64());
+    // Unless the client's own Authorization is forwarded, an upstream asking for
+    // credentials refuses the gateway's ([upstream.headers]), not the client's token:
+    // passed on, a 401 would have a SMART app throw a good token away and sign in again,
+    // in a loop, and a `WWW-Authenticate: Basic` could open a browser's password prompt.
+    if matches!(resp.status().as_u16(), 401 | 407) && !snap.config.upstream.forward_authorization {
+        tracing::warn!(
+            status = resp.status().as_u16(),
+            "the upstream refused the gateway's credentials (upstream.headers)"
+        );
+        shared
+            .metrics
+            .upstream_errors
+            .with_label_values(&["credentials_refused"])
+            .inc();
+        return Err(GatewayError::UpstreamInvalid(
+            "the upstream refused the gateway's credentials",
+        ));
+    }
 
     // respond
     let mut resp = respond(shared, snap, &plan, fetcher.as_ref(), &method, native, resp).await?;
