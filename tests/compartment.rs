@@ -494,6 +494,23 @@ async fn confined_writes() {
         s.up.requests().last().unwrap().headers["if-match"],
         "W/\"1\""
     );
+    // The patient's own Observation, but by cascade: whatever refers to it would go too,
+    // unseen. Refused before the upstream is asked, by parameter or by header.
+    let before = s.up.requests().len();
+    let (st, _, _) = call(
+        &s,
+        "DELETE",
+        "/r4/Observation/o2?_cascade=delete",
+        &app,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let headers = [("x-cascade", "delete")];
+    let (st, _, _) = call(&s, "DELETE", "/r4/Observation/o2", &app, None, &headers).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(s.up.requests().len(), before);
     let (st, _, _) = call(&s, "DELETE", "/r4/Observation/o2", &app, None, &[]).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(

@@ -266,16 +266,22 @@ pub fn check_headers(headers: &HeaderMap) -> Result<(), ClassifyError> {
     }
     // One pass over the names present (lowercase in a HeaderMap) rather than a parsed
     // lookup per name: this runs for every authorized request.
-    let overrides = headers.keys().any(|name| {
-        matches!(
-            name.as_str(),
-            "x-http-method-override" | "x-method-override" | "x-http-method"
-        )
-    });
-    if overrides {
-        return Err(ClassifyError::BadRequest(
-            "method override headers are not accepted",
-        ));
+    for name in headers.keys() {
+        match name.as_str() {
+            "x-http-method-override" | "x-method-override" | "x-http-method" => {
+                return Err(ClassifyError::BadRequest(
+                    "method override headers are not accepted",
+                ));
+            }
+            // HAPI FHIR's cascading delete by header: a header is no part of what the
+            // decision is cached by; the `_cascade` parameter is, and is checked.
+            "x-cascade" => {
+                return Err(ClassifyError::BadRequest(
+                    "X-Cascade is not accepted: ask a cascading delete with _cascade=delete",
+                ));
+            }
+            _ => {}
+        }
     }
     Ok(())
 }

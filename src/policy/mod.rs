@@ -298,6 +298,24 @@ impl Policy {
 
 /// Decides one request.
 pub fn authorize(grants: &Grants, ctx: &Context, req: &FhirRequest, policy: &Policy) -> Decision {
+    // A cascading delete (HAPI `_cascade=delete`) also deletes every resource that refers
+    // to the one deleted: of any type, in any patient's compartment, none of them seen by
+    // the gateway. Only a token that may delete any resource could have done that itself.
+    if req.interaction == Interaction::Delete
+        && cascades(req)
+        && !full(&applicable(grants, ctx, policy, "*", Perms::D, false).0)
+    {
+        let level = match first_level(grants) {
+            Level::System => "system",
+            _ => "user",
+        };
+        return deny(
+            DenyReason::Unverifiable(
+                "a cascading delete also deletes the resources that refer to this one",
+            ),
+            format!("{level}/*.d"),
+        );
+    }
     match need(req, policy) {
         Need::Nothing => Decision::Allow(Plan::pass_through()),
         Need::Refuse(reason) => Decision::Deny {
@@ -415,6 +433,17 @@ fn need(req: &FhirRequest, policy: &Policy) -> Need {
             }
         }
     }
+}
+
+/// Whether a delete asks to cascade: a `_cascade` parameter (HAPI FHIR's, which also has
+/// the `X-Cascade` header the classifier refuses), named in any case, with any value.
+fn cascades(req: &FhirRequest) -> bool {
+    req.params.iter().any(|(k, _)| {
+        k.split(':')
+            .next()
+            .unwrap_or(k)
+            .eq_ignore_ascii_case("_cascade")
+    })
 }
 
 /// Parameters that continue a search the upstream remembers (HAPI `_getpages`, cursors).

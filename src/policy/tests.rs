@@ -839,3 +839,68 @@ fn configured_operations() {
         Decision::Allow(_)
     ));
 }
+
+/// A cascading delete also deletes whatever refers to the resource, unseen: only a token
+/// that may delete any resource, unconfined and unconstrained, may ask for one. A plain
+/// delete is decided as before.
+#[test]
+fn cascading_deletes_need_delete_on_everything() {
+    let cascade = "/Patient/123?_cascade=delete";
+    let unverifiable = |scopes: &str, patient: Option<&str>, path: &str| {
+        matches!(
+            decide(scopes, patient, "DELETE", path),
+            Decision::Deny {
+                reason: DenyReason::Unverifiable(_),
+                ..
+            }
+        )
+    };
+    // The patient's own record, by a token that may delete it, but not by cascade.
+    assert!(allowed(&decide(
+        "patient/*.cruds",
+        Some("123"),
+        "DELETE",
+        "/Patient/123"
+    )));
+    assert!(unverifiable("patient/*.cruds", Some("123"), cascade));
+    // The type alone is not enough, nor a granular scope on every type.
+    assert!(allowed(&decide(
+        "system/Patient.d",
+        None,
+        "DELETE",
+        "/Patient/123"
+    )));
+    assert!(unverifiable("system/Patient.d", None, cascade));
+    assert!(unverifiable("system/*.d?_tag=x", None, cascade));
+    // Any spelling of the parameter, conditional deletes too.
+    for path in [
+        "/Patient/123?_CASCADE=delete",
+        "/Patient/123?_cascade",
+        "/Observation?code=x&_cascade=delete",
+    ] {
+        assert!(
+            unverifiable("system/Patient.d system/Observation.d", None, path),
+            "{path}"
+        );
+    }
+    // Delete on everything, unconfined: allowed.
+    assert!(allowed(&decide("system/*.d", None, "DELETE", cascade)));
+    assert!(allowed(&decide("user/*.cruds", None, "DELETE", cascade)));
+    // A user confined to their own record (a Patient fhirUser) is not unconfined.
+    let grants = Grants::parse(["user/*.cruds"]);
+    let ctx = Context::new(None, Some("Patient/123"), false);
+    let d = authorize(&grants, &ctx, &req("DELETE", cascade), &Policy::default());
+    assert!(
+        matches!(&d, Decision::Deny { reason: DenyReason::Unverifiable(_), needed } if needed == "user/*.d"),
+        "{d:?}"
+    );
+    // In a transaction, the entry is refused like the request.
+    let entries = vec![Ok(req("DELETE", cascade))];
+    let grants = Grants::parse(["system/Patient.d"]);
+    assert!(!allowed(&authorize_bundle(
+        &grants,
+        &Context::default(),
+        &entries,
+        &Policy::default()
+    )));
+}

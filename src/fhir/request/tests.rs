@@ -192,6 +192,22 @@ fn hostile_paths() {
 
 /// Method-override headers are refused outright.
 #[test]
+fn cascade_header_refused() {
+    // HAPI's header form of a cascading delete: refused, any case, pointing at the
+    // `_cascade` parameter the policy checks.
+    for h in ["x-cascade", "X-Cascade"] {
+        let mut headers = HeaderMap::new();
+        headers.insert(h, "delete".parse().unwrap());
+        assert_eq!(
+            classify(&Method::DELETE, "/Patient/1", None, &headers, None, None),
+            Err(ClassifyError::BadRequest(
+                "X-Cascade is not accepted: ask a cascading delete with _cascade=delete"
+            ))
+        );
+    }
+}
+
+#[test]
 fn method_override_refused() {
     for h in [
         "x-http-method-override",
