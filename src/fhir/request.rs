@@ -225,14 +225,20 @@ pub fn classify(
         _ => return Err(ClassifyError::BadRequest("not a FHIR REST path")),
     }
 
+    let search = matches!(
+        req.interaction,
+        Interaction::SearchType | Interaction::SearchSystem | Interaction::SearchCompartment
+    );
+    // A form body is search parameters (POST _search) and nothing else: no create,
+    // operation or bundle is form-encoded, and a server that merges form fields into the
+    // parameters of any POST (as servlet containers do) would read ones never decided on.
+    if form.is_some() && post && !search {
+        return Err(ClassifyError::BadRequest(
+            "a form-encoded body is read only as the parameters of POST _search",
+        ));
+    }
     // POST _search: form parameters count like query parameters.
-    if let (true, Some(body)) = (
-        post && matches!(
-            req.interaction,
-            Interaction::SearchType | Interaction::SearchSystem
-        ),
-        form,
-    ) {
+    if let (true, Some(body)) = (post && search, form) {
         let text = std::str::from_utf8(body)
             .map_err(|_| ClassifyError::BadRequest("form body is not UTF-8"))?;
         params.extend(parse_params(Some(text))?);

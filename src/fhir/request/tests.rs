@@ -106,6 +106,31 @@ fn post_search_merges_form() {
     );
 }
 
+/// A form body anywhere but POST _search is refused: a server merging form fields into
+/// any POST's parameters would read ones the gateway never decided on.
+#[test]
+fn form_body_only_for_search() {
+    let form = Some(&b"_cascade=delete&code=abc"[..]);
+    for path in [
+        "/Observation",
+        "/Observation/$validate",
+        "/$export",
+        "/Patient/1/$everything",
+    ] {
+        assert_eq!(
+            classify(&Method::POST, path, None, &HeaderMap::new(), form, None),
+            Err(ClassifyError::BadRequest(
+                "a form-encoded body is read only as the parameters of POST _search"
+            )),
+            "{path}"
+        );
+    }
+    for path in ["/Observation/_search", "/_search"] {
+        let r = classify(&Method::POST, path, None, &HeaderMap::new(), form, None).unwrap();
+        assert_eq!(r.params.len(), 2, "{path}");
+    }
+}
+
 /// Batch and transaction by the posted Bundle's type; nothing else may be posted to the base.
 #[test]
 fn bundles() {
