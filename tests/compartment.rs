@@ -1148,3 +1148,74 @@ async fn too_large_to_verify() {
     assert_eq!(st, StatusCode::BAD_GATEWAY);
     assert_eq!(b["resourceType"], "OperationOutcome");
 }
+
+/// A Subscription is a search the server keeps running and pushes past the gateway: its
+/// criteria must be one the token may make with nothing to add. A patient's app may
+/// subscribe to its own Observations, not to everyone's; a system client with full
+/// access to Subscription but search on one type only may not subscribe to another, in
+/// a transaction either. Nothing refused reaches the upstream.
+#[tokio::test]
+async fn subscriptions_stand_on_searches_the_token_may_make() {
+    let s = setup("").await;
+    let sub = |criteria: &str| {
+        json!({"resourceType": "Subscription", "status": "requested", "reason": "x",
+               "criteria": criteria,
+               "channel": {"type": "rest-hook", "endpoint": "https://app.example/hook"}})
+    };
+    let fhir = "application/fhir+json";
+    let app = token(
+        &s.key,
+        "patient/Subscription.c patient/Observation.rs",
+        Some("123"),
+    );
+    let (st, _, _) = call(
+        &s,
+        "POST",
+        "/r4/Subscription",
+        &app,
+        Some((fhir, sub("Observation?code=x"))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let own = sub("Observation?patient=Patient/123&code=x");
+    let (st, _, _) = call(&s, "POST", "/r4/Subscription", &app, Some((fhir, own)), &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        s.up.requests().len(),
+        1,
+        "only the allowed one was forwarded"
+    );
+
+    let client = token(
+        &s.key,
+        "system/Subscription.cruds system/Observation.rs",
+        None,
+    );
+    let (st, _, _) = call(
+        &s,
+        "POST",
+        "/r4/Subscription",
+        &client,
+        Some((fhir, sub("Patient?name=x"))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": sub("Patient?name=x"), "request": {"method": "POST", "url": "Subscription"}}
+    ]});
+    let (st, _, _) = call(&s, "POST", "/r4", &client, Some((fhir, tx)), &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, _, _) = call(
+        &s,
+        "POST",
+        "/r4/Subscription",
+        &client,
+        Some((fhir, sub("Observation?code=x"))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(s.up.requests().len(), 2);
+}

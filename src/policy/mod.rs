@@ -316,6 +316,39 @@ pub fn authorize(grants: &Grants, ctx: &Context, req: &FhirRequest, policy: &Pol
             format!("{level}/*.d"),
         );
     }
+    let mut decision = decide(grants, ctx, req, policy);
+    // A Subscription's criteria is checked as a standing search (`check_standing_search`):
+    // its body is read even when the type itself is granted in full.
+    if let Decision::Allow(plan) = &mut decision
+        && req.resource_type == Some("Subscription")
+        && plan.write.is_none()
+        && !sees_everything(grants, ctx, policy)
+    {
+        let check = match req.interaction {
+            Interaction::Create | Interaction::Update => Some(WriteCheck::Body),
+            Interaction::Patch if !req.conditional => Some(WriteCheck::Patch),
+            Interaction::Patch => {
+                return deny(
+                    DenyReason::Unverifiable("a conditional patch of a Subscription"),
+                    String::new(),
+                );
+            }
+            _ => None,
+        };
+        if let Some(check) = check {
+            let perm = if req.interaction == Interaction::Create {
+                Perms::C
+            } else {
+                Perms::U
+            };
+            plan.write = Some(Write::new(check, "Subscription", req.id.clone(), perm));
+        }
+    }
+    decision
+}
+
+/// [`authorize`] before the Subscription rule.
+fn decide(grants: &Grants, ctx: &Context, req: &FhirRequest, policy: &Policy) -> Decision {
     match need(req, policy) {
         Need::Nothing => Decision::Allow(Plan::pass_through()),
         Need::Refuse(reason) => Decision::Deny {
@@ -757,7 +790,7 @@ fn decide_perm(
 
 /// Whether every resource the upstream could return is visible to the token: an
 /// unconfined, unconstrained scope with `r` or `s` on `*`.
-fn sees_everything(grants: &Grants, ctx: &Context, policy: &Policy) -> bool {
+pub(crate) fn sees_everything(grants: &Grants, ctx: &Context, policy: &Policy) -> bool {
     full(&applicable(grants, ctx, policy, "*", Perms::R.union(Perms::S), true).0)
 }
 
@@ -993,7 +1026,7 @@ fn narrowing(
 /// searched: includes, chains, `_has`, `_filter`, named queries, contained resources, paging
 /// cursors. Read the widest way a server might: names case-insensitively, and a `;`
 /// anywhere (legacy servers split on it) counts.
-fn reaches_other_resources(req: &FhirRequest) -> bool {
+pub(crate) fn reaches_other_resources(req: &FhirRequest) -> bool {
     req.params.iter().any(|(k, v)| {
         if k.contains(';') || v.contains(';') {
             return true;

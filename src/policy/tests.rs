@@ -904,3 +904,71 @@ fn cascading_deletes_need_delete_on_everything() {
         &Policy::default()
     )));
 }
+
+/// A Subscription write carries a check of its criteria, even where the type itself is
+/// granted in full; a token that may read everything needs none.
+#[test]
+fn subscriptions_are_checked_as_standing_searches() {
+    for (scopes, method, path, check) in [
+        (
+            "system/Subscription.c",
+            "POST",
+            "/Subscription",
+            WriteCheck::Body,
+        ),
+        (
+            "system/Subscription.u",
+            "PUT",
+            "/Subscription/1",
+            WriteCheck::Body,
+        ),
+        (
+            "system/Subscription.u",
+            "PUT",
+            "/Subscription?status=active",
+            WriteCheck::Body,
+        ),
+        (
+            "system/Subscription.u",
+            "PATCH",
+            "/Subscription/1",
+            WriteCheck::Patch,
+        ),
+    ] {
+        let p = plan(scopes, None, method, path);
+        assert_eq!(p.write.map(|w| w.check), Some(check), "{method} {path}");
+    }
+    assert!(matches!(
+        decide(
+            "system/Subscription.u",
+            None,
+            "PATCH",
+            "/Subscription?status=active"
+        ),
+        Decision::Deny {
+            reason: DenyReason::Unverifiable(_),
+            ..
+        }
+    ));
+    // Reading everything: nothing to check. Deleting and reading: nothing either.
+    assert_eq!(
+        plan("system/*.cruds", None, "POST", "/Subscription"),
+        Plan::pass_through()
+    );
+    assert_eq!(
+        plan("system/Subscription.d", None, "DELETE", "/Subscription/1"),
+        Plan::pass_through()
+    );
+    assert_eq!(
+        plan("system/Subscription.r", None, "GET", "/Subscription/1"),
+        Plan::pass_through()
+    );
+    // Confined tokens keep their usual check, which now includes the criteria.
+    let p = plan(
+        "patient/Subscription.c",
+        Some("123"),
+        "POST",
+        "/Subscription",
+    );
+    assert_eq!(p.write.map(|w| w.check), Some(WriteCheck::Body));
+}

@@ -80,6 +80,55 @@ impl Viewer<'_> {
         wanted
     }
 
+    /// Whether a Subscription may stand as written: its `criteria` is a search the server
+    /// runs for it from then on, and each match is pushed to the channel's endpoint
+    /// without passing the gateway. So the criteria must be a search the token may make
+    /// that needs nothing done to its answers: of a type it may search, naming its
+    /// patient and carrying its granular constraints itself (nothing to add), reaching
+    /// no other resources. A token that may read everything may subscribe to anything;
+    /// any other subscription (an absolute or topic-based criteria, say) is refused.
+    pub fn check_standing_search(&self, resource: &Value) -> Result<(), DenyReason> {
+        use super::{Decision, authorize, reaches_other_resources, sees_everything};
+        use crate::fhir::request::{Interaction, classify};
+        if sees_everything(self.grants, self.ctx, self.policy) {
+            return Ok(());
+        }
+        let unreadable = DenyReason::Unverifiable(
+            "a Subscription's criteria must be a search of one type the token may make",
+        );
+        let criteria = resource.get("criteria").and_then(Value::as_str);
+        let Some((path, query)) = criteria.map(|c| c.split_once('?').unwrap_or((c, ""))) else {
+            return Err(unreadable);
+        };
+        let search = classify(
+            &http::Method::GET,
+            &format!("/{path}"),
+            Some(query),
+            &http::HeaderMap::new(),
+            None,
+            None,
+        )
+        .map_err(|_| unreadable.clone())?;
+        if search.interaction != Interaction::SearchType || reaches_other_resources(&search) {
+            return Err(unreadable);
+        }
+        match authorize(self.grants, self.ctx, &search, self.policy) {
+            Decision::Deny { reason, .. } => Err(reason),
+            Decision::Allow(plan)
+                if plan.inject.is_empty()
+                    && matches!(
+                        plan.verify,
+                        Verify::None | Verify::Bundle { narrowed: true }
+                    ) =>
+            {
+                Ok(())
+            }
+            Decision::Allow(_) => Err(DenyReason::Unverifiable(
+                "a Subscription's criteria must name the patient and the scopes' constraints",
+            )),
+        }
+    }
+
     /// Whether the token may write `resource` (as type `ty`) with `perm`: under
     /// confinement every compartment reference names the patient and there is at least
     /// one; under constraints the resource matches them.
@@ -653,6 +702,70 @@ mod tests {
             assert!(
                 b["entry"][3].get("resource").is_none(),
                 "an entry without a plan is verified"
+            );
+        });
+    }
+
+    /// A Subscription stands only on a search the token may make with nothing to add
+    /// to it or take out of its answers.
+    #[test]
+    fn standing_searches() {
+        let sub = |criteria: &str| json!({"resourceType": "Subscription", "criteria": criteria});
+        let unverifiable =
+            |r: Result<(), DenyReason>| matches!(r, Err(DenyReason::Unverifiable(_)));
+        with("patient/*.cruds", Some("123"), |v| {
+            for ok in [
+                "Observation?patient=Patient/123&code=http://loinc.org|1975-2",
+                "Observation?subject=Patient/123",
+                "Patient?_id=123",
+            ] {
+                assert_eq!(v.check_standing_search(&sub(ok)), Ok(()), "{ok}");
+            }
+            // Every patient's Observations, pushed past the gateway.
+            assert!(unverifiable(
+                v.check_standing_search(&sub("Observation?code=x"))
+            ));
+            assert_eq!(
+                v.check_standing_search(&sub("Observation?patient=456")),
+                Err(DenyReason::Compartment)
+            );
+            for bad in [
+                "Observation?patient=123&_include=Observation:performer",
+                "Observation?patient=123&subject.name=x",
+                "http://up/fhir/Observation?patient=123",
+                "http://example.org/topic/encounter-start",
+                "Observation/1",
+                "",
+            ] {
+                assert!(unverifiable(v.check_standing_search(&sub(bad))), "{bad}");
+            }
+            assert!(unverifiable(v.check_standing_search(
+                &json!({"resourceType": "Subscription"})
+            )));
+        });
+        // Unconfined but constrained: the criteria carries the constraint.
+        with(
+            "system/Subscription.cu system/Observation.s?category=laboratory",
+            None,
+            |v| {
+                assert_eq!(
+                    v.check_standing_search(&sub("Observation?category=laboratory")),
+                    Ok(())
+                );
+                assert!(unverifiable(
+                    v.check_standing_search(&sub("Observation?code=x"))
+                ));
+                assert_eq!(
+                    v.check_standing_search(&sub("Patient?name=x")),
+                    Err(DenyReason::InsufficientScope)
+                );
+            },
+        );
+        // A token that may read everything may subscribe to anything.
+        with("system/*.rs system/Subscription.c", None, |v| {
+            assert_eq!(
+                v.check_standing_search(&sub("http://example.org/topic/x")),
+                Ok(())
             );
         });
     }
