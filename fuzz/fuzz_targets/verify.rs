@@ -1,5 +1,6 @@
-//! Response and body verification on arbitrary JSON: never panics; the single-pass check of
-//! one resource decides like the whole one; filtering never adds entries.
+//! Response and body verification (and Subscription criteria) on arbitrary JSON: never
+//! panics; the single-pass check of one resource decides like the whole one; filtering
+//! never adds entries.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -33,6 +34,8 @@ fuzz_target!(|data: &[u8]| {
     if let Some(ty) = doc.get("resourceType").and_then(|t| t.as_str()) {
         let _ = v.check_write(ty, &doc, Perms::C);
     }
+    // Any `criteria`, as a Subscription's: a search classified and decided, or refused.
+    let _ = v.check_standing_search(&doc);
     let before = doc.get("entry").and_then(|e| e.as_array()).map_or(0, |e| e.len());
     let mut filtered = doc.clone();
     if let Verdict::Changed { removed } = v.verify(Verify::Bundle { narrowed: true }, &mut filtered) {

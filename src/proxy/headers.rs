@@ -102,7 +102,9 @@ pub fn keep_private(headers: &mut HeaderMap) {
     if !shared {
         return;
     }
-    kept.push("private");
+    if !kept.iter().any(|d| d.eq_ignore_ascii_case("private")) {
+        kept.push("private");
+    }
     let joined = kept.join(", ");
     let value = HeaderValue::from_str(&joined).unwrap_or(HeaderValue::from_static("private"));
     headers.insert(header::CACHE_CONTROL, value);
@@ -407,6 +409,15 @@ mod tests {
         assert_eq!(
             private_of(&["public, private=\"set-cookie\""]),
             ["private=\"set-cookie\", private"]
+        );
+        // Already private: said once, and a second pass changes nothing.
+        assert_eq!(
+            private_of(&["private, s-maxage=5"]),
+            ["private, s-maxage=5"]
+        );
+        assert_eq!(
+            private_of(&["max-age=60, private"]),
+            ["max-age=60, private"]
         );
         // A directive named only inside a quoted value is not one.
         assert_eq!(
