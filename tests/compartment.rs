@@ -33,7 +33,18 @@ fn store() -> Vec<Value> {
         obs("o3", "456", "laboratory"),
         obs("o4", "1234", "laboratory"),
         json!({"resourceType": "Medication", "id": "m1"}),
+        document("d123", "123"),
+        document("d456", "456"),
     ]
+}
+
+/// A stored document Bundle about `patient`: a Composition and the Patient.
+fn document(id: &str, patient: &str) -> Value {
+    json!({"resourceType": "Bundle", "id": id, "type": "document", "entry": [
+        {"resource": {"resourceType": "Composition", "id": format!("c{patient}"),
+                      "subject": {"reference": format!("Patient/{patient}")}}},
+        {"resource": {"resourceType": "Patient", "id": patient}}
+    ]})
 }
 
 /// Answers like a FHIR server that ignores every search parameter: reads by id, every
@@ -1218,4 +1229,31 @@ async fn subscriptions_stand_on_searches_the_token_may_make() {
     .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(s.up.requests().len(), 2);
+}
+
+/// A stored Bundle (a document, an IPS) is outside the R4 compartment, and reading it
+/// reads its entries: with patient/*.rs the patient's own document is readable, by id
+/// and in searches, the other patient's is refused; a document about another patient
+/// cannot be stored, one about the patient can.
+#[tokio::test]
+async fn stored_bundles_are_confined_by_their_entries() {
+    let s = setup("").await;
+    let app = token(&s.key, "patient/*.cruds", Some("123"));
+    let (st, _, _) = call(&s, "GET", "/r4/Bundle/d456", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, _, b) = call(&s, "GET", "/r4/Bundle/d123", &app, None, &[]).await;
+    assert_eq!((st, &b["id"]), (StatusCode::OK, &json!("d123")));
+    let (st, _, b) = call(&s, "GET", "/r4/Bundle?type=document", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    // The other patient's document and the included other Patient are taken out.
+    assert_eq!(ids(&b), ["Bundle/d123"]);
+    let before = s.up.requests().len();
+    let fhir = "application/fhir+json";
+    let theirs = Some((fhir, document("x", "456")));
+    let (st, _, _) = call(&s, "POST", "/r4/Bundle", &app, theirs, &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert_eq!(s.up.requests().len(), before);
+    let own = Some((fhir, document("x", "123")));
+    let (st, _, _) = call(&s, "POST", "/r4/Bundle", &app, own, &[]).await;
+    assert_eq!(st, StatusCode::OK);
 }

@@ -75,6 +75,10 @@ pub fn checked_elements<'a>(
 ) -> Vec<&'static str> {
     let first = |p: &'static str| p.split('.').next().unwrap_or(p);
     let mut out = Vec::new();
+    // A Bundle is judged by its entries (`policy::in_compartment_type`).
+    if compartment && ty == "Bundle" {
+        out.push("entry");
+    }
     if compartment && let Some(params) = compartment_paths(ty) {
         for (_, paths) in params {
             out.extend(paths.iter().copied().map(first));

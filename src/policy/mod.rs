@@ -268,7 +268,8 @@ pub struct Policy {
 
 impl Policy {
     /// Whether a confined scope on `ty` (outside the compartment) grants access. Bundles
-    /// carry other resources and are never reached this way.
+    /// carry other resources and are never reached this way (they are judged by their
+    /// entries, `in_compartment_type`).
     fn non_compartment_allowed(&self, ty: &str) -> bool {
         self.non_compartment == NonCompartment::Allow && ty != "Bundle"
     }
@@ -578,9 +579,12 @@ pub(crate) fn applicable<'a>(
     (out, no_patient)
 }
 
-/// Whether `ty` has a patient compartment (Patient itself included).
+/// Whether `ty` has a patient compartment (Patient itself included). A stored Bundle (a
+/// document, an IPS, a message) counts too: it is outside the R4 definition, but reading
+/// it reads its entries, so it is in a patient's compartment when every entry is readable
+/// by the token (`Viewer::visible`) and written for that patient (`Viewer::check_write`).
 pub(crate) fn in_compartment_type(ty: &str) -> bool {
-    ty == "Patient" || crate::fhir::search::compartment_paths(ty).is_some()
+    ty == "Patient" || ty == "Bundle" || crate::fhir::search::compartment_paths(ty).is_some()
 }
 
 /// Every applicable scope confined to one and the same patient: that patient.
@@ -700,7 +704,8 @@ fn decide_perm(
                 match names_patient(req, ty, p, &policy.bases) {
                     Err(()) => return deny(DenyReason::Compartment, String::new()),
                     Ok(true) => {}
-                    Ok(false) if *ty == "*" => narrowed = false,
+                    // No parameter names a Bundle's patient: its entries are checked.
+                    Ok(false) if *ty == "*" || *ty == "Bundle" => narrowed = false,
                     Ok(false) => plan.inject.push(policy.compartment_param(ty, p)),
                 }
             } else if apps.iter().any(|a| a.confined_to.is_some()) {
@@ -1003,6 +1008,12 @@ fn narrowing(
 ) -> Result<Vec<(String, String)>, DenyReason> {
     let mut extra = Vec::new();
     if apps.iter().any(|a| a.confined_to.is_some()) {
+        if ty == "Bundle" {
+            // No parameter confines a condition on Bundles to a patient.
+            return Err(DenyReason::Unverifiable(
+                "a conditional write of a Bundle under a patient context",
+            ));
+        }
         let p = sole_patient(apps).ok_or(DenyReason::Unverifiable(
             "a conditional write under several patient contexts",
         ))?;

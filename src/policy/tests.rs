@@ -972,3 +972,37 @@ fn subscriptions_are_checked_as_standing_searches() {
     );
     assert_eq!(p.write.map(|w| w.check), Some(WriteCheck::Body));
 }
+
+/// A stored Bundle under a patient context is judged by its entries: reads verified,
+/// searches not narrowed (no parameter names a Bundle's patient) but filtered, with
+/// `entry` kept under `_elements`; conditional writes cannot be confined.
+#[test]
+fn stored_bundles_are_confined_by_their_entries() {
+    let read = plan("patient/*.rs", Some("123"), "GET", "/Bundle/d1");
+    assert_eq!(read.verify, Verify::Resource(Perms::R));
+    let search = plan(
+        "patient/*.rs",
+        Some("123"),
+        "GET",
+        "/Bundle?type=document&_elements=type",
+    );
+    assert_eq!(search.verify, Verify::Bundle { narrowed: false });
+    assert!(search.inject.is_empty());
+    assert_eq!(search.elements, vec!["entry"]);
+    let create = plan("patient/*.cruds", Some("123"), "POST", "/Bundle");
+    assert_eq!(create.write.map(|w| w.check), Some(WriteCheck::Body));
+    assert!(matches!(
+        reason(
+            "patient/*.cruds",
+            Some("123"),
+            "PUT",
+            "/Bundle?identifier=x"
+        ),
+        DenyReason::Unverifiable(_)
+    ));
+    // Unconfined: as before.
+    assert_eq!(
+        plan("system/Bundle.r", None, "GET", "/Bundle/d1"),
+        Plan::pass_through()
+    );
+}

@@ -43,12 +43,65 @@ impl Viewer<'_> {
         let (apps, _) = applicable(self.grants, self.ctx, self.policy, ty, any, true);
         let bases = &self.policy.bases;
         apps.iter().any(|a| {
-            a.confined_to
-                .is_none_or(|p| in_compartment(ty, resource, p, bases))
-                && a.constraints
-                    .iter()
-                    .all(|(k, v)| matches(ty, resource, k, v, bases) == Some(true))
+            a.confined_to.is_none_or(|p| {
+                if ty == "Bundle" {
+                    self.entries_visible(resource, any)
+                } else {
+                    in_compartment(ty, resource, p, bases)
+                }
+            }) && a
+                .constraints
+                .iter()
+                .all(|(k, v)| matches(ty, resource, k, v, bases) == Some(true))
         })
+    }
+
+    /// A stored Bundle under confinement: readable when it has entries and the token
+    /// could read every entry's resource itself. An entry without a resource (a bare URL),
+    /// or with a `request` or `response` (URLs and outcomes that may name other
+    /// resources), is not readable; nested Bundles are judged the same way.
+    fn entries_visible(&self, bundle: &Value, any: Perms) -> bool {
+        bundle
+            .get("entry")
+            .and_then(Value::as_array)
+            .is_some_and(|entries| {
+                !entries.is_empty()
+                    && entries.iter().all(|e| {
+                        e.get("request").is_none()
+                            && e.get("response").is_none()
+                            && e.get("resource").is_some_and(|r| self.visible(r, any))
+                    })
+            })
+    }
+
+    /// A stored Bundle written under confinement to `patient`: it has entries, and every
+    /// entry's resource is written for that patient (its compartment references all name
+    /// the patient, as in [`Viewer::check_write`]) or is of a type outside the compartment
+    /// that the policy lets confined tokens have. Type scopes are the Bundle's own: the
+    /// entries are stored in it, not written as resources.
+    fn entries_written_for(&self, bundle: &Value, patient: &str) -> bool {
+        let bases = &self.policy.bases;
+        let for_patient = |r: &Value| match resource_type(r) {
+            Some("Bundle") => self.entries_written_for(r, patient),
+            Some(ty) if super::in_compartment_type(ty) => {
+                if ty == "Patient" && r.get("id").is_none() {
+                    return false;
+                }
+                let ids = compartment_patients(ty, r, bases);
+                !ids.is_empty() && ids.iter().all(|i| *i == patient)
+            }
+            Some(ty) => self.policy.non_compartment_allowed(ty),
+            None => false,
+        };
+        bundle
+            .get("entry")
+            .and_then(Value::as_array)
+            .is_some_and(|entries| {
+                !entries.is_empty()
+                    && entries
+                        .iter()
+                        .all(|e| e.get("resource").is_some_and(for_patient))
+            })
     }
 
     /// [`Viewer::visible`] straight from the bytes of one resource, parsing only the
@@ -152,6 +205,7 @@ impl Viewer<'_> {
             let compartment_ok = match a.confined_to {
                 None => true,
                 Some(_) if ty == "Patient" && resource.get("id").is_none() => false,
+                Some(p) if ty == "Bundle" => self.entries_written_for(resource, p),
                 // A conditional reference (`Patient?identifier=…`) the server would
                 // resolve to some patient: unknowable here, so refused.
                 Some(_) if has_conditional_reference(ty, resource) => false,
@@ -768,5 +822,97 @@ mod tests {
                 Ok(())
             );
         });
+    }
+
+    /// A stored Bundle (a document, an IPS) is read with its entries: under confinement
+    /// it is readable when the token could read every entry itself, and written when
+    /// every entry is for the patient. Unconfined scopes are not affected.
+    #[test]
+    fn stored_bundles_are_judged_by_their_entries() {
+        let doc = |entries: Vec<Value>| {
+            json!({"resourceType": "Bundle", "id": "d", "type": "document",
+                   "entry": entries.into_iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()})
+        };
+        let comp = |p: &str| json!({"resourceType": "Composition", "subject": {"reference": format!("Patient/{p}")}});
+        let pat = |id: &str| json!({"resourceType": "Patient", "id": id});
+        let org = json!({"resourceType": "Organization", "id": "o"});
+        let own = doc(vec![
+            comp("123"),
+            pat("123"),
+            obs("1", "123", "x"),
+            org.clone(),
+        ]);
+        let theirs = doc(vec![comp("456"), pat("456"), obs("2", "456", "x")]);
+        let mixed = doc(vec![comp("123"), obs("2", "456", "x")]);
+        let nested = doc(vec![doc(vec![obs("2", "456", "x")])]);
+        let r = Perms::R;
+        with("patient/*.rs", Some("123"), |v| {
+            assert!(v.visible(&own, r));
+            assert!(!v.visible(&theirs, r));
+            assert!(
+                !v.visible(&mixed, r),
+                "one other patient's entry hides the whole"
+            );
+            assert!(!v.visible(&nested, r));
+            assert!(v.visible(&doc(vec![doc(vec![obs("1", "123", "x")])]), r));
+            // Nothing to judge by: entries stripped (_summary, _elements) or without a
+            // resource.
+            assert!(!v.visible(&json!({"resourceType": "Bundle", "type": "document"}), r));
+            assert!(!v.visible(&doc(vec![]), r));
+            let bare = json!({"resourceType": "Bundle", "entry": [{"fullUrl": "Observation/2"}]});
+            assert!(!v.visible(&bare, r));
+            // A stored transaction's request URLs may name other patients' resources.
+            let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"resource": obs("1", "123", "x"), "request": {"method": "PUT", "url": "Observation/2"}}]});
+            assert!(!v.visible(&tx, r));
+            let answered = json!({"resourceType": "Bundle", "entry": [
+                {"resource": obs("1", "123", "x"), "response": {"status": "200"}}]});
+            assert!(!v.visible(&answered, r));
+            // A search of stored Bundles keeps only the readable ones.
+            let mut found = json!({"resourceType": "Bundle", "type": "searchset", "entry": [
+                {"resource": own}, {"resource": theirs}]});
+            assert_eq!(
+                v.verify(Verify::Bundle { narrowed: false }, &mut found),
+                Verdict::Changed { removed: 1 }
+            );
+            // Writes: every entry for the patient.
+            let c = Perms::C;
+            assert_eq!(
+                v.check_write("Bundle", &doc(vec![comp("123"), pat("123")]), c),
+                Err(DenyReason::InsufficientScope)
+            );
+        });
+        with("patient/*.cruds", Some("123"), |v| {
+            let c = Perms::C;
+            assert_eq!(
+                v.check_write(
+                    "Bundle",
+                    &doc(vec![comp("123"), pat("123"), org.clone()]),
+                    c
+                ),
+                Ok(())
+            );
+            assert_eq!(
+                v.check_write("Bundle", &doc(vec![comp("123"), obs("2", "456", "x")]), c),
+                Err(DenyReason::Compartment)
+            );
+            assert_eq!(
+                v.check_write("Bundle", &doc(vec![pat("456")]), c),
+                Err(DenyReason::Compartment)
+            );
+            assert_eq!(
+                v.check_write("Bundle", &doc(vec![doc(vec![comp("456")])]), c),
+                Err(DenyReason::Compartment)
+            );
+            assert_eq!(
+                v.check_write("Bundle", &doc(vec![]), c),
+                Err(DenyReason::Compartment)
+            );
+        });
+        // Only the Bundle scope: entries of other types cannot be read, so neither can it.
+        with("patient/Bundle.r", Some("123"), |v| {
+            assert!(!v.visible(&doc(vec![comp("123")]), r));
+        });
+        with("system/Bundle.r", None, |v| assert!(v.visible(&theirs, r)));
     }
 }
