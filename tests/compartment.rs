@@ -1257,3 +1257,16 @@ async fn stored_bundles_are_confined_by_their_entries() {
     let (st, _, _) = call(&s, "POST", "/r4/Bundle", &app, own, &[]).await;
     assert_eq!(st, StatusCode::OK);
 }
+
+/// `$meta` would answer another patient's resource's versions and security labels in a
+/// Parameters that names no patient: refused under a patient context, never forwarded.
+#[tokio::test]
+async fn meta_is_refused_under_a_patient_context() {
+    let s = setup("").await;
+    let app = token(&s.key, "patient/*.rs", Some("123"));
+    for path in ["/r4/Observation/o3/$meta", "/r4/Observation/$meta"] {
+        let (st, _, _) = call(&s, "GET", path, &app, None, &[]).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert!(s.up.requests().is_empty());
+}

@@ -767,6 +767,15 @@ fn decide_perm(
                     String::new(),
                 );
             }
+            // The answer is a Parameters holding the meta (versions, tags, security
+            // labels) of a resource, or of every resource of the type: nothing in it
+            // says whose it is, so nothing can be checked.
+            if op == "meta" {
+                return deny(
+                    DenyReason::Unverifiable("$meta is not available to confined tokens"),
+                    String::new(),
+                );
+            }
             if req.interaction == OperationInstance
                 && req.resource_type == Some("Patient")
                 && sole.is_some_and(|p| Some(p) != req.id.as_deref())

@@ -1006,3 +1006,25 @@ fn stored_bundles_are_confined_by_their_entries() {
         Plan::pass_through()
     );
 }
+
+/// `$meta` describes resources (versions, tags, security labels) without saying whose:
+/// open to unconfined tokens, refused under a patient context, for one resource and for
+/// the type alike.
+#[test]
+fn meta_is_not_for_confined_tokens() {
+    assert!(allowed(&decide(
+        "user/Observation.r",
+        None,
+        "GET",
+        "/Observation/o3/$meta"
+    )));
+    for path in ["/Observation/o3/$meta", "/Observation/$meta"] {
+        assert!(
+            matches!(
+                reason("patient/*.rs", Some("123"), "GET", path),
+                DenyReason::Unverifiable(_)
+            ),
+            "{path}"
+        );
+    }
+}
