@@ -174,6 +174,8 @@ pub struct Shared {
     pub env: Vec<(String, String)>,
     /// Client for the gateway's own calls (JWKS, introspection).
     pub outbound: Outbound,
+    /// Bulk Data export status URLs handed out, and the clients they belong to.
+    pub exports: crate::pipeline::exports::Exports,
 }
 
 impl Shared {

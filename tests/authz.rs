@@ -475,3 +475,72 @@ async fn cors_for_browser_apps() {
         .unwrap();
     assert_eq!(send(plain).await.0, StatusCode::UNAUTHORIZED);
 }
+
+/// A Bulk Data export's status URL (HAPI's `$export-poll-status?_jobId=…`) is no
+/// operation the rules know: the client that kicked the export off may poll it, read the
+/// manifest (its file URLs rewritten to the gateway) and cancel it; another client with
+/// the same scopes may not, and is not forwarded. Before the kick-off, nobody may.
+#[tokio::test]
+async fn export_status_belongs_to_the_client_that_started_it() {
+    let up = FakeUpstream::start(std::sync::Arc::new(|seen: &Seen| {
+        let base = "http://upstream.test/fhir";
+        let resp = if seen.uri.contains("/$export?") || seen.uri.ends_with("/$export") {
+            let mut r = json_response(StatusCode::ACCEPTED, &json!({}));
+            let status = format!("{base}/$export-poll-status?_jobId=abc");
+            r.headers_mut()
+                .insert("content-location", status.parse().unwrap());
+            r
+        } else if seen.method == http::Method::DELETE {
+            json_response(StatusCode::ACCEPTED, &json!({}))
+        } else {
+            json_response(
+                StatusCode::OK,
+                &json!({"transactionTime": "2026-11-29T00:00:00Z",
+                        "request": format!("{base}/$export"), "requiresAccessToken": true,
+                        "output": [{"type": "Observation", "url": format!("{base}/Binary/b1")}],
+                        "error": []}),
+            )
+        };
+        Box::pin(std::future::ready(resp))
+    }))
+    .await;
+    let s = jwt_gateway(up, "", "aliases = [\"http://upstream.test/fhir\"]").await;
+    let with_client = |client: &str| {
+        let mut c = claims();
+        c["scope"] = json!("system/*.rs");
+        c["client_id"] = json!(client);
+        s.key.sign(&c)
+    };
+    let (exporter, other) = (with_client("exporter"), with_client("other"));
+    let status = "/r4/$export-poll-status?_jobId=abc";
+
+    assert_eq!(
+        call(&s, "GET", status, &exporter, None).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let (st, h, _) = call(&s, "GET", "/r4/$export?_type=Observation", &exporter, None).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    assert_eq!(
+        h["content-location"],
+        format!("http://gateway.test{status}")
+    );
+
+    let (st, _, manifest) = call(&s, "GET", status, &exporter, None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        json(&manifest)["output"][0]["url"],
+        "http://gateway.test/r4/Binary/b1"
+    );
+    let forwarded = s.up.requests().len();
+    for method in ["GET", "DELETE"] {
+        assert_eq!(
+            call(&s, method, status, &other, None).await.0,
+            StatusCode::FORBIDDEN
+        );
+    }
+    assert_eq!(s.up.requests().len(), forwarded);
+    assert_eq!(
+        call(&s, "DELETE", status, &exporter, None).await.0,
+        StatusCode::ACCEPTED
+    );
+}

@@ -30,6 +30,23 @@ pub(super) async fn classify_and_authorize(
     // Requests decided by the target alone can use the decision cache — after the header
     // checks, which the cache must never skip.
     crate::fhir::request::check_headers(req.headers()).map_err(classify_error)?;
+    // A Bulk Data status URL the gateway handed out: its client's, and no one else's,
+    // whatever the path looks like (exports.rs).
+    if matches!(*req.method(), Method::GET | Method::DELETE)
+        && let Some(owner) = shared.exports.client(rel)
+    {
+        let decision = if super::exports::client_of(principal).as_deref() == Some(&*owner) {
+            Decision::Allow(Plan::pass_through())
+        } else {
+            Decision::Deny {
+                reason: crate::policy::DenyReason::Unverifiable(
+                    "the export was started by another client",
+                ),
+                needed: String::new(),
+            }
+        };
+        return finish(shared, req, decision);
+    }
     let cacheable = !base_post && form.is_none();
     let if_none_exist = req
         .headers()

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 
 mod authorize;
 mod checks;
+pub mod exports;
 mod public;
 
 use crate::auth::{AuthFailure, Principal, bearer};
@@ -342,8 +343,22 @@ async fn serve(
         ));
     }
 
+    // An export kick-off accepted: its status URL belongs to this client (exports.rs).
+    let export_status = match &principal {
+        Some(p) if resp.status() == StatusCode::ACCEPTED && exports::is_kick_off(&rel) => resp
+            .headers()
+            .get(header::CONTENT_LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|url| snap.urls.relative(url))
+            .zip(exports::client_of(p)),
+        _ => None,
+    };
+
     // respond
     let mut resp = respond(shared, snap, &plan, fetcher.as_ref(), &method, native, resp).await?;
+    if let Some((status, client)) = export_status {
+        shared.exports.record(status, client);
+    }
     // What a token was shown is not for a shared cache to show others.
     if principal.is_some() {
         crate::proxy::headers::keep_private(resp.headers_mut());

@@ -57,6 +57,26 @@ impl UrlMap {
     }
 }
 
+impl UrlMap {
+    /// For a URL written by the upstream, the part after its base (`""`, `/…` or `?…`):
+    /// the target a client names relative to the public base once [`UrlMap::to_public`]
+    /// rewrote it. `None` for a URL outside the upstream.
+    pub fn relative(&self, url: &str) -> Option<String> {
+        for (_, base_str) in &self.upstream {
+            if let Some(rest) = strip_prefix_ci(url, base_str)
+                && boundary(rest)
+            {
+                return Some(rest.to_owned());
+            }
+        }
+        if url.starts_with('/') && !url.starts_with("//") {
+            let (primary, _) = &self.upstream[0];
+            return strip_base_path(url, &primary.path).map(str::to_owned);
+        }
+        None
+    }
+}
+
 /// `rest` begins where a base URL may end: nothing, a path, a query or a fragment.
 fn boundary(rest: &str) -> bool {
     rest.is_empty() || rest.starts_with(['/', '?', '#'])

@@ -102,6 +102,7 @@ impl Gateway {
             config_path,
             env,
             outbound,
+            exports: Default::default(),
         });
         Ok(Gateway {
             shared,
