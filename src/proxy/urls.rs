@@ -108,6 +108,37 @@ mod tests {
         )
     }
 
+    /// `relative` is what `to_public` appends to the public base, for the same URLs.
+    #[test]
+    fn relative_targets() {
+        let m = map();
+        for url in [
+            "http://10.0.0.5:8081/fhir/$export-poll-status?_jobId=1",
+            "http://fhir-internal/fhir/Patient/1",
+            "http://10.0.0.5:8081/fhir",
+            "/fhir/Patient?x=1",
+            "https://elsewhere.example/fhir/Patient/1",
+            "/other/Patient",
+            "http://10.0.0.5:8081/fhirx",
+        ] {
+            let public = m.to_public(url);
+            let rest = m.relative(url);
+            assert_eq!(rest.is_some(), public.is_some(), "{url}");
+            if let (Some(public), Some(rest)) = (public, rest) {
+                let absolute = format!("https://fhir.example.org/r4{rest}");
+                assert!(
+                    public == absolute || public == format!("/r4{rest}"),
+                    "{url}"
+                );
+            }
+        }
+        assert_eq!(
+            m.relative("http://10.0.0.5:8081/fhir/$export-poll-status?_jobId=1")
+                .as_deref(),
+            Some("/$export-poll-status?_jobId=1")
+        );
+    }
+
     /// Upstream URLs become public ones, with path, query and fragment kept.
     #[test]
     fn rewrites_upstream_urls() {
