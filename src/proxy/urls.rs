@@ -40,38 +40,36 @@ impl UrlMap {
     /// any upstream base and absolute paths under the upstream's path are rewritten;
     /// anything else is returned unchanged (`None`).
     pub fn to_public(&self, url: &str) -> Option<String> {
-        for (_, base_str) in &self.upstream {
-            if let Some(rest) = strip_prefix_ci(url, base_str)
-                && boundary(rest)
-            {
-                return Some(format!("{}{rest}", self.public_str));
-            }
-        }
-        if url.starts_with('/') && !url.starts_with("//") {
-            let (primary, _) = &self.upstream[0];
-            if let Some(rest) = strip_base_path(url, &primary.path) {
-                return Some(format!("{}{rest}", self.public.path));
-            }
-        }
-        None
+        let (rest, absolute) = self.upstream_rest(url)?;
+        let base = if absolute {
+            &self.public_str
+        } else {
+            &self.public.path
+        };
+        Some(format!("{base}{rest}"))
     }
-}
 
-impl UrlMap {
     /// For a URL written by the upstream, the part after its base (`""`, `/…` or `?…`):
     /// the target a client names relative to the public base once [`UrlMap::to_public`]
     /// rewrote it. `None` for a URL outside the upstream.
     pub fn relative(&self, url: &str) -> Option<String> {
+        self.upstream_rest(url).map(|(rest, _)| rest.to_owned())
+    }
+
+    /// Where `url` lies under the upstream: the part after the base, and whether `url`
+    /// is an absolute URL under any upstream base (else an absolute path under the
+    /// upstream's path).
+    fn upstream_rest<'a>(&self, url: &'a str) -> Option<(&'a str, bool)> {
         for (_, base_str) in &self.upstream {
             if let Some(rest) = strip_prefix_ci(url, base_str)
                 && boundary(rest)
             {
-                return Some(rest.to_owned());
+                return Some((rest, true));
             }
         }
         if url.starts_with('/') && !url.starts_with("//") {
             let (primary, _) = &self.upstream[0];
-            return strip_base_path(url, &primary.path).map(str::to_owned);
+            return strip_base_path(url, &primary.path).map(|rest| (rest, false));
         }
         None
     }
