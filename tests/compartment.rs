@@ -1270,3 +1270,41 @@ async fn meta_is_refused_under_a_patient_context() {
     }
     assert!(s.up.requests().is_empty());
 }
+
+/// A conditional create under a patient context is verified, but an answer without a
+/// body (`Prefer: return=minimal`) has nothing to verify: the 201 and its Location pass,
+/// rather than a 502 for a create that happened. An empty 200 to a read still fails.
+#[tokio::test]
+async fn minimal_answers_to_checked_writes_pass() {
+    let up = FakeUpstream::start(Arc::new(|seen: &Seen| {
+        let mut resp = http::Response::new(smartgate::body::empty());
+        if seen.method == http::Method::POST {
+            *resp.status_mut() = StatusCode::CREATED;
+            let location = "http://upstream.invalid/fhir/Observation/n/_history/1";
+            resp.headers_mut()
+                .insert("location", location.parse().unwrap());
+        }
+        resp.headers_mut()
+            .insert("content-length", "0".parse().unwrap());
+        Box::pin(std::future::ready(resp))
+    }))
+    .await;
+    let s = jwt_gateway(up, "", "aliases = [\"http://upstream.invalid/fhir\"]").await;
+    let app = token(&s.key, "patient/Observation.crs", Some("123"));
+    let (st, h, _) = call(
+        &s,
+        "POST",
+        "/r4/Observation",
+        &app,
+        Some(("application/fhir+json", obs("n", "123", "x"))),
+        &[("if-none-exist", "code=x"), ("prefer", "return=minimal")],
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    assert_eq!(
+        h["location"],
+        "http://gateway.test/r4/Observation/n/_history/1"
+    );
+    let (st, _, _) = call(&s, "GET", "/r4/Observation/o1", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::BAD_GATEWAY);
+}
