@@ -484,7 +484,15 @@ async fn cors_for_browser_apps() {
 async fn export_status_belongs_to_the_client_that_started_it() {
     let up = FakeUpstream::start(std::sync::Arc::new(|seen: &Seen| {
         let base = "http://upstream.test/fhir";
-        let resp = if seen.uri.contains("/$export?") || seen.uri.ends_with("/$export") {
+        let resp = if seen.uri.contains("/Group/g1/$export") {
+            // A server answering with an ordinary path: never bound.
+            let mut r = json_response(StatusCode::ACCEPTED, &json!({}));
+            r.headers_mut().insert(
+                "content-location",
+                format!("{base}/Patient").parse().unwrap(),
+            );
+            r
+        } else if seen.uri.contains("/$export?") || seen.uri.ends_with("/$export") {
             let mut r = json_response(StatusCode::ACCEPTED, &json!({}));
             let status = format!("{base}/$export-poll-status?_jobId=abc");
             r.headers_mut()
@@ -542,5 +550,13 @@ async fn export_status_belongs_to_the_client_that_started_it() {
     assert_eq!(
         call(&s, "DELETE", status, &exporter, None).await.0,
         StatusCode::ACCEPTED
+    );
+
+    // A kick-off answered with an ordinary FHIR path does not take it from others.
+    let (st, _, _) = call(&s, "GET", "/r4/Group/g1/$export", &exporter, None).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    assert_eq!(
+        call(&s, "GET", "/r4/Patient", &other, None).await.0,
+        StatusCode::OK
     );
 }

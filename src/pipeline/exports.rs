@@ -59,6 +59,28 @@ pub fn is_kick_off(rel: &str) -> bool {
     path.rsplit('/').next() == Some("$export")
 }
 
+/// Whether `rel` may be bound as a status URL: not a read, search or other interaction
+/// the rules decide (an upstream answering a kick-off with `Content-Location: …/Patient`
+/// must not take `/Patient` away from every other client), only an operation (HAPI's
+/// `$export-poll-status`) or a path that is no FHIR interaction at all.
+pub fn may_bind(rel: &str) -> bool {
+    use crate::fhir::request::{Interaction, classify};
+    let (path, query) = match rel.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rel, None),
+    };
+    let headers = http::HeaderMap::new();
+    match classify(&http::Method::GET, path, query, &headers, None, None) {
+        Err(_) => true,
+        Ok(req) => matches!(
+            req.interaction,
+            Interaction::OperationSystem
+                | Interaction::OperationType
+                | Interaction::OperationInstance
+        ),
+    }
+}
+
 impl Exports {
     /// Binds the status URL `rel` to `client`.
     pub fn record(&self, rel: String, client: String) {
@@ -95,6 +117,28 @@ mod tests {
             "/",
         ] {
             assert!(!is_kick_off(rel), "{rel}");
+        }
+    }
+
+    #[test]
+    fn only_status_urls_are_bound() {
+        for rel in [
+            "/$export-poll-status?_jobId=1",
+            "/bulkstatus/7",
+            "/_operations/export/7",
+        ] {
+            assert!(may_bind(rel), "{rel}");
+        }
+        for rel in [
+            "",
+            "/",
+            "/Patient",
+            "/Patient/1",
+            "/Patient?name=x",
+            "/metadata",
+            "/_history",
+        ] {
+            assert!(!may_bind(rel), "{rel}");
         }
     }
 

@@ -350,6 +350,7 @@ async fn serve(
             .get(header::CONTENT_LOCATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|url| snap.urls.relative(url))
+            .filter(|status| exports::may_bind(status))
             .zip(exports::client_of(p)),
         _ => None,
     };
