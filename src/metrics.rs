@@ -384,26 +384,29 @@ mod tests {
         m.count_rewrite("skipped");
         m.count_rewrite("verify_unreadable");
         let text = m.render();
-        let v = |s: &str| value(&text, s);
-        assert_eq!(
-            v(r#"smartgate_response_verifications_total{result="passed"}"#),
-            Some(2.0)
-        );
-        assert_eq!(
-            v(r#"smartgate_response_verifications_total{result="refused"}"#),
-            Some(1.0)
-        );
-        assert_eq!(
-            v(r#"smartgate_response_verifications_total{result="filtered"}"#),
-            Some(0.0)
-        );
-        assert_eq!(
-            v(r#"smartgate_response_rewrites_total{result="skipped"}"#),
-            Some(1.0)
-        );
-        assert_eq!(
-            v(r#"smartgate_response_rewrites_total{result="verify_unreadable"}"#),
-            Some(1.0)
-        );
+        for (series, expected) in [
+            (
+                r#"smartgate_response_verifications_total{result="passed"}"#,
+                2.0,
+            ),
+            (
+                r#"smartgate_response_verifications_total{result="refused"}"#,
+                1.0,
+            ),
+            (
+                r#"smartgate_response_verifications_total{result="filtered"}"#,
+                0.0,
+            ),
+            (
+                r#"smartgate_response_rewrites_total{result="skipped"}"#,
+                1.0,
+            ),
+            (
+                r#"smartgate_response_rewrites_total{result="verify_unreadable"}"#,
+                1.0,
+            ),
+        ] {
+            assert_eq!(value(&text, series), Some(expected), "{series}");
+        }
     }
 }
