@@ -261,12 +261,18 @@ async fn confined_reads() {
         "/r4/Observation/o1",
         &app,
         None,
-        &[("range", "bytes=0-9"), ("if-range", "W/\"1\"")],
+        &[
+            ("range", "bytes=0-9"),
+            ("if-range", "W/\"1\""),
+            ("prefer", "respond-async, handling=strict"),
+        ],
     )
     .await;
     assert_eq!((st, &b["id"]), (StatusCode::OK, &Value::from("o1")));
     let seen = s.up.requests().last().unwrap().headers.clone();
     assert!(!seen.contains_key("range") && !seen.contains_key("if-range"));
+    // Nor a 202 with a status URL to poll, unchecked: asked to answer now.
+    assert_eq!(seen["prefer"], "handling=strict");
 
     let hidden =
         setup("[policy]\ndenied_read_status = 404\npatient_scope_non_compartment = \"deny\"\n")

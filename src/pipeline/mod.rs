@@ -295,6 +295,8 @@ async fn serve(
             ] {
                 h.remove(name);
             }
+            // Nor a 202 pointing at a status URL to poll later, unchecked.
+            crate::proxy::headers::drop_respond_async(h);
             if req.method() == Method::HEAD {
                 head = true;
                 *req.method_mut() = Method::GET;

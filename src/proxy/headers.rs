@@ -66,6 +66,43 @@ pub fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName)
     }
 }
 
+/// Removes the `respond-async` preference (RFC 7240; FHIR R4 async.html) from `Prefer`,
+/// keeping the others; drops the header when none is left. An answer the gateway must
+/// check has to come in this exchange: a 202 with a status URL to poll later cannot be.
+pub fn drop_respond_async(headers: &mut HeaderMap) {
+    let mut kept = Vec::new();
+    let mut dropped = false;
+    for value in headers.get_all(header::HeaderName::from_static("prefer")) {
+        let Ok(text) = value.to_str() else {
+            // Unreadable: dropped whole rather than passed on unread.
+            dropped = true;
+            continue;
+        };
+        for preference in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let name = preference
+                .split(['=', ';'])
+                .next()
+                .unwrap_or_default()
+                .trim();
+            if name.eq_ignore_ascii_case("respond-async") {
+                dropped = true;
+            } else {
+                kept.push(preference.to_owned());
+            }
+        }
+    }
+    if !dropped {
+        return;
+    }
+    let prefer = header::HeaderName::from_static("prefer");
+    headers.remove(&prefer);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join(", "))
+    {
+        headers.insert(prefer, v);
+    }
+}
+
 /// Keeps an answer to a request made with a token out of shared caches.
 ///
 /// A shared cache does not store an answer to a request with `Authorization` unless the
@@ -388,6 +425,33 @@ mod tests {
             .iter()
             .map(|v| v.to_str().unwrap().to_owned())
             .collect()
+    }
+
+    #[test]
+    fn respond_async_is_dropped_from_prefer() {
+        let prefer = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("prefer", HeaderValue::from_str(v).unwrap());
+            }
+            drop_respond_async(&mut h);
+            h.get_all("prefer")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(prefer(&["respond-async"]), Vec::<String>::new());
+        assert_eq!(
+            prefer(&["Respond-Async, handling=strict", "return=minimal"]),
+            ["handling=strict, return=minimal"]
+        );
+        assert_eq!(prefer(&["respond-async; wait=10"]), Vec::<String>::new());
+        // Nothing to drop: left exactly as it was.
+        assert_eq!(
+            prefer(&["return=representation", "handling=lenient"]),
+            ["return=representation", "handling=lenient"]
+        );
+        assert_eq!(prefer(&["respond-asyncx"]), ["respond-asyncx"]);
     }
 
     #[test]
