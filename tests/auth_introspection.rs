@@ -33,6 +33,11 @@ async fn fake_introspection() -> FakeUpstream {
                     json!({"active": true, "aud": "https://other.test", "exp": now() + 300}),
                 ),
                 "expired" => (StatusCode::OK, json!({"active": true, "exp": now() - 10})),
+                "bound" => (
+                    StatusCode::OK,
+                    json!({"active": true, "scope": "user/*.rs", "exp": now() + 300,
+                           "cnf": {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}}),
+                ),
                 "boom" => (StatusCode::INTERNAL_SERVER_ERROR, json!({})),
                 "slow" => {
                     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -92,7 +97,8 @@ async fn active_token_passes_with_basic_auth() {
     assert!(form.contains(&("token_type_hint".into(), "access_token".into())));
 }
 
-/// Inactive, foreign-audience and expired tokens are 401; nothing is forwarded.
+/// Inactive, foreign-audience, expired and sender-constrained tokens are 401; nothing
+/// is forwarded.
 #[tokio::test]
 async fn refused_tokens() {
     let is = fake_introspection().await;
@@ -101,6 +107,7 @@ async fn refused_tokens() {
         ("inactive", "inactive"),
         ("foreign-aud", "audience"),
         ("expired", "expired"),
+        ("bound", "bound to a key (cnf), which is not checked here"),
         ("unknown", "inactive"),
     ] {
         let (status, headers, _) = get_with_token(&gw.url("/r4/Patient"), token).await;

@@ -232,6 +232,11 @@ async fn hostile_tokens_refused() {
             "malformed",
         ),
         ("typ of another token kind", id_token_typ, "token type"),
+        (
+            "DPoP-bound (cnf), presented as a bearer token",
+            with(&|c| c["cnf"] = json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"})),
+            "bound to a key (cnf), which is not checked here",
+        ),
     ];
     for (name, token, description) in &cases {
         let (status, headers, body) = get_with_token(&s.gw.url("/r4/Patient/123"), token).await;

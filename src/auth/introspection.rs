@@ -168,6 +168,10 @@ impl Introspector {
         if claims.get("active") != Some(&Value::Bool(true)) {
             return Err(TokenError::Inactive);
         }
+        // RFC 9449 §6.2, RFC 8705 §3.2: a bound token's introspection carries `cnf`.
+        if claims.contains_key("cnf") {
+            return Err(TokenError::SenderConstrained);
+        }
         match claims.get("aud") {
             None => {}
             Some(Value::String(a)) if *a == self.audience => {}

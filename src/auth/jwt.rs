@@ -124,6 +124,9 @@ impl JwtVerifier {
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &v)
             .map_err(|e| map_error(e.kind()))?;
         let claims = data.claims;
+        if claims.contains_key("cnf") {
+            return Err(TokenError::SenderConstrained);
+        }
         if let Some(iat) = claims.get("iat") {
             let iat = iat.as_u64().ok_or(TokenError::Malformed)?;
             if iat > jsonwebtoken::get_current_timestamp() + self.leeway {

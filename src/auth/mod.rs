@@ -66,6 +66,11 @@ pub enum TokenError {
     /// `typ` is not an access token type.
     #[error("token type")]
     Type,
+    /// Bound to a key or certificate (`cnf`: DPoP, RFC 9449; mutual TLS, RFC 8705). The
+    /// gateway checks no proof of possession, so it cannot take such a token as a bearer
+    /// token: a stolen one would work here though nowhere else.
+    #[error("sender-constrained")]
+    SenderConstrained,
 }
 
 impl TokenError {
@@ -83,6 +88,7 @@ impl TokenError {
             TokenError::MissingClaim => "missing_claim",
             TokenError::Inactive => "inactive",
             TokenError::Type => "type",
+            TokenError::SenderConstrained => "sender_constrained",
         }
     }
 
@@ -100,6 +106,7 @@ impl TokenError {
             TokenError::MissingClaim => "malformed",
             TokenError::Inactive => "inactive",
             TokenError::Type => "token type",
+            TokenError::SenderConstrained => "bound to a key (cnf), which is not checked here",
         }
     }
 }
