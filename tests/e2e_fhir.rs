@@ -575,3 +575,43 @@ fn demo_stops_on_ctrl_c() {
         );
     }
 }
+
+/// Stored Bundles and Subscriptions against the real engine: a patient stores its own
+/// document and reads it back, the other patient cannot read it, and nobody stores a
+/// document about someone else; a Subscription stands only on the patient's own data.
+#[tokio::test]
+async fn documents_and_subscriptions_against_the_engine() {
+    let e = env().await;
+    let fhir = "application/fhir+json";
+    let p1 = token(&e, "launch/patient patient/*.cruds", "p1");
+    let p2 = token(&e, "launch/patient patient/*.cruds", "p2");
+    let document = |p: &str| {
+        json!({"resourceType": "Bundle", "type": "document", "entry": [
+            {"fullUrl": "urn:uuid:0c3151bd-1cbf-4d64-b04d-cd9187a4c6e0",
+             "resource": {"resourceType": "Composition", "status": "final",
+                          "type": {"text": "summary"}, "date": "2026-11-29",
+                          "title": "Summary", "author": [{"display": "x"}],
+                          "subject": {"reference": format!("Patient/{p}")}}}
+        ]})
+    };
+    let (st, _, stored) = call(&e, "POST", "/Bundle", &p1, Some((fhir, document("p1")))).await;
+    assert_eq!(st, StatusCode::CREATED, "{stored}");
+    let id = stored["id"].as_str().unwrap().to_owned();
+    let (st, _, b) = call(&e, "GET", &format!("/Bundle/{id}"), &p1, None).await;
+    assert_eq!((st, &b["id"]), (StatusCode::OK, &json!(id)));
+    let (st, _, _) = call(&e, "GET", &format!("/Bundle/{id}"), &p2, None).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, _, _) = call(&e, "POST", "/Bundle", &p2, Some((fhir, document("p1")))).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+
+    let subscription = |criteria: &str| {
+        json!({"resourceType": "Subscription", "status": "requested", "reason": "x",
+               "criteria": criteria, "channel": {"type": "rest-hook", "endpoint": "https://app.test/hook"}})
+    };
+    let everyone = subscription("Observation?code=x");
+    let (st, _, _) = call(&e, "POST", "/Subscription", &p1, Some((fhir, everyone))).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let own = subscription("Observation?patient=Patient/p1&code=x");
+    let (st, _, b) = call(&e, "POST", "/Subscription", &p1, Some((fhir, own))).await;
+    assert_eq!(st, StatusCode::CREATED, "{b}");
+}
