@@ -620,14 +620,25 @@ async fn elements_keep_what_the_check_reads() {
             uri.query().unwrap_or(""),
             String::from_utf8_lossy(&seen.body)
         );
-        let keep: Vec<String> = form_urlencoded::parse(params.as_bytes())
+        let mut keep: Vec<String> = form_urlencoded::parse(params.as_bytes())
             .filter(|(k, _)| k == "_elements")
             .flat_map(|(_, v)| v.split(',').map(str::to_owned).collect::<Vec<_>>())
             .collect();
+        // And `_summary=text`: the narrative. Either way an Observation's mandatory
+        // elements come too ("servers SHOULD always return mandatory elements").
+        let summary_text =
+            form_urlencoded::parse(params.as_bytes()).any(|(k, v)| k == "_summary" && v == "text");
+        if summary_text {
+            keep.push("text".to_owned());
+        }
+        let subsetting = summary_text || !keep.is_empty();
+        keep.extend(["status", "code"].map(str::to_owned));
         let subset = |r: &Value| {
             let mut r = r.clone();
             r.as_object_mut().unwrap().retain(|k, _| {
-                ["resourceType", "id", "meta"].contains(&k.as_str()) || keep.iter().any(|e| e == k)
+                !subsetting
+                    || ["resourceType", "id", "meta"].contains(&k.as_str())
+                    || keep.iter().any(|e| e == k)
             });
             r
         };
@@ -685,6 +696,28 @@ async fn elements_keep_what_the_check_reads() {
     assert_eq!(ids(&b), ["Observation/o1", "Observation/o2"], "{b}");
     let sent = s.up.requests().last().unwrap().body.clone();
     assert_eq!(&sent[..], b"_elements=code,performer,subject&status=final");
+    // `_summary=text` would drop the patient's references too: asked as `_elements=text`
+    // with them, in the query and in a form.
+    let (st, _, b) = call(&s, "GET", "/r4/Observation?_summary=text", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    assert_eq!(ids(&b), ["Observation/o1", "Observation/o2"], "{b}");
+    let sent = s.up.requests().last().unwrap().uri.clone();
+    assert!(sent.contains("_elements=text,performer,subject"), "{sent}");
+    assert!(!sent.contains("_summary"), "{sent}");
+    let (st, _, b) = call(
+        &s,
+        "GET",
+        "/r4/Observation/o1?_summary=text",
+        &app,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (st, &b["code"]["text"]),
+        (StatusCode::OK, &json!("x")),
+        "{b}"
+    );
     // Another patient's resource, subsetted the same way, is still refused.
     let (st, _, _) = call(
         &s,

@@ -368,6 +368,11 @@ pub(super) fn append_params(target: &str, params: &[(String, String)]) -> String
 /// `target` (a path with or without a query) with each `_elements` parameter also asking
 /// for `extra`, the elements a check reads; every other parameter byte for byte as it
 /// was. The name is compared decoded, as the upstream reads it (`%5Felements` too).
+///
+/// `_summary=text` becomes `_elements=text` and is widened the same way: the narrative
+/// summary keeps only `text`, `id`, `meta` and mandatory elements, so every resource
+/// would fail the check; `_elements` returns those (FHIR R4 search.html#elements: the
+/// mandatory ones too) and what the check reads.
 pub(super) fn widen_elements(target: &str, extra: &[&str]) -> String {
     let Some((path, query)) = target.split_once('?') else {
         return target.to_owned();
@@ -376,7 +381,14 @@ pub(super) fn widen_elements(target: &str, extra: &[&str]) -> String {
         .split('&')
         .map(
             |piece| match form_urlencoded::parse(piece.as_bytes()).next() {
-                Some((name, value)) if name == "_elements" => {
+                Some((name, value))
+                    if name == "_elements" || (name == "_summary" && value == "text") =>
+                {
+                    let value = if name == "_summary" {
+                        "text".into()
+                    } else {
+                        value
+                    };
                     let mut names: Vec<&str> = value.split(',').filter(|n| !n.is_empty()).collect();
                     for e in extra {
                         if !names.contains(e) {
@@ -462,14 +474,22 @@ mod tests {
                 "/Observation?_elementsx=a&x=_elements",
                 "/Observation?_elementsx=a&x=_elements",
             ),
+            (
+                "/Observation?code=x&_summary=text",
+                "/Observation?code=x&_elements=text,performer,subject",
+            ),
+            (
+                "/Observation?_summary=true&_summary=data",
+                "/Observation?_summary=true&_summary=data",
+            ),
             ("/Observation", "/Observation"),
         ] {
             assert_eq!(widen_elements(target, &extra), widened, "{target}");
         }
     }
 
-    /// On any query: the parameters other than `_elements` come out byte for byte and in
-    /// order, and every `_elements` then asks for the extra elements.
+    /// On any query: the parameters other than `_elements` (and `_summary=text`) come out
+    /// byte for byte and in order, and every `_elements` then asks for the extra elements.
     #[test]
     fn elements_widened_on_any_query() {
         use proptest::prelude::*;
@@ -478,6 +498,8 @@ mod tests {
             "[a-z_%5F0-9]{0,9}=[a-zA-Z0-9,%:|/._-]{0,12}",
             Just("_elements=code,status".to_owned()),
             Just("%5Felements=".to_owned()),
+            Just("_summary=text".to_owned()),
+            Just("_summary=count".to_owned()),
             "[a-z=&%]{0,4}",
         ];
         let target = prop::collection::vec(piece, 0..6)
@@ -494,7 +516,9 @@ mod tests {
                 prop_assert_eq!(before.len(), after.len());
                 for (b, a) in before.iter().zip(&after) {
                     match form_urlencoded::parse(b.as_bytes()).next() {
-                        Some((name, _)) if name == "_elements" => {
+                        Some((name, value))
+                            if name == "_elements" || (name == "_summary" && value == "text") =>
+                        {
                             let (_, value) = form_urlencoded::parse(a.as_bytes()).next().unwrap();
                             let names: Vec<&str> = value.split(',').collect();
                             prop_assert!(extra.iter().all(|e| names.contains(e)), "{}", a);

@@ -788,7 +788,12 @@ fn decide_perm(
         }
         Capabilities | Batch | Transaction => {}
     }
-    if plan.verify != Verify::None && req.params.iter().any(|(k, _)| k == "_elements") {
+    if plan.verify != Verify::None
+        && req
+            .params
+            .iter()
+            .any(|(k, v)| k == "_elements" || (k == "_summary" && v == "text"))
+    {
         let confined = apps.iter().any(|a| a.confined_to.is_some());
         let constrained = apps.iter().flat_map(|a| a.constraints);
         plan.elements = crate::fhir::search::checked_elements(
