@@ -14,6 +14,8 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// `X-Request-Id`
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `Prefer` (RFC 7240), which the http crate has no constant for.
+pub static PREFER: HeaderName = HeaderName::from_static("prefer");
 
 /// Whether `name` is a fixed hop-by-hop header: the connection-specific headers that
 /// never cross a proxy (RFC 9110 §7.6.1), plus the non-standard ones that act like them.
@@ -72,7 +74,7 @@ pub fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName)
 pub fn drop_respond_async(headers: &mut HeaderMap) {
     let mut kept = Vec::new();
     let mut dropped = false;
-    for value in headers.get_all(header::HeaderName::from_static("prefer")) {
+    for value in headers.get_all(&PREFER) {
         let Ok(text) = value.to_str() else {
             // Unreadable: dropped whole rather than passed on unread.
             dropped = true;
@@ -94,12 +96,11 @@ pub fn drop_respond_async(headers: &mut HeaderMap) {
     if !dropped {
         return;
     }
-    let prefer = header::HeaderName::from_static("prefer");
-    headers.remove(&prefer);
+    headers.remove(&PREFER);
     if !kept.is_empty()
         && let Ok(v) = HeaderValue::from_str(&kept.join(", "))
     {
-        headers.insert(prefer, v);
+        headers.insert(&PREFER, v);
     }
 }
 
