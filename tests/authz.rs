@@ -476,16 +476,13 @@ async fn cors_for_browser_apps() {
     assert_eq!(send(plain).await.0, StatusCode::UNAUTHORIZED);
 }
 
-/// A Bulk Data export's status URL (HAPI's `$export-poll-status?_jobId=…`) is no
-/// operation the rules know: the client that kicked the export off may poll it, read the
-/// manifest (its file URLs rewritten to the gateway) and cancel it; another client with
-/// the same scopes may not, and is not forwarded. Before the kick-off, nobody may.
-#[tokio::test]
-async fn export_status_belongs_to_the_client_that_started_it() {
-    let up = FakeUpstream::start(std::sync::Arc::new(|seen: &Seen| {
+/// The upstream for the export tests: `$export` kick-offs answered 202 with a status URL
+/// (an ordinary path for Group g1's), the status answered with a manifest, a DELETE 202.
+fn export_upstream() -> Responder {
+    std::sync::Arc::new(|seen: &Seen| {
         let base = "http://upstream.test/fhir";
         let resp = if seen.uri.contains("/Group/g1/$export") {
-            // A server answering with an ordinary path: never bound.
+            // A server answering with an ordinary path: never signed.
             let mut r = json_response(StatusCode::ACCEPTED, &json!({}));
             r.headers_mut().insert(
                 "content-location",
@@ -510,53 +507,136 @@ async fn export_status_belongs_to_the_client_that_started_it() {
             )
         };
         Box::pin(std::future::ready(resp))
-    }))
-    .await;
-    let s = jwt_gateway(up, "", "aliases = [\"http://upstream.test/fhir\"]").await;
-    let with_client = |client: &str| {
-        let mut c = claims();
-        c["scope"] = json!("system/*.rs");
-        c["client_id"] = json!(client);
-        s.key.sign(&c)
-    };
-    let (exporter, other) = (with_client("exporter"), with_client("other"));
-    let status = "/r4/$export-poll-status?_jobId=abc";
+    })
+}
+
+const STATUS_KEY: &str = "[bulk_data]\nstatus_key = \"0123456789abcdef0123456789abcdef\"\n";
+const ALIAS: &str = "aliases = [\"http://upstream.test/fhir\"]";
+
+/// A token of client `client` (issuer as in every test) for `system/*.rs`.
+fn exporter_token(s: &Setup, client: &str) -> String {
+    let mut c = claims();
+    c["scope"] = json!("system/*.rs");
+    c["client_id"] = json!(client);
+    s.key.sign(&c)
+}
+
+/// A Bulk Data export's status URL (HAPI's `$export-poll-status?_jobId=…`) is no
+/// operation the rules know. The gateway hands it out signed for the client that kicked
+/// the export off: that client may poll it, read the manifest (its file URLs rewritten to
+/// the gateway) and cancel it; another client with the same scopes may not, and is not
+/// forwarded; the signature never reaches the upstream. Unsigned, nobody may.
+#[tokio::test]
+async fn export_status_belongs_to_the_client_that_started_it() {
+    let s = jwt_gateway(FakeUpstream::start(export_upstream()).await, "", ALIAS).await;
+    let (exporter, other) = (exporter_token(&s, "exporter"), exporter_token(&s, "other"));
+    let unsigned = "/r4/$export-poll-status?_jobId=abc";
 
     assert_eq!(
-        call(&s, "GET", status, &exporter, None).await.0,
+        call(&s, "GET", unsigned, &exporter, None).await.0,
         StatusCode::FORBIDDEN
     );
     let (st, h, _) = call(&s, "GET", "/r4/$export?_type=Observation", &exporter, None).await;
     assert_eq!(st, StatusCode::ACCEPTED);
-    assert_eq!(
-        h["content-location"],
-        format!("http://gateway.test{status}")
+    let location = h["content-location"].to_str().unwrap().to_owned();
+    let status = location
+        .strip_prefix("http://gateway.test")
+        .unwrap()
+        .to_owned();
+    assert!(
+        status.starts_with(&format!("{unsigned}&_sg=")),
+        "{location}"
     );
 
-    let (st, _, manifest) = call(&s, "GET", status, &exporter, None).await;
+    let (st, _, manifest) = call(&s, "GET", &status, &exporter, None).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(
         json(&manifest)["output"][0]["url"],
         "http://gateway.test/r4/Binary/b1"
     );
+    assert!(
+        s.up.requests()
+            .last()
+            .unwrap()
+            .uri
+            .ends_with("/$export-poll-status?_jobId=abc")
+    );
     let forwarded = s.up.requests().len();
     for method in ["GET", "DELETE"] {
         assert_eq!(
-            call(&s, method, status, &other, None).await.0,
+            call(&s, method, &status, &other, None).await.0,
+            StatusCode::FORBIDDEN
+        );
+    }
+    // A signature for another job, or altered, is refused too.
+    let other_job = status.replace("_jobId=abc", "_jobId=abd");
+    let altered = format!("{}A", &status[..status.len() - 1]);
+    for target in [&other_job, &altered] {
+        assert_eq!(
+            call(&s, "GET", target, &exporter, None).await.0,
             StatusCode::FORBIDDEN
         );
     }
     assert_eq!(s.up.requests().len(), forwarded);
     assert_eq!(
-        call(&s, "DELETE", status, &exporter, None).await.0,
+        call(&s, "DELETE", &status, &exporter, None).await.0,
         StatusCode::ACCEPTED
     );
 
-    // A kick-off answered with an ordinary FHIR path does not take it from others.
-    let (st, _, _) = call(&s, "GET", "/r4/Group/g1/$export", &exporter, None).await;
+    // A kick-off answered with an ordinary FHIR path is not signed: /Patient stays the
+    // rules' to decide, for every client.
+    let (st, h, _) = call(&s, "GET", "/r4/Group/g1/$export", &exporter, None).await;
     assert_eq!(st, StatusCode::ACCEPTED);
+    assert_eq!(h["content-location"], "http://gateway.test/r4/Patient");
     assert_eq!(
         call(&s, "GET", "/r4/Patient", &other, None).await.0,
         StatusCode::OK
     );
+}
+
+/// With `bulk_data.status_key`, a status URL signed by one gateway is accepted by
+/// another with the same key (a replica, or the same one after a restart); one without
+/// it, or with another key, refuses it.
+#[tokio::test]
+async fn export_status_signed_with_a_shared_key_works_on_every_replica() {
+    let one = jwt_gateway(
+        FakeUpstream::start(export_upstream()).await,
+        STATUS_KEY,
+        ALIAS,
+    )
+    .await;
+    let (st, h, _) = call(
+        &one,
+        "GET",
+        "/r4/$export",
+        &exporter_token(&one, "exporter"),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let location = h["content-location"].to_str().unwrap().to_owned();
+    let status = location
+        .strip_prefix("http://gateway.test")
+        .unwrap()
+        .to_owned();
+
+    let replica = jwt_gateway(
+        FakeUpstream::start(export_upstream()).await,
+        STATUS_KEY,
+        ALIAS,
+    )
+    .await;
+    let exporter = exporter_token(&replica, "exporter");
+    assert_eq!(
+        call(&replica, "GET", &status, &exporter, None).await.0,
+        StatusCode::OK
+    );
+    let other_key = STATUS_KEY.replace("0123", "3210");
+    for extra in ["", other_key.as_str()] {
+        let stranger =
+            jwt_gateway(FakeUpstream::start(export_upstream()).await, extra, ALIAS).await;
+        let exporter = exporter_token(&stranger, "exporter");
+        let (st, _, _) = call(&stranger, "GET", &status, &exporter, None).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{extra:?}");
+    }
 }

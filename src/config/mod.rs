@@ -50,6 +50,21 @@ pub struct Config {
     /// The embedded SMART Backend Services authorization server.
     #[serde(default)]
     pub authorization_server: AuthorizationServerConfig,
+    /// Bulk Data export status URLs.
+    #[serde(default)]
+    pub bulk_data: BulkDataConfig,
+}
+
+/// `[bulk_data]`: the status URLs of Bulk Data exports, which the gateway signs for the
+/// client that kicked each export off.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BulkDataConfig {
+    /// The key status URLs are signed with (at least 32 characters). Give every replica
+    /// the same one, and keep it across restarts, so that any of them accepts a status
+    /// URL another handed out. Unset: a random key per process.
+    #[serde(default)]
+    pub status_key: Option<String>,
 }
 
 /// `[authorization_server]`: the embedded SMART Backend Services authorization server.
@@ -857,6 +872,14 @@ impl Config {
             http::HeaderValue::from_str(value)
                 .map_err(|_| (key, "is not a valid header value".to_owned()))?;
         }
+        if let Some(key) = &self.bulk_data.status_key
+            && key.len() < 32
+        {
+            return Err((
+                "bulk_data.status_key".into(),
+                format!("is {} characters long; at least 32 are needed", key.len()),
+            ));
+        }
         if self.server.workers > 1024 {
             return Err((
                 "server.workers".into(),
@@ -1233,6 +1256,9 @@ impl Config {
             {
                 *secret = "***".to_owned();
             }
+        }
+        if let Some(key) = masked.bulk_data.status_key.as_mut() {
+            *key = "***".to_owned();
         }
         for c in &mut masked.authorization_server.clients {
             if let Some(h) = c.client_secret_hash.as_mut() {

@@ -339,3 +339,22 @@ fn authorization_server_config() {
     let e = err(&with("").replace(&key.display().to_string(), &bad_key.display().to_string()));
     assert!(e.contains("authorization_server.signing_key"), "{e}");
 }
+
+/// `bulk_data.status_key`: at least 32 characters, masked by check-config, and
+/// overridable from the environment like every key.
+#[test]
+fn bulk_data_status_key() {
+    let e = err(&format!("{MINIMAL}\n[bulk_data]\nstatus_key = \"short\"\n"));
+    assert!(
+        e.contains("bulk_data.status_key") && e.contains("at least 32"),
+        "{e}"
+    );
+    let key = "k".repeat(40);
+    let c = parse(&format!("{MINIMAL}\n[bulk_data]\nstatus_key = \"{key}\"\n")).unwrap();
+    assert_eq!(c.bulk_data.status_key.as_deref(), Some(key.as_str()));
+    let out = c.to_masked_toml();
+    assert!(!out.contains(&key) && out.contains("***"), "{out}");
+    let c = parse_env(MINIMAL, &[("SMARTGATE__BULK_DATA__STATUS_KEY", &key)]).unwrap();
+    assert_eq!(c.bulk_data.status_key.as_deref(), Some(key.as_str()));
+    assert_eq!(parse(MINIMAL).unwrap().bulk_data.status_key, None);
+}

@@ -21,6 +21,7 @@ pub(super) async fn classify_and_authorize(
     principal: &Principal,
     form: Option<Bytes>,
     rel: &str,
+    signed: Option<(&str, &str)>,
 ) -> Result<(Request<BoxBody>, Plan), GatewayError> {
     let (path, query) = match rel.split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -30,17 +31,23 @@ pub(super) async fn classify_and_authorize(
     // Requests decided by the target alone can use the decision cache — after the header
     // checks, which the cache must never skip.
     crate::fhir::request::check_headers(req.headers()).map_err(classify_error)?;
-    // A Bulk Data status URL the gateway handed out: its client's, and no one else's,
-    // whatever the path looks like (exports.rs).
-    if matches!(*req.method(), Method::GET | Method::DELETE)
-        && let Some(owner) = shared.exports.client(rel)
-    {
-        let decision = if super::exports::client_of(principal).as_deref() == Some(&*owner) {
+    // An export status URL the gateway signed (exports.rs): for the client it was signed
+    // for, until it expires, whatever the path looks like; refused to anyone else.
+    if let Some((target, signature)) = signed {
+        let valid = matches!(*req.method(), Method::GET | Method::DELETE)
+            && super::exports::client_of(principal).is_some_and(|client| {
+                let config = &snap.config.bulk_data;
+                let now = super::unix_now();
+                shared
+                    .exports
+                    .verify(config, &client, target, signature, now)
+            });
+        let decision = if valid {
             Decision::Allow(Plan::pass_through())
         } else {
             Decision::Deny {
                 reason: crate::policy::DenyReason::Unverifiable(
-                    "the export was started by another client",
+                    "the export status URL was signed for another client, or has expired",
                 ),
                 needed: String::new(),
             }

@@ -2,41 +2,88 @@
 //! answered `202 Accepted` with a `Content-Location` the client then polls, cancels
 //! (`DELETE`) and reads the manifest from. That status URL is the server's own (HAPI:
 //! `$export-poll-status?_jobId=…`; others: any path), so no scope rule can say who may
-//! use it. The gateway remembers each one it hands out, with the client that kicked the
-//! export off, and lets that client, and no other, use it.
-//!
-//! Kept in memory for a day (an export can run for hours) and bounded; after a restart
-//! a status URL is decided by the rules again (a `[[policy.operations]]` rule for
-//! `export-poll-status`, say).
+//! use it. The gateway signs each one it hands out for the client that kicked the export
+//! off: a `_sg` parameter, an HMAC-SHA256 over the client, the URL and an expiry. That
+//! client, and no other, may use the URL; the parameter is taken off before the request
+//! is forwarded. Nothing is kept: any replica with the same `bulk_data.status_key`
+//! accepts the URL, after a restart too.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use base64::Engine as _;
+use ring::hmac;
+
 use crate::auth::Principal;
+use crate::config::BulkDataConfig;
 
-/// How long a status URL stays bound to its client.
-const KEPT: Duration = Duration::from_secs(24 * 3600);
-/// How many status URLs are remembered at most.
-const CAPACITY: u64 = 10_000;
+/// The query parameter that carries the signature.
+pub const PARAM: &str = "_sg";
+/// How long a signed status URL is accepted.
+const VALID: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Status URLs (relative to the public base, query included) and their clients.
+/// The keys status URLs are signed with.
 pub struct Exports {
-    jobs: moka::sync::Cache<String, Arc<str>>,
-    /// Whether any was ever recorded: until then no request pays for a lookup.
-    any: AtomicBool,
+    /// The key when `bulk_data.status_key` is unset: random, for this process only.
+    fallback: [u8; 32],
 }
 
 impl Default for Exports {
     fn default() -> Self {
-        Exports {
-            any: AtomicBool::new(false),
-            jobs: moka::sync::Cache::builder()
-                .max_capacity(CAPACITY)
-                .time_to_live(KEPT)
-                .build(),
+        use ring::rand::SecureRandom as _;
+        let mut fallback = [0u8; 32];
+        // A system without randomness cannot serve TLS either; an all-zero key would
+        // still bind URLs to clients, only predictably, so it is logged, not fatal.
+        if ring::rand::SystemRandom::new().fill(&mut fallback).is_err() {
+            tracing::error!("no system randomness for the export status key");
         }
+        Exports { fallback }
     }
+}
+
+impl Exports {
+    fn key(&self, config: &BulkDataConfig) -> hmac::Key {
+        let secret = config
+            .status_key
+            .as_deref()
+            .map_or(&self.fallback[..], str::as_bytes);
+        hmac::Key::new(hmac::HMAC_SHA256, secret)
+    }
+
+    /// The `_sg` value for the status URL `rel` (relative to the public base) handed to
+    /// `client` at `now` (seconds since the epoch): the expiry and the MAC.
+    pub fn sign(&self, config: &BulkDataConfig, client: &str, rel: &str, now: u64) -> String {
+        let expires = now + VALID.as_secs();
+        let tag = hmac::sign(&self.key(config), &message(client, rel, expires));
+        let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref());
+        format!("{expires}.{tag}")
+    }
+
+    /// Whether `signature` was made by [`Exports::sign`] for `client` and `rel`, and has
+    /// not expired at `now`.
+    pub fn verify(
+        &self,
+        config: &BulkDataConfig,
+        client: &str,
+        rel: &str,
+        signature: &str,
+        now: u64,
+    ) -> bool {
+        let Some((expires, tag)) = signature.split_once('.') else {
+            return false;
+        };
+        let (Ok(expires), Ok(tag)) = (
+            expires.parse::<u64>(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(tag),
+        ) else {
+            return false;
+        };
+        now <= expires
+            && hmac::verify(&self.key(config), &message(client, rel, expires), &tag).is_ok()
+    }
+}
+
+fn message(client: &str, rel: &str, expires: u64) -> Vec<u8> {
+    format!("{client}\n{rel}\n{expires}").into_bytes()
 }
 
 /// Who kicked an export off: the token's issuer and client (or subject, when the token
@@ -59,9 +106,9 @@ pub fn is_kick_off(rel: &str) -> bool {
     path.rsplit('/').next() == Some("$export")
 }
 
-/// Whether `rel` may be bound as a status URL: not a read, search or other interaction
+/// Whether `rel` may be signed as a status URL: not a read, search or other interaction
 /// the rules decide (an upstream answering a kick-off with `Content-Location: …/Patient`
-/// must not take `/Patient` away from every other client), only an operation (HAPI's
+/// must not hand out a signed `/Patient`), only an operation (HAPI's
 /// `$export-poll-status`) or a path that is no FHIR interaction at all.
 pub fn may_bind(rel: &str) -> bool {
     use crate::fhir::request::{Interaction, classify};
@@ -81,25 +128,30 @@ pub fn may_bind(rel: &str) -> bool {
     }
 }
 
-impl Exports {
-    /// Binds the status URL `rel` to `client`.
-    pub fn record(&self, rel: String, client: String) {
-        self.jobs.insert(rel, client.into());
-        self.any.store(true, Ordering::Release);
-    }
+/// `url` with the signature appended as the last parameter.
+pub fn with_signature(url: &str, signature: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{PARAM}={signature}")
+}
 
-    /// The client a status URL is bound to, if the gateway handed it out.
-    pub fn client(&self, rel: &str) -> Option<Arc<str>> {
-        if !self.any.load(Ordering::Acquire) {
-            return None;
-        }
-        self.jobs.get(rel)
-    }
+/// A request target (relative to the public base) that ends in a signature: the target
+/// without it, and the signature. `None` when the last parameter is not `_sg`.
+pub fn split_signature(rel: &str) -> Option<(&str, &str)> {
+    let (query_start, _) = rel.char_indices().find(|(_, c)| *c == '?')?;
+    let at = rel.rfind(['?', '&']).filter(|i| *i >= query_start)?;
+    let signature = rel[at + 1..].strip_prefix(PARAM)?.strip_prefix('=')?;
+    Some((&rel[..at], signature))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(key: Option<&str>) -> BulkDataConfig {
+        BulkDataConfig {
+            status_key: key.map(str::to_owned),
+        }
+    }
 
     #[test]
     fn kick_offs() {
@@ -121,7 +173,7 @@ mod tests {
     }
 
     #[test]
-    fn only_status_urls_are_bound() {
+    fn only_status_urls_are_signed() {
         for rel in [
             "/$export-poll-status?_jobId=1",
             "/bulkstatus/7",
@@ -142,6 +194,64 @@ mod tests {
         }
     }
 
+    /// A signature holds for its client, URL and key until it expires; for nothing else.
+    #[test]
+    fn signatures_bind_client_url_key_and_time() {
+        let exports = Exports::default();
+        let shared = config(Some("0123456789abcdef0123456789abcdef"));
+        let (client, rel, now) = (
+            "https://as\nexporter",
+            "/$export-poll-status?_jobId=1",
+            1_000,
+        );
+        let sig = exports.sign(&shared, client, rel, now);
+        assert!(exports.verify(&shared, client, rel, &sig, now));
+        assert!(exports.verify(&shared, client, rel, &sig, now + VALID.as_secs()));
+        assert!(!exports.verify(&shared, client, rel, &sig, now + VALID.as_secs() + 1));
+        assert!(!exports.verify(&shared, "https://as\nother", rel, &sig, now));
+        assert!(!exports.verify(&shared, client, "/$export-poll-status?_jobId=2", &sig, now));
+        // Another replica with the same key accepts it; another key does not, nor this
+        // process's random key.
+        assert!(Exports::default().verify(&shared, client, rel, &sig, now));
+        let other = config(Some("fedcba9876543210fedcba9876543210"));
+        assert!(!exports.verify(&other, client, rel, &sig, now));
+        assert!(!exports.verify(&config(None), client, rel, &sig, now));
+        let random = exports.sign(&config(None), client, rel, now);
+        assert!(exports.verify(&config(None), client, rel, &random, now));
+        assert!(!Exports::default().verify(&config(None), client, rel, &random, now));
+        // A later expiry with the old tag, or garbage, does not pass.
+        let (_, tag) = sig.split_once('.').unwrap();
+        let stretched = format!("{}.{tag}", now + 2 * VALID.as_secs());
+        assert!(!exports.verify(&shared, client, rel, &stretched, now));
+        for bad in ["", ".", "x.y", "1.", "99999999999999999999.AAAA", &sig[1..]] {
+            assert!(!exports.verify(&shared, client, rel, bad, now), "{bad}");
+        }
+    }
+
+    #[test]
+    fn signatures_in_urls() {
+        assert_eq!(
+            with_signature("https://gw/r4/x?a=1", "9.t"),
+            "https://gw/r4/x?a=1&_sg=9.t"
+        );
+        assert_eq!(
+            with_signature("https://gw/r4/bulk/7", "9.t"),
+            "https://gw/r4/bulk/7?_sg=9.t"
+        );
+        assert_eq!(split_signature("/x?a=1&_sg=9.t"), Some(("/x?a=1", "9.t")));
+        assert_eq!(split_signature("/bulk/7?_sg=9.t"), Some(("/bulk/7", "9.t")));
+        for rel in [
+            "/x?_sg=1&a=1",
+            "/x?a=1",
+            "/x",
+            "/x?a=_sg=1",
+            "/x?_sgx=1",
+            "/a&_sg=1",
+        ] {
+            assert_eq!(split_signature(rel), None, "{rel}");
+        }
+    }
+
     #[test]
     fn clients_are_told_apart_by_issuer_and_client() {
         let p = |iss: Option<&str>, client: Option<&str>, sub: Option<&str>| Principal {
@@ -155,7 +265,7 @@ mod tests {
             fhir_context: None,
             expires_at: None,
             token_id: None,
-            grants: Arc::default(),
+            grants: std::sync::Arc::default(),
             id: 0,
         };
         let a = client_of(&p(Some("https://as"), Some("exporter"), Some("x")));
@@ -169,12 +279,5 @@ mod tests {
             Some("\nsvc")
         );
         assert_eq!(client_of(&p(Some("https://as"), None, None)), None);
-        let jobs = Exports::default();
-        jobs.record("/$export-poll-status?_jobId=1".into(), a.clone().unwrap());
-        assert_eq!(
-            jobs.client("/$export-poll-status?_jobId=1").as_deref(),
-            a.as_deref()
-        );
-        assert_eq!(jobs.client("/$export-poll-status?_jobId=2"), None);
     }
 }

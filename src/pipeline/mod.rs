@@ -161,7 +161,12 @@ async fn serve(
     if public::is_preflight(&req) {
         return Ok(public::preflight(req.headers()));
     }
-    let mut upstream_uri = snap.upstream.uri_for(&rel)?;
+    // A signed export status URL (exports.rs): the signature is the gateway's, checked in
+    // the authorize stage and never forwarded.
+    let signed = exports::split_signature(&rel);
+    let mut upstream_uri = snap
+        .upstream
+        .uri_for(signed.map_or(rel.as_str(), |(t, _)| t))?;
 
     // authenticate
     let (req, principal, form) = authenticate(snap, req, ctx).await?;
@@ -171,7 +176,9 @@ async fn serve(
     // classify, authorize
     let (mut req, plan) = match &principal {
         None => (req, Plan::pass_through()),
-        Some(p) => authorize::classify_and_authorize(shared, snap, req, p, form, &rel).await?,
+        Some(p) => {
+            authorize::classify_and_authorize(shared, snap, req, p, form, &rel, signed).await?
+        }
     };
 
     // forward
@@ -359,8 +366,20 @@ async fn serve(
 
     // respond
     let mut resp = respond(shared, snap, &plan, fetcher.as_ref(), &method, native, resp).await?;
-    if let Some((status, client)) = export_status {
-        shared.exports.record(status, client);
+    if let Some((status, client)) = export_status
+        && let Some(public) = resp
+            .headers()
+            .get(header::CONTENT_LOCATION)
+            .and_then(|v| v.to_str().ok())
+    {
+        let signature = shared
+            .exports
+            .sign(&snap.config.bulk_data, &client, &status, unix_now());
+        let signed = exports::with_signature(public, &signature);
+        match HeaderValue::from_str(&signed) {
+            Ok(v) => resp.headers_mut().insert(header::CONTENT_LOCATION, v),
+            Err(_) => resp.headers_mut().remove(header::CONTENT_LOCATION),
+        };
     }
     // What a token was shown is not for a shared cache to show others.
     if principal.is_some() {
@@ -372,6 +391,13 @@ async fn serve(
         return Ok(Response::from_parts(parts, crate::body::empty()));
     }
     Ok(resp)
+}
+
+/// Seconds since the epoch.
+pub(super) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What the query's `_format` (FHIR R4 http.html#mime-type) asks for: `None` without
