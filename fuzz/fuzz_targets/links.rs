@@ -1,11 +1,13 @@
 //! Rewriting the upstream's address out of answers, on arbitrary input: `Link` header
-//! values and JSON documents (Bundles, export manifests, anything). Never panics; no URL
-//! under the upstream base survives in a rewritten `Link` target; rewriting twice
-//! changes nothing more.
+//! values and JSON documents (Bundles, export manifests, anything), and export status URL
+//! signatures. Never panics; no URL under the upstream base survives in a rewritten
+//! `Link` target; rewriting twice changes nothing more; no made-up signature verifies.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use smartgate::fhir::bundle::rewrite_links;
+use smartgate::config::BulkDataConfig;
+use smartgate::pipeline::exports::{Exports, split_signature};
 use smartgate::proxy::headers::map_link_targets;
 
 const UP: &str = "http://up/fhir";
@@ -20,6 +22,13 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    // Export status URLs: a signature split off any target verifies only if it was made
+    // for that target (never, for input the fuzzer makes up).
+    if let Some((target, signature)) = split_signature(text) {
+        let exports = Exports::default();
+        let config = BulkDataConfig::default();
+        assert!(!exports.verify(&config, "client", target, signature, 0));
+    }
     if let Some(out) = map_link_targets(text, &to_public) {
         assert_ne!(out, text);
         assert_eq!(map_link_targets(&out, &to_public), None, "a second pass changed {out:?}");
