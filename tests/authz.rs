@@ -521,6 +521,17 @@ fn exporter_token(s: &Setup, client: &str) -> String {
     s.key.sign(&c)
 }
 
+/// Kicks an export off at `path`; the status URL handed out, as a target on the gateway.
+async fn kick_off(s: &Setup, path: &str, token: &str) -> String {
+    let (st, h, _) = call(s, "GET", path, token, None).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let location = h["content-location"].to_str().unwrap();
+    location
+        .strip_prefix("http://gateway.test")
+        .unwrap()
+        .to_owned()
+}
+
 /// A Bulk Data export's status URL (HAPI's `$export-poll-status?_jobId=…`) is no
 /// operation the rules know. The gateway hands it out signed for the client that kicked
 /// the export off: that client may poll it, read the manifest (its file URLs rewritten to
@@ -536,17 +547,8 @@ async fn export_status_belongs_to_the_client_that_started_it() {
         call(&s, "GET", unsigned, &exporter, None).await.0,
         StatusCode::FORBIDDEN
     );
-    let (st, h, _) = call(&s, "GET", "/r4/$export?_type=Observation", &exporter, None).await;
-    assert_eq!(st, StatusCode::ACCEPTED);
-    let location = h["content-location"].to_str().unwrap().to_owned();
-    let status = location
-        .strip_prefix("http://gateway.test")
-        .unwrap()
-        .to_owned();
-    assert!(
-        status.starts_with(&format!("{unsigned}&_sg=")),
-        "{location}"
-    );
+    let status = kick_off(&s, "/r4/$export?_type=Observation", &exporter).await;
+    assert!(status.starts_with(&format!("{unsigned}&_sg=")), "{status}");
 
     let (st, _, manifest) = call(&s, "GET", &status, &exporter, None).await;
     assert_eq!(st, StatusCode::OK);
@@ -605,20 +607,7 @@ async fn export_status_signed_with_a_shared_key_works_on_every_replica() {
         ALIAS,
     )
     .await;
-    let (st, h, _) = call(
-        &one,
-        "GET",
-        "/r4/$export",
-        &exporter_token(&one, "exporter"),
-        None,
-    )
-    .await;
-    assert_eq!(st, StatusCode::ACCEPTED);
-    let location = h["content-location"].to_str().unwrap().to_owned();
-    let status = location
-        .strip_prefix("http://gateway.test")
-        .unwrap()
-        .to_owned();
+    let status = kick_off(&one, "/r4/$export", &exporter_token(&one, "exporter")).await;
 
     let replica = jwt_gateway(
         FakeUpstream::start(export_upstream()).await,
