@@ -65,6 +65,11 @@ pub struct BulkDataConfig {
     /// URL another handed out. Unset: a random key per process.
     #[serde(default)]
     pub status_key: Option<String>,
+    /// Keys status URLs were signed with before `status_key` was rotated: still
+    /// accepted, never used to sign. Drop one once its URLs are no longer needed (they
+    /// expire after seven days).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_status_keys: Vec<String>,
 }
 
 /// `[authorization_server]`: the embedded SMART Backend Services authorization server.
@@ -872,12 +877,25 @@ impl Config {
             http::HeaderValue::from_str(value)
                 .map_err(|_| (key, "is not a valid header value".to_owned()))?;
         }
-        if let Some(key) = &self.bulk_data.status_key
-            && key.len() < 32
-        {
+        let bulk = &self.bulk_data;
+        let keys = bulk
+            .status_key
+            .iter()
+            .map(|k| ("bulk_data.status_key".to_owned(), k));
+        let previous = bulk.previous_status_keys.iter().enumerate();
+        let previous = previous.map(|(i, k)| (format!("bulk_data.previous_status_keys[{i}]"), k));
+        for (name, key) in keys.chain(previous) {
+            if key.len() < 32 {
+                return Err((
+                    name,
+                    format!("is {} characters long; at least 32 are needed", key.len()),
+                ));
+            }
+        }
+        if bulk.status_key.is_none() && !bulk.previous_status_keys.is_empty() {
             return Err((
-                "bulk_data.status_key".into(),
-                format!("is {} characters long; at least 32 are needed", key.len()),
+                "bulk_data.previous_status_keys".into(),
+                "needs bulk_data.status_key, the key that replaced them".into(),
             ));
         }
         if self.server.workers > 1024 {
@@ -1257,7 +1275,12 @@ impl Config {
                 *secret = "***".to_owned();
             }
         }
-        if let Some(key) = masked.bulk_data.status_key.as_mut() {
+        let bulk = &mut masked.bulk_data;
+        for key in bulk
+            .status_key
+            .iter_mut()
+            .chain(&mut bulk.previous_status_keys)
+        {
             *key = "***".to_owned();
         }
         for c in &mut masked.authorization_server.clients {

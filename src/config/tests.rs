@@ -357,4 +357,18 @@ fn bulk_data_status_key() {
     let c = parse_env(MINIMAL, &[("SMARTGATE__BULK_DATA__STATUS_KEY", &key)]).unwrap();
     assert_eq!(c.bulk_data.status_key.as_deref(), Some(key.as_str()));
     assert_eq!(parse(MINIMAL).unwrap().bulk_data.status_key, None);
+    // Previous keys: each checked and masked, and only beside a current one.
+    let old = "o".repeat(32);
+    let rotated = format!(
+        "{MINIMAL}\n[bulk_data]\nstatus_key = \"{key}\"\nprevious_status_keys = [\"{old}\", \"x\"]\n"
+    );
+    let e = err(&rotated);
+    assert!(e.contains("bulk_data.previous_status_keys[1]"), "{e}");
+    let c = parse(&rotated.replace(", \"x\"", "")).unwrap();
+    let out = c.to_masked_toml();
+    assert!(!out.contains(&old) && !out.contains(&key), "{out}");
+    let e = err(&format!(
+        "{MINIMAL}\n[bulk_data]\nprevious_status_keys = [\"{old}\"]\n"
+    ));
+    assert!(e.contains("needs bulk_data.status_key"), "{e}");
 }

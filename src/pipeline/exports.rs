@@ -41,12 +41,20 @@ impl Default for Exports {
 }
 
 impl Exports {
+    /// The key to sign with: the configured one, else this process's.
     fn key(&self, config: &BulkDataConfig) -> hmac::Key {
         let secret = config
             .status_key
             .as_deref()
             .map_or(&self.fallback[..], str::as_bytes);
         hmac::Key::new(hmac::HMAC_SHA256, secret)
+    }
+
+    /// The keys a signature is checked against: the signing key, then the previous ones.
+    fn keys(&self, config: &BulkDataConfig) -> impl Iterator<Item = hmac::Key> {
+        let previous = config.previous_status_keys.iter();
+        std::iter::once(self.key(config))
+            .chain(previous.map(|k| hmac::Key::new(hmac::HMAC_SHA256, k.as_bytes())))
     }
 
     /// The `_sg` value for the status URL `rel` (relative to the public base) handed to
@@ -77,8 +85,11 @@ impl Exports {
         ) else {
             return false;
         };
+        let message = message(client, rel, expires);
         now <= expires
-            && hmac::verify(&self.key(config), &message(client, rel, expires), &tag).is_ok()
+            && self
+                .keys(config)
+                .any(|key| hmac::verify(&key, &message, &tag).is_ok())
     }
 }
 
@@ -150,6 +161,7 @@ mod tests {
     fn config(key: Option<&str>) -> BulkDataConfig {
         BulkDataConfig {
             status_key: key.map(str::to_owned),
+            previous_status_keys: Vec::new(),
         }
     }
 
@@ -216,6 +228,13 @@ mod tests {
         let other = config(Some("fedcba9876543210fedcba9876543210"));
         assert!(!exports.verify(&other, client, rel, &sig, now));
         assert!(!exports.verify(&config(None), client, rel, &sig, now));
+        // Rotated: the old key still verifies as a previous key, never signs.
+        let rotated = BulkDataConfig {
+            status_key: Some("fedcba9876543210fedcba9876543210".into()),
+            previous_status_keys: vec!["0123456789abcdef0123456789abcdef".into()],
+        };
+        assert!(exports.verify(&rotated, client, rel, &sig, now));
+        assert_ne!(exports.sign(&rotated, client, rel, now), sig);
         let random = exports.sign(&config(None), client, rel, now);
         assert!(exports.verify(&config(None), client, rel, &random, now));
         assert!(!Exports::default().verify(&config(None), client, rel, &random, now));
