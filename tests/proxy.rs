@@ -286,6 +286,22 @@ async fn upstream_refusing_the_gateways_credentials_is_502() {
     gw.stop().await;
 }
 
+/// Without tokens the gateway signs no export status URLs, so a `_sg` parameter is the
+/// client's own and reaches the upstream as sent.
+#[tokio::test]
+async fn sg_parameter_passes_without_tokens() {
+    let up = FakeUpstream::echo().await;
+    let gw = TestGateway::boot(&config(&up.base(), "")).await;
+    let (status, _, _) = get(&gw.url("/r4/$export-poll-status?_jobId=1&_sg=1.x")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        up.requests()[0].uri.ends_with("?_jobId=1&_sg=1.x"),
+        "{}",
+        up.requests()[0].uri
+    );
+    gw.stop().await;
+}
+
 /// A sane client request id is kept end to end; others are replaced; every response
 /// (errors included) carries one.
 #[tokio::test]

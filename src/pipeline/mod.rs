@@ -162,8 +162,12 @@ async fn serve(
         return Ok(public::preflight(req.headers()));
     }
     // A signed export status URL (exports.rs): the signature is the gateway's, checked in
-    // the authorize stage and never forwarded.
-    let signed = exports::split_signature(&rel);
+    // the authorize stage and never forwarded. Without tokens nothing is signed, and the
+    // target is forwarded as it came.
+    let signed = snap
+        .auth
+        .as_ref()
+        .and_then(|_| exports::split_signature(&rel));
     let mut upstream_uri = snap
         .upstream
         .uri_for(signed.map_or(rel.as_str(), |(t, _)| t))?;
