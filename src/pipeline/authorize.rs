@@ -37,7 +37,7 @@ pub(super) async fn classify_and_authorize(
         let valid = matches!(*req.method(), Method::GET | Method::DELETE)
             && super::exports::client_of(principal).is_some_and(|client| {
                 let config = &snap.config.bulk_data;
-                let now = super::unix_now();
+                let now = jsonwebtoken::get_current_timestamp();
                 shared
                     .exports
                     .verify(config, &client, target, signature, now)

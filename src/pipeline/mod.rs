@@ -376,9 +376,12 @@ async fn serve(
             .get(header::CONTENT_LOCATION)
             .and_then(|v| v.to_str().ok())
     {
-        let signature = shared
-            .exports
-            .sign(&snap.config.bulk_data, &client, &status, unix_now());
+        let signature = shared.exports.sign(
+            &snap.config.bulk_data,
+            &client,
+            &status,
+            jsonwebtoken::get_current_timestamp(),
+        );
         let signed = exports::with_signature(public, &signature);
         match HeaderValue::from_str(&signed) {
             Ok(v) => resp.headers_mut().insert(header::CONTENT_LOCATION, v),
@@ -395,13 +398,6 @@ async fn serve(
         return Ok(Response::from_parts(parts, crate::body::empty()));
     }
     Ok(resp)
-}
-
-/// Seconds since the epoch.
-pub(super) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// What the query's `_format` (FHIR R4 http.html#mime-type) asks for: `None` without
