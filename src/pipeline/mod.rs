@@ -541,12 +541,12 @@ pub(super) async fn buffer(
     req: Request<BoxBody>,
 ) -> Result<(Request<BoxBody>, Bytes), GatewayError> {
     let limit = snap.config.server.max_request_body.0;
-    if declared_length(req.headers()).is_some_and(|n| n > limit) {
+    // The length hyper frames the body by, as in `serve`.
+    if req.body().size_hint().exact().is_some_and(|n| n > limit) {
         return Err(GatewayError::PayloadTooLarge);
     }
     let (parts, body) = req.into_parts();
-    let bytes = limited(body, limit)
-        .collect()
+    let bytes = crate::body::read_whole(limited(body, limit))
         .await
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
@@ -554,8 +554,7 @@ pub(super) async fn buffer(
             } else {
                 GatewayError::BadRequest("request body incomplete")
             }
-        })?
-        .to_bytes();
+        })?;
     Ok((Request::from_parts(parts, full(bytes.clone())), bytes))
 }
 
@@ -848,15 +847,6 @@ where
     B::Error: Into<crate::body::BoxError>,
 {
     Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed()
-}
-
-fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// The `log` stage: metrics and one access line, for every request.
