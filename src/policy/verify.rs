@@ -74,34 +74,37 @@ impl Viewer<'_> {
             })
     }
 
-    /// A stored Bundle written under confinement to `patient`: it has entries, and every
-    /// entry's resource is written for that patient (its compartment references all name
-    /// the patient, as in [`Viewer::check_write`]) or is of a type outside the compartment
-    /// that the policy lets confined tokens have. Type scopes are the Bundle's own: the
-    /// entries are stored in it, not written as resources.
-    fn entries_written_for(&self, bundle: &Value, patient: &str) -> bool {
-        let bases = &self.policy.bases;
-        let for_patient = |r: &Value| match resource_type(r) {
-            Some("Bundle") => self.entries_written_for(r, patient),
-            Some(ty) if super::in_compartment_type(ty) => {
-                if ty == "Patient" && r.get("id").is_none() {
-                    return false;
-                }
-                let ids = compartment_patients(ty, r, bases);
-                !ids.is_empty() && ids.iter().all(|i| *i == patient)
-            }
-            Some(ty) => self.policy.non_compartment_allowed(ty),
+    /// Whether `resource` (of type `ty`, in the compartment) is written for `patient`
+    /// alone: every compartment reference names the patient and there is at least one
+    /// (a Patient: its own id). A stored Bundle is written for the patient when it has
+    /// entries and each entry's resource is, or is of a type outside the compartment that
+    /// the policy lets confined tokens have: the entries are stored in it, not written as
+    /// resources, so the type scopes are the Bundle's own.
+    fn written_for(&self, ty: &str, resource: &Value, patient: &str) -> bool {
+        let entry_for_patient = |r: &Value| match resource_type(r) {
+            Some(t) if super::in_compartment_type(t) => self.written_for(t, r, patient),
+            Some(t) => self.policy.non_compartment_allowed(t),
             None => false,
         };
-        bundle
-            .get("entry")
-            .and_then(Value::as_array)
-            .is_some_and(|entries| {
-                !entries.is_empty()
-                    && entries
-                        .iter()
-                        .all(|e| e.get("resource").is_some_and(for_patient))
-            })
+        match ty {
+            "Patient" if resource.get("id").is_none() => false,
+            "Bundle" => resource
+                .get("entry")
+                .and_then(Value::as_array)
+                .is_some_and(|entries| {
+                    !entries.is_empty()
+                        && entries
+                            .iter()
+                            .all(|e| e.get("resource").is_some_and(entry_for_patient))
+                }),
+            // A conditional reference (`Patient?identifier=…`) the server would resolve
+            // to some patient: unknowable here, so refused.
+            _ if has_conditional_reference(ty, resource) => false,
+            _ => {
+                let ids = compartment_patients(ty, resource, &self.policy.bases);
+                !ids.is_empty() && ids.iter().all(|i| *i == patient)
+            }
+        }
     }
 
     /// [`Viewer::visible`] straight from the bytes of one resource, parsing only the
@@ -202,18 +205,9 @@ impl Viewer<'_> {
         let bases = &self.policy.bases;
         let mut reason = DenyReason::Compartment;
         for a in &apps {
-            let compartment_ok = match a.confined_to {
-                None => true,
-                Some(_) if ty == "Patient" && resource.get("id").is_none() => false,
-                Some(p) if ty == "Bundle" => self.entries_written_for(resource, p),
-                // A conditional reference (`Patient?identifier=…`) the server would
-                // resolve to some patient: unknowable here, so refused.
-                Some(_) if has_conditional_reference(ty, resource) => false,
-                Some(p) => {
-                    let ids = compartment_patients(ty, resource, bases);
-                    !ids.is_empty() && ids.iter().all(|i| *i == p)
-                }
-            };
+            let compartment_ok = a
+                .confined_to
+                .is_none_or(|p| self.written_for(ty, resource, p));
             let granular_ok = a
                 .constraints
                 .iter()
@@ -902,6 +896,15 @@ mod tests {
             );
             assert_eq!(
                 v.check_write("Bundle", &doc(vec![doc(vec![comp("456")])]), c),
+                Err(DenyReason::Compartment)
+            );
+            // An entry's conditional reference could resolve to any patient, as in a
+            // resource written on its own.
+            let conditional = json!({"resourceType": "Composition",
+                                     "subject": {"reference": "Patient/123"},
+                                     "author": [{"reference": "Patient?identifier=x"}]});
+            assert_eq!(
+                v.check_write("Bundle", &doc(vec![conditional]), c),
                 Err(DenyReason::Compartment)
             );
             assert_eq!(
