@@ -80,12 +80,7 @@ pub fn drop_respond_async(headers: &mut HeaderMap) {
             dropped = true;
             continue;
         };
-        for preference in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let name = preference
-                .split(['=', ';'])
-                .next()
-                .unwrap_or_default()
-                .trim();
+        for (name, preference) in list_members(text) {
             if name.eq_ignore_ascii_case("respond-async") {
                 dropped = true;
             } else {
@@ -126,8 +121,7 @@ pub fn keep_private(headers: &mut HeaderMap) {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
             return;
         };
-        for directive in cache_directives(text) {
-            let name = directive.split('=').next().unwrap_or_default().trim_end();
+        for (name, directive) in list_members(text) {
             let lets_share = ["public", "s-maxage", "must-revalidate"]
                 .iter()
                 .any(|d| name.eq_ignore_ascii_case(d));
@@ -148,9 +142,10 @@ pub fn keep_private(headers: &mut HeaderMap) {
     headers.insert(header::CACHE_CONTROL, value);
 }
 
-/// The directives of a `Cache-Control` value (RFC 9111 §5.2: comma-separated, a value
-/// may be a quoted string holding commas), trimmed, empty ones skipped.
-fn cache_directives(value: &str) -> Vec<&str> {
+/// The members of a comma-separated header value (RFC 9110 §5.6.1; `Cache-Control`
+/// directives, `Prefer` preferences), each with its name (before any `=` or `;`), trimmed,
+/// empty ones skipped. A quoted string may hold commas (`no-cache="a, b"`).
+fn list_members(value: &str) -> impl Iterator<Item = (&str, &str)> {
     let mut out = Vec::new();
     let (mut start, mut quoted, mut escaped) = (0, false, false);
     for (i, b) in value.bytes().enumerate() {
@@ -168,8 +163,8 @@ fn cache_directives(value: &str) -> Vec<&str> {
     out.push(&value[start..]);
     out.into_iter()
         .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .collect()
+        .filter(|m| !m.is_empty())
+        .map(|m| (m.split(['=', ';']).next().unwrap_or_default().trim(), m))
 }
 
 /// A `Link` header value (RFC 8288: `<url>; rel="next", …`) with each target URL mapped
@@ -453,6 +448,8 @@ mod tests {
             ["return=representation", "handling=lenient"]
         );
         assert_eq!(prefer(&["respond-asyncx"]), ["respond-asyncx"]);
+        // A quoted value keeps its commas as they were.
+        assert_eq!(prefer(&["respond-async, x=\"a,b\""]), ["x=\"a,b\""]);
     }
 
     #[test]
