@@ -97,6 +97,17 @@ const COMPARTMENTS: &[&str] = &[
     "RelatedPerson",
 ];
 
+/// Classifies a GET of `target` (a path after the FHIR base, with or without a query) as
+/// a server would read it with no headers: for URLs the gateway did not receive as a
+/// request (an export status URL, a Subscription's criteria).
+pub fn classify_get(target: &str) -> Result<FhirRequest, ClassifyError> {
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    classify(&Method::GET, path, query, &HeaderMap::new(), None, None)
+}
+
 /// Classifies a request. `rel_path` is the path after the FHIR base (`""`, `/…`);
 /// `form` is the body of a form-encoded `POST`; `bundle_type` the `type` of a Bundle
 /// posted to the base.

@@ -122,13 +122,8 @@ pub fn is_kick_off(rel: &str) -> bool {
 /// must not hand out a signed `/Patient`), only an operation (HAPI's
 /// `$export-poll-status`) or a path that is no FHIR interaction at all.
 pub fn may_bind(rel: &str) -> bool {
-    use crate::fhir::request::{Interaction, classify};
-    let (path, query) = match rel.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (rel, None),
-    };
-    let headers = http::HeaderMap::new();
-    match classify(&http::Method::GET, path, query, &headers, None, None) {
+    use crate::fhir::request::{Interaction, classify_get};
+    match classify_get(rel) {
         Err(_) => true,
         Ok(req) => matches!(
             req.interaction,
@@ -148,7 +143,7 @@ pub fn with_signature(url: &str, signature: &str) -> String {
 /// A request target (relative to the public base) that ends in a signature: the target
 /// without it, and the signature. `None` when the last parameter is not `_sg`.
 pub fn split_signature(rel: &str) -> Option<(&str, &str)> {
-    let (query_start, _) = rel.char_indices().find(|(_, c)| *c == '?')?;
+    let query_start = rel.find('?')?;
     let at = rel.rfind(['?', '&']).filter(|i| *i >= query_start)?;
     let signature = rel[at + 1..].strip_prefix(PARAM)?.strip_prefix('=')?;
     Some((&rel[..at], signature))

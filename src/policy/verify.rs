@@ -145,26 +145,17 @@ impl Viewer<'_> {
     /// any other subscription (an absolute or topic-based criteria, say) is refused.
     pub fn check_standing_search(&self, resource: &Value) -> Result<(), DenyReason> {
         use super::{Decision, authorize, reaches_other_resources, sees_everything};
-        use crate::fhir::request::{Interaction, classify};
+        use crate::fhir::request::{Interaction, classify_get};
         if sees_everything(self.grants, self.ctx, self.policy) {
             return Ok(());
         }
         let unreadable = DenyReason::Unverifiable(
             "a Subscription's criteria must be a search of one type the token may make",
         );
-        let criteria = resource.get("criteria").and_then(Value::as_str);
-        let Some((path, query)) = criteria.map(|c| c.split_once('?').unwrap_or((c, ""))) else {
+        let Some(criteria) = resource.get("criteria").and_then(Value::as_str) else {
             return Err(unreadable);
         };
-        let search = classify(
-            &http::Method::GET,
-            &format!("/{path}"),
-            Some(query),
-            &http::HeaderMap::new(),
-            None,
-            None,
-        )
-        .map_err(|_| unreadable.clone())?;
+        let search = classify_get(&format!("/{criteria}")).map_err(|_| unreadable.clone())?;
         if search.interaction != Interaction::SearchType || reaches_other_resources(&search) {
             return Err(unreadable);
         }
