@@ -951,6 +951,86 @@ async fn types_naming_a_patient_are_confined() {
     assert_eq!(st, StatusCode::OK);
 }
 
+/// Linkage, VerificationResult, MessageHeader and PaymentNotice are outside the R4
+/// compartment and point at "any" resource. Under the default
+/// `patient_scope_non_compartment = "allow"` a `patient/*.rs` token read every patient's:
+/// which records are the same person, what was verified about whom. Now one is readable
+/// when it references the context patient directly, and not otherwise.
+#[tokio::test]
+async fn records_pointing_at_any_resource_are_confined() {
+    let linkage = |id: &str, a: &str, b: &str| {
+        json!({"resourceType": "Linkage", "id": id, "item": [
+        {"type": "source", "resource": {"reference": a}},
+        {"type": "alternate", "resource": {"reference": b}}]})
+    };
+    let store_items = vec![
+        linkage("own", "Patient/123", "Patient/900"),
+        linkage("theirs", "Patient/456", "Patient/789"),
+        json!({"resourceType": "VerificationResult", "id": "v1", "target": [{"reference": "Observation/o456"}]}),
+    ];
+    let store: Responder = Arc::new(move |seen: &Seen| {
+        let path = seen.uri.split('?').next().unwrap_or("").to_owned();
+        let resp = match path.rsplit_once('/') {
+            Some((_, id)) if id != "Linkage" && id != "VerificationResult" => json_response(
+                StatusCode::OK,
+                store_items.iter().find(|d| d["id"] == id).unwrap(),
+            ),
+            // A server that ignores the patient filter returns every one of the type.
+            _ => json_response(
+                StatusCode::OK,
+                &json!({"resourceType": "Bundle", "type": "searchset",
+                        "entry": store_items.iter()
+                            .filter(|d| path.ends_with(d["resourceType"].as_str().unwrap()))
+                            .map(|d| json!({"resource": d})).collect::<Vec<_>>()}),
+            ),
+        };
+        Box::pin(std::future::ready(resp))
+    });
+    let s = jwt_gateway(FakeUpstream::start(store).await, "", "").await;
+    let app = token(&s.key, "patient/*.rs", Some("123"));
+    let (st, _, _) = call(&s, "GET", "/r4/Linkage/own", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _, _) = call(&s, "GET", "/r4/Linkage/theirs", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    // Pointing at another patient's Observation is no one's compartment.
+    let (st, _, _) = call(&s, "GET", "/r4/VerificationResult/v1", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, _, b) = call(&s, "GET", "/r4/Linkage", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(ids(&b), ["Linkage/own"]);
+    assert!(
+        s.up.requests()
+            .last()
+            .unwrap()
+            .uri
+            .contains("item=Patient%2F123")
+    );
+    let (st, _, b) = call(&s, "GET", "/r4/VerificationResult", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(ids(&b).is_empty(), "{b}");
+    let (st, _, _) = call(&s, "GET", "/r4/Linkage?item=Patient/456", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    // A confined create must be for the patient, like any compartment type.
+    let writer = token(&s.key, "patient/Linkage.c", Some("123"));
+    let body = linkage("new", "Patient/456", "Patient/789");
+    let before = s.up.requests().len();
+    let (st, _, _) = call(
+        &s,
+        "POST",
+        "/r4/Linkage",
+        &writer,
+        Some(("application/fhir+json", body)),
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert_eq!(s.up.requests().len(), before, "the write was not forwarded");
+    // An unconfined scope is unchanged.
+    let all = token(&s.key, "user/Linkage.rs", None);
+    let (st, _, _) = call(&s, "GET", "/r4/Linkage/theirs", &all, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+}
+
 /// A write body the checks cannot read is a 400 naming what is wrong, and no write
 /// reaches the upstream.
 #[tokio::test]

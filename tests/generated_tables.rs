@@ -34,6 +34,28 @@ fn generated_tables_make_sense() {
         .unwrap();
     assert!(obs.1.contains(&"subject") && obs.1.contains(&"performer"));
     assert!(PATIENT_COMPARTMENT.iter().all(|(t, _)| *t != "Medication"));
+    // Canonical resources: definitions and conformance resources, not records that
+    // merely have a `url` (a Device's network address, a Subscription's endpoint).
+    use smartgate::fhir::generated::CANONICAL_TYPES;
+    assert!(CANONICAL_TYPES.windows(2).all(|w| w[0] < w[1]));
+    for t in [
+        "Library",
+        "PlanDefinition",
+        "Questionnaire",
+        "ValueSet",
+        "ImplementationGuide",
+    ] {
+        assert!(CANONICAL_TYPES.binary_search(&t).is_ok(), "{t}");
+    }
+    for t in [
+        "Device",
+        "Subscription",
+        "Contract",
+        "Linkage",
+        "Observation",
+    ] {
+        assert!(CANONICAL_TYPES.binary_search(&t).is_err(), "{t}");
+    }
 }
 
 /// The element paths behind the compartment parameters, checked against the issue's

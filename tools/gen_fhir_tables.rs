@@ -207,6 +207,47 @@ fn render_search_params(
         }
         out.push_str("    ]),\n");
     }
+    out.push_str("];\n\n");
+
+    // Canonical resources (definitions, conformance, knowledge artifacts) are the types
+    // searchable by `url` (uri) and `version` (token), their canonical identity: their
+    // references to "any" type are links between artifacts, not records about a patient.
+    // (`url` alone also finds Device, Contract and Subscription, whose `url` is not a
+    // canonical URL.)
+    let with = |code: &str, kind: &str| -> Result<Vec<&str>, String> {
+        let mut found = Vec::new();
+        for entry in bundle["entry"].as_array().ok_or("Bundle.entry missing")? {
+            let r = &entry["resource"];
+            if r["code"] != code || r["type"] != kind {
+                continue;
+            }
+            for base in r["base"].as_array().into_iter().flatten() {
+                if let Some(base) = base.as_str()
+                    && types
+                        .binary_search_by(|(t, _)| t.as_str().cmp(base))
+                        .is_ok()
+                {
+                    found.push(base);
+                }
+            }
+        }
+        Ok(found)
+    };
+    let versioned = with("version", "token")?;
+    let mut canonical: Vec<&str> = with("url", "uri")?
+        .into_iter()
+        .filter(|t| versioned.contains(t))
+        .collect();
+    canonical.sort_unstable();
+    canonical.dedup();
+    out.push_str(
+        "/// Canonical resources (definitions, conformance resources, knowledge artifacts):\n\
+         /// the types searchable by `url` and `version`, sorted.\n\
+         pub const CANONICAL_TYPES: &[&str] = &[\n",
+    );
+    for ty in canonical {
+        let _ = writeln!(out, "    {ty:?},");
+    }
     out.push_str("];\n");
     Ok(())
 }

@@ -1656,3 +1656,36 @@ pub const SEARCH_PARAMS: &[(&str, &[SearchParam])] = &[
         SearchParam { code: "status", kind: ParamKind::Token, paths: &["status"], targets: &[] },
     ]),
 ];
+
+/// Canonical resources (definitions, conformance resources, knowledge artifacts):
+/// the types searchable by `url` and `version`, sorted.
+pub const CANONICAL_TYPES: &[&str] = &[
+    "ActivityDefinition",
+    "CapabilityStatement",
+    "ChargeItemDefinition",
+    "CodeSystem",
+    "CompartmentDefinition",
+    "ConceptMap",
+    "EffectEvidenceSynthesis",
+    "EventDefinition",
+    "Evidence",
+    "EvidenceVariable",
+    "ExampleScenario",
+    "GraphDefinition",
+    "ImplementationGuide",
+    "Library",
+    "Measure",
+    "MessageDefinition",
+    "OperationDefinition",
+    "PlanDefinition",
+    "Questionnaire",
+    "ResearchDefinition",
+    "ResearchElementDefinition",
+    "RiskEvidenceSynthesis",
+    "SearchParameter",
+    "StructureDefinition",
+    "StructureMap",
+    "TerminologyCapabilities",
+    "TestScript",
+    "ValueSet",
+];

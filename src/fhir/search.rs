@@ -5,7 +5,9 @@
 
 use serde_json::Value;
 
-use super::generated::{PATIENT_COMPARTMENT_PATHS, ParamKind, SEARCH_PARAMS, SearchParam};
+use super::generated::{
+    CANONICAL_TYPES, PATIENT_COMPARTMENT_PATHS, ParamKind, SEARCH_PARAMS, SearchParam,
+};
 use super::reference::{local_target, reference_target};
 
 /// The search parameter `code` of `ty`, if the gateway can evaluate it.
@@ -21,9 +23,15 @@ pub fn param(ty: &str, code: &str) -> Option<&'static SearchParam> {
 /// Whether `ty` is in the Patient compartment, and by which element paths.
 ///
 /// Additions to the R4 CompartmentDefinition, for types outside it that still hold one
-/// patient's data (a `patient/` scope reading any instance would read everyone's):
-/// - a type with a `patient` search parameter (Contract, Device, GuidanceResponse, from
-///   the SearchParameter definitions) is in the compartment of the patient it names;
+/// patient's data (a `patient/` scope reading any instance would read everyone's), all
+/// found from the SearchParameter definitions:
+/// - a type with a `patient` search parameter (Contract, Device, GuidanceResponse) is in
+///   the compartment of the patient it names;
+/// - any other record (not a canonical resource) with reference parameters that may
+///   point at a Patient (Linkage, MessageHeader, PaymentNotice, VerificationResult: each
+///   points at "any" resource) is in the compartment of a patient it references there
+///   directly, as FHIR places a resource in a compartment. One that points only at other
+///   resources, say another patient's Observation, is in no one's;
 /// - a Binary holds documents and images, and ids are often sequential. FHIR R4 names
 ///   `Binary.securityContext` as the resource whose access rules apply to it: a Binary
 ///   is in the compartment of the patient its `securityContext` references (with none,
@@ -42,10 +50,12 @@ pub fn compartment_paths(ty: &str) -> Option<&'static [(&'static str, &'static [
         .map(|i| &extra[i].1[..])
 }
 
-/// Types outside the R4 Patient compartment that have a `patient` search parameter
-/// pointing at Patient, each with that parameter's paths, sorted by type.
+/// Types outside the R4 Patient compartment that name a patient (see
+/// [`compartment_paths`]), each with the parameters that do and their paths, sorted by
+/// type: the `patient` parameter where it points only at Patient, else, for records,
+/// every reference parameter that may point at a Patient.
 type CompartmentEntry = (&'static str, &'static [&'static str]);
-static PATIENT_PARAM_COMPARTMENT: std::sync::LazyLock<Vec<(&'static str, [CompartmentEntry; 1])>> =
+static PATIENT_PARAM_COMPARTMENT: std::sync::LazyLock<Vec<(&'static str, Vec<CompartmentEntry>)>> =
     std::sync::LazyLock::new(|| {
         SEARCH_PARAMS
             .iter()
@@ -53,11 +63,26 @@ static PATIENT_PARAM_COMPARTMENT: std::sync::LazyLock<Vec<(&'static str, [Compar
                 PATIENT_COMPARTMENT_PATHS
                     .binary_search_by(|(t, _)| t.cmp(ty))
                     .is_err()
+                    && !matches!(*ty, "Binary" | "Bundle")
             })
             .filter_map(|(ty, params)| {
-                let p = params.iter().find(|p| p.code == "patient")?;
-                (p.targets == ["Patient"] && !p.paths.is_empty())
-                    .then_some((*ty, [("patient", p.paths)]))
+                if let Some(p) = params.iter().find(|p| p.code == "patient") {
+                    return (p.targets == ["Patient"] && !p.paths.is_empty())
+                        .then(|| (*ty, vec![("patient", p.paths)]));
+                }
+                if CANONICAL_TYPES.binary_search(ty).is_ok() {
+                    return None;
+                }
+                let naming: Vec<CompartmentEntry> = params
+                    .iter()
+                    .filter(|p| {
+                        p.kind == ParamKind::Reference
+                            && p.targets.contains(&"Patient")
+                            && !p.paths.is_empty()
+                    })
+                    .map(|p| (p.code, p.paths))
+                    .collect();
+                (!naming.is_empty()).then_some((*ty, naming))
             })
             .collect()
     });
@@ -277,10 +302,41 @@ mod tests {
             paths("Binary"),
             Some(vec![("securityContext", &["securityContext"][..])])
         );
+        // Records that point at "any" resource, a Patient included.
+        assert_eq!(
+            paths("Linkage"),
+            Some(vec![
+                ("item", &["item.resource"][..]),
+                ("source", &["item.resource"][..])
+            ])
+        );
+        assert_eq!(
+            paths("VerificationResult"),
+            Some(vec![("target", &["target"][..])])
+        );
+        assert_eq!(
+            paths("MessageHeader"),
+            Some(vec![("focus", &["focus"][..])])
+        );
+        assert_eq!(
+            paths("PaymentNotice"),
+            Some(vec![
+                ("request", &["request"][..]),
+                ("response", &["response"][..])
+            ])
+        );
+        // Canonical resources link to "any" artifact: they stay outside, as do types
+        // that name no patient.
         for outside in [
             "Medication",
             "Practitioner",
             "Organization",
+            "Library",
+            "PlanDefinition",
+            "ImplementationGuide",
+            "Questionnaire",
+            "Slot",
+            "Subscription",
             "Bundle",
             "Nope",
         ] {
