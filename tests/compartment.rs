@@ -963,7 +963,7 @@ async fn records_pointing_at_any_resource_are_confined() {
         {"type": "source", "resource": {"reference": a}},
         {"type": "alternate", "resource": {"reference": b}}]})
     };
-    let store_items = vec![
+    let store_items = [
         linkage("own", "Patient/123", "Patient/900"),
         linkage("theirs", "Patient/456", "Patient/789"),
         json!({"resourceType": "VerificationResult", "id": "v1", "target": [{"reference": "Observation/o456"}]}),
@@ -1348,6 +1348,87 @@ async fn subscriptions_stand_on_searches_the_token_may_make() {
     .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(s.up.requests().len(), 2);
+}
+
+/// A Subscription is outside the R4 compartment, and its channel may carry the
+/// subscriber's credentials. Under the default `patient_scope_non_compartment = "allow"`
+/// a `patient/*.rs` token read every patient's, secrets and all. It is now the patient's
+/// when its criteria is a search of the patient's own data that the token may make: read,
+/// searched (filtered, `_elements` keeping the criteria) and deleted only then.
+#[tokio::test]
+async fn subscriptions_are_read_by_their_criteria() {
+    let sub = |id: &str, criteria: &str| {
+        json!({"resourceType": "Subscription", "id": id, "meta": {"versionId": "1"},
+               "status": "active", "reason": "x",
+               "criteria": criteria,
+               "channel": {"type": "rest-hook", "endpoint": "https://app.example/hook",
+                           "header": ["Authorization: Bearer hook-secret"]}})
+    };
+    let subs = [
+        sub("own", "Observation?patient=Patient/123&code=x"),
+        sub("theirs", "Observation?patient=Patient/456"),
+        sub("everyone", "Observation?code=x"),
+    ];
+    let store: Responder = Arc::new(move |seen: &Seen| {
+        let path = seen.uri.split('?').next().unwrap_or("").to_owned();
+        let resp = match path.rsplit_once('/') {
+            _ if seen.method == http::Method::DELETE => json_response(
+                StatusCode::OK,
+                &json!({"resourceType": "OperationOutcome", "issue": [
+                    {"severity": "information", "code": "informational"}]}),
+            ),
+            Some((_, id)) if id != "Subscription" => {
+                json_response(StatusCode::OK, subs.iter().find(|d| d["id"] == id).unwrap())
+            }
+            // The upstream has no patient filter for Subscriptions: it returns all.
+            _ => json_response(
+                StatusCode::OK,
+                &json!({"resourceType": "Bundle", "type": "searchset",
+                        "entry": subs.iter().map(|d| json!({"resource": d})).collect::<Vec<_>>()}),
+            ),
+        };
+        Box::pin(std::future::ready(resp))
+    });
+    let s = jwt_gateway(FakeUpstream::start(store).await, "", "").await;
+    let app = token(&s.key, "patient/*.cruds", Some("123"));
+    let (st, _, _) = call(&s, "GET", "/r4/Subscription/own", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    for other in ["theirs", "everyone"] {
+        let path = format!("/r4/Subscription/{other}");
+        let (st, _, b) = call(&s, "GET", &path, &app, None, &[]).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{other}");
+        assert!(!b.to_string().contains("hook-secret"));
+    }
+    let (st, _, b) = call(&s, "GET", "/r4/Subscription?status=active", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(ids(&b), ["Subscription/own"]);
+    let (st, _, _) = call(
+        &s,
+        "GET",
+        "/r4/Subscription?_elements=status",
+        &app,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let asked = s.up.requests().last().unwrap().uri.clone();
+    assert!(asked.contains("criteria"), "{asked}");
+    // Deleting another patient's is refused on its stored version; the own one goes.
+    let (st, _, _) = call(&s, "DELETE", "/r4/Subscription/theirs", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert!(
+        s.up.requests()
+            .iter()
+            .all(|r| r.method != http::Method::DELETE),
+        "the delete was not forwarded"
+    );
+    let (st, _, _) = call(&s, "DELETE", "/r4/Subscription/own", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    // A token that may read everything reads every Subscription.
+    let all = token(&s.key, "user/*.rs", None);
+    let (st, _, _) = call(&s, "GET", "/r4/Subscription/theirs", &all, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
 }
 
 /// A stored Bundle (a document, an IPS) is outside the R4 compartment, and reading it

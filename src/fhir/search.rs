@@ -100,9 +100,13 @@ pub fn checked_elements<'a>(
 ) -> Vec<&'static str> {
     let first = |p: &'static str| p.split('.').next().unwrap_or(p);
     let mut out = Vec::new();
-    // A Bundle is judged by its entries (`policy::in_compartment_type`).
+    // A Bundle is judged by its entries, a Subscription by its criteria
+    // (`policy::judged_by_content`).
     if compartment && ty == "Bundle" {
         out.push("entry");
+    }
+    if compartment && ty == "Subscription" {
+        out.push("criteria");
     }
     if compartment && let Some(params) = compartment_paths(ty) {
         for (_, paths) in params {

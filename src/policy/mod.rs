@@ -271,7 +271,7 @@ impl Policy {
     /// carry other resources and are never reached this way (they are judged by their
     /// entries, `in_compartment_type`).
     fn non_compartment_allowed(&self, ty: &str) -> bool {
-        self.non_compartment == NonCompartment::Allow && ty != "Bundle"
+        self.non_compartment == NonCompartment::Allow && !judged_by_content(ty)
     }
 
     /// The parameter that confines a search of `ty` to `patient`: configured, else
@@ -579,12 +579,23 @@ pub(crate) fn applicable<'a>(
     (out, no_patient)
 }
 
-/// Whether `ty` has a patient compartment (Patient itself included). A stored Bundle (a
-/// document, an IPS, a message) counts too: it is outside the R4 definition, but reading
-/// it reads its entries, so it is in a patient's compartment when every entry is readable
-/// by the token (`Viewer::visible`) and written for that patient (`Viewer::check_write`).
+/// Whether `ty` has a patient compartment (Patient itself included), counting the types
+/// [`judged_by_content`].
 pub(crate) fn in_compartment_type(ty: &str) -> bool {
-    ty == "Patient" || ty == "Bundle" || crate::fhir::search::compartment_paths(ty).is_some()
+    ty == "Patient" || judged_by_content(ty) || crate::fhir::search::compartment_paths(ty).is_some()
+}
+
+/// Types outside the R4 compartment whose instances are a patient's by what they hold,
+/// not by a reference (`Viewer::visible`, `Viewer::check_write`), so no search parameter
+/// confines them: their searches are filtered, not narrowed.
+/// - A stored Bundle (a document, an IPS, a message): reading it reads its entries, so
+///   it is the patient's when the token could read every entry and each is for them.
+/// - A Subscription: its `criteria` is a search the server runs, and its channel may
+///   carry the subscriber's credentials, so it is the patient's when the criteria is a
+///   search of the patient's own data that the token may make
+///   (`Viewer::check_standing_search`).
+pub(crate) fn judged_by_content(ty: &str) -> bool {
+    matches!(ty, "Bundle" | "Subscription")
 }
 
 /// Every applicable scope confined to one and the same patient: that patient.
@@ -704,8 +715,9 @@ fn decide_perm(
                 match names_patient(req, ty, p, &policy.bases) {
                     Err(()) => return deny(DenyReason::Compartment, String::new()),
                     Ok(true) => {}
-                    // No parameter names a Bundle's patient: its entries are checked.
-                    Ok(false) if *ty == "*" || *ty == "Bundle" => narrowed = false,
+                    // No parameter names a Bundle's or a Subscription's patient: what
+                    // they hold is checked.
+                    Ok(false) if *ty == "*" || judged_by_content(ty) => narrowed = false,
                     Ok(false) => plan.inject.push(policy.compartment_param(ty, p)),
                 }
             } else if apps.iter().any(|a| a.confined_to.is_some()) {
@@ -1022,10 +1034,10 @@ fn narrowing(
 ) -> Result<Vec<(String, String)>, DenyReason> {
     let mut extra = Vec::new();
     if apps.iter().any(|a| a.confined_to.is_some()) {
-        if ty == "Bundle" {
-            // No parameter confines a condition on Bundles to a patient.
+        if judged_by_content(ty) {
+            // No parameter confines a condition on Bundles or Subscriptions to a patient.
             return Err(DenyReason::Unverifiable(
-                "a conditional write of a Bundle under a patient context",
+                "a conditional write of a Bundle or Subscription under a patient context",
             ));
         }
         let p = sole_patient(apps).ok_or(DenyReason::Unverifiable(

@@ -1007,6 +1007,54 @@ fn stored_bundles_are_confined_by_their_entries() {
     );
 }
 
+/// A Subscription under a patient context is judged by its criteria, like a Bundle by
+/// its entries: reads verified, searches filtered with `criteria` kept under `_elements`,
+/// conditional writes refused. Under `"deny"` for types outside the compartment it is
+/// still the patient's when its criteria is.
+#[test]
+fn subscriptions_are_confined_by_their_criteria() {
+    for policy in ["allow", "deny"] {
+        let plan = |scopes, method, path| {
+            let p = Policy {
+                non_compartment: if policy == "allow" {
+                    NonCompartment::Allow
+                } else {
+                    NonCompartment::Deny
+                },
+                ..Policy::default()
+            };
+            let grants = Grants::parse(str::split_whitespace(scopes));
+            let ctx = Context::new(Some("123"), None, false);
+            match authorize(&grants, &ctx, &req(method, path), &p) {
+                Decision::Allow(plan) => plan,
+                d => panic!("{policy} {method} {path}: {d:?}"),
+            }
+        };
+        let read = plan("patient/*.rs", "GET", "/Subscription/s1");
+        assert_eq!(read.verify, Verify::Resource(Perms::R), "{policy}");
+        let search = plan("patient/*.rs", "GET", "/Subscription?_elements=status");
+        assert_eq!(search.verify, Verify::Bundle { narrowed: false });
+        assert!(search.inject.is_empty());
+        assert_eq!(search.elements, vec!["criteria"]);
+        let create = plan("patient/*.cruds", "POST", "/Subscription");
+        assert_eq!(create.write.map(|w| w.check), Some(WriteCheck::Body));
+        let delete = plan("patient/*.cruds", "DELETE", "/Subscription/s1");
+        assert!(
+            delete.write.is_some(),
+            "{policy}: the stored version is checked"
+        );
+    }
+    assert!(matches!(
+        reason(
+            "patient/*.cruds",
+            Some("123"),
+            "PUT",
+            "/Subscription?status=active"
+        ),
+        DenyReason::Unverifiable(_)
+    ));
+}
+
 /// `$meta` describes resources (versions, tags, security labels) without saying whose:
 /// open to unconfined tokens, refused under a patient context, for one resource and for
 /// the type alike.

@@ -43,12 +43,10 @@ impl Viewer<'_> {
         let (apps, _) = applicable(self.grants, self.ctx, self.policy, ty, any, true);
         let bases = &self.policy.bases;
         apps.iter().any(|a| {
-            a.confined_to.is_none_or(|p| {
-                if ty == "Bundle" {
-                    self.entries_visible(resource, any)
-                } else {
-                    in_compartment(ty, resource, p, bases)
-                }
+            a.confined_to.is_none_or(|p| match ty {
+                "Bundle" => self.entries_visible(resource, any),
+                "Subscription" => self.check_standing_search(resource).is_ok(),
+                _ => in_compartment(ty, resource, p, bases),
             }) && a
                 .constraints
                 .iter()
@@ -97,6 +95,7 @@ impl Viewer<'_> {
                             .iter()
                             .all(|e| e.get("resource").is_some_and(entry_for_patient))
                 }),
+            "Subscription" => self.check_standing_search(resource).is_ok(),
             // A conditional reference (`Patient?identifier=…`) the server would resolve
             // to some patient: unknowable here, so refused.
             _ if has_conditional_reference(ty, resource) => false,
