@@ -614,4 +614,28 @@ async fn documents_and_subscriptions_against_the_engine() {
     let own = subscription("Observation?patient=Patient/p1&code=x");
     let (st, _, b) = call(&e, "POST", "/Subscription", &p1, Some((fhir, own))).await;
     assert_eq!(st, StatusCode::CREATED, "{b}");
+    // Whose it is follows from the criteria: p1 reads it and finds it, p2 neither.
+    let sub = format!("/Subscription/{}", b["id"].as_str().unwrap());
+    let (st, _, _) = call(&e, "GET", &sub, &p1, None).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _, _) = call(&e, "GET", &sub, &p2, None).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let found = |tok: String| {
+        let e = &e;
+        async move {
+            let (st, _, b) = call(e, "GET", "/Subscription", &tok, None).await;
+            assert_eq!(st, StatusCode::OK, "{b}");
+            let entries = b["entry"].as_array().cloned().unwrap_or_default();
+            entries
+                .iter()
+                .map(|x| x["resource"]["id"].clone())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(found(p1.clone()).await, [b["id"].clone()]);
+    assert!(found(p2.clone()).await.is_empty());
+    let (st, _, _) = call(&e, "DELETE", &sub, &p2, None).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, _, _) = call(&e, "GET", &sub, &p1, None).await;
+    assert_eq!(st, StatusCode::OK, "still there");
 }
