@@ -904,30 +904,41 @@ async fn binaries_confined_by_security_context() {
     );
 }
 
+/// An upstream holding `resources`: a read answers the one with that id, a DELETE an
+/// OperationOutcome, and a search every resource of the type, whatever the filters (a
+/// server that ignores the patient parameter, or has none for the type).
+fn serving(resources: Vec<Value>) -> Responder {
+    Arc::new(move |seen: &Seen| {
+        let path = seen.uri.split('?').next().unwrap_or("").to_owned();
+        let last = path.rsplit('/').next().unwrap_or("");
+        let resp = if seen.method == http::Method::DELETE {
+            json_response(
+                StatusCode::OK,
+                &json!({"resourceType": "OperationOutcome", "issue": [
+                    {"severity": "information", "code": "informational"}]}),
+            )
+        } else if let Some(r) = resources.iter().find(|r| r["id"] == last) {
+            json_response(StatusCode::OK, r)
+        } else {
+            let of_type = resources.iter().filter(|r| r["resourceType"] == last);
+            json_response(
+                StatusCode::OK,
+                &json!({"resourceType": "Bundle", "type": "searchset",
+                        "entry": of_type.map(|r| json!({"resource": r})).collect::<Vec<_>>()}),
+            )
+        };
+        Box::pin(std::future::ready(resp))
+    })
+}
+
 /// Device, Contract and GuidanceResponse are outside the R4 compartment but name one
 /// patient through their `patient` parameter: a `patient/` scope sees only that
 /// patient's (a US Core implant of another patient is refused, searched or read).
 #[tokio::test]
 async fn types_naming_a_patient_are_confined() {
     let device = |id: &str, patient: &str| json!({"resourceType": "Device", "id": id, "patient": {"reference": format!("Patient/{patient}")}});
-    let devices = [device("d1", "123"), device("d2", "456")];
-    let store: Responder = Arc::new(move |seen: &Seen| {
-        let path = seen.uri.split('?').next().unwrap_or("").to_owned();
-        let resp = match path.rsplit_once('/') {
-            Some((_, id)) if id != "Device" => json_response(
-                StatusCode::OK,
-                devices.iter().find(|d| d["id"] == id).unwrap(),
-            ),
-            // A server that ignores the patient filter returns every device.
-            _ => json_response(
-                StatusCode::OK,
-                &json!({"resourceType": "Bundle", "type": "searchset",
-                        "entry": devices.iter().map(|d| json!({"resource": d})).collect::<Vec<_>>()}),
-            ),
-        };
-        Box::pin(std::future::ready(resp))
-    });
-    let s = jwt_gateway(FakeUpstream::start(store).await, "", "").await;
+    let devices = vec![device("d1", "123"), device("d2", "456")];
+    let s = jwt_gateway(FakeUpstream::start(serving(devices)).await, "", "").await;
     let app = token(&s.key, "patient/Device.rs", Some("123"));
     let (st, _, _) = call(&s, "GET", "/r4/Device/d1", &app, None, &[]).await;
     assert_eq!(st, StatusCode::OK);
@@ -963,30 +974,12 @@ async fn records_pointing_at_any_resource_are_confined() {
         {"type": "source", "resource": {"reference": a}},
         {"type": "alternate", "resource": {"reference": b}}]})
     };
-    let store_items = [
+    let records = vec![
         linkage("own", "Patient/123", "Patient/900"),
         linkage("theirs", "Patient/456", "Patient/789"),
         json!({"resourceType": "VerificationResult", "id": "v1", "target": [{"reference": "Observation/o456"}]}),
     ];
-    let store: Responder = Arc::new(move |seen: &Seen| {
-        let path = seen.uri.split('?').next().unwrap_or("").to_owned();
-        let resp = match path.rsplit_once('/') {
-            Some((_, id)) if id != "Linkage" && id != "VerificationResult" => json_response(
-                StatusCode::OK,
-                store_items.iter().find(|d| d["id"] == id).unwrap(),
-            ),
-            // A server that ignores the patient filter returns every one of the type.
-            _ => json_response(
-                StatusCode::OK,
-                &json!({"resourceType": "Bundle", "type": "searchset",
-                        "entry": store_items.iter()
-                            .filter(|d| path.ends_with(d["resourceType"].as_str().unwrap()))
-                            .map(|d| json!({"resource": d})).collect::<Vec<_>>()}),
-            ),
-        };
-        Box::pin(std::future::ready(resp))
-    });
-    let s = jwt_gateway(FakeUpstream::start(store).await, "", "").await;
+    let s = jwt_gateway(FakeUpstream::start(serving(records)).await, "", "").await;
     let app = token(&s.key, "patient/*.rs", Some("123"));
     let (st, _, _) = call(&s, "GET", "/r4/Linkage/own", &app, None, &[]).await;
     assert_eq!(st, StatusCode::OK);
@@ -1364,32 +1357,12 @@ async fn subscriptions_are_read_by_their_criteria() {
                "channel": {"type": "rest-hook", "endpoint": "https://app.example/hook",
                            "header": ["Authorization: Bearer hook-secret"]}})
     };
-    let subs = [
+    let subs = vec![
         sub("own", "Observation?patient=Patient/123&code=x"),
         sub("theirs", "Observation?patient=Patient/456"),
         sub("everyone", "Observation?code=x"),
     ];
-    let store: Responder = Arc::new(move |seen: &Seen| {
-        let path = seen.uri.split('?').next().unwrap_or("").to_owned();
-        let resp = match path.rsplit_once('/') {
-            _ if seen.method == http::Method::DELETE => json_response(
-                StatusCode::OK,
-                &json!({"resourceType": "OperationOutcome", "issue": [
-                    {"severity": "information", "code": "informational"}]}),
-            ),
-            Some((_, id)) if id != "Subscription" => {
-                json_response(StatusCode::OK, subs.iter().find(|d| d["id"] == id).unwrap())
-            }
-            // The upstream has no patient filter for Subscriptions: it returns all.
-            _ => json_response(
-                StatusCode::OK,
-                &json!({"resourceType": "Bundle", "type": "searchset",
-                        "entry": subs.iter().map(|d| json!({"resource": d})).collect::<Vec<_>>()}),
-            ),
-        };
-        Box::pin(std::future::ready(resp))
-    });
-    let s = jwt_gateway(FakeUpstream::start(store).await, "", "").await;
+    let s = jwt_gateway(FakeUpstream::start(serving(subs)).await, "", "").await;
     let app = token(&s.key, "patient/*.cruds", Some("123"));
     let (st, _, _) = call(&s, "GET", "/r4/Subscription/own", &app, None, &[]).await;
     assert_eq!(st, StatusCode::OK);
