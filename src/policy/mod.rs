@@ -531,6 +531,8 @@ pub(crate) fn applicable<'a>(
 ) -> (Vec<Applies<'a>>, bool) {
     let mut out = Vec::new();
     let mut no_patient = false;
+    // Asked once, when a confined scope first needs it.
+    let mut has_compartment = None;
     for s in &grants.scopes {
         let type_ok = if ty == "*" {
             s.resource == TypeSel::Any
@@ -557,7 +559,11 @@ pub(crate) fn applicable<'a>(
                 no_patient = true;
                 continue;
             }
-            Some(Some(p)) if ty == "*" || in_compartment_type(ty) => Some(p),
+            Some(Some(p))
+                if *has_compartment.get_or_insert_with(|| ty == "*" || in_compartment_type(ty)) =>
+            {
+                Some(p)
+            }
             Some(Some(_)) if policy.non_compartment_allowed(ty) => None,
             Some(Some(_)) => continue,
         };
@@ -674,10 +680,16 @@ fn decide_perm(
             String::new(),
         );
     }
-    if req.params.iter().any(|(k, _)| {
-        let k = k.to_ascii_lowercase();
-        k.starts_with("_filter") || k.starts_with("_query")
-    }) {
+    let starts = |k: &str, prefix: &str| {
+        k.as_bytes()
+            .get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()))
+    };
+    if req
+        .params
+        .iter()
+        .any(|(k, _)| starts(k, "_filter") || starts(k, "_query"))
+    {
         return deny(
             DenyReason::Unverifiable("_filter and _query cannot be confined"),
             String::new(),
@@ -1065,23 +1077,27 @@ fn narrowing(
 /// anywhere (legacy servers split on it) counts.
 pub(crate) fn reaches_other_resources(req: &FhirRequest) -> bool {
     req.params.iter().any(|(k, v)| {
-        if k.contains(';') || v.contains(';') {
+        let (k, v) = (k.as_bytes(), v.as_bytes());
+        // Chains, with or without a type modifier: subject.name, subject:Patient.name.
+        if k.iter().any(|&b| b == b';' || b == b'.') || v.contains(&b';') {
             return true;
         }
-        let lower = k.to_ascii_lowercase();
-        let name = lower.split(':').next().unwrap_or(&lower);
-        matches!(
-            name,
-            "_include"
-                | "_revinclude"
-                | "_getpages"
-                | "_contained"
-                | "_containedtype"
-                | "_filter"
-                | "_query"
-        ) || name.starts_with("_has")
-            // Chains, with or without a type modifier: subject.name, subject:Patient.name.
-            || k.contains('.')
+        let name = k.split(|&b| b == b':').next().unwrap_or(k);
+        name.first() == Some(&b'_')
+            && ([
+                "_include",
+                "_revinclude",
+                "_getpages",
+                "_contained",
+                "_containedtype",
+                "_filter",
+                "_query",
+            ]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+                || name
+                    .get(..4)
+                    .is_some_and(|p| p.eq_ignore_ascii_case(b"_has")))
     })
 }
 

@@ -1076,3 +1076,56 @@ fn meta_is_not_for_confined_tokens() {
         );
     }
 }
+
+/// `reaches_other_resources` reads names case-insensitively without allocating; it
+/// agrees with the plain definition (lower-case the name, compare) on any parameter.
+#[test]
+fn reaching_parameters_agree_with_the_definition() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    fn plain(k: &str, v: &str) -> bool {
+        if k.contains(';') || v.contains(';') {
+            return true;
+        }
+        let lower = k.to_ascii_lowercase();
+        let name = lower.split(':').next().unwrap_or(&lower);
+        matches!(
+            name,
+            "_include"
+                | "_revinclude"
+                | "_getpages"
+                | "_contained"
+                | "_containedtype"
+                | "_filter"
+                | "_query"
+        ) || name.starts_with("_has")
+            || k.contains('.')
+    }
+    let name = prop_oneof![
+        Just("_include".to_owned()),
+        Just("_REVinclude:iterate".to_owned()),
+        Just("_Has:Observation:patient:code".to_owned()),
+        Just("_ha".to_owned()),
+        Just("_containedType".to_owned()),
+        Just("subject.name".to_owned()),
+        Just("subject:Patient.name".to_owned()),
+        Just("_filterx".to_owned()),
+        Just("_qUery".to_owned()),
+        Just("code".to_owned()),
+        "[_a-zA-Z:.;é]{0,12}",
+    ];
+    let mut runner = TestRunner::new(Config {
+        cases: 2000,
+        ..Config::default()
+    });
+    runner
+        .run(&(name, "[a-z;.]{0,4}"), |(k, v)| {
+            let req = FhirRequest {
+                params: vec![(k.clone(), v.clone())],
+                ..req("GET", "/Observation")
+            };
+            prop_assert_eq!(reaches_other_resources(&req), plain(&k, &v), "{} {}", k, v);
+            Ok(())
+        })
+        .unwrap();
+}
