@@ -544,7 +544,11 @@ mod tests {
             reference.clone().prop_map(|r| format!(r#""subject":{r}"#)),
             reference.clone().prop_map(|r| format!(r#""subj\u0065ct":{r}"#)),
             reference.clone().prop_map(|r| format!(r#""performer":[{r}]"#)),
-            reference.prop_map(|r| format!(r#""patient":{r}"#)),
+            reference.clone().prop_map(|r| format!(r#""patient":{r}"#)),
+            reference.prop_map(|r| format!(r#""item":[{{"resource":{r}}}]"#)),
+            Just(r#""criteria":"Observation?patient=Patient/123""#.to_owned()),
+            Just(r#""criteria":"Observation?code=x""#.to_owned()),
+            Just(r#""crit\u0065ria":"Observation?patient=Patient/123""#.to_owned()),
             Just(r#""id":"1""#.to_owned()),
             Just(r#""category":[{"coding":[{"code":"laboratory"}]}]"#.to_owned()),
             Just(r#""category":[{"coding":[{"code":"imaging"}]}]"#.to_owned()),
@@ -558,6 +562,8 @@ mod tests {
             Just("Encounter"),
             Just("OperationOutcome"),
             Just("Bundle"),
+            Just("Subscription"),
+            Just("Linkage"),
             Just("Nope"),
         ];
         let doc = (ty, prop::collection::vec(element, 0..6), 0usize..7).prop_map(
@@ -569,6 +575,7 @@ mod tests {
         let rs = Perms::R.union(Perms::S);
         for scopes in [
             "patient/Observation.rs patient/Encounter.rs patient/Patient.rs",
+            "patient/*.rs",
             "user/Observation.rs?category=laboratory",
             "patient/Observation.rs?category=imaging",
         ] {
