@@ -87,8 +87,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::ExplainScope { scopes }) = &cli.command {
         let grants = smartgate::smart::scope::Grants::parse(scopes.split_whitespace());
-        for line in grants.explain() {
+        for (i, line) in grants.explain().iter().enumerate() {
             println!("{line}");
+            // What a patient/ scope reaches of its type, on an indented line.
+            if let Some(s) = grants.scopes.get(i)
+                && s.level == smartgate::smart::scope::Level::Patient
+            {
+                println!("{:9}{}", "", smartgate::policy::confinement(&s.resource));
+            }
         }
         if grants.scopes.is_empty() {
             println!("(no data access granted)");

@@ -306,14 +306,34 @@ fn explain_scope_prints_permissions() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines.len(), 4, "{text}");
     assert!(
         lines[0].starts_with("patient")
             && lines[0].contains("Observation")
             && lines[0].ends_with("rs")
     );
-    assert!(lines[1].starts_with("user") && lines[1].ends_with("cruds"));
-    assert!(lines[2].contains("ignored") && lines[2].contains("patient/Observation.sr"));
+    // A patient/ scope says what it reaches of its type.
+    assert_eq!(
+        lines[1].trim(),
+        "resources whose subject or performer references the patient"
+    );
+    assert!(lines[2].starts_with("user") && lines[2].ends_with("cruds"));
+    assert!(lines[3].contains("ignored") && lines[3].contains("patient/Observation.sr"));
+    let out = Command::new(BIN)
+        .args([
+            "explain-scope",
+            "patient/Linkage.r patient/Medication.r patient/Subscription.r",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    assert_eq!(
+        lines[1],
+        "resources whose item or source references the patient"
+    );
+    assert!(lines[3].starts_with("every instance: outside the patient compartment"));
+    assert!(lines[5].starts_with("Subscriptions whose criteria"));
 }
 
 /// decide prints the classification, the decision, its reason and the scope it needs.

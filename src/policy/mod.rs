@@ -591,6 +591,30 @@ pub(crate) fn in_compartment_type(ty: &str) -> bool {
     ty == "Patient" || judged_by_content(ty) || crate::fhir::search::compartment_paths(ty).is_some()
 }
 
+/// What a scope confined to a patient reaches of `ty`, in words, for `explain-scope`
+/// (each rule is documented where it is applied).
+pub fn confinement(ty: &TypeSel) -> String {
+    let ty = match ty {
+        TypeSel::Any => {
+            return "each type as its own scope would (explain-scope patient/[type].r)".into();
+        }
+        TypeSel::Type(t) => *t,
+    };
+    match ty {
+        "Patient" => "the patient's own Patient resource".into(),
+        "Bundle" => "stored Bundles whose every entry the token could read, each for the patient".into(),
+        "Subscription" => "Subscriptions whose criteria is a search of the patient's own data the token may make".into(),
+        "Binary" => "Binaries whose securityContext is the patient, or a resource the token may read".into(),
+        _ => match crate::fhir::search::compartment_paths(ty) {
+            Some(params) => {
+                let names: Vec<&str> = params.iter().map(|(p, _)| *p).collect();
+                format!("resources whose {} references the patient", names.join(" or "))
+            }
+            None => "every instance: outside the patient compartment (none with policy.patient_scope_non_compartment = \"deny\")".into(),
+        },
+    }
+}
+
 /// Types outside the R4 compartment whose instances are a patient's by what they hold,
 /// not by a reference (`Viewer::visible`, `Viewer::check_write`), so no search parameter
 /// confines them: their searches are filtered, not narrowed.
