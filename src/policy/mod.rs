@@ -268,8 +268,8 @@ pub struct Policy {
 
 impl Policy {
     /// Whether a confined scope on `ty` (outside the compartment) grants access. Bundles
-    /// carry other resources and are never reached this way (they are judged by their
-    /// entries, `in_compartment_type`).
+    /// and Subscriptions are never reached this way: they are judged by what they hold
+    /// ([`judged_by_content`]).
     fn non_compartment_allowed(&self, ty: &str) -> bool {
         self.non_compartment == NonCompartment::Allow && !judged_by_content(ty)
     }
