@@ -1024,6 +1024,41 @@ async fn records_pointing_at_any_resource_are_confined() {
     assert_eq!(st, StatusCode::OK);
 }
 
+/// A Group is in the compartment of every patient it lists, so under the R4 definition
+/// alone patient 123 read a whole cohort it belongs to, and with it who else is in it.
+/// Under a patient context a Group is readable only when it names no other patient.
+#[tokio::test]
+async fn groups_do_not_list_other_patients() {
+    let group = |id: &str, members: &[&str]| {
+        json!({"resourceType": "Group", "id": id, "type": "person", "actual": true,
+               "member": members.iter().map(|m| json!({"entity": {"reference": m}})).collect::<Vec<_>>()})
+    };
+    let groups = vec![
+        group("own", &["Patient/123"]),
+        group("cohort", &["Patient/123", "Patient/456", "Patient/789"]),
+    ];
+    let s = jwt_gateway(FakeUpstream::start(serving(groups)).await, "", "").await;
+    let app = token(&s.key, "patient/*.rs", Some("123"));
+    let (st, _, _) = call(&s, "GET", "/r4/Group/own", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _, b) = call(&s, "GET", "/r4/Group/cohort", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert!(!b.to_string().contains("Patient/456"));
+    let (st, _, b) = call(&s, "GET", "/r4/Group", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(ids(&b), ["Group/own"]);
+    assert!(
+        s.up.requests()
+            .last()
+            .unwrap()
+            .uri
+            .contains("member=Patient%2F123")
+    );
+    let all = token(&s.key, "user/Group.rs", None);
+    let (st, _, _) = call(&s, "GET", "/r4/Group/cohort", &all, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+}
+
 /// A write body the checks cannot read is a 400 naming what is wrong, and no write
 /// reaches the upstream.
 #[tokio::test]

@@ -604,6 +604,7 @@ pub fn confinement(ty: &TypeSel) -> String {
         "Patient" => "the patient's own Patient resource".into(),
         "Bundle" => "stored Bundles whose every entry the token could read, each for the patient".into(),
         "Subscription" => "Subscriptions whose criteria is a search of the patient's own data the token may make".into(),
+        "Group" => "Groups in which the patient is the only patient named".into(),
         "Binary" => "Binaries whose securityContext is the patient, or a resource the token may read".into(),
         _ => match crate::fhir::search::compartment_paths(ty) {
             Some(params) => {

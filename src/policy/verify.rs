@@ -46,6 +46,10 @@ impl Viewer<'_> {
             a.confined_to.is_none_or(|p| match ty {
                 "Bundle" => self.entries_visible(resource, any),
                 "Subscription" => self.check_standing_search(resource).is_ok(),
+                // A Group is in the compartment of every patient it lists; read under
+                // one patient's context it would list the others (a cohort, a clinic's
+                // roster). Readable only when the patient is the only one it names.
+                "Group" => self.written_for(ty, resource, p),
                 _ => in_compartment(ty, resource, p, bases),
             }) && a
                 .constraints
@@ -812,6 +816,30 @@ mod tests {
                 v.check_standing_search(&sub("http://example.org/topic/x")),
                 Ok(())
             );
+        });
+    }
+
+    /// A Group names every patient in it: under confinement it is readable only when the
+    /// context patient is the only patient it names; unconfined scopes read any.
+    #[test]
+    fn groups_list_no_other_patients() {
+        let group = |members: &[&str]| {
+            json!({"resourceType": "Group", "type": "person", "actual": true,
+                   "member": members.iter().map(|m| json!({"entity": {"reference": m}})).collect::<Vec<_>>()})
+        };
+        let r = Perms::R;
+        with("patient/Group.r", Some("123"), |v| {
+            assert!(v.visible(&group(&["Patient/123"]), r));
+            assert!(v.visible(&group(&["Patient/123", "Practitioner/7"]), r));
+            assert!(!v.visible(&group(&["Patient/123", "Patient/456"]), r));
+            assert!(!v.visible(&group(&["Patient/456"]), r));
+            assert!(!v.visible(&group(&[]), r));
+            assert!(!v.visible(&group(&["Patient/123", "Patient?identifier=x"]), r));
+            let bytes = group(&["Patient/123", "Patient/456"]).to_string();
+            assert_eq!(v.visible_bytes(bytes.as_bytes(), r), Some(false));
+        });
+        with("user/Group.r", None, |v| {
+            assert!(v.visible(&group(&["Patient/123", "Patient/456"]), r));
         });
     }
 
