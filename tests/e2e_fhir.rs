@@ -639,3 +639,36 @@ async fn documents_and_subscriptions_against_the_engine() {
     let (st, _, _) = call(&e, "GET", &sub, &p1, None).await;
     assert_eq!(st, StatusCode::OK, "still there");
 }
+
+/// A Group lists patients: against the real engine, p1 reads the Group that names only
+/// p1, and neither reads nor finds the cohort it shares with p2.
+#[tokio::test]
+async fn groups_against_the_engine() {
+    let e = env().await;
+    let fhir = "application/fhir+json";
+    let admin = token(&e, "system/Group.cruds", "p1");
+    let group = |members: &[&str]| {
+        json!({"resourceType": "Group", "type": "person", "actual": true,
+               "member": members.iter().map(|m| json!({"entity": {"reference": m}})).collect::<Vec<_>>()})
+    };
+    let mut ids = Vec::new();
+    for members in [&["Patient/p1"][..], &["Patient/p1", "Patient/p2"][..]] {
+        let (st, _, b) = call(&e, "POST", "/Group", &admin, Some((fhir, group(members)))).await;
+        assert_eq!(st, StatusCode::CREATED, "{b}");
+        ids.push(b["id"].as_str().unwrap().to_owned());
+    }
+    let p1 = token(&e, "launch/patient patient/*.rs", "p1");
+    let (st, _, _) = call(&e, "GET", &format!("/Group/{}", ids[0]), &p1, None).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _, b) = call(&e, "GET", &format!("/Group/{}", ids[1]), &p1, None).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{b}");
+    let (st, _, b) = call(&e, "GET", "/Group", &p1, None).await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    let found: Vec<&str> = b["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x["resource"]["id"].as_str())
+        .collect();
+    assert_eq!(found, [ids[0].as_str()], "{b}");
+}
