@@ -129,8 +129,7 @@ impl Fetcher<'_> {
         match w.check {
             WriteCheck::Body | WriteCheck::StoredAndBody => {
                 let body = json_body(req.headers(), &bytes)?;
-                viewer.check_write(ty, &body, w.perm).map_err(deny)?;
-                standing_search(viewer, ty, &body).map_err(deny)?;
+                viewer.check_written(ty, &body, w.perm).map_err(deny)?;
             }
             WriteCheck::Patch => {
                 if !media_type_is(req.headers(), "application/json-patch+json") {
@@ -159,8 +158,7 @@ impl Fetcher<'_> {
             let mut result = stored.resource.clone();
             json_patch::patch(&mut result, &patch)
                 .map_err(|_| GatewayError::BadRequest("the JSON Patch does not apply"))?;
-            viewer.check_write(ty, &result, w.perm).map_err(deny)?;
-            standing_search(viewer, ty, &result).map_err(deny)?;
+            viewer.check_written(ty, &result, w.perm).map_err(deny)?;
         }
         pin_version(req.headers_mut(), stored.version.as_deref())?;
         Ok(req)
@@ -216,9 +214,8 @@ impl Fetcher<'_> {
                     let mut resource = entry["resource"].clone();
                     resolve_uuids(&mut resource, &local);
                     viewer
-                        .check_write(ty, &resource, w.perm)
+                        .check_written(ty, &resource, w.perm)
                         .map_err(|r| deny_entry(i, r))?;
-                    standing_search(viewer, ty, &resource).map_err(|r| deny_entry(i, r))?;
                 }
                 WriteCheck::Patch => {
                     return Err(deny_entry(
@@ -428,16 +425,6 @@ pub(super) fn forbidden(shared: &Shared, reason: DenyReason) -> GatewayError {
         message: reason.to_string(),
         needed: String::new(),
     }))
-}
-
-/// A Subscription written is a search the server keeps running for the token: its
-/// criteria is checked as one (`Viewer::check_standing_search`). Other types pass.
-fn standing_search(viewer: Viewer<'_>, ty: &str, resource: &Value) -> Result<(), DenyReason> {
-    if ty == "Subscription" {
-        viewer.check_standing_search(resource)
-    } else {
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -216,6 +216,18 @@ impl Viewer<'_> {
         Err(reason)
     }
 
+    /// Whether the token may leave `resource` stored as type `ty` (a create or update body,
+    /// a patched result, a transaction entry): [`Viewer::check_write`] and, for a
+    /// Subscription, which the server keeps running as a search, its criteria
+    /// ([`Viewer::check_standing_search`]) for every token.
+    pub fn check_written(&self, ty: &str, resource: &Value, perm: Perms) -> Result<(), DenyReason> {
+        self.check_write(ty, resource, perm)?;
+        if ty == "Subscription" {
+            self.check_standing_search(resource)?;
+        }
+        Ok(())
+    }
+
     /// Verifies a response body as `verify` says (a successful response).
     pub fn verify(&self, verify: Verify, doc: &mut Value) -> Verdict {
         match verify {
