@@ -63,7 +63,6 @@ static PATIENT_PARAM_COMPARTMENT: std::sync::LazyLock<Vec<(&'static str, Vec<Com
                 PATIENT_COMPARTMENT_PATHS
                     .binary_search_by(|(t, _)| t.cmp(ty))
                     .is_err()
-                    && !matches!(*ty, "Binary" | "Bundle")
             })
             .filter_map(|(ty, params)| {
                 if let Some(p) = params.iter().find(|p| p.code == "patient") {
@@ -102,11 +101,11 @@ pub fn checked_elements<'a>(
     let mut out = Vec::new();
     // A Bundle is judged by its entries, a Subscription by its criteria
     // (`policy::judged_by_content`).
-    if compartment && ty == "Bundle" {
-        out.push("entry");
-    }
-    if compartment && ty == "Subscription" {
-        out.push("criteria");
+    match ty {
+        _ if !compartment => {}
+        "Bundle" => out.push("entry"),
+        "Subscription" => out.push("criteria"),
+        _ => {}
     }
     if compartment && let Some(params) = compartment_paths(ty) {
         for (_, paths) in params {
