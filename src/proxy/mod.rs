@@ -1,6 +1,7 @@
 //! Forwarding to the upstream FHIR server: pooled client, header hygiene, credentials,
 //! timeouts. Knows HTTP, not SMART: what may be forwarded is decided before this runs.
 
+mod h1;
 pub mod headers;
 mod pool;
 pub mod urls;

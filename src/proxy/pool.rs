@@ -8,13 +8,18 @@
 //! behind an uncontended lock, `Host` is prepared once, and a connection goes back when
 //! the response body ends. HTTPS upstreams (TLS, ALPN, h2) keep hyper-util's client.
 //!
+//! A request without a body (reads, searches, deletes) is exchanged by its own task over
+//! a connection of the bodiless stack (`h1.rs`); one with a body goes through hyper's
+//! connection-level client, over a stack of its own, which sends the body while it
+//! watches for an early answer.
+//!
 //! Only a connection whose last response was read to its end is reused; one whose
-//! response was abandoned, failed or announced `Connection: close` is dropped, and hyper
-//! closes it. A request that could not be written because a pooled connection had been
-//! closed by the upstream meanwhile is retried on another: nothing of it reached the
-//! upstream. A safe, bodiless request (GET, HEAD, OPTIONS) sent on a connection idle for a
-//! second or more, which the upstream then closed without answering (its keep-alive
-//! timeout racing the request), is sent once more on a new connection.
+//! response was abandoned, failed or announced `Connection: close` is dropped and closed.
+//! A request that could not be written because a pooled connection had been closed by
+//! the upstream meanwhile is retried on another: nothing of it reached the upstream. A
+//! safe, bodiless request (GET, HEAD, OPTIONS) sent on a connection idle for a second or
+//! more, which the upstream then closed without answering (its keep-alive timeout racing
+//! the request), is sent once more on a new connection.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -30,7 +35,8 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
 use super::UpstreamFailure;
-use crate::body::BoxBody;
+use super::h1::{self as bare, HeadError, InlineBody};
+use crate::body::{BoxBody, BoxError};
 
 /// The pool of one worker thread.
 pub struct H1Pool {
@@ -42,11 +48,19 @@ pub struct H1Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
+    /// hyper connections, for requests with a body.
     idle: Mutex<Vec<Idle>>,
+    /// Connections exchanged by the request's task, for requests without one.
+    idle_bare: Mutex<Vec<IdleBare>>,
 }
 
 struct Idle {
     sender: SendRequest<BoxBody>,
+    since: Instant,
+}
+
+struct IdleBare {
+    conn: bare::Conn,
     since: Instant,
 }
 
@@ -68,12 +82,74 @@ impl H1Pool {
             idle_timeout,
             max_idle,
             idle: Mutex::new(Vec::new()),
+            idle_bare: Mutex::new(Vec::new()),
         })
     }
 
-    /// Sends `req` (absolute URI; `Host` not set) and returns the response, whose body
-    /// hands the connection back to the pool when it ends.
+    /// Sends `req` (absolute URI) and returns the response, whose body hands the
+    /// connection back to the pool when it ends.
     pub async fn send(
+        self: &Arc<Self>,
+        req: Request<BoxBody>,
+    ) -> Result<Response<PlainBody>, UpstreamFailure> {
+        if req.body().is_end_stream() {
+            let resp = self.send_bodiless(&req).await?;
+            return Ok(resp.map(PlainBody::Bare));
+        }
+        let resp = self.send_with_body(req).await?;
+        Ok(resp.map(PlainBody::Hyper))
+    }
+
+    /// A request without a body, over the bodiless stack.
+    async fn send_bodiless(
+        self: &Arc<Self>,
+        req: &Request<BoxBody>,
+    ) -> Result<Response<InlineBody<H1Pool>>, UpstreamFailure> {
+        let mut replayed = false;
+        loop {
+            let pooled = if replayed { None } else { self.checkout_bare() };
+            let (mut conn, idle_for) = match pooled {
+                Some((conn, idle_for)) => (conn, Some(idle_for)),
+                None => (bare::Conn::new(self.connect_tcp().await?), None),
+            };
+            if let Err(e) = conn.write_request(req, &self.host_header).await {
+                // A pooled connection closed meanwhile: the head did not get through
+                // whole, and no server acts on part of one.
+                if idle_for.is_some() {
+                    continue;
+                }
+                tracing::debug!(error = %e, "writing to the upstream failed");
+                return Err(UpstreamFailure::Protocol);
+            }
+            match conn.read_head(req.method()).await {
+                Ok((head, pending)) => {
+                    let body = InlineBody::new(conn, &head, pending, self.clone());
+                    return Ok(bare::response(head, body));
+                }
+                // A connection idle for a while, closed by the upstream as the request
+                // arrived (its keep-alive timeout): a safe request is sent once more on
+                // a new connection, as nginx does. Under load connections are reused
+                // within milliseconds and this does not happen.
+                Err(HeadError::Closed { nothing_read: true })
+                    if !replayed
+                        && idle_for.is_some_and(|d| d >= REPLAY_AFTER_IDLE)
+                        && matches!(
+                            *req.method(),
+                            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+                        ) =>
+                {
+                    replayed = true;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "no answer from the upstream");
+                    return Err(UpstreamFailure::Protocol);
+                }
+            }
+        }
+    }
+
+    /// A request with a body, through hyper's connection-level client. Sets `Host`.
+    async fn send_with_body(
         self: &Arc<Self>,
         mut req: Request<BoxBody>,
     ) -> Result<Response<PooledBody>, UpstreamFailure> {
@@ -85,24 +161,11 @@ impl H1Pool {
         req.headers_mut()
             .insert(header::HOST, self.host_header.clone());
 
-        let mut replayed = false;
         loop {
-            let pooled = if replayed {
-                None
-            } else {
-                self.checkout().await
+            let (mut sender, reused) = match self.checkout().await {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
             };
-            let (mut sender, reused, idle_for) = match pooled {
-                Some((sender, idle_for)) => (sender, true, idle_for),
-                None => (self.connect().await?, false, Duration::ZERO),
-            };
-            // A connection that sat idle may have been closed by the upstream just as the
-            // request went out. A safe request without a body is kept to be sent once
-            // more on a new connection then, as nginx does; under load connections are
-            // reused within milliseconds and this copy is never made.
-            let replay = (reused && idle_for >= REPLAY_AFTER_IDLE)
-                .then(|| replayable(&req))
-                .flatten();
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let reusable = !closes(resp.headers());
@@ -119,26 +182,30 @@ impl H1Pool {
                     // Not written: the pooled connection was closed meanwhile (the
                     // upstream's keep-alive timeout). Nothing reached the upstream.
                     Some(unsent) if reused => req = unsent,
-                    _ => {
-                        let error = e.into_error();
-                        let closed_before_answer = error.is_incomplete_message()
-                            || error.is_closed()
-                            || error.is_canceled();
-                        match replay {
-                            Some(copy) if closed_before_answer => {
-                                replayed = true;
-                                req = copy;
-                            }
-                            _ => return Err(failure(&error)),
-                        }
-                    }
+                    _ => return Err(failure(&e.into_error())),
                 },
             }
         }
     }
 
+    /// The most recently used idle bodiless connection that is still open, and how long
+    /// it was idle.
+    fn checkout_bare(&self) -> Option<(bare::Conn, Duration)> {
+        let now = Instant::now();
+        loop {
+            let IdleBare { conn, since } = {
+                let mut idle = self.idle_bare.lock().unwrap_or_else(|p| p.into_inner());
+                idle.pop()?
+            };
+            let idle_for = now.saturating_duration_since(since);
+            if idle_for < self.idle_timeout && conn.is_reusable() {
+                return Some((conn, idle_for));
+            }
+        }
+    }
+
     /// The most recently used idle connection that is still open, and how long it was idle.
-    async fn checkout(&self) -> Option<(SendRequest<BoxBody>, Duration)> {
+    async fn checkout(&self) -> Option<SendRequest<BoxBody>> {
         loop {
             let Idle { mut sender, since } = {
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -150,7 +217,7 @@ impl H1Pool {
             // Returned as its response ended; hyper may not have turned back to reading
             // yet. Ready at once, or an error if the connection is closing.
             if sender.is_ready() || sender.ready().await.is_ok() {
-                return Some((sender, since.elapsed()));
+                return Some(sender);
             }
         }
     }
@@ -171,6 +238,22 @@ impl H1Pool {
     }
 
     async fn connect(&self) -> Result<SendRequest<BoxBody>, UpstreamFailure> {
+        let stream = self.connect_tcp().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| failure(&e))?;
+        // Driven on this worker's event loop, like the request that opened it.
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// A new TCP connection to the upstream, within `upstream.connect_timeout`.
+    async fn connect_tcp(&self) -> Result<tokio::net::TcpStream, UpstreamFailure> {
         let connect = async {
             let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
                 .await
@@ -190,41 +273,13 @@ impl H1Pool {
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| failure(&e))?;
-        // Driven on this worker's event loop, like the request that opened it.
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(stream)
     }
 }
 
-/// How long a connection must have been idle before a safe request sent on it is kept
-/// for one replay.
+/// How long a connection must have been idle before a safe request the upstream closed it
+/// under is sent once more.
 const REPLAY_AFTER_IDLE: Duration = Duration::from_secs(1);
-
-/// A copy of `req` if it can be sent twice without harm: a safe method (RFC 9110 §9.2.1)
-/// and no body.
-fn replayable(req: &Request<BoxBody>) -> Option<Request<BoxBody>> {
-    let safe = matches!(
-        *req.method(),
-        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
-    );
-    if !safe || !req.body().is_end_stream() {
-        return None;
-    }
-    let mut copy = Request::new(crate::body::empty());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
-}
 
 /// Whether the upstream said it closes the connection after this response.
 fn closes(headers: &http::HeaderMap) -> bool {
@@ -298,5 +353,53 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl bare::Recycle for H1Pool {
+    fn recycle(&self, conn: bare::Conn) {
+        let mut idle = self.idle_bare.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() >= self.max_idle {
+            idle.remove(0);
+        }
+        idle.push(IdleBare {
+            conn,
+            since: Instant::now(),
+        });
+    }
+}
+
+/// The body of an answer from a plain-HTTP upstream, by the way it was exchanged.
+pub enum PlainBody {
+    Bare(InlineBody<H1Pool>),
+    Hyper(PooledBody),
+}
+
+impl Body for PlainBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            PlainBody::Bare(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            PlainBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            PlainBody::Bare(b) => b.is_end_stream(),
+            PlainBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            PlainBody::Bare(b) => b.size_hint(),
+            PlainBody::Hyper(b) => b.size_hint(),
+        }
     }
 }
