@@ -868,7 +868,7 @@ impl Config {
             let parsed: http::HeaderName = name
                 .parse()
                 .map_err(|_| (key.clone(), format!("{name:?} is not a valid header name")))?;
-            if crate::proxy::headers::is_hop_by_hop(&parsed) || parsed == http::header::HOST {
+            if managed_by_gateway(&parsed) {
                 return Err((
                     key,
                     format!("{name:?} is managed by the gateway and cannot be set"),
@@ -1153,12 +1153,21 @@ impl Config {
             return err("auth.cache_max_entries", "must be greater than 0".into());
         }
         for (i, name) in a.identity_headers.names().iter().enumerate() {
-            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                let key = ["client_id", "subject", "patient", "fhir_user", "scopes"][i];
-                return err(
-                    &format!("auth.identity_headers.{key}"),
-                    format!("{name:?} is not a valid header name"),
-                );
+            let key = ["client_id", "subject", "patient", "fhir_user", "scopes"][i];
+            match http::HeaderName::from_bytes(name.as_bytes()) {
+                Err(_) => {
+                    return err(
+                        &format!("auth.identity_headers.{key}"),
+                        format!("{name:?} is not a valid header name"),
+                    );
+                }
+                Ok(parsed) if managed_by_gateway(&parsed) => {
+                    return err(
+                        &format!("auth.identity_headers.{key}"),
+                        format!("{name:?} is managed by the gateway and cannot be set"),
+                    );
+                }
+                Ok(_) => {}
             }
         }
         match a.mode {
@@ -1290,6 +1299,14 @@ impl Config {
         }
         toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// Headers no configuration may set: hop-by-hop ones, and the message's target and
+/// framing (`Host`, `Content-Length`), which the gateway writes itself.
+fn managed_by_gateway(name: &http::HeaderName) -> bool {
+    crate::proxy::headers::is_hop_by_hop(name)
+        || *name == http::header::HOST
+        || *name == http::header::CONTENT_LENGTH
 }
 
 fn mode_name(mode: AuthMode) -> &'static str {

@@ -93,9 +93,18 @@ fn upstream_headers_validated() {
         "{MINIMAL}\n[upstream.headers]\n\"Bad Name\" = \"x\"\n"
     ));
     assert!(e.contains("upstream.headers.Bad Name"), "{e}");
+    for managed in ["Connection", "Host", "Content-Length", "Transfer-Encoding"] {
+        let e = err(&format!(
+            "{MINIMAL}\n[upstream.headers]\n{managed} = \"1\"\n"
+        ));
+        assert!(e.contains(&format!("upstream.headers.{managed}")), "{e}");
+        assert!(e.contains("managed by the gateway"), "{e}");
+    }
+    // The caller's identity cannot be written over the message's framing either.
     let e = err(&format!(
-        "{MINIMAL}\n[upstream.headers]\nConnection = \"x\"\n"
+        "{MINIMAL}\n[auth.identity_headers]\nenabled = true\npatient = \"Content-Length\"\n"
     ));
+    assert!(e.contains("auth.identity_headers.patient"), "{e}");
     assert!(e.contains("managed by the gateway"), "{e}");
 }
 
