@@ -35,6 +35,8 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
+use super::headers::Edits;
+
 /// Most bytes a response head may take (hyper's default read buffer limit).
 pub const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// Most header fields in a response head (hyper's default).
@@ -57,7 +59,10 @@ pub struct Conn {
 pub enum HeadError {
     /// The upstream closed the connection; `nothing_read` if not a byte of an answer came.
     #[error("upstream closed the connection before answering")]
-    Closed { nothing_read: bool },
+    Closed {
+        /// Not a byte of an answer came.
+        nothing_read: bool,
+    },
     /// Reading failed.
     #[error("reading the answer failed: {0}")]
     Io(io::Error),
@@ -80,9 +85,13 @@ pub enum Framing {
 /// A parsed response head.
 #[derive(Debug)]
 pub struct Head {
+    /// The final status.
     pub status: StatusCode,
+    /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
+    /// The fields, in order; `Content-Length` removed when chunks frame the body.
     pub headers: HeaderMap,
+    /// How the body is delimited.
     pub framing: Framing,
     /// Whether the connection may carry another request once the body is read.
     pub keep_alive: bool,
@@ -100,6 +109,7 @@ pub enum Parsed {
 }
 
 impl Conn {
+    /// A connection over `io`, nothing read yet.
     pub fn new(io: TcpStream) -> Conn {
         Conn {
             io,
@@ -117,13 +127,15 @@ impl Conn {
             && matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Writes the head of `req` (whose body is empty) with `host` as its `Host`.
+    /// Writes the head of `req` (whose body is empty) with `host` as its `Host`, and its
+    /// headers edited by `edits`.
     pub async fn write_request<B>(
         &mut self,
         req: &Request<B>,
         host: &HeaderValue,
+        edits: &Edits<'_>,
     ) -> io::Result<()> {
-        encode_request(req, host, &mut self.head);
+        encode_request(req, host, edits, &mut self.head);
         self.io.write_all(&self.head).await
     }
 
@@ -193,7 +205,12 @@ impl Conn {
 /// body is empty, which a method that expects content is told with `Content-Length: 0`
 /// (RFC 9110 §8.6). Names and values are `http` types, validated when they were made: no
 /// CR, LF or NUL can reach the upstream.
-pub fn encode_request<B>(req: &Request<B>, host: &HeaderValue, dst: &mut Vec<u8>) {
+pub fn encode_request<B>(
+    req: &Request<B>,
+    host: &HeaderValue,
+    edits: &Edits<'_>,
+    dst: &mut Vec<u8>,
+) {
     dst.clear();
     let method = req.method();
     dst.extend_from_slice(method.as_str().as_bytes());
@@ -205,17 +222,34 @@ pub fn encode_request<B>(req: &Request<B>, host: &HeaderValue, dst: &mut Vec<u8>
     dst.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     dst.extend_from_slice(host.as_bytes());
     dst.extend_from_slice(b"\r\n");
-    for (name, value) in req.headers() {
-        if name == header::HOST
-            || name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-        {
-            continue;
-        }
+    let mut field = |name: &HeaderName, value: &HeaderValue| {
         dst.extend_from_slice(name.as_str().as_bytes());
         dst.extend_from_slice(b": ");
         dst.extend_from_slice(value.as_bytes());
         dst.extend_from_slice(b"\r\n");
+    };
+    // Names repeat in the map's iteration (one per value): one verdict per name.
+    let mut last: Option<(&HeaderName, bool)> = None;
+    for (name, value) in req.headers() {
+        let dropped = match last {
+            Some((n, verdict)) if n == name => verdict,
+            _ => {
+                let verdict =
+                    name == header::HOST || name == header::CONTENT_LENGTH || edits.drops(name);
+                last = Some((name, verdict));
+                verdict
+            }
+        };
+        if !dropped {
+            field(name, value);
+        }
+    }
+    // The configuration refuses `Host` and `Content-Length` among the headers the gateway
+    // sets; should one come anyway, the framing written above stands alone.
+    for (name, value) in edits.added() {
+        if name != header::HOST && name != header::CONTENT_LENGTH {
+            field(name, value);
+        }
     }
     let expects_content = !matches!(
         *method,
@@ -551,16 +585,20 @@ fn step(state: Chunk, byte: u8) -> Result<Chunk, &'static str> {
 
 /// Where a connection goes once its answer was read to the end.
 pub trait Recycle: Send + Sync + 'static {
+    /// Takes `conn` back for another request.
     fn recycle(&self, conn: Conn);
 }
 
 /// Why a response body failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
+    /// The connection ended before the length or the last chunk.
     #[error("upstream closed the connection before the body ended")]
     Incomplete,
+    /// The chunked framing is broken.
     #[error("upstream sent a malformed chunked body: {0}")]
     Chunked(&'static str),
+    /// Reading failed.
     #[error("reading the upstream body failed: {0}")]
     Io(#[from] io::Error),
 }
@@ -718,6 +756,30 @@ pub fn response<B>(head: Head, body: B) -> Response<B> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Header names for the property tests: hop-by-hop, gateway-set, dropped, plain.
+    const NAMES: &[&str] = &[
+        "connection",
+        "keep-alive",
+        "x-hop",
+        "x-forwarded-for",
+        "forwarded",
+        "authorization",
+        "accept",
+        "x-request-id",
+        "transfer-encoding",
+        "te",
+        "host",
+        "content-length",
+    ];
+    const VALUES: &[&str] = &[
+        "x-hop",
+        "keep-alive, x-forwarded-for",
+        "1",
+        "close",
+        "a, b",
+        "",
+    ];
 
     fn head(text: &str) -> Result<Parsed, HeadError> {
         parse_head(&Bytes::copy_from_slice(text.as_bytes()), &Method::GET)
@@ -886,7 +948,9 @@ mod tests {
             .header("x-multi", "2")
             .body(())
             .unwrap();
-        encode_request(&req, &host, &mut out);
+        let never = |_: &HeaderName| false;
+        let edits = Edits::new(req.headers(), &never);
+        encode_request(&req, &host, &edits, &mut out);
         assert_eq!(
             String::from_utf8(out.clone()).unwrap(),
             "GET /fhir/Patient?name=a%20b HTTP/1.1\r\nhost: up:8080\r\n\
@@ -906,7 +970,7 @@ mod tests {
                 .header("transfer-encoding", "chunked")
                 .body(())
                 .unwrap();
-            encode_request(&req, &host, &mut out);
+            encode_request(&req, &host, &Edits::new(req.headers(), &never), &mut out);
             let text = String::from_utf8(out.clone()).unwrap();
             assert!(
                 text.starts_with(&format!("{method} / HTTP/1.1\r\n")),
@@ -1023,6 +1087,56 @@ mod tests {
             }
             encoded.extend_from_slice(b"0\r\n\r\n");
             prop_assert_eq!(decode_in_pieces(&encoded, &cuts), Ok((data, true)));
+        }
+
+        /// The head written for the upstream carries exactly the headers that the same
+        /// edits leave in a header map (hyper's client's path): one set of rules.
+        #[test]
+        fn written_head_matches_edited_map(
+            fields in proptest::collection::vec((0usize..NAMES.len(), 0usize..VALUES.len()), 0..12),
+            // Not `Host` or `Content-Length` (the last two names), which the
+            // configuration refuses to set.
+            sets in proptest::collection::vec((0usize..NAMES.len() - 2, 0usize..VALUES.len()), 0..4),
+            removes in proptest::collection::vec(0usize..NAMES.len(), 0..3),
+        ) {
+            let mut req = Request::get("http://up/fhir/Patient").body(()).unwrap();
+            for (n, v) in &fields {
+                req.headers_mut().append(
+                    HeaderName::from_static(NAMES[*n]),
+                    HeaderValue::from_static(VALUES[*v]),
+                );
+            }
+            let also = |name: &HeaderName| *name == header::AUTHORIZATION;
+            let edits_for = |req: &Request<()>| {
+                let mut edits = Edits::new(req.headers(), &also);
+                for (n, v) in &sets {
+                    edits.set(&HeaderName::from_static(NAMES[*n]), HeaderValue::from_static(VALUES[*v]));
+                }
+                for n in &removes {
+                    edits.remove(&HeaderName::from_static(NAMES[*n]));
+                }
+                edits
+            };
+            let mut out = Vec::new();
+            encode_request(&req, &HeaderValue::from_static("up"), &edits_for(&req), &mut out);
+            let text = String::from_utf8(out).unwrap();
+            let mut written: Vec<String> = text
+                .split("\r\n")
+                .skip(2) // request line, host
+                .take_while(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let mut map = req.headers().clone();
+            edits_for(&req).apply(&mut map);
+            map.remove(header::HOST);
+            map.remove(header::CONTENT_LENGTH);
+            let mut applied: Vec<String> = map
+                .iter()
+                .map(|(n, v)| format!("{}: {}", n, v.to_str().unwrap()))
+                .collect();
+            written.sort();
+            applied.sort();
+            prop_assert_eq!(written, applied);
         }
 
         /// Arbitrary bytes never panic the head parser or the decoder.

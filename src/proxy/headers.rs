@@ -267,66 +267,136 @@ impl PeerText {
     }
 }
 
-/// Appends the client to `X-Forwarded-For` and `Forwarded`; sets `X-Forwarded-Proto` and
-/// `X-Forwarded-Host`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientSide) {
-    let peer = &client.peer;
-    if headers.contains_key(&X_FORWARDED_FOR) {
-        let prior: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let xff = format!(
-            "{}, {}",
-            prior.join(", "),
-            peer.xff.to_str().unwrap_or("unknown")
-        );
-        set(headers, &X_FORWARDED_FOR, &xff);
-    } else {
-        headers.insert(&X_FORWARDED_FOR, peer.xff.clone());
-    }
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(client.proto));
-    match &client.host {
-        Some(host) => {
-            headers.insert(&X_FORWARDED_HOST, host.clone());
+/// What the gateway changes in a request's headers on the way to the upstream, described
+/// once and then carried out on a header map (`apply`, for hyper's client) or while the
+/// request head is written (`drops` and `set`, for the gateway's own HTTP/1.1 exchange):
+/// the same rules either way.
+///
+/// Dropped: the fixed hop-by-hop headers, those `Connection` names, those `also` selects,
+/// those [`Edits::remove`] names, and every header the gateway sets (the client's values
+/// of it never pass).
+pub struct Edits<'a> {
+    set: Vec<(HeaderName, HeaderValue)>,
+    removed: Vec<HeaderName>,
+    also: &'a (dyn Fn(&HeaderName) -> bool + Sync),
+}
+
+impl<'a> Edits<'a> {
+    /// The edits of a request with `headers`, dropping what `also` selects besides the
+    /// hop-by-hop headers.
+    pub fn new(headers: &HeaderMap, also: &'a (dyn Fn(&HeaderName) -> bool + Sync)) -> Edits<'a> {
+        let mut removed = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',') {
+                if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes())
+                    && !is_hop_by_hop(&name)
+                {
+                    removed.push(name);
+                }
+            }
         }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
+        Edits {
+            set: Vec::with_capacity(8),
+            removed,
+            also,
         }
     }
 
-    let element = peer.forwarded_element(client.proto, client.host.as_ref());
-    if headers.contains_key(&FORWARDED) {
+    /// Sets `name` to `value`, replacing the client's values and an earlier `set`.
+    pub fn set(&mut self, name: &HeaderName, value: HeaderValue) {
+        self.set.retain(|(n, _)| n != name);
+        self.set.push((name.clone(), value));
+    }
+
+    /// Drops `name` (and an earlier `set` of it).
+    pub fn remove(&mut self, name: &HeaderName) {
+        self.set.retain(|(n, _)| n != name);
+        self.removed.push(name.clone());
+    }
+
+    /// Whether the client's `name` headers stay out of the forwarded request.
+    pub fn drops(&self, name: &HeaderName) -> bool {
+        is_hop_by_hop(name)
+            || (self.also)(name)
+            || self.set.iter().any(|(n, _)| n == name)
+            || self.removed.contains(name)
+    }
+
+    /// The headers the gateway sets, in order.
+    pub fn added(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.set
+    }
+
+    /// Carries the edits out on `headers`. A removal (a hash and a probe, then a
+    /// reshuffle of the map) is done only for a header that is there.
+    pub fn apply(self, headers: &mut HeaderMap) {
+        // An empty Vec does not allocate.
+        let present: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| self.drops(name))
+            .cloned()
+            .collect();
+        for name in &present {
+            headers.remove(name);
+        }
+        headers.reserve(self.set.len());
+        for (name, value) in self.set {
+            headers.append(name, value);
+        }
+    }
+}
+
+/// Appends the client to `X-Forwarded-For` and `Forwarded`; sets `X-Forwarded-Proto` and
+/// `X-Forwarded-Host`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: &ClientSide) {
+    let never = |_: &HeaderName| false;
+    let mut edits = Edits::new(&HeaderMap::new(), &never);
+    forwarded(&mut edits, headers, client);
+    edits.apply(headers);
+}
+
+/// [`add_forwarded`] as edits of a request with `headers`.
+pub fn forwarded(edits: &mut Edits<'_>, headers: &HeaderMap, client: &ClientSide) {
+    let peer = &client.peer;
+    // The client's own values, unless it made them hop-by-hop (named in `Connection`).
+    let prior = |name: &HeaderName| headers.contains_key(name) && !edits.removed.contains(name);
+    let (prior_xff, prior_forwarded) = (prior(&X_FORWARDED_FOR), prior(&FORWARDED));
+    let appended = |name: &HeaderName, this: &str| -> Option<HeaderValue> {
         let prior: Vec<&str> = headers
-            .get_all(&FORWARDED)
+            .get_all(name)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        let fwd = format!(
-            "{}, {}",
-            prior.join(", "),
-            element.to_str().unwrap_or("for=unknown")
-        );
-        set(headers, &FORWARDED, &fwd);
+        HeaderValue::from_str(&format!("{}, {this}", prior.join(", "))).ok()
+    };
+    if prior_xff {
+        match appended(&X_FORWARDED_FOR, peer.xff.to_str().unwrap_or("unknown")) {
+            Some(v) => edits.set(&X_FORWARDED_FOR, v),
+            None => edits.remove(&X_FORWARDED_FOR),
+        }
     } else {
-        headers.insert(&FORWARDED, element);
+        edits.set(&X_FORWARDED_FOR, peer.xff.clone());
+    }
+    edits.set(&X_FORWARDED_PROTO, HeaderValue::from_static(client.proto));
+    match &client.host {
+        Some(host) => edits.set(&X_FORWARDED_HOST, host.clone()),
+        None => edits.remove(&X_FORWARDED_HOST),
+    }
+
+    let element = peer.forwarded_element(client.proto, client.host.as_ref());
+    if prior_forwarded {
+        match appended(&FORWARDED, element.to_str().unwrap_or("for=unknown")) {
+            Some(v) => edits.set(&FORWARDED, v),
+            None => edits.remove(&FORWARDED),
+        }
+    } else {
+        edits.set(&FORWARDED, element);
     }
 }
 
 fn is_host_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
-}
-
-fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    match HeaderValue::from_str(value) {
-        Ok(v) => {
-            headers.insert(name, v);
-        }
-        Err(_) => {
-            headers.remove(name);
-        }
-    }
 }
 
 /// The client's request id if it is sane (1–128 of `[A-Za-z0-9._:-]`), else a new one.
@@ -615,6 +685,43 @@ mod tests {
         add_forwarded(&mut h, &v6);
         assert_eq!(h[&FORWARDED], "for=\"[2001:db8::1]\";proto=http");
         assert!(!h.contains_key(&X_FORWARDED_HOST));
+    }
+
+    /// A client that names `X-Forwarded-For` or `Forwarded` in `Connection` made them
+    /// hop-by-hop: their values are dropped, not appended to; the gateway's own replace
+    /// them, and `set` and `remove` replace earlier edits of a name.
+    #[test]
+    fn edits_follow_connection_and_replace_earlier_ones() {
+        let h = map(&[
+            ("connection", "x-forwarded-for, Forwarded, x-gone"),
+            ("x-forwarded-for", "10.6.6.6"),
+            ("forwarded", "for=10.6.6.6"),
+            ("x-gone", "1"),
+            ("x-request-id", "client"),
+            ("accept", "*/*"),
+        ]);
+        let client = ClientSide {
+            peer: std::sync::Arc::new(PeerText::new("192.0.2.7".parse().unwrap())),
+            proto: "http",
+            host: None,
+        };
+        let never = |_: &HeaderName| false;
+        let mut edits = Edits::new(&h, &never);
+        forwarded(&mut edits, &h, &client);
+        edits.set(&X_REQUEST_ID, HeaderValue::from_static("one"));
+        edits.set(&X_REQUEST_ID, HeaderValue::from_static("two"));
+        edits.set(&PREFER, HeaderValue::from_static("x"));
+        edits.remove(&PREFER);
+        let mut out = h.clone();
+        edits.apply(&mut out);
+        assert_eq!(out[&X_FORWARDED_FOR], "192.0.2.7");
+        assert_eq!(out[&FORWARDED], "for=192.0.2.7;proto=http");
+        let ids: Vec<_> = out.get_all(&X_REQUEST_ID).iter().collect();
+        assert_eq!(ids, ["two"]);
+        for gone in ["connection", "x-gone", "prefer", "x-forwarded-host"] {
+            assert!(!out.contains_key(gone), "{gone}: {out:?}");
+        }
+        assert_eq!(out["accept"], "*/*");
     }
 
     /// Exactly the fixed hop-by-hop names match.

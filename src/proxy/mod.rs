@@ -1,7 +1,7 @@
 //! Forwarding to the upstream FHIR server: pooled client, header hygiene, credentials,
 //! timeouts. Knows HTTP, not SMART: what may be forwarded is decided before this runs.
 
-mod h1;
+pub mod h1;
 pub mod headers;
 mod pool;
 pub mod urls;
@@ -231,26 +231,23 @@ impl Upstream {
         request_id: &HeaderValue,
         identity: &Identity<'_>,
     ) -> Result<(Response<BoxBody>, Duration), UpstreamFailure> {
-        let h = req.headers_mut();
         let strip_authorization = !self.forward_authorization;
-        headers::remove_hop_by_hop_and(h, |name| {
-            // The gateway must see plain bodies to rewrite and verify them; the
-            // client's token stays here unless configured otherwise; identity headers
-            // come from the gateway only.
+        let also = |name: &HeaderName| {
+            // The gateway must see plain bodies to rewrite and verify them; the client's
+            // token stays here unless configured otherwise; identity headers come from
+            // the gateway only.
             *name == header::ACCEPT_ENCODING
                 || (strip_authorization && *name == header::AUTHORIZATION)
                 || identity.strip.contains(name)
-        });
-        // Room for what is added below, made once: a client sends few headers, and the
-        // map would otherwise grow (rehashing every entry) twice on the way.
-        h.reserve(6 + self.extra_headers.len() + identity.set.len());
-        headers::add_forwarded(h, client);
-        h.insert(&headers::X_REQUEST_ID, request_id.clone());
+        };
+        let mut edits = headers::Edits::new(req.headers(), &also);
+        headers::forwarded(&mut edits, req.headers(), client);
+        edits.set(&headers::X_REQUEST_ID, request_id.clone());
         for (name, value) in &self.extra_headers {
-            h.insert(name, value.clone());
+            edits.set(name, value.clone());
         }
         for (name, value) in &identity.set {
-            h.insert(name, value.clone());
+            edits.set(name, value.clone());
         }
 
         let started = Instant::now();
@@ -258,12 +255,13 @@ impl Upstream {
         let result = match &self.transport {
             Transport::Plain(pools) => {
                 let pool = &pools[worker % pools.len()];
-                match tokio::time::timeout(self.timeout, pool.send(req)).await {
+                match tokio::time::timeout(self.timeout, pool.send(req, edits)).await {
                     Err(_) => Err(UpstreamFailure::Timeout),
                     Ok(r) => r.map(|resp| resp.map(|b| IdleTimeoutBody::new(b, idle).boxed())),
                 }
             }
             Transport::Tls(clients) => {
+                edits.apply(req.headers_mut());
                 // hyper-util's client sets Host from the URI when there is none. (The
                 // plain pool replaces it, which costs less than a removal.)
                 req.headers_mut().remove(header::HOST);

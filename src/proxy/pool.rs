@@ -36,6 +36,7 @@ use hyper_util::rt::TokioIo;
 
 use super::UpstreamFailure;
 use super::h1::{self as bare, HeadError, InlineBody};
+use super::headers::Edits;
 use crate::body::{BoxBody, BoxError};
 
 /// The pool of one worker thread.
@@ -86,16 +87,18 @@ impl H1Pool {
         })
     }
 
-    /// Sends `req` (absolute URI) and returns the response, whose body hands the
-    /// connection back to the pool when it ends.
+    /// Sends `req` (absolute URI) with its headers edited by `edits`, and returns the
+    /// response, whose body hands the connection back to the pool when it ends.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<BoxBody>,
+        mut req: Request<BoxBody>,
+        edits: Edits<'_>,
     ) -> Result<Response<PlainBody>, UpstreamFailure> {
         if req.body().is_end_stream() {
-            let resp = self.send_bodiless(&req).await?;
+            let resp = self.send_bodiless(&req, &edits).await?;
             return Ok(resp.map(PlainBody::Bare));
         }
+        edits.apply(req.headers_mut());
         let resp = self.send_with_body(req).await?;
         Ok(resp.map(PlainBody::Hyper))
     }
@@ -104,6 +107,7 @@ impl H1Pool {
     async fn send_bodiless(
         self: &Arc<Self>,
         req: &Request<BoxBody>,
+        edits: &Edits<'_>,
     ) -> Result<Response<InlineBody<H1Pool>>, UpstreamFailure> {
         let mut replayed = false;
         loop {
@@ -112,7 +116,7 @@ impl H1Pool {
                 Some((conn, idle_for)) => (conn, Some(idle_for)),
                 None => (bare::Conn::new(self.connect_tcp().await?), None),
             };
-            if let Err(e) = conn.write_request(req, &self.host_header).await {
+            if let Err(e) = conn.write_request(req, &self.host_header, edits).await {
                 // A pooled connection closed meanwhile: the head did not get through
                 // whole, and no server acts on part of one.
                 if idle_for.is_some() {
