@@ -41,8 +41,11 @@ use super::headers::Edits;
 pub const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// Most header fields in a response head (hyper's default).
 const MAX_HEADERS: usize = 100;
-/// Bytes asked of the socket per read.
+/// Bytes asked of the socket per read at first, and at most: a read that fills what it
+/// asked for doubles the next, so a large body takes few system calls and a small answer
+/// little memory.
 const READ_SIZE: usize = 16 * 1024;
+const MAX_READ_SIZE: usize = 256 * 1024;
 /// Most bytes of one chunk-size line (size and extensions) and of all trailer fields.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
@@ -52,6 +55,7 @@ pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
     head: Vec<u8>,
+    read_size: usize,
 }
 
 /// Why no response head was read.
@@ -115,6 +119,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             head: Vec::new(),
+            read_size: READ_SIZE,
         }
     }
 
@@ -176,7 +181,7 @@ impl Conn {
     /// Reads what the socket has into the buffer; `Ok(0)` at end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(READ_SIZE);
+            self.buf.reserve(self.read_size);
         }
         let room = self.buf.capacity() - self.buf.len();
         loop {
@@ -191,6 +196,12 @@ impl Conn {
                     let _ = self.io.try_io(Interest::READABLE, || {
                         Err::<(), _>(io::ErrorKind::WouldBlock.into())
                     });
+                    return Poll::Ready(Ok(n));
+                }
+                Ok(n) => {
+                    if n == room {
+                        self.read_size = (self.read_size * 2).min(MAX_READ_SIZE);
+                    }
                     return Poll::Ready(Ok(n));
                 }
                 other => return Poll::Ready(other),
