@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 const JSON: &str = "content-type: application/fhir+json\r\n";
@@ -114,18 +114,9 @@ async fn scripted_upstream() -> Scripted {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
-                    let head_end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                        }
+                    let Some(head) = read_head(&mut stream, &mut buf).await else {
+                        return;
                     };
-                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                    buf.drain(..head_end);
                     let target = head.split(' ').nth(1).unwrap_or("").to_owned();
                     let name = target.rsplit('/').next().unwrap_or("").to_owned();
                     seen.lock().unwrap().push(head);

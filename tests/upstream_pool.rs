@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use http::{Method, Request, StatusCode};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 /// What the raw upstream does on each connection.
@@ -51,18 +51,9 @@ async fn raw_upstream(behaviour: Behaviour) -> RawUpstream {
                 let mut served = 0usize;
                 loop {
                     // One request head (the gateway sends these GET/HEAD without a body).
-                    let head_end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                        }
+                    let Some(head) = read_head(&mut stream, &mut buf).await else {
+                        return;
                     };
-                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                    buf.drain(..head_end);
                     served += 1;
                     if matches!(behaviour, Behaviour::DropSecond) && served == 2 {
                         return;

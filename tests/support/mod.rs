@@ -286,3 +286,22 @@ pub async fn metrics(gw: &TestGateway) -> String {
     let (_, _, b) = get(&format!("http://{}/metrics", gw.admin)).await;
     String::from_utf8(b.to_vec()).unwrap()
 }
+
+/// For raw TCP upstreams: the next request head on `stream` (bytes read past it stay in
+/// `buf`), or `None` once the connection ends.
+pub async fn read_head(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end);
+    Some(head)
+}
