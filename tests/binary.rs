@@ -322,7 +322,7 @@ fn explain_scope_prints_permissions() {
     let out = Command::new(BIN)
         .args([
             "explain-scope",
-            "patient/Linkage.r patient/Medication.r patient/Subscription.r",
+            "patient/Linkage.r patient/Medication.r patient/Subscription.r patient/EnrollmentResponse.r",
         ])
         .output()
         .unwrap();
@@ -334,6 +334,7 @@ fn explain_scope_prints_permissions() {
     );
     assert!(lines[3].starts_with("every instance: outside the patient compartment"));
     assert!(lines[5].starts_with("Subscriptions whose criteria"));
+    assert!(lines[7].starts_with("none: a patient's only through another resource"));
 }
 
 /// decide prints the classification, the decision, its reason and the scope it needs.

@@ -1024,6 +1024,45 @@ async fn records_pointing_at_any_resource_are_confined() {
     assert_eq!(st, StatusCode::OK);
 }
 
+/// An EnrollmentResponse or PaymentReconciliation is a patient's only through the
+/// EnrollmentRequest or Task it references: before, a `patient/*.rs` token read every
+/// one on the server. Now no confined scope reaches them, and nothing is forwarded;
+/// unconfined scopes still do.
+#[tokio::test]
+async fn records_of_a_patient_through_another_resource_need_unconfined_scopes() {
+    let records = vec![
+        json!({"resourceType": "EnrollmentResponse", "id": "er456",
+               "request": {"reference": "EnrollmentRequest/req456"}, "status": "active"}),
+        json!({"resourceType": "PaymentReconciliation", "id": "pr1",
+               "request": {"reference": "Task/t456"}, "status": "active"}),
+        json!({"resourceType": "Medication", "id": "m1"}),
+    ];
+    let s = jwt_gateway(FakeUpstream::start(serving(records)).await, "", "").await;
+    let app = token(&s.key, "patient/*.rs", Some("123"));
+    let before = s.up.requests().len();
+    for path in [
+        "/r4/EnrollmentResponse/er456",
+        "/r4/EnrollmentResponse",
+        "/r4/PaymentReconciliation/pr1",
+        "/r4/PaymentReconciliation?status=active",
+    ] {
+        let (st, _, _) = call(&s, "GET", path, &app, None, &[]).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert_eq!(s.up.requests().len(), before, "nothing was forwarded");
+    // Types that are nobody's record stay readable under "allow".
+    let (st, _, _) = call(&s, "GET", "/r4/Medication/m1", &app, None, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    let all = token(&s.key, "user/*.rs", None);
+    for path in [
+        "/r4/EnrollmentResponse/er456",
+        "/r4/PaymentReconciliation/pr1",
+    ] {
+        let (st, _, _) = call(&s, "GET", path, &all, None, &[]).await;
+        assert_eq!(st, StatusCode::OK, "{path}");
+    }
+}
+
 /// A Group is in the compartment of every patient it lists, so under the R4 definition
 /// alone patient 123 read a whole cohort it belongs to, and with it who else is in it.
 /// Under a patient context a Group is readable only when it names no other patient.

@@ -269,9 +269,12 @@ pub struct Policy {
 impl Policy {
     /// Whether a confined scope on `ty` (outside the compartment) grants access. Bundles
     /// and Subscriptions are never reached this way: they are judged by what they hold
-    /// ([`judged_by_content`]).
+    /// ([`judged_by_content`]); nor are the records that are a patient's only through
+    /// another resource ([`patients_through_another`]).
     fn non_compartment_allowed(&self, ty: &str) -> bool {
-        self.non_compartment == NonCompartment::Allow && !judged_by_content(ty)
+        self.non_compartment == NonCompartment::Allow
+            && !judged_by_content(ty)
+            && !patients_through_another(ty)
     }
 
     /// The parameter that confines a search of `ty` to `patient`: configured, else
@@ -606,6 +609,7 @@ pub fn confinement(ty: &TypeSel) -> String {
         "Subscription" => "Subscriptions whose criteria is a search of the patient's own data the token may make".into(),
         "Group" => "Groups in which the patient is the only patient named".into(),
         "Binary" => "Binaries whose securityContext is the patient, or a resource the token may read".into(),
+        _ if patients_through_another(ty) => "none: a patient's only through another resource it references, which a confined scope cannot check (user/ or system/ scopes reach them)".into(),
         _ => match crate::fhir::search::compartment_paths(ty) {
             Some(params) => {
                 let names: Vec<&str> = params.iter().map(|(p, _)| *p).collect();
@@ -627,6 +631,24 @@ pub fn confinement(ty: &TypeSel) -> String {
 ///   (`Viewer::check_standing_search`).
 pub(crate) fn judged_by_content(ty: &str) -> bool {
     matches!(ty, "Bundle" | "Subscription")
+}
+
+/// Records outside the compartment that belong to one patient only through another
+/// resource they reference: an EnrollmentResponse answers the EnrollmentRequest that
+/// enrolls the patient, a PaymentReconciliation settles the payment of a Task for one.
+/// Nothing in the record itself names the patient, so a scope confined to a patient
+/// cannot tell its own from everyone else's: only unconfined scopes (`user/`,
+/// `system/`) reach them, whatever `policy.patient_scope_non_compartment` says.
+///
+/// The candidates are found from the SearchParameter definitions (types outside the
+/// compartment, not canonical, with no reference that may name a Patient, but one to a
+/// compartment type); which of them belong to a patient is a judgement, and
+/// `tests::records_reached_through_another_resource_are_each_judged` fails when the
+/// definitions offer one not judged here. The others are nobody's record: a Slot (a
+/// Schedule's opening), a MedicationKnowledge (a drug's monograph), a DeviceMetric (a
+/// device's channel and calibration).
+pub(crate) fn patients_through_another(ty: &str) -> bool {
+    matches!(ty, "EnrollmentResponse" | "PaymentReconciliation")
 }
 
 /// Every applicable scope confined to one and the same patient: that patient.
