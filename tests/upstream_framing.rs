@@ -86,6 +86,17 @@ fn script(name: &str) -> (Vec<Vec<u8>>, bool) {
             true,
         ),
         "Silent" => (Vec::new(), true),
+        "HugeHead" => {
+            let field = format!("x-big: {}\r\n", "a".repeat(8000));
+            one(format!("HTTP/1.1 200 OK\r\n{}\r\n", field.repeat(60)))
+        }
+        "TruncatedText" => (
+            vec![format!("HTTP/1.1 200 OK\r\n{TEXT}content-length: 10\r\n\r\nhalf").into_bytes()],
+            true,
+        ),
+        "BadChunkText" => one(format!(
+            "HTTP/1.1 200 OK\r\n{TEXT}transfer-encoding: chunked\r\n\r\n4\r\nhalfXX0\r\n\r\n"
+        )),
         _ => one(format!(
             "HTTP/1.1 200 OK\r\n{TEXT}content-length: 5\r\n\r\nplain"
         )),
@@ -253,6 +264,7 @@ async fn broken_answers_are_502() {
         "/r4/ManyFields",
         "/r4/Http10Chunked",
         "/r4/Silent",
+        "/r4/HugeHead",
     ];
     for path in broken {
         let (status, headers, body) = fetch(&gw, Method::GET, path).await;
@@ -283,7 +295,8 @@ async fn broken_answers_are_502() {
 }
 
 /// A body that breaks off (a malformed chunk, a length never reached) never passes as
-/// complete: a FHIR JSON answer, read whole by the gateway, becomes a 502.
+/// complete: a FHIR JSON answer, read whole by the gateway, becomes a 502; a streamed
+/// one breaks off for the client too, never ending as if whole.
 #[tokio::test]
 async fn broken_bodies_never_pass_as_complete() {
     let up = scripted_upstream().await;
@@ -291,6 +304,16 @@ async fn broken_bodies_never_pass_as_complete() {
     for path in ["/r4/BadChunk", "/r4/Truncated"] {
         let (status, _, body) = fetch(&gw, Method::GET, path).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}: {body:?}");
+    }
+    for path in ["/r4/BadChunkText", "/r4/TruncatedText"] {
+        let req = Request::get(gw.url(path))
+            .body(smartgate::body::empty())
+            .unwrap();
+        // The connection breaks before the head, or the body breaks after it.
+        if let Ok(resp) = client().request(req).await {
+            let body = resp.into_body().collect().await;
+            assert!(body.is_err(), "{path}: a broken body ended as if whole");
+        }
     }
     gw.stop().await;
 }
