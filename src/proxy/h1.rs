@@ -35,7 +35,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
-use super::headers::Edits;
+use super::headers::{Edits, is_hop_by_hop};
 
 /// Most bytes a response head may take (hyper's default read buffer limit).
 pub const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -93,7 +93,8 @@ pub struct Head {
     pub status: StatusCode,
     /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
-    /// The fields, in order; `Content-Length` removed when chunks frame the body.
+    /// The fields, in order, without the hop-by-hop ones and those `Connection` names;
+    /// `Content-Length` removed when chunks frame the body.
     pub headers: HeaderMap,
     /// How the body is delimited.
     pub framing: Framing,
@@ -312,6 +313,7 @@ pub fn parse_head(buf: &Bytes, method: &Method) -> Result<Parsed, HeadError> {
     let mut length: Option<u64> = None;
     let mut chunked: Option<bool> = None;
     let mut keep_alive = version == Version::HTTP_11;
+    let mut listed: Vec<HeaderName> = Vec::new();
     for field in res.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| invalid("bad response header name"))?;
@@ -331,10 +333,25 @@ pub fn parse_head(buf: &Bytes, method: &Method) -> Result<Parsed, HeadError> {
                 .next()
                 .unwrap_or(b"");
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION && has_token(value.as_bytes(), b"close") {
-            keep_alive = false;
+        } else if name == header::CONNECTION {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive")
+                    && let Ok(listed_name) = HeaderName::from_bytes(token)
+                {
+                    listed.push(listed_name);
+                }
+            }
         }
-        headers.append(name, value);
+        // Hop-by-hop fields described this connection and end here (RFC 9110 §7.6.1).
+        if !is_hop_by_hop(&name) {
+            headers.append(name, value);
+        }
+    }
+    for name in &listed {
+        headers.remove(name);
     }
 
     let bodiless = *method == Method::HEAD
@@ -391,13 +408,6 @@ fn content_length(value: &[u8]) -> Option<u64> {
         found = Some(n);
     }
     found
-}
-
-/// Whether the comma-separated `value` holds `token` (ASCII case-insensitive).
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Where a chunked body's decoder is.
@@ -902,6 +912,16 @@ mod tests {
         assert_eq!(cookies, ["a=1", "b=2"]);
         assert_eq!(h.headers["etag"], "W/\"1\"");
         assert_eq!(h.headers["x-empty"], "");
+        // Hop-by-hop fields, and the fields Connection names wherever they stand, stay
+        // with the connection.
+        let h = final_head(
+            "HTTP/1.1 200 OK\r\nx-before: 1\r\nConnection: keep-alive, X-Before, x-after\r\n\
+             keep-alive: timeout=5\r\nx-after: 2\r\ntransfer-encoding: chunked\r\n\
+             trailer: x-t\r\nx-kept: 3\r\n\r\n",
+        );
+        let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, true));
     }
 
     /// Interim answers are skipped; 101 is not an answer to a request that asked for no
