@@ -65,23 +65,24 @@ pin_project_lite::pin_project! {
     ///
     /// The timer is armed only when the inner body first has nothing ready, and is not
     /// re-armed per frame: progress is a timestamp, checked when the timer fires. A body
-    /// that is already buffered never touches the timer wheel.
+    /// that is already buffered never touches the timer wheel, nor reads the clock: the
+    /// idle time counts from the first wait.
     pub struct IdleTimeoutBody<B> {
         #[pin]
         inner: B,
         sleep: Option<Pin<Box<Sleep>>>,
-        last_progress: Instant,
+        last_progress: Option<Instant>,
         idle: Duration,
     }
 }
 
 impl<B> IdleTimeoutBody<B> {
-    /// Wraps `inner`; the clock starts now.
+    /// Wraps `inner`; the clock starts when it first has nothing ready.
     pub fn new(inner: B, idle: Duration) -> Self {
         IdleTimeoutBody {
             inner,
             sleep: None,
-            last_progress: Instant::now(),
+            last_progress: None,
             idle,
         }
     }
@@ -102,12 +103,13 @@ where
         let this = self.project();
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             if this.sleep.is_some() {
-                *this.last_progress = Instant::now();
+                *this.last_progress = Some(Instant::now());
             }
             return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
         }
+        let last_progress = *this.last_progress.get_or_insert_with(Instant::now);
         loop {
-            let deadline = *this.last_progress + *this.idle;
+            let deadline = last_progress + *this.idle;
             let sleep = this
                 .sleep
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -115,7 +117,7 @@ where
                 sleep.as_mut().reset(deadline);
             }
             ready!(sleep.as_mut().poll(cx));
-            if Instant::now() >= *this.last_progress + *this.idle {
+            if Instant::now() >= deadline {
                 return Poll::Ready(Some(Err(Box::new(IdleTimeout))));
             }
         }

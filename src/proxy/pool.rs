@@ -88,14 +88,16 @@ impl H1Pool {
     }
 
     /// Sends `req` (absolute URI) with its headers edited by `edits`, and returns the
-    /// response, whose body hands the connection back to the pool when it ends.
+    /// response, whose body hands the connection back to the pool when it ends. `now`:
+    /// the clock as the request set out.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<BoxBody>,
         edits: Edits<'_>,
+        now: Instant,
     ) -> Result<Response<PlainBody>, UpstreamFailure> {
         if req.body().is_end_stream() {
-            let resp = self.send_bodiless(&req, &edits).await?;
+            let resp = self.send_bodiless(&req, &edits, now).await?;
             return Ok(resp.map(PlainBody::Bare));
         }
         edits.apply(req.headers_mut());
@@ -108,10 +110,15 @@ impl H1Pool {
         self: &Arc<Self>,
         req: &Request<BoxBody>,
         edits: &Edits<'_>,
+        now: Instant,
     ) -> Result<Response<InlineBody<H1Pool>>, UpstreamFailure> {
         let mut replayed = false;
         loop {
-            let pooled = if replayed { None } else { self.checkout_bare() };
+            let pooled = if replayed {
+                None
+            } else {
+                self.checkout_bare(now)
+            };
             let (mut conn, idle_for) = match pooled {
                 Some((conn, idle_for)) => (conn, Some(idle_for)),
                 None => (bare::Conn::new(self.connect_tcp().await?), None),
@@ -193,9 +200,8 @@ impl H1Pool {
     }
 
     /// The most recently used idle bodiless connection that is still open, and how long
-    /// it was idle.
-    fn checkout_bare(&self) -> Option<(bare::Conn, Duration)> {
-        let now = Instant::now();
+    /// it was idle at `now`.
+    fn checkout_bare(&self, now: Instant) -> Option<(bare::Conn, Duration)> {
         loop {
             let IdleBare { conn, since } = {
                 let mut idle = self.idle_bare.lock().unwrap_or_else(|p| p.into_inner());
