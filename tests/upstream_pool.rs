@@ -138,6 +138,36 @@ async fn sequential_requests_share_one_connection() {
     gw.stop().await;
 }
 
+/// `upstream.pool_max_idle_per_host = 0` keeps no connection: every request, with a body
+/// or without, gets a new one and its answer. (Handing a connection back used to panic
+/// the task serving the client, so every request failed.)
+#[tokio::test]
+async fn a_pool_of_none_keeps_nothing() {
+    let up = raw_upstream(Behaviour::KeepAlive).await;
+    let text = single_worker(&up.base).replace(
+        "timeout = \"5s\"",
+        "timeout = \"5s\"\npool_max_idle_per_host = 0",
+    );
+    let gw = TestGateway::boot(&text).await;
+    for i in 0..3 {
+        let (status, body) = request(&gw, Method::GET, "/r4/Basic/1").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains(&format!("\"c{i}r1\"")), "{body}");
+    }
+    let (status, _, _) = send(
+        Request::post(gw.url("/r4/Basic"))
+            .header("content-type", "application/fhir+json")
+            .body(body_of("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = request(&gw, Method::GET, "/r4/Basic/1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 5);
+    gw.stop().await;
+}
+
 /// An upstream that closed an idle connection (its keep-alive timeout) without saying so:
 /// the closed connection is not handed out again; the next request gets a new one.
 #[tokio::test]

@@ -236,15 +236,8 @@ impl H1Pool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() >= self.max_idle {
-            // Keep the most recent; the oldest is the likeliest to be closed upstream.
-            idle.remove(0);
-        }
-        idle.push(Idle {
-            sender,
-            since: Instant::now(),
-        });
+        let since = Instant::now();
+        keep_idle(&self.idle, self.max_idle, Idle { sender, since });
     }
 
     async fn connect(&self) -> Result<SendRequest<BoxBody>, UpstreamFailure> {
@@ -368,15 +361,23 @@ impl Body for PooledBody {
 
 impl bare::Recycle for H1Pool {
     fn recycle(&self, conn: bare::Conn) {
-        let mut idle = self.idle_bare.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() >= self.max_idle {
-            idle.remove(0);
-        }
-        idle.push(IdleBare {
-            conn,
-            since: Instant::now(),
-        });
+        let since = Instant::now();
+        keep_idle(&self.idle_bare, self.max_idle, IdleBare { conn, since });
     }
+}
+
+/// Puts `item` on an idle stack of at most `max` (none kept with 0), dropping the
+/// oldest beyond it: the most recent are kept, the oldest is the likeliest to have been
+/// closed by the upstream.
+fn keep_idle<T>(stack: &Mutex<Vec<T>>, max: usize, item: T) {
+    if max == 0 {
+        return;
+    }
+    let mut idle = stack.lock().unwrap_or_else(|p| p.into_inner());
+    if idle.len() >= max {
+        idle.remove(0);
+    }
+    idle.push(item);
 }
 
 /// The body of an answer from a plain-HTTP upstream, by the way it was exchanged.
@@ -411,5 +412,24 @@ impl Body for PlainBody {
             PlainBody::Bare(b) => b.size_hint(),
             PlainBody::Hyper(b) => b.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stack keeps the most recent `max`; with 0 it keeps nothing (and does not
+    /// panic, as it did taking the oldest of none).
+    #[test]
+    fn idle_stack_keeps_the_most_recent() {
+        let stack = Mutex::new(Vec::new());
+        for i in 0..5 {
+            keep_idle(&stack, 3, i);
+        }
+        assert_eq!(*stack.lock().unwrap(), [2, 3, 4]);
+        let none = Mutex::new(Vec::new());
+        keep_idle(&none, 0, 1);
+        assert!(none.lock().unwrap().is_empty());
     }
 }
