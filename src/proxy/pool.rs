@@ -30,6 +30,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -37,7 +38,7 @@ use hyper_util::rt::TokioIo;
 use super::UpstreamFailure;
 use super::h1::{self as bare, HeadError, InlineBody};
 use super::headers::Edits;
-use crate::body::{BoxBody, BoxError};
+use crate::body::BoxBody;
 
 /// The pool of one worker thread.
 pub struct H1Pool {
@@ -98,11 +99,11 @@ impl H1Pool {
     ) -> Result<Response<PlainBody>, UpstreamFailure> {
         if req.body().is_end_stream() {
             let resp = self.send_bodiless(&req, &edits, now).await?;
-            return Ok(resp.map(PlainBody::Bare));
+            return Ok(resp.map(Either::Left));
         }
         edits.apply(req.headers_mut());
         let resp = self.send_with_body(req).await?;
-        Ok(resp.map(PlainBody::Hyper))
+        Ok(resp.map(Either::Right))
     }
 
     /// A request without a body, over the bodiless stack.
@@ -381,39 +382,7 @@ fn keep_idle<T>(stack: &Mutex<Vec<T>>, max: usize, item: T) {
 }
 
 /// The body of an answer from a plain-HTTP upstream, by the way it was exchanged.
-pub enum PlainBody {
-    Bare(InlineBody<H1Pool>),
-    Hyper(PooledBody),
-}
-
-impl Body for PlainBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            PlainBody::Bare(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            PlainBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            PlainBody::Bare(b) => b.is_end_stream(),
-            PlainBody::Hyper(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            PlainBody::Bare(b) => b.size_hint(),
-            PlainBody::Hyper(b) => b.size_hint(),
-        }
-    }
-}
+pub type PlainBody = Either<InlineBody<H1Pool>, PooledBody>;
 
 #[cfg(test)]
 mod tests {
