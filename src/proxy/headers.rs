@@ -36,19 +36,16 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// Removes hop-by-hop headers: the fixed list and every header named in `Connection`.
+/// Removes hop-by-hop headers: the fixed list and every header named in `Connection`, in
+/// one pass over the names present: most messages carry a handful of headers, and a
+/// removal (a hash and a probe, then a reshuffle of the map) is done only for a header
+/// that is there. (A request on its way upstream gets [`Edits`], which do this and more;
+/// this is for answers, where the `Connection` lookup is made only when one is present.)
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    remove_hop_by_hop_and(headers, |_| false);
-}
-
-/// [`remove_hop_by_hop`], and every header `also` selects, in the same pass over the
-/// names present: most messages carry a handful of headers, and a removal (a hash and a
-/// probe, then a reshuffle of the map) is done only for a header that is there.
-pub fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     // An empty Vec does not allocate.
     let mut present: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| is_hop_by_hop(name) || also(name))
+        .filter(|n| is_hop_by_hop(n))
         .cloned()
         .collect();
     if present.contains(&header::CONNECTION) {
@@ -58,8 +55,8 @@ pub fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName)
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            // Names already in `present` (`keep-alive`, or selected by `also`) stay once.
-            .filter(|name| !is_hop_by_hop(name) && !also(name) && headers.contains_key(name))
+            // `keep-alive` is in `present` already.
+            .filter(|name| !is_hop_by_hop(name) && headers.contains_key(name))
             .collect::<Vec<_>>();
         present.extend(listed);
     }
@@ -609,8 +606,8 @@ mod tests {
         assert!(h.contains_key("accept"));
     }
 
-    /// The extra selection goes in the same pass, every value of a repeated header with
-    /// it, also when `Connection` names a selected header too.
+    /// Edits drop what `also` selects with the hop-by-hop headers, every value of a
+    /// repeated header with it, also when `Connection` names a selected header too.
     #[test]
     fn removes_selected_headers_in_the_same_pass() {
         let mut h = map(&[
@@ -627,7 +624,8 @@ mod tests {
             header::ACCEPT_ENCODING,
             HeaderName::from_static("x-smart-patient"),
         ];
-        remove_hop_by_hop_and(&mut h, |name| selected.contains(name));
+        let also = |name: &HeaderName| selected.contains(name);
+        Edits::new(&h, &also).apply(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("accept"));
     }
