@@ -4,6 +4,9 @@
 //! A counting global allocator measures the peak of live heap bytes in this process (the
 //! gateway, the fake upstream and the client all run here), so the bound also covers the
 //! test's own buffers: it is generous for them and far below 20 MiB.
+//!
+//! That allocator counts every allocation of its process, so this file is a test binary of
+//! its own: in the shared suite (tests/it) other tests' bodies would count as its growth.
 
 mod support;
 

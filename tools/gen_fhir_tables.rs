@@ -3,7 +3,7 @@
 //!
 //!   cargo run --bin gen-fhir-tables
 //!
-//! A test (`tests/generated_tables.rs`) fails when the committed output is stale.
+//! A test (`tests/it/generated_tables.rs`) fails when the committed output is stale.
 
 use std::fmt::Write;
 use std::path::Path;

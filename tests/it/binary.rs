@@ -1,6 +1,6 @@
 //! The `smartgate` binary: check-config messages, and a SIGTERM drain.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

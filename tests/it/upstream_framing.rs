@@ -4,7 +4,7 @@
 //! connection reused only when its answer ended exactly where its framing said. The
 //! upstream is a raw TCP server that writes scripted bytes.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

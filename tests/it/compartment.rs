@@ -3,7 +3,7 @@
 //! store that ignores every search parameter (so only the gateway's own verification
 //! stands between the token and the other patient's data).
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 //! own complete answer. The upstream here is a raw TCP server, so each test decides
 //! exactly what happens on the wire.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

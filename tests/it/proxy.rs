@@ -2,7 +2,7 @@
 //! upstream failures. Each test boots the real gateway in-process against a recording
 //! fake upstream.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! refusals are 403 insufficient_scope naming the missing permission, and nothing refused
 //! reaches the upstream.
 
-mod support;
+use crate::support;
 
 use http::{Request, StatusCode};
 use serde_json::json;
@@ -85,7 +85,7 @@ async fn scopes_decide() {
 
 /// patient/ scopes: the patient's own record passes as is; what is outside the
 /// compartment on its face is refused before forwarding; no patient in the token means no
-/// access. (Verified reads and searches: tests/compartment.rs.)
+/// access. (Verified reads and searches: tests/it/compartment.rs.)
 #[tokio::test]
 async fn patient_scopes_confined() {
     let s = setup().await;

@@ -1,7 +1,7 @@
 //! Introspection mode through the real gateway against a fake RFC 7662 server that checks
 //! the gateway's client authentication and counts calls.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,7 +1,6 @@
 //! The committed generated tables match what the generator makes of the committed data.
 
-#[path = "../tools/gen_fhir_tables.rs"]
-mod generator;
+use crate::generator;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! JWT mode through the real gateway: good tokens pass with their identity, every hostile
 //! token is refused without reaching the upstream, and the JWKS lifecycle holds up.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

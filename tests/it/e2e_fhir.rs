@@ -3,9 +3,9 @@
 //! p2 (3). Through the gateway each patient sees exactly their own data for every
 //! interaction the engine implements, and the counts equal a direct, correctly narrowed
 //! query. (The engine has no _include, compartment search or $everything; those are
-//! covered against a hostile fake upstream in tests/compartment.rs.)
+//! covered against a hostile fake upstream in tests/it/compartment.rs.)
 
-mod support;
+use crate::support;
 
 use http::{Request, StatusCode};
 use jsonwebtoken::Algorithm;

@@ -1,6 +1,6 @@
 //! Reload, TLS, HTTP/2, admin endpoints and metrics.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

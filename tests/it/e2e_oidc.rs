@@ -3,7 +3,7 @@
 //! private_key_jwt assertion, resource indicators, JWT and opaque access tokens,
 //! introspection). Real tokens go through the real gateway in both modes.
 
-mod support;
+use crate::support;
 
 use http::{Request, StatusCode};
 use jsonwebtoken::{Algorithm, Header};

@@ -3,7 +3,7 @@
 //! OAuth specifications call for, introspection, JWKS, discovery, rate limiting, and
 //! in-process validation of its tokens beside an external issuer's.
 
-mod support;
+use crate::support;
 
 use http::{Request, StatusCode};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};

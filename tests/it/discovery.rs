@@ -1,6 +1,6 @@
 //! `/.well-known/smart-configuration`: public, JSON whatever Accept says, CORS, validated.
 
-mod support;
+use crate::support;
 
 use http::{Request, StatusCode};
 use support::tokens::*;

@@ -1,0 +1,28 @@
+//! The integration suite, one binary: every module boots the real gateway in-process on
+//! port 0 against real parts (recording and hostile fake upstreams, token and introspection
+//! servers, and the npm FHIR engine and OAuth server of the end-to-end modules).
+//!
+//! One binary rather than one per file: each would link the whole dependency tree again,
+//! which cost CI minutes and gigabytes of disk. The exception is tests/streaming.rs, whose
+//! counting allocator needs a process of its own.
+
+#[path = "../../tools/gen_fhir_tables.rs"]
+mod generator;
+#[path = "../support/mod.rs"]
+mod support;
+
+mod auth_introspection;
+mod auth_jwt;
+mod authz;
+mod authz_server;
+mod binary;
+mod compartment;
+mod discovery;
+mod e2e_fhir;
+mod e2e_oidc;
+mod generated_tables;
+mod lifecycle;
+mod properties;
+mod proxy;
+mod upstream_framing;
+mod upstream_pool;
