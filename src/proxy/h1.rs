@@ -56,6 +56,9 @@ pub struct Conn {
     buf: BytesMut,
     head: Vec<u8>,
     read_size: usize,
+    /// Reads that returned data, for the tests of the buffer's sizing.
+    #[cfg(test)]
+    reads: usize,
 }
 
 /// Why no response head was read.
@@ -121,6 +124,18 @@ impl Conn {
             buf: BytesMut::new(),
             head: Vec::new(),
             read_size: READ_SIZE,
+            #[cfg(test)]
+            reads: 0,
+        }
+    }
+
+    /// Readies an answered connection for the next request: its reads start small again,
+    /// and a buffer grown for a large answer is let go rather than kept by an idle
+    /// connection.
+    fn settle(&mut self) {
+        if self.read_size > READ_SIZE {
+            self.read_size = READ_SIZE;
+            self.buf = BytesMut::new();
         }
     }
 
@@ -180,14 +195,23 @@ impl Conn {
     }
 
     /// Reads what the socket has into the buffer; `Ok(0)` at end of stream.
+    ///
+    /// Every read has room for `read_size` bytes, so an answer that size or smaller that
+    /// has arrived whole is taken whole, however full the buffer got before. Making room
+    /// in a buffer nothing else holds any more moves no bytes and allocates nothing.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
+        if self.buf.capacity() - self.buf.len() < self.read_size {
             self.buf.reserve(self.read_size);
         }
         let room = self.buf.capacity() - self.buf.len();
         loop {
             ready!(self.io.poll_read_ready(cx))?;
-            match self.io.try_read_buf(&mut self.buf) {
+            let read = self.io.try_read_buf(&mut self.buf);
+            #[cfg(test)]
+            if matches!(read, Ok(n) if n > 0) {
+                self.reads += 1;
+            }
+            match read {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Ok(n) if n > 0 && n < room => {
                     // A short read took all the socket had: forget its readiness now,
@@ -670,11 +694,12 @@ impl<R: Recycle> InlineBody<R> {
         self.reading = Reading::Done;
         let conn = self.conn.take();
         let recycle = self.recycle.take();
-        if let (Some(conn), Some(recycle)) = (conn, recycle)
+        if let (Some(mut conn), Some(recycle)) = (conn, recycle)
             && self.keep_alive
             && self.pending.is_empty()
             && conn.buf.is_empty()
         {
+            conn.settle();
             recycle.recycle(conn);
         }
     }
@@ -1176,5 +1201,91 @@ mod tests {
             let _ = parse_head(&Bytes::from(input.clone()), &Method::GET);
             let _ = decode_in_pieces(&input, &[7, 31]);
         }
+    }
+
+    /// Where the tests' bodies hand their connection back.
+    #[derive(Default)]
+    struct Slot(std::sync::Mutex<Option<Conn>>);
+    impl Recycle for Slot {
+        fn recycle(&self, conn: Conn) {
+            *self.0.lock().unwrap() = Some(conn);
+        }
+    }
+
+    /// An upstream answering each request on one connection with the next of `answers`,
+    /// each in one write; and the gateway's end of that connection.
+    async fn scripted(answers: Vec<Vec<u8>>) -> Conn {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            for answer in answers {
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut b = [0u8; 1024];
+                    let n = s.read(&mut b).await.unwrap();
+                    assert!(n > 0, "gateway closed");
+                    seen.extend_from_slice(&b[..n]);
+                }
+                seen.clear();
+                s.write_all(&answer).await.unwrap();
+            }
+        });
+        Conn::new(TcpStream::connect(addr).await.unwrap())
+    }
+
+    /// One exchange on `conn`: a GET, its answer read to the end. The connection back,
+    /// and the body's length.
+    async fn exchange(mut conn: Conn) -> (Conn, usize) {
+        use http_body_util::BodyExt;
+        use tokio::io::AsyncWriteExt;
+        conn.io
+            .write_all(b"GET /fhir/Patient/1 HTTP/1.1\r\nhost: up\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, pending) = conn.read_head(&Method::GET).await.unwrap();
+        let slot = Arc::new(Slot::default());
+        let body = InlineBody::new(conn, &head, pending, slot.clone());
+        let len = body.collect().await.unwrap().to_bytes().len();
+        let conn = slot.0.lock().unwrap().take().expect("connection kept");
+        (conn, len)
+    }
+
+    fn answer(body_len: usize) -> Vec<u8> {
+        let mut a = format!("HTTP/1.1 200 OK\r\ncontent-length: {body_len}\r\n\r\n").into_bytes();
+        a.resize(a.len() + body_len, b'x');
+        a
+    }
+
+    /// A FHIR read's answer of a few KiB, sent in one piece, is taken in one read however
+    /// full the buffer got with the answers before it; and those answers do not make
+    /// the next reads larger.
+    #[tokio::test]
+    async fn answers_that_fit_are_read_at_once() {
+        const N: usize = 60;
+        let mut conn = scripted((0..N).map(|_| answer(3000)).collect()).await;
+        for _ in 0..N {
+            let (back, len) = exchange(conn).await;
+            assert_eq!(len, 3000);
+            conn = back;
+        }
+        assert_eq!(conn.reads, N, "reads for {N} answers");
+        assert_eq!(conn.read_size, READ_SIZE);
+    }
+
+    /// After a large answer, reads start small again and the idle connection keeps no
+    /// large buffer.
+    #[tokio::test]
+    async fn a_large_answer_leaves_no_large_buffer() {
+        let conn = scripted(vec![answer(1 << 20), answer(500)]).await;
+        let (conn, len) = exchange(conn).await;
+        assert_eq!(len, 1 << 20);
+        assert!(conn.buf.capacity() <= READ_SIZE, "{}", conn.buf.capacity());
+        let before = conn.reads;
+        let (conn, len) = exchange(conn).await;
+        assert_eq!(len, 500);
+        assert_eq!(conn.reads, before + 1);
+        assert_eq!(conn.read_size, READ_SIZE);
     }
 }
