@@ -394,3 +394,77 @@ async fn connections_spread_over_workers() {
     );
     gw.stop().await;
 }
+
+/// Reads from `stream` until the gateway closes it (end of stream or reset) and returns
+/// what came; panics if it stays open for `limit`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "connection still open after {limit:?}");
+    got
+}
+
+/// server.header_read_timeout: a client that starts a request head and never ends it
+/// (slowloris), and a keep-alive connection left idle, are both closed; a head that
+/// arrives in pieces within the limit is served.
+#[tokio::test]
+async fn header_read_timeout_closes_slow_and_idle_connections() {
+    use tokio::io::AsyncWriteExt;
+    let up = FakeUpstream::echo().await;
+    let text = config(&up.base(), "").replace(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"5s\"\nheader_read_timeout = \"2s\"",
+    );
+    let gw = TestGateway::boot(&text).await;
+    let generous = Duration::from_secs(20);
+
+    // Never finished: closed, and nothing reached the upstream.
+    let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    slow.write_all(b"GET /r4/Patient/slow HTTP/1.1\r\nhost: gateway.test\r\n")
+        .await
+        .unwrap();
+    // Idle after one answer.
+    let mut idle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(b"GET /r4/Patient/idle HTTP/1.1\r\nhost: gateway.test\r\n\r\n")
+        .await
+        .unwrap();
+    // In pieces, within the limit.
+    let mut pieces = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    pieces
+        .write_all(b"GET /r4/Patient/pieces HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pieces
+        .write_all(b"host: gateway.test\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+
+    let answer =
+        String::from_utf8_lossy(&read_until_closed(&mut pieces, generous).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer =
+        String::from_utf8_lossy(&read_until_closed(&mut idle, generous).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+    let answer = read_until_closed(&mut slow, generous).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).contains(" 200 "),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        up.requests().iter().all(|s| !s.uri.ends_with("/slow")),
+        "the unfinished request reached the upstream"
+    );
+}
