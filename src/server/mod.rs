@@ -1,5 +1,6 @@
 //! Listeners, connections, TLS, the file watch, and graceful drain.
 
+mod timer;
 pub mod tls;
 
 use std::future::Future;
@@ -326,10 +327,18 @@ impl Worker {
             .server
             .header_read_timeout
             .0;
+        // The header read timeout, armed for every request head, runs on this worker's
+        // coarse timer (see timer.rs); HTTP/2's keep-alive pings stay on tokio's.
+        let timer = timer::CoarseTimer::default();
+        tokio::spawn(
+            timer
+                .clone()
+                .run(timer::CoarseTimer::tick_for(header_timeout)),
+        );
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
-            .timer(TokioTimer::new())
+            .timer(timer)
             .header_read_timeout(header_timeout);
         builder
             .http2()
