@@ -6,6 +6,10 @@
 //! its checks). Nothing else: no header hygiene, no forwarding headers, no request id, no
 //! metrics, no logging, no link rewriting, no limits, no timeouts.
 //!
+//! With `FLOOR_SPIN=N` it also burns N rounds of arithmetic per request: the same proxy,
+//! slower on purpose (load.sh's target `floor_slow`), to show what a slower proxy does to
+//! p99 on a saturated machine whose cores it shares with the load generator.
+//!
 //! Not a product and not a benchmark of smartgate: `benches/load.sh` runs it beside nginx
 //! and smartgate (target `floor`) so the report can say how much of the distance to nginx
 //! is the stack and how much is smartgate's own work.
@@ -188,6 +192,7 @@ async fn forward(
     prefix: Arc<str>,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, Infallible> {
+    spin();
     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let rel = pq.strip_prefix(&*prefix).unwrap_or(pq);
     let uri: Uri = match format!("{upstream}{rel}").parse() {
@@ -225,4 +230,20 @@ fn status(code: u16) -> Response<BoxBody> {
     let mut resp = Response::new(smartgate::body::empty());
     *resp.status_mut() = http::StatusCode::from_u16(code).unwrap_or_default();
     resp
+}
+
+/// `FLOOR_SPIN` rounds of arithmetic the optimiser cannot remove.
+fn spin() {
+    static ROUNDS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let rounds = *ROUNDS.get_or_init(|| {
+        std::env::var("FLOOR_SPIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    let mut x = 0u64;
+    for i in 0..rounds {
+        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+    }
+    std::hint::black_box(x);
 }

@@ -8,6 +8,10 @@
 #      hyper connection-level senders per worker) with none of smartgate's work, the floor
 #      a hyper proxy stands on,
 # and any extra smartgate configurations given as scenarios (see SCENARIOS below).
+# Opt-in target floor_slow: the hyper floor made slower on purpose (FLOOR_SPIN rounds of
+# arithmetic per request, default 1500), which shows how p99 at saturation on a machine
+# shared with the load generator moves with the proxy's cost:
+#   TARGETS="nginx floor floor_slow smartgate" ROUNDS=7 TOKEN_RUN=0 benches/load.sh
 # Prints requests/s and p99 latency for each, and ratios to nginx and to direct.
 #
 #   benches/load.sh                 # 3 rounds x 5 s per target, 64 connections
@@ -38,7 +42,7 @@ done
 . benches/common.sh
 build_binaries
 UP=$(free_port); NGX=$(free_port); SG=$(free_port); SGA=$(free_port); SGJ=$(free_port); SGJA=$(free_port)
-FLR=$(free_port)
+FLR=$(free_port); FLS=$(free_port)
 
 VERIFIED_PATH=/Observation/obs-1
 
@@ -90,6 +94,9 @@ SMARTGATE_PID=$!
 FLOOR_CLIENT=conn "$FLOOR_BIN" "127.0.0.1:$FLR" "http://127.0.0.1:$UP/fhir" /r4 2>"$WORK/floor.log" &
 PIDS+=($!)
 FLOOR_PID=$!
+FLOOR_SPIN=${FLOOR_SPIN:-1500} FLOOR_CLIENT=conn "$FLOOR_BIN" "127.0.0.1:$FLS" "http://127.0.0.1:$UP/fhir" /r4 2>"$WORK/floor-slow.log" &
+PIDS+=($!)
+FLOOR_SLOW_PID=$!
 
 # JWT mode: an RS256 key, its JWKS inline in the configuration, and one token (cached by
 # the gateway after its first use, as a client's token is).
@@ -171,6 +178,7 @@ wait_up "http://127.0.0.1:$UP/fhir$PATH_UNDER_BASE"
 wait_up "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE"
 wait_up "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE"
 wait_up "http://127.0.0.1:$FLR/r4$PATH_UNDER_BASE"
+wait_up "http://127.0.0.1:$FLS/r4$PATH_UNDER_BASE"
 for _ in $(seq 100); do
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$SGJ/r4$PATH_UNDER_BASE" || true)
   [ "$code" = 200 ] && break
@@ -237,6 +245,7 @@ for round in $(seq "$ROUNDS"); do
       nginx) out=$(measure "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE" $(nginx_pids "$NGINX_PROXY")) ;;
       nginx_same) out=$(measure "http://127.0.0.1:$NGX/same$PATH_UNDER_BASE" $(nginx_pids "$NGINX_PROXY")) ;;
       floor) out=$(measure "http://127.0.0.1:$FLR/r4$PATH_UNDER_BASE" "$FLOOR_PID") ;;
+      floor_slow) out=$(measure "http://127.0.0.1:$FLS/r4$PATH_UNDER_BASE" "$FLOOR_SLOW_PID") ;;
       smartgate) out=$(measure "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE" "$SMARTGATE_PID") ;;
       jwt) out=$(measure "http://127.0.0.1:$SGJ/r4$PATH_UNDER_BASE" "$SMARTGATE_JWT_PID") ;;
     esac
@@ -269,6 +278,7 @@ d_rps=$(median "${RPS[direct]:-}"); d_p99=$(median "${P99[direct]:-}"); d_cpu=$(
 n_rps=$(median "${RPS[nginx]:-}"); n_p99=$(median "${P99[nginx]:-}"); n_cpu=$(median "${CPU[nginx]:-}")
 e_rps=$(median "${RPS[nginx_same]:-}"); e_p99=$(median "${P99[nginx_same]:-}"); e_cpu=$(median "${CPU[nginx_same]:-}")
 f_rps=$(median "${RPS[floor]:-}"); f_p99=$(median "${P99[floor]:-}"); f_cpu=$(median "${CPU[floor]:-}")
+w_rps=$(median "${RPS[floor_slow]:-}"); w_p99=$(median "${P99[floor_slow]:-}"); w_cpu=$(median "${CPU[floor_slow]:-}")
 s_rps=$(median "${RPS[smartgate]:-}"); s_p99=$(median "${P99[smartgate]:-}"); s_cpu=$(median "${CPU[smartgate]:-}")
 j_rps=$(median "${RPS[jwt]:-}"); j_p99=$(median "${P99[jwt]:-}"); j_cpu=$(median "${CPU[jwt]:-}")
 o_rps=$(median "${RPS[nginx_obs]:-}"); o_p99=$(median "${P99[nginx_obs]:-}"); o_cpu=$(median "${CPU[nginx_obs]:-}")
@@ -282,6 +292,7 @@ printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "direct (upstream)" "$d_rps" "$d_p99
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx proxy_pass" "$n_rps" "$n_p99" 1.00 "$(ratio "$n_rps" "$d_rps")" "$n_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx, same header work" "$e_rps" "$e_p99" "$(ratio "$e_rps" "$n_rps")" "$(ratio "$e_rps" "$d_rps")" "$e_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "hyper floor (bare proxy)" "$f_rps" "$f_p99" "$(ratio "$f_rps" "$n_rps")" "$(ratio "$f_rps" "$d_rps")" "$f_cpu (proxy)"
+[ -n "${RPS[floor_slow]:-}" ] && printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "hyper floor, slowed" "$w_rps" "$w_p99" "$(ratio "$w_rps" "$n_rps")" "$(ratio "$w_rps" "$d_rps")" "$w_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate pass-through" "$s_rps" "$s_p99" "$(ratio "$s_rps" "$n_rps")" "$(ratio "$s_rps" "$d_rps")" "$s_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate JWT+decision" "$j_rps" "$j_p99" "$(ratio "$j_rps" "$n_rps")" "$(ratio "$j_rps" "$d_rps")" "$j_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx, Observation" "$o_rps" "$o_p99" 1.00 - "$o_cpu (proxy)"
@@ -304,6 +315,7 @@ print(f'median {statistics.median(r):.2f}, range {r[0]:.2f}-{r[-1]:.2f} over {le
 [ -n "${RPS[jwt]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "JWT + decision / nginx throughput, round by round: $(paired "${RPS[jwt]}" "${RPS[nginx]}")"
 [ -n "${RPS[verified]:-}" ] && [ -n "${RPS[nginx_obs]:-}" ] && echo "verified read / nginx (same path) throughput, round by round: $(paired "${RPS[verified]}" "${RPS[nginx_obs]}")"
 echo "hyper floor / nginx: throughput $(ratio "$f_rps" "$n_rps"), p99 $(ratio "$f_p99" "$n_p99"), CPU per request $(ratio "$f_cpu" "$n_cpu")"
+[ -n "${RPS[floor_slow]:-}" ] && echo "slowed floor (FLOOR_SPIN=${FLOOR_SPIN:-1500}) / floor: throughput $(ratio "$w_rps" "$f_rps"), p99 $(ratio "$w_p99" "$f_p99"), CPU per request $(ratio "$w_cpu" "$f_cpu"); slowed floor / nginx: p99 $(ratio "$w_p99" "$n_p99")"
 echo "smartgate / hyper floor: throughput $(ratio "$s_rps" "$f_rps"), p99 $(ratio "$s_p99" "$f_p99"), CPU per request $(ratio "$s_cpu" "$f_cpu")"
 echo "smartgate JWT + decision / pass-through: throughput $(ratio "$j_rps" "$s_rps"), p99 $(ratio "$j_p99" "$s_p99"), CPU per request $(ratio "$j_cpu" "$s_cpu")"
 [ "${TOKEN_RUN:-1}" = 1 ] && echo "embedded /auth/token (client_secret_basic, sign an access token): ES384 ${TOKEN_RPS[ES384]} req/s, ES256 ${TOKEN_RPS[ES256]} req/s; ES256/ES384 $(ratio "${TOKEN_RPS[ES256]}" "${TOKEN_RPS[ES384]}"); ES384 tokens / nginx proxied reads $(ratio "${TOKEN_RPS[ES384]}" "$n_rps")"
@@ -313,5 +325,11 @@ echo
 printf '%-16s %14s %14s\n' target "user us/req" "system us/req"
 for target in ${TARGETS:-direct nginx nginx_same floor smartgate jwt nginx_obs verified}; do
   printf '%-16s %14s %14s\n' "$target" "$(median "${USR[$target]:-}")" "$(median "${SYS[$target]:-}")"
+done
+# p99 at saturation here jumps between rounds (one scheduler tick more or less), so the
+# rounds themselves are worth seeing, not only their median.
+echo
+for target in ${TARGETS:-direct nginx nginx_same floor smartgate jwt nginx_obs verified}; do
+  printf '%-16s p99 ms by round: %s\n' "$target" "${P99[$target]:-}"
 done
 echo "(medians of $ROUNDS interleaved rounds, ${DURATION}s per target each, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores)"
