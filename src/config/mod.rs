@@ -910,6 +910,13 @@ impl Config {
                 "must be greater than 0".into(),
             ));
         }
+        if self.server.header_read_timeout.0.is_zero() {
+            // Not "no limit": every connection waiting for a request would be closed.
+            return Err((
+                "server.header_read_timeout".into(),
+                "must be greater than 0".into(),
+            ));
+        }
         if self.upstream.timeout.0.is_zero() {
             return Err(("upstream.timeout".into(), "must be greater than 0".into()));
         }

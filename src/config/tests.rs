@@ -86,6 +86,26 @@ fn bad_duration_names_key() {
     assert!(e.contains("server.max_request_body"), "{e}");
 }
 
+/// A zero timeout is refused, naming its key: none of them means "no limit".
+#[test]
+fn zero_timeouts_are_refused() {
+    for (section, key) in [
+        ("server", "header_read_timeout"),
+        ("upstream", "timeout"),
+        ("upstream", "connect_timeout"),
+        ("upstream", "idle_timeout"),
+    ] {
+        let e = err(&MINIMAL.replace(
+            &format!("[{section}]"),
+            &format!("[{section}]\n{key} = \"0s\""),
+        ));
+        assert!(
+            e.contains(&format!("{section}.{key}")) && e.contains("greater than 0"),
+            "{e}"
+        );
+    }
+}
+
 /// Header credentials must be valid headers and not ones the gateway manages.
 #[test]
 fn upstream_headers_validated() {
