@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -399,16 +400,19 @@ async fn connection(
     tls: Option<Arc<TlsState>>,
     stream: TcpStream,
     conn: Arc<ConnInfo>,
-    handshake_timeout: Duration,
+    header_timeout: Duration,
     stop: watch::Receiver<bool>,
     _drain: (mpsc::Sender<()>, Load),
 ) {
+    // The first request must come within the header read timeout of the connection's
+    // start, TLS handshake included.
+    let first_by = tokio::time::Instant::now() + header_timeout;
     match tls {
-        None => serve_io(shared, &builder, stream, conn, stop).await,
+        None => serve_io(shared, &builder, stream, conn, first_by, stop).await,
         Some(tls) => {
             let accept = tls.acceptor().accept(stream);
-            match tokio::time::timeout(handshake_timeout, accept).await {
-                Ok(Ok(stream)) => serve_io(shared, &builder, stream, conn, stop).await,
+            match tokio::time::timeout_at(first_by, accept).await {
+                Ok(Ok(stream)) => serve_io(shared, &builder, stream, conn, first_by, stop).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!("TLS handshake timed out"),
             }
@@ -416,26 +420,50 @@ async fn connection(
     }
 }
 
+/// Serves one connection: closed if no request has come by `first_by`.
+///
+/// hyper's header read timeout starts with HTTP/1's first request head. Before it,
+/// hyper-util waits for the bytes that tell HTTP/1 from HTTP/2 without a limit, and an
+/// HTTP/2 connection may be opened and never used. Without this deadline, a client that
+/// connects and says nothing would hold a connection, and a file descriptor, for ever.
 async fn serve_io<I>(
     shared: Arc<Shared>,
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     conn: Arc<ConnInfo>,
+    first_by: tokio::time::Instant,
     mut stop: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| -> pipeline::ResponseFuture {
-        Box::pin(pipeline::handle(shared.clone(), conn.clone(), req))
-    });
+    let asked = Arc::new(AtomicBool::new(false));
+    let service = {
+        let asked = asked.clone();
+        service_fn(move |req| -> pipeline::ResponseFuture {
+            asked.store(true, Ordering::Relaxed);
+            Box::pin(pipeline::handle(shared.clone(), conn.clone(), req))
+        })
+    };
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let result = tokio::select! {
-        r = connection.as_mut() => r,
-        () = stopped(&mut stop) => {
-            // Finish the request in flight, refuse new ones on this connection.
-            auto::Connection::graceful_shutdown(connection.as_mut());
-            connection.await
+    let first_deadline = tokio::time::sleep_until(first_by);
+    tokio::pin!(first_deadline);
+    let mut awaiting_first = true;
+    let result = loop {
+        tokio::select! {
+            r = connection.as_mut() => break r,
+            () = first_deadline.as_mut(), if awaiting_first => {
+                if !asked.load(Ordering::Relaxed) {
+                    tracing::debug!("no request within server.header_read_timeout; closing");
+                    return;
+                }
+                awaiting_first = false;
+            }
+            () = stopped(&mut stop) => {
+                // Finish the request in flight, refuse new ones on this connection.
+                auto::Connection::graceful_shutdown(connection.as_mut());
+                break connection.await;
+            }
         }
     };
     if let Err(e) = result {

@@ -414,9 +414,10 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) 
     got
 }
 
-/// server.header_read_timeout: a client that starts a request head and never ends it
-/// (slowloris), and a keep-alive connection left idle, are both closed; a head that
-/// arrives in pieces within the limit is served.
+/// server.header_read_timeout: a client that connects and sends nothing, one that starts
+/// a request head and never ends it (slowloris), an HTTP/2 connection that never asks
+/// anything, and a keep-alive connection left idle, are all closed; a head that arrives
+/// in pieces within the limit is served.
 #[tokio::test]
 async fn header_read_timeout_closes_slow_and_idle_connections() {
     use tokio::io::AsyncWriteExt;
@@ -433,6 +434,18 @@ async fn header_read_timeout_closes_slow_and_idle_connections() {
     slow.write_all(b"GET /r4/Patient/slow HTTP/1.1\r\nhost: gateway.test\r\n")
         .await
         .unwrap();
+    // Connected, and not a byte sent.
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // HTTP/2 set up (preface and settings), no request.
+    let h2 = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (h2_sender, h2_conn) = hyper::client::conn::http2::handshake::<
+        _,
+        _,
+        smartgate::body::BoxBody,
+    >(TokioExecutor::new(), TokioIo::new(h2))
+    .await
+    .unwrap();
+    let h2_conn = tokio::spawn(h2_conn);
     // Idle after one answer.
     let mut idle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     idle.write_all(b"GET /r4/Patient/idle HTTP/1.1\r\nhost: gateway.test\r\n\r\n")
@@ -457,6 +470,12 @@ async fn header_read_timeout_closes_slow_and_idle_connections() {
         String::from_utf8_lossy(&read_until_closed(&mut idle, generous).await).into_owned();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+    assert!(read_until_closed(&mut silent, generous).await.is_empty());
+    assert!(
+        tokio::time::timeout(generous, h2_conn).await.is_ok(),
+        "an HTTP/2 connection with no request still open after {generous:?}"
+    );
+    drop(h2_sender);
     let answer = read_until_closed(&mut slow, generous).await;
     assert!(
         !String::from_utf8_lossy(&answer).contains(" 200 "),
