@@ -436,38 +436,64 @@ async fn serve_io<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let asked = Arc::new(AtomicBool::new(false));
+    let first = Arc::new(FirstRequest::default());
     let service = {
-        let asked = asked.clone();
+        let first = first.clone();
         service_fn(move |req| -> pipeline::ResponseFuture {
-            asked.store(true, Ordering::Relaxed);
+            first.seen();
             Box::pin(pipeline::handle(shared.clone(), conn.clone(), req))
         })
     };
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let first_deadline = tokio::time::sleep_until(first_by);
-    tokio::pin!(first_deadline);
-    let mut awaiting_first = true;
-    let result = loop {
-        tokio::select! {
-            r = connection.as_mut() => break r,
-            () = first_deadline.as_mut(), if awaiting_first => {
-                if !asked.load(Ordering::Relaxed) {
-                    tracing::debug!("no request within server.header_read_timeout; closing");
-                    return;
-                }
-                awaiting_first = false;
+    // Until the first request: the deadline applies. After it, only the connection and
+    // the drain, as cheaply as they can be polled.
+    let done = tokio::select! {
+        biased;
+        r = connection.as_mut() => Some(r),
+        () = first.notify.notified() => None,
+        () = tokio::time::sleep_until(first_by) => {
+            if !first.seen.load(Ordering::Relaxed) {
+                tracing::debug!("no request within server.header_read_timeout; closing");
+                return;
             }
+            None
+        }
+        () = stopped(&mut stop) => {
+            auto::Connection::graceful_shutdown(connection.as_mut());
+            Some(connection.as_mut().await)
+        }
+    };
+    let result = match done {
+        Some(r) => r,
+        None => tokio::select! {
+            biased;
+            r = connection.as_mut() => r,
             () = stopped(&mut stop) => {
                 // Finish the request in flight, refuse new ones on this connection.
                 auto::Connection::graceful_shutdown(connection.as_mut());
-                break connection.await;
+                connection.await
             }
-        }
+        },
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Whether a connection has brought a request yet, and the wake-up when it first does.
+#[derive(Default)]
+struct FirstRequest {
+    seen: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl FirstRequest {
+    fn seen(&self) {
+        if !self.seen.load(Ordering::Relaxed) {
+            self.seen.store(true, Ordering::Relaxed);
+            self.notify.notify_one();
+        }
     }
 }
 
