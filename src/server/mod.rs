@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use hyper::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -408,11 +410,33 @@ async fn connection(
     // start, TLS handshake included.
     let first_by = tokio::time::Instant::now() + header_timeout;
     match tls {
-        None => serve_io(shared, &builder, stream, conn, first_by, stop).await,
+        None => {
+            serve_io(
+                shared,
+                &builder,
+                stream,
+                conn,
+                first_by,
+                header_timeout,
+                stop,
+            )
+            .await
+        }
         Some(tls) => {
             let accept = tls.acceptor().accept(stream);
             match tokio::time::timeout_at(first_by, accept).await {
-                Ok(Ok(stream)) => serve_io(shared, &builder, stream, conn, first_by, stop).await,
+                Ok(Ok(stream)) => {
+                    serve_io(
+                        shared,
+                        &builder,
+                        stream,
+                        conn,
+                        first_by,
+                        header_timeout,
+                        stop,
+                    )
+                    .await
+                }
                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!("TLS handshake timed out"),
             }
@@ -432,6 +456,7 @@ async fn serve_io<I>(
     io: I,
     conn: Arc<ConnInfo>,
     first_by: tokio::time::Instant,
+    idle: Duration,
     mut stop: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -439,8 +464,8 @@ async fn serve_io<I>(
     let first = Arc::new(FirstRequest::default());
     let service = {
         let first = first.clone();
-        service_fn(move |req| -> pipeline::ResponseFuture {
-            first.seen();
+        service_fn(move |req: Request<Incoming>| -> pipeline::ResponseFuture {
+            first.seen(req.version() == http::Version::HTTP_2);
             Box::pin(pipeline::handle(shared.clone(), conn.clone(), req))
         })
     };
@@ -466,6 +491,27 @@ async fn serve_io<I>(
     };
     let result = match done {
         Some(r) => r,
+        // hyper closes an idle HTTP/1 connection itself (the header read timeout); an
+        // HTTP/2 one, whose pings keep it alive, is closed here once a whole timeout has
+        // passed without a new stream.
+        None if first.h2.load(Ordering::Relaxed) => loop {
+            let before = first.streams.load(Ordering::Relaxed);
+            tokio::select! {
+                biased;
+                r = connection.as_mut() => break r,
+                () = stopped(&mut stop) => {
+                    auto::Connection::graceful_shutdown(connection.as_mut());
+                    break connection.as_mut().await;
+                }
+                () = tokio::time::sleep(idle) => {
+                    if first.streams.load(Ordering::Relaxed) == before {
+                        // Streams still open finish; no new ones are taken.
+                        auto::Connection::graceful_shutdown(connection.as_mut());
+                        break connection.as_mut().await;
+                    }
+                }
+            }
+        },
         None => tokio::select! {
             biased;
             r = connection.as_mut() => r,
@@ -481,16 +527,23 @@ async fn serve_io<I>(
     }
 }
 
-/// Whether a connection has brought a request yet, and the wake-up when it first does.
+/// What a connection's requests tell its task: whether one has come yet (and the wake-up
+/// when the first does), whether it speaks HTTP/2, and how many streams it has opened.
 #[derive(Default)]
 struct FirstRequest {
     seen: AtomicBool,
     notify: tokio::sync::Notify,
+    h2: AtomicBool,
+    streams: std::sync::atomic::AtomicU64,
 }
 
 impl FirstRequest {
-    fn seen(&self) {
+    fn seen(&self, h2: bool) {
+        if h2 {
+            self.streams.fetch_add(1, Ordering::Relaxed);
+        }
         if !self.seen.load(Ordering::Relaxed) {
+            self.h2.store(h2, Ordering::Relaxed);
             self.seen.store(true, Ordering::Relaxed);
             self.notify.notify_one();
         }

@@ -416,8 +416,8 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) 
 
 /// server.header_read_timeout: a client that connects and sends nothing, one that starts
 /// a request head and never ends it (slowloris), an HTTP/2 connection that never asks
-/// anything, and a keep-alive connection left idle, are all closed; a head that arrives
-/// in pieces within the limit is served.
+/// anything, and keep-alive connections left idle (HTTP/1 and HTTP/2, whose pings would
+/// keep it open) are all closed; a head that arrives in pieces within the limit is served.
 #[tokio::test]
 async fn header_read_timeout_closes_slow_and_idle_connections() {
     use tokio::io::AsyncWriteExt;
@@ -446,6 +446,26 @@ async fn header_read_timeout_closes_slow_and_idle_connections() {
     .await
     .unwrap();
     let h2_conn = tokio::spawn(h2_conn);
+    // HTTP/2, one request, then idle.
+    let h2_used = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut h2_used_sender, h2_used_conn) = hyper::client::conn::http2::handshake::<
+        _,
+        _,
+        smartgate::body::BoxBody,
+    >(TokioExecutor::new(), TokioIo::new(h2_used))
+    .await
+    .unwrap();
+    let h2_used_conn = tokio::spawn(h2_used_conn);
+    let resp = h2_used_sender
+        .send_request(
+            Request::get(gw.url("/r4/Patient/h2"))
+                .body(smartgate::body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
     // Idle after one answer.
     let mut idle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     idle.write_all(b"GET /r4/Patient/idle HTTP/1.1\r\nhost: gateway.test\r\n\r\n")
@@ -476,6 +496,11 @@ async fn header_read_timeout_closes_slow_and_idle_connections() {
         "an HTTP/2 connection with no request still open after {generous:?}"
     );
     drop(h2_sender);
+    assert!(
+        tokio::time::timeout(generous, h2_used_conn).await.is_ok(),
+        "an idle HTTP/2 connection still open after {generous:?}"
+    );
+    drop(h2_used_sender);
     let answer = read_until_closed(&mut slow, generous).await;
     assert!(
         !String::from_utf8_lossy(&answer).contains(" 200 "),
