@@ -408,35 +408,16 @@ async fn connection(
 ) {
     // The first request must come within the header read timeout of the connection's
     // start, TLS handshake included.
-    let first_by = tokio::time::Instant::now() + header_timeout;
+    let limits = Limits {
+        first_by: tokio::time::Instant::now() + header_timeout,
+        idle: header_timeout,
+    };
     match tls {
-        None => {
-            serve_io(
-                shared,
-                &builder,
-                stream,
-                conn,
-                first_by,
-                header_timeout,
-                stop,
-            )
-            .await
-        }
+        None => serve_io(shared, &builder, stream, conn, limits, stop).await,
         Some(tls) => {
             let accept = tls.acceptor().accept(stream);
-            match tokio::time::timeout_at(first_by, accept).await {
-                Ok(Ok(stream)) => {
-                    serve_io(
-                        shared,
-                        &builder,
-                        stream,
-                        conn,
-                        first_by,
-                        header_timeout,
-                        stop,
-                    )
-                    .await
-                }
+            match tokio::time::timeout_at(limits.first_by, accept).await {
+                Ok(Ok(stream)) => serve_io(shared, &builder, stream, conn, limits, stop).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!("TLS handshake timed out"),
             }
@@ -444,7 +425,16 @@ async fn connection(
     }
 }
 
-/// Serves one connection: closed if no request has come by `first_by`.
+/// How long a connection may go without a request.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// When the first request must have come by.
+    first_by: tokio::time::Instant,
+    /// How long an HTTP/2 connection may go without a new stream.
+    idle: Duration,
+}
+
+/// Serves one connection: closed if no request has come by `limits.first_by`.
 ///
 /// hyper's header read timeout starts with HTTP/1's first request head. Before it,
 /// hyper-util waits for the bytes that tell HTTP/1 from HTTP/2 without a limit, and an
@@ -455,8 +445,7 @@ async fn serve_io<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     conn: Arc<ConnInfo>,
-    first_by: tokio::time::Instant,
-    idle: Duration,
+    limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -477,7 +466,7 @@ async fn serve_io<I>(
         biased;
         r = connection.as_mut() => Some(r),
         () = first.notify.notified() => None,
-        () = tokio::time::sleep_until(first_by) => {
+        () = tokio::time::sleep_until(limits.first_by) => {
             if !first.seen.load(Ordering::Relaxed) {
                 tracing::debug!("no request within server.header_read_timeout; closing");
                 return;
@@ -503,7 +492,7 @@ async fn serve_io<I>(
                     auto::Connection::graceful_shutdown(connection.as_mut());
                     break connection.as_mut().await;
                 }
-                () = tokio::time::sleep(idle) => {
+                () = tokio::time::sleep(limits.idle) => {
                     if first.streams.load(Ordering::Relaxed) == before {
                         // Streams still open finish; no new ones are taken.
                         auto::Connection::graceful_shutdown(connection.as_mut());
