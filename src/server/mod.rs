@@ -450,91 +450,73 @@ async fn serve_io<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let first = Arc::new(FirstRequest::default());
+    let requests = Arc::new(Requests::default());
     let service = {
-        let first = first.clone();
+        let requests = requests.clone();
         service_fn(move |req: Request<Incoming>| -> pipeline::ResponseFuture {
-            first.seen(req.version() == http::Version::HTTP_2);
+            requests.count(req.version() == http::Version::HTTP_2);
             Box::pin(pipeline::handle(shared.clone(), conn.clone(), req))
         })
     };
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    // Until the first request: the deadline applies. After it, only the connection and
-    // the drain, as cheaply as they can be polled.
-    let done = tokio::select! {
-        biased;
-        r = connection.as_mut() => Some(r),
-        () = first.notify.notified() => None,
-        () = tokio::time::sleep_until(limits.first_by) => {
-            if !first.seen.load(Ordering::Relaxed) {
-                tracing::debug!("no request within server.header_read_timeout; closing");
-                return;
-            }
-            None
-        }
-        () = stopped(&mut stop) => {
-            auto::Connection::graceful_shutdown(connection.as_mut());
-            Some(connection.as_mut().await)
-        }
-    };
-    let result = match done {
-        Some(r) => r,
-        // hyper closes an idle HTTP/1 connection itself (the header read timeout); an
-        // HTTP/2 one, whose pings keep it alive, is closed here once a whole timeout has
-        // passed without a new stream.
-        None if first.h2.load(Ordering::Relaxed) => loop {
-            let before = first.streams.load(Ordering::Relaxed);
-            tokio::select! {
-                biased;
-                r = connection.as_mut() => break r,
-                () = stopped(&mut stop) => {
-                    auto::Connection::graceful_shutdown(connection.as_mut());
-                    break connection.as_mut().await;
-                }
-                () = tokio::time::sleep(limits.idle) => {
-                    if first.streams.load(Ordering::Relaxed) == before {
-                        // Streams still open finish; no new ones are taken.
-                        auto::Connection::graceful_shutdown(connection.as_mut());
-                        break connection.as_mut().await;
-                    }
-                }
-            }
-        },
-        None => tokio::select! {
+    // Only the connection and the drain are polled on every wake once the first request
+    // has come; the other branches are disabled then, or wait on a rare timer.
+    let mut awaiting_first = true;
+    let result = loop {
+        let before = requests.seen.load(Ordering::Relaxed);
+        let h2 = requests.h2.load(Ordering::Relaxed);
+        let drain = tokio::select! {
             biased;
-            r = connection.as_mut() => r,
-            () = stopped(&mut stop) => {
-                // Finish the request in flight, refuse new ones on this connection.
-                auto::Connection::graceful_shutdown(connection.as_mut());
-                connection.await
+            r = connection.as_mut() => break r,
+            () = requests.first.notified(), if awaiting_first => {
+                awaiting_first = false;
+                false
             }
-        },
+            () = tokio::time::sleep_until(limits.first_by), if awaiting_first => {
+                if requests.seen.load(Ordering::Relaxed) == 0 {
+                    tracing::debug!("no request within server.header_read_timeout; closing");
+                    return;
+                }
+                awaiting_first = false;
+                false
+            }
+            // hyper closes an idle HTTP/1 connection itself (the header read timeout); an
+            // HTTP/2 one, whose pings keep it alive, is closed here once a whole timeout
+            // has passed without a new stream.
+            () = tokio::time::sleep(limits.idle), if !awaiting_first && h2 => {
+                requests.seen.load(Ordering::Relaxed) == before
+            }
+            () = stopped(&mut stop) => true,
+        };
+        if drain {
+            // Finish the requests in flight, take no new ones on this connection.
+            auto::Connection::graceful_shutdown(connection.as_mut());
+            break connection.as_mut().await;
+        }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }
 
-/// What a connection's requests tell its task: whether one has come yet (and the wake-up
-/// when the first does), whether it speaks HTTP/2, and how many streams it has opened.
+/// What a connection's requests tell its task: how many have come (and a wake-up when
+/// the first does), and whether they came over HTTP/2.
 #[derive(Default)]
-struct FirstRequest {
-    seen: AtomicBool,
-    notify: tokio::sync::Notify,
+struct Requests {
+    seen: std::sync::atomic::AtomicU64,
+    first: tokio::sync::Notify,
     h2: AtomicBool,
-    streams: std::sync::atomic::AtomicU64,
 }
 
-impl FirstRequest {
-    fn seen(&self, h2: bool) {
-        if h2 {
-            self.streams.fetch_add(1, Ordering::Relaxed);
-        }
-        if !self.seen.load(Ordering::Relaxed) {
+impl Requests {
+    fn count(&self, h2: bool) {
+        // One writer, the connection's own task: a load and a store, no locked add.
+        let n = self.seen.load(Ordering::Relaxed);
+        self.seen.store(n + 1, Ordering::Relaxed);
+        if n == 0 {
             self.h2.store(h2, Ordering::Relaxed);
-            self.seen.store(true, Ordering::Relaxed);
-            self.notify.notify_one();
+            self.first.notify_one();
         }
     }
 }
