@@ -24,7 +24,7 @@ use crate::state::{Shared, Snapshot};
 pub(super) struct Fetcher<'a> {
     pub shared: &'a Shared,
     pub snap: &'a Snapshot,
-    pub worker: usize,
+    pub worker: &'a crate::proxy::WorkerSide,
     pub client: &'a ClientSide,
     pub request_id: &'a HeaderValue,
     pub principal: &'a Principal,

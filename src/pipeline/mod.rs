@@ -44,8 +44,8 @@ pub struct ConnInfo {
     pub peer: std::net::SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
-    /// Index of the worker thread serving the connection.
-    pub worker: usize,
+    /// The worker thread serving the connection.
+    pub worker: crate::proxy::WorkerSide,
     /// The peer address as the forwarding headers write it (formatted once).
     pub peer_text: Arc<crate::proxy::headers::PeerText>,
 }
@@ -223,7 +223,7 @@ async fn serve(
         .map(|(principal, viewer)| checks::Fetcher {
             shared,
             snap,
-            worker: conn.worker,
+            worker: &conn.worker,
             client: &client,
             request_id,
             principal,
@@ -324,7 +324,7 @@ async fn serve(
     let (resp, upstream_time) = snap
         .upstream
         .send(
-            conn.worker,
+            &conn.worker,
             Request::from_parts(parts, body),
             &client,
             request_id,

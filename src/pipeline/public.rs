@@ -90,7 +90,7 @@ async fn fetch_metadata(
     };
     let (resp, took) = snap
         .upstream
-        .send(conn.worker, upstream, &client, request_id, &identity)
+        .send(&conn.worker, upstream, &client, request_id, &identity)
         .await
         .map_err(|failure| {
             super::upstream_failed(shared, failure);

@@ -222,10 +222,11 @@ impl Upstream {
 
     /// Sends `req` (whose URI is already the upstream URI) with cleaned headers, and
     /// returns the response with hop-by-hop headers removed and an idle-guarded body, plus
-    /// the time to response headers. `worker` picks the calling worker's own pool.
+    /// the time to response headers. `worker` is the calling worker: its own pool, its
+    /// timer.
     pub async fn send(
         &self,
-        worker: usize,
+        worker: &WorkerSide,
         mut req: Request<BoxBody>,
         client: &ClientSide,
         request_id: &HeaderValue,
@@ -251,13 +252,17 @@ impl Upstream {
         }
 
         let started = Instant::now();
+        // From the instant already read: one clock read fewer per request.
+        let deadline = tokio::time::Instant::from_std(started) + self.timeout;
         let idle = self.idle_timeout;
         let result = match &self.transport {
             Transport::Plain(pools) => {
-                let pool = &pools[worker % pools.len()];
-                // From the instant already read: one clock read fewer per request.
-                let deadline = tokio::time::Instant::from_std(started) + self.timeout;
-                match tokio::time::timeout_at(deadline, pool.send(req, edits, started)).await {
+                let pool = &pools[worker.index % pools.len()];
+                match worker
+                    .deadlines
+                    .timeout_at(deadline, pool.send(req, edits, started))
+                    .await
+                {
                     Err(_) => Err(UpstreamFailure::Timeout),
                     Ok(r) => r.map(|resp| resp.map(|b| IdleTimeoutBody::new(b, idle).boxed())),
                 }
@@ -267,8 +272,12 @@ impl Upstream {
                 // hyper-util's client sets Host from the URI when there is none. (The
                 // plain pool replaces it, which costs less than a removal.)
                 req.headers_mut().remove(header::HOST);
-                let client = &clients[worker % clients.len()];
-                match tokio::time::timeout(self.timeout, client.request(req)).await {
+                let client = &clients[worker.index % clients.len()];
+                match worker
+                    .deadlines
+                    .timeout_at(deadline, client.request(req))
+                    .await
+                {
                     Err(_) => Err(UpstreamFailure::Timeout),
                     Ok(Err(e)) => Err(classify(&e)),
                     Ok(Ok(resp)) => Ok(resp.map(|b| IdleTimeoutBody::new(b, idle).boxed())),
@@ -279,6 +288,25 @@ impl Upstream {
         let mut resp = result?;
         headers::remove_hop_by_hop(resp.headers_mut());
         Ok((resp, elapsed))
+    }
+}
+
+/// The worker thread a request is served on: which of the upstream pools it uses, and
+/// the worker's coarse timer, which limits the wait for the upstream's answer
+/// (`upstream.timeout`).
+#[derive(Clone)]
+pub struct WorkerSide {
+    /// The worker's index.
+    pub index: usize,
+    /// Deadlines kept at the first tick after them; the tick follows `upstream.timeout`.
+    pub deadlines: crate::server::timer::CoarseTimer,
+}
+
+impl std::fmt::Debug for WorkerSide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerSide")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
     }
 }
 

@@ -1,6 +1,6 @@
 //! Listeners, connections, TLS, the file watch, and graceful drain.
 
-mod timer;
+pub mod timer;
 pub mod tls;
 
 use std::future::Future;
@@ -24,7 +24,9 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, ConnInfo};
+use crate::proxy::WorkerSide;
 use crate::state::{ReloadError, Shared, Snapshot};
+use timer::CoarseTimer;
 use tls::TlsState;
 
 /// A failure to start, naming what is wrong.
@@ -330,14 +332,17 @@ impl Worker {
             .server
             .header_read_timeout
             .0;
-        // The header read timeout, armed for every request head, runs on this worker's
-        // coarse timer (see timer.rs); HTTP/2's keep-alive pings stay on tokio's.
-        let timer = timer::CoarseTimer::default();
-        tokio::spawn(
-            timer
-                .clone()
-                .run(timer::CoarseTimer::tick_for(header_timeout)),
-        );
+        // The header read timeout, armed for every request head, and the wait for the
+        // upstream's answer run on this worker's coarse timers (see timer.rs); HTTP/2's
+        // keep-alive pings stay on tokio's.
+        let timer = CoarseTimer::spawn(move || CoarseTimer::tick_for(header_timeout));
+        let worker = WorkerSide {
+            index: self.index,
+            deadlines: CoarseTimer::spawn({
+                let shared = self.shared.clone();
+                move || CoarseTimer::tick_for(shared.snapshot.load().config.upstream.timeout.0)
+            }),
+        };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -369,7 +374,7 @@ impl Worker {
             let conn = Arc::new(ConnInfo {
                 peer,
                 tls: self.tls.is_some(),
-                worker: self.index,
+                worker: worker.clone(),
                 peer_text: Arc::new(crate::proxy::headers::PeerText::new(peer.ip())),
             });
             tokio::spawn(connection(

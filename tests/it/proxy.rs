@@ -573,9 +573,17 @@ async fn slow_upstream_is_504() {
     .await;
     let text = config(&up.base(), "").replace("timeout = \"5s\"", "timeout = \"300ms\"");
     let gw = TestGateway::boot(&text).await;
+    let started = std::time::Instant::now();
     let (status, _, b) = get(&gw.url("/r4/Patient")).await;
+    let waited = started.elapsed();
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(json(&b)["issue"][0]["code"], "timeout");
+    // Never before the limit (it is kept at the worker timer's first tick after it); well
+    // before the upstream would have answered.
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "504 after {waited:?}"
+    );
     assert!(
         metrics(&gw)
             .await
