@@ -14,6 +14,15 @@
 #   TARGETS="nginx floor floor_slow smartgate" ROUNDS=7 TOKEN_RUN=0 benches/load.sh
 # Prints requests/s and p99 latency for each, and ratios to nginx and to direct.
 #
+# LAYOUT=shared (the default): every process may run on every CPU, the proxies with one
+# worker per CPU, as a small machine running everything would. The load generator and
+# the upstream then compete with the proxy for the same cores, and p99 at saturation
+# follows the scheduler more than the proxy (see floor_slow).
+# LAYOUT=pinned: each proxy has CPU 0 to itself with one worker; the upstream and wrk
+# (one thread) share CPU 1. The proxy is then the bottleneck, so throughput measures its
+# cost per request and p99 its fairness, without the load generator in between.
+#   LAYOUT=pinned TARGETS="nginx smartgate" TOKEN_RUN=0 benches/load.sh
+#
 #   benches/load.sh                 # 3 rounds x 5 s per target, 64 connections
 #   ROUNDS=5 DURATION=5 CONNECTIONS=32 benches/load.sh
 #   TARGETS="nginx smartgate" TOKEN_RUN=0 benches/load.sh   # a subset, no token endpoint run
@@ -31,7 +40,16 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
-THREADS=${THREADS:-2}
+LAYOUT=${LAYOUT:-shared}
+case $LAYOUT in
+  shared) ON_PROXY=(); ON_LOAD=(); PROXY_WORKERS=auto; THREADS=${THREADS:-2} ;;
+  pinned)
+    [ "$(nproc)" -ge 2 ] || { echo "LAYOUT=pinned needs two CPUs" >&2; exit 2; }
+    command -v taskset >/dev/null || { echo "LAYOUT=pinned needs taskset (util-linux)" >&2; exit 2; }
+    # smartgate and the floor start one worker per CPU they may use: one.
+    ON_PROXY=(taskset -c 0); ON_LOAD=(taskset -c 1); PROXY_WORKERS=1; THREADS=${THREADS:-1} ;;
+  *) echo "LAYOUT is shared or pinned, not $LAYOUT" >&2; exit 2 ;;
+esac
 UPSTREAM_TYPE=${UPSTREAM_TYPE:-application/fhir+json}
 PATH_UNDER_BASE=${PATH_UNDER_BASE:-/Patient/example}
 
@@ -46,16 +64,18 @@ FLR=$(free_port); FLS=$(free_port)
 
 VERIFIED_PATH=/Observation/obs-1
 
-# nginx instance $1 (upstream | proxy), with worker count $2 and server blocks on stdin.
+# nginx instance $1 (upstream | proxy), with worker count $2 and server blocks on stdin,
+# run by the command prefix in the array named $3 (the layout's CPUs).
 start_nginx() {
+  local -n on=$3
   nginx_conf "$1" "worker_processes $2;"
-  nginx -c "$WORK/$1/nginx.conf" -p "$WORK/$1" -g 'daemon off;' &
+  "${on[@]}" nginx -c "$WORK/$1/nginx.conf" -p "$WORK/$1" -g 'daemon off;' &
   PIDS+=($!)
   eval "NGINX_${1^^}=$!"
 }
 
 # The tiny static upstream: its own nginx process, the same for every target.
-start_nginx upstream 1 <<NGINX
+start_nginx upstream 1 ON_LOAD <<NGINX
   server {
     listen 127.0.0.1:$UP;
     location /fhir/ {
@@ -69,8 +89,8 @@ start_nginx upstream 1 <<NGINX
   }
 NGINX
 
-# The baseline proxy: as many workers as smartgate has (one per CPU).
-start_nginx proxy auto < <(proxy_server "$UP" "$NGX")
+# The baseline proxy: as many workers as smartgate has (one per CPU it may use).
+start_nginx proxy "$PROXY_WORKERS" ON_PROXY < <(proxy_server "$UP" "$NGX")
 
 cat >"$WORK/smartgate.toml" <<TOML
 [server]
@@ -88,13 +108,13 @@ level = "warn"
 [reload]
 watch = false
 TOML
-"$BIN" serve --config "$WORK/smartgate.toml" 2>"$WORK/smartgate.log" &
+"${ON_PROXY[@]}" "$BIN" serve --config "$WORK/smartgate.toml" 2>"$WORK/smartgate.log" &
 PIDS+=($!)
 SMARTGATE_PID=$!
-FLOOR_CLIENT=conn "$FLOOR_BIN" "127.0.0.1:$FLR" "http://127.0.0.1:$UP/fhir" /r4 2>"$WORK/floor.log" &
+FLOOR_CLIENT=conn "${ON_PROXY[@]}" "$FLOOR_BIN" "127.0.0.1:$FLR" "http://127.0.0.1:$UP/fhir" /r4 2>"$WORK/floor.log" &
 PIDS+=($!)
 FLOOR_PID=$!
-FLOOR_SPIN=${FLOOR_SPIN:-1500} FLOOR_CLIENT=conn "$FLOOR_BIN" "127.0.0.1:$FLS" "http://127.0.0.1:$UP/fhir" /r4 2>"$WORK/floor-slow.log" &
+FLOOR_SPIN=${FLOOR_SPIN:-1500} FLOOR_CLIENT=conn "${ON_PROXY[@]}" "$FLOOR_BIN" "127.0.0.1:$FLS" "http://127.0.0.1:$UP/fhir" /r4 2>"$WORK/floor-slow.log" &
 PIDS+=($!)
 FLOOR_SLOW_PID=$!
 
@@ -124,7 +144,7 @@ level = "warn"
 [reload]
 watch = false
 TOML
-"$BIN" serve --config "$WORK/smartgate-jwt.toml" 2>"$WORK/smartgate-jwt.log" &
+"${ON_PROXY[@]}" "$BIN" serve --config "$WORK/smartgate-jwt.toml" 2>"$WORK/smartgate-jwt.log" &
 PIDS+=($!)
 SMARTGATE_JWT_PID=$!
 
@@ -214,7 +234,7 @@ measure() {
   local out rps p99 url=$1 c0 c1 cpu_per_req
   shift
   c0=$(cpu_seconds "$@")
-  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency ${WRK_HEADER:+-H "$WRK_HEADER"} "$url")
+  out=$("${ON_LOAD[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency ${WRK_HEADER:+-H "$WRK_HEADER"} "$url")
   c1=$(cpu_seconds "$@")
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")
@@ -227,8 +247,8 @@ print(f'{(u1 - u0 + s1 - s0) * 1e6 / n:.1f} {(u1 - u0) * 1e6 / n:.2f} {(s1 - s0)
 }
 
 # Warm-up, then the measured runs, back to back.
-wrk -t1 -c8 -d2s "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE" >/dev/null
-wrk -t1 -c8 -d2s "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE" >/dev/null
+"${ON_LOAD[@]}" wrk -t1 -c8 -d2s "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE" >/dev/null
+"${ON_LOAD[@]}" wrk -t1 -c8 -d2s "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE" >/dev/null
 
 # nginx's master process does no request work; its workers are its children.
 nginx_pids() { echo "$1" $(pgrep -P "$1"); }
@@ -259,7 +279,7 @@ done
 declare -A TOKEN_RPS
 for alg in $([ "${TOKEN_RUN:-1}" = 1 ] && echo ES384 ES256); do
   token_config "$alg" >"$WORK/smartgate-token.toml"
-  "$BIN" serve --config "$WORK/smartgate-token.toml" 2>"$WORK/smartgate-token.log" &
+  "${ON_PROXY[@]}" "$BIN" serve --config "$WORK/smartgate-token.toml" 2>"$WORK/smartgate-token.log" &
   TOKEN_PID=$!
   for _ in $(seq 100); do
     curl -fsS -o /dev/null "http://127.0.0.1:$SGTA/readyz" 2>/dev/null && break
@@ -267,7 +287,7 @@ for alg in $([ "${TOKEN_RUN:-1}" = 1 ] && echo ES384 ES256); do
   done
   code=$(curl -s -o /dev/null -w '%{http_code}' -u bench:bench-secret -d grant_type=client_credentials -d scope=system/Patient.rs "http://127.0.0.1:$SGT/r4/auth/token")
   [ "$code" = 200 ] || { echo "token endpoint answers $code" >&2; tail -5 "$WORK/smartgate-token.log" >&2; exit 1; }
-  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -s "$WORK/token.lua" "http://127.0.0.1:$SGT/r4/auth/token")
+  out=$("${ON_LOAD[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -s "$WORK/token.lua" "http://127.0.0.1:$SGT/r4/auth/token")
   if grep -q "Non-2xx" <<<"$out"; then echo "non-2xx answers from the token endpoint" >&2; echo "$out" >&2; exit 1; fi
   TOKEN_RPS[$alg]=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   kill "$TOKEN_PID"; wait "$TOKEN_PID" 2>/dev/null || true
@@ -332,4 +352,4 @@ echo
 for target in ${TARGETS:-direct nginx nginx_same floor smartgate jwt nginx_obs verified}; do
   printf '%-16s p99 ms by round: %s\n' "$target" "${P99[$target]:-}"
 done
-echo "(medians of $ROUNDS interleaved rounds, ${DURATION}s per target each, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores)"
+echo "(medians of $ROUNDS interleaved rounds, ${DURATION}s per target each, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores, layout $LAYOUT)"
