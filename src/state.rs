@@ -208,8 +208,19 @@ impl Shared {
     }
 }
 
-/// Listener settings cannot change on a running process; say so instead of ignoring it.
+/// Listener settings, worker threads and logging cannot change on a running process;
+/// say so instead of ignoring it.
 fn warn_restart_only(old: &Config, new: &Config) {
+    for key in restart_only_changes(old, new) {
+        tracing::warn!(
+            key,
+            "changed in the configuration file; takes effect after a restart"
+        );
+    }
+}
+
+/// The keys changed from `old` to `new` that only a restart applies.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let changes = [
         ("server.listen", old.server.listen != new.server.listen),
         ("admin.listen", old.admin.listen != new.admin.listen),
@@ -217,13 +228,58 @@ fn warn_restart_only(old: &Config, new: &Config) {
             "server.tls",
             old.server.tls.is_some() != new.server.tls.is_some(),
         ),
+        (
+            "server.workers",
+            old.server.worker_threads() != new.server.worker_threads(),
+        ),
         ("log", old.log != new.log),
     ];
-    for (key, changed) in changes {
-        if changed {
-            tracing::warn!(
-                key,
-                "changed in the configuration file; takes effect after a restart"
+    changes
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration with `workers = 2`; `server_extra` adds or overrides [server] keys.
+    fn config(server_extra: &str) -> Config {
+        let text = "[server]\nlisten = \"127.0.0.1:8080\"\n\
+                    public_base_url = \"https://fhir.example.org/r4\"\nworkers = 2\n\
+                    [upstream]\nurl = \"http://127.0.0.1:8081/fhir\"\n[auth]\nmode = \"none\"\n";
+        let env = server_extra.split_whitespace().map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (
+                format!("SMARTGATE__SERVER__{}", k.to_uppercase()),
+                v.to_owned(),
+            )
+        });
+        Config::parse(text, "test.toml", env).unwrap()
+    }
+
+    #[test]
+    fn changes_only_a_restart_applies_are_named() {
+        let base = config("");
+        assert!(restart_only_changes(&base, &config("")).is_empty());
+        assert_eq!(
+            restart_only_changes(&base, &config("workers=3")),
+            ["server.workers"]
+        );
+        assert_eq!(
+            restart_only_changes(&base, &config("listen=127.0.0.1:9999")),
+            ["server.listen"]
+        );
+        // Applied by a reload: not named.
+        for reloaded in [
+            "header_read_timeout=5s",
+            "max_request_body=1MiB",
+            "shutdown_grace=3s",
+        ] {
+            assert!(
+                restart_only_changes(&base, &config(reloaded)).is_empty(),
+                "{reloaded}"
             );
         }
     }

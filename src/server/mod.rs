@@ -324,18 +324,13 @@ impl Worker {
     }
 
     async fn serve(mut self, mut handoffs: mpsc::UnboundedReceiver<(Handoff, Load)>) {
-        let header_timeout = self
-            .shared
-            .snapshot
-            .load()
-            .config
-            .server
-            .header_read_timeout
-            .0;
         // The header read timeout, armed for every request head, and the wait for the
-        // upstream's answer run on this worker's coarse timers (see timer.rs); HTTP/2's
-        // keep-alive pings stay on tokio's.
-        let timer = CoarseTimer::spawn(move || CoarseTimer::tick_for(header_timeout));
+        // upstream's answer run on this worker's coarse timers (see timer.rs), whose
+        // ticks follow the configured limits; HTTP/2's keep-alive pings stay on tokio's.
+        let header_timer = CoarseTimer::spawn({
+            let shared = self.shared.clone();
+            move || CoarseTimer::tick_for(header_read_timeout(&shared))
+        });
         let worker = WorkerSide {
             index: self.index,
             deadlines: CoarseTimer::spawn({
@@ -343,16 +338,10 @@ impl Worker {
                 move || CoarseTimer::tick_for(shared.snapshot.load().config.upstream.timeout.0)
             }),
         };
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(timer)
-            .header_read_timeout(header_timeout);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(30)));
-        let builder = Arc::new(builder);
+        // Rebuilt when a reload changes the header read timeout: new connections get the
+        // new limit, open ones keep theirs.
+        let mut header_timeout = header_read_timeout(&self.shared);
+        let mut builder = Arc::new(connection_builder(header_timer.clone(), header_timeout));
 
         loop {
             let (Handoff { stream, peer }, load) = tokio::select! {
@@ -371,6 +360,11 @@ impl Worker {
                 }
             };
             let _ = stream.set_nodelay(true);
+            let configured = header_read_timeout(&self.shared);
+            if configured != header_timeout {
+                header_timeout = configured;
+                builder = Arc::new(connection_builder(header_timer.clone(), header_timeout));
+            }
             let conn = Arc::new(ConnInfo {
                 peer,
                 tls: self.tls.is_some(),
@@ -392,6 +386,29 @@ impl Worker {
         drop(self.conn_tx);
         stopped(&mut self.kill).await;
     }
+}
+
+/// `server.header_read_timeout` as last loaded.
+fn header_read_timeout(shared: &Shared) -> Duration {
+    shared.snapshot.load().config.server.header_read_timeout.0
+}
+
+/// How a worker serves its connections: HTTP/1's header read timeout on the worker's
+/// coarse timer, HTTP/2 with keep-alive pings.
+fn connection_builder(
+    timer: CoarseTimer,
+    header_timeout: Duration,
+) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(timer)
+        .header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {

@@ -512,3 +512,48 @@ async fn header_read_timeout_closes_slow_and_idle_connections() {
         "the unfinished request reached the upstream"
     );
 }
+
+/// A reload that shortens server.header_read_timeout applies it to the connections that
+/// come after it: both the wait for a first request and hyper's limit on a request head.
+#[tokio::test]
+async fn reloaded_header_read_timeout_applies_to_new_connections() {
+    use tokio::io::AsyncWriteExt;
+    let up = FakeUpstream::echo().await;
+    // The default limit, 30 s.
+    let text = config(&up.base(), "");
+    let gw = TestGateway::boot(&text).await;
+    // Served: the workers are running with the first limit.
+    let (status, _, _) = get(&gw.url("/r4/Patient/1")).await;
+    assert_eq!(status, StatusCode::OK);
+    gw.rewrite_config(&text.replace(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"5s\"\nheader_read_timeout = \"1s\"",
+    ));
+    gw.handle.reload().unwrap();
+
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    slow.write_all(b"GET /r4/Patient/slow HTTP/1.1\r\nhost: gateway.test\r\n")
+        .await
+        .unwrap();
+    // Kept alive after an answer: hyper's limit on the next head.
+    let mut idle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(b"GET /r4/Patient/idle HTTP/1.1\r\nhost: gateway.test\r\n\r\n")
+        .await
+        .unwrap();
+    // Well under the 30 s the gateway started with.
+    let limit = Duration::from_secs(10);
+    assert!(read_until_closed(&mut silent, limit).await.is_empty());
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut idle, limit).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = read_until_closed(&mut slow, limit).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).contains(" 200 "),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // A request within the limit is still served.
+    let (status, _, _) = get(&gw.url("/r4/Patient/2")).await;
+    assert_eq!(status, StatusCode::OK);
+    gw.stop().await;
+}
