@@ -1,5 +1,6 @@
 //! The floor of the stack smartgate is built on: the least a reverse proxy made of the same
-//! parts can do per request. One current-thread runtime per CPU, one acceptor handing
+//! parts can do per request. One current-thread runtime per CPU (each pinned to its CPU,
+//! as smartgate's workers are by default), one acceptor handing
 //! connections out in turn, hyper's HTTP/1 + h2 server, and per worker either hyper-util's
 //! pooled client (default) or, with `FLOOR_CLIENT=conn`, a bare stack of hyper
 //! connection-level HTTP/1 senders (what smartgate's plain-HTTP pool is built on, minus
@@ -30,6 +31,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use smartgate::body::BoxBody;
+use smartgate::config::CpuAffinity;
+use smartgate::server::affinity;
 use tokio::sync::mpsc;
 
 fn main() {
@@ -49,12 +52,23 @@ fn main() {
     let prefix: Arc<str> = prefix.trim_end_matches('/').into();
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
 
+    // Pinned as smartgate's workers are by default (server.worker_cpu_affinity = "auto").
+    let cpus = affinity::plan(
+        CpuAffinity::Auto,
+        workers,
+        affinity::allowed_cpus().as_deref(),
+    );
+
     let mut handoffs = Vec::new();
-    for _ in 0..workers {
+    for worker in 0..workers {
         let (tx, mut rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
         handoffs.push(tx);
         let (upstream, prefix) = (upstream.clone(), prefix.clone());
+        let cpu = cpus.as_ref().map(|cpus| cpus[worker]);
         std::thread::spawn(move || {
+            if let Some(cpu) = cpu {
+                affinity::pin_current_thread(cpu).expect("pin the worker");
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

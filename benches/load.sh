@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Whole-proxy load test: the same tiny static FHIR upstream measured, in one run,
 #   1. direct,
-#   2. through nginx proxy_pass with upstream keepalive (the baseline), and through the
-#      same nginx doing smartgate's per-request header work (nginx_same, see common.sh),
+#   2. through nginx proxy_pass with upstream keepalive (the baseline), through the same
+#      nginx doing smartgate's per-request header work (nginx_same, see common.sh), and
+#      through nginx with its workers pinned one per CPU (nginx_pinned:
+#      worker_cpu_affinity auto, what smartgate does by default),
 #   3. through smartgate (auth.mode = "none": pass-through),
 #   4. through benches/hyper_floor.rs: the same stack (tokio, hyper's server, a stack of
 #      hyper connection-level senders per worker) with none of smartgate's work, the floor
@@ -59,16 +61,17 @@ done
 # shellcheck source=benches/common.sh
 . benches/common.sh
 build_binaries
-UP=$(free_port); NGX=$(free_port); SG=$(free_port); SGA=$(free_port); SGJ=$(free_port); SGJA=$(free_port)
+UP=$(free_port); NGX=$(free_port); NGP=$(free_port); SG=$(free_port); SGA=$(free_port); SGJ=$(free_port); SGJA=$(free_port)
 FLR=$(free_port); FLS=$(free_port)
 
 VERIFIED_PATH=/Observation/obs-1
 
-# nginx instance $1 (upstream | proxy), with worker count $2 and server blocks on stdin,
-# run by the command prefix in the array named $3 (the layout's CPUs).
+# nginx instance $1 (upstream | proxy | proxy_pinned), with worker count $2 and server
+# blocks on stdin, run by the command prefix in the array named $3 (the layout's CPUs),
+# with more main-context directives in $4.
 start_nginx() {
   local -n on=$3
-  nginx_conf "$1" "worker_processes $2;"
+  nginx_conf "$1" "worker_processes $2; ${4:-}"
   "${on[@]}" nginx -c "$WORK/$1/nginx.conf" -p "$WORK/$1" -g 'daemon off;' &
   PIDS+=($!)
   eval "NGINX_${1^^}=$!"
@@ -91,6 +94,7 @@ NGINX
 
 # The baseline proxy: as many workers as smartgate has (one per CPU it may use).
 start_nginx proxy "$PROXY_WORKERS" ON_PROXY < <(proxy_server "$UP" "$NGX")
+start_nginx proxy_pinned "$PROXY_WORKERS" ON_PROXY "worker_cpu_affinity auto;" < <(proxy_server "$UP" "$NGP")
 
 cat >"$WORK/smartgate.toml" <<TOML
 [server]
@@ -196,6 +200,7 @@ wait_up() {
 }
 wait_up "http://127.0.0.1:$UP/fhir$PATH_UNDER_BASE"
 wait_up "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE"
+wait_up "http://127.0.0.1:$NGP/r4$PATH_UNDER_BASE"
 wait_up "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE"
 wait_up "http://127.0.0.1:$FLR/r4$PATH_UNDER_BASE"
 wait_up "http://127.0.0.1:$FLS/r4$PATH_UNDER_BASE"
@@ -257,12 +262,13 @@ nginx_pids() { echo "$1" $(pgrep -P "$1"); }
 export WRK_HEADER="Authorization: Bearer $TOKEN"
 declare -A RPS P99 CPU USR SYS
 for round in $(seq "$ROUNDS"); do
-  for target in ${TARGETS:-direct nginx nginx_same floor smartgate jwt nginx_obs verified}; do
+  for target in ${TARGETS:-direct nginx nginx_pinned nginx_same floor smartgate jwt nginx_obs verified}; do
     case $target in
       nginx_obs) out=$(measure "http://127.0.0.1:$NGX/r4$VERIFIED_PATH" $(nginx_pids "$NGINX_PROXY")) ;;
       verified) out=$(measure "http://127.0.0.1:$SGJ/r4$VERIFIED_PATH" "$SMARTGATE_JWT_PID") ;;
       direct) out=$(measure "http://127.0.0.1:$UP/fhir$PATH_UNDER_BASE" $(nginx_pids "$NGINX_UPSTREAM")) ;;
       nginx) out=$(measure "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE" $(nginx_pids "$NGINX_PROXY")) ;;
+      nginx_pinned) out=$(measure "http://127.0.0.1:$NGP/r4$PATH_UNDER_BASE" $(nginx_pids "$NGINX_PROXY_PINNED")) ;;
       nginx_same) out=$(measure "http://127.0.0.1:$NGX/same$PATH_UNDER_BASE" $(nginx_pids "$NGINX_PROXY")) ;;
       floor) out=$(measure "http://127.0.0.1:$FLR/r4$PATH_UNDER_BASE" "$FLOOR_PID") ;;
       floor_slow) out=$(measure "http://127.0.0.1:$FLS/r4$PATH_UNDER_BASE" "$FLOOR_SLOW_PID") ;;
@@ -296,6 +302,7 @@ done
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(statistics.median(v) if v else 'nan')" $1; }
 d_rps=$(median "${RPS[direct]:-}"); d_p99=$(median "${P99[direct]:-}"); d_cpu=$(median "${CPU[direct]:-}")
 n_rps=$(median "${RPS[nginx]:-}"); n_p99=$(median "${P99[nginx]:-}"); n_cpu=$(median "${CPU[nginx]:-}")
+p_rps=$(median "${RPS[nginx_pinned]:-}"); p_p99=$(median "${P99[nginx_pinned]:-}"); p_cpu=$(median "${CPU[nginx_pinned]:-}")
 e_rps=$(median "${RPS[nginx_same]:-}"); e_p99=$(median "${P99[nginx_same]:-}"); e_cpu=$(median "${CPU[nginx_same]:-}")
 f_rps=$(median "${RPS[floor]:-}"); f_p99=$(median "${P99[floor]:-}"); f_cpu=$(median "${CPU[floor]:-}")
 w_rps=$(median "${RPS[floor_slow]:-}"); w_p99=$(median "${P99[floor_slow]:-}"); w_cpu=$(median "${CPU[floor_slow]:-}")
@@ -310,6 +317,7 @@ print(f'{a/b:.2f}' if b == b and b else 'n/a')"; }
 printf '\n%-24s %10s %8s %9s %10s %14s\n' target "req/s" "p99 ms" "vs nginx" "vs direct" "CPU us/req"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "direct (upstream)" "$d_rps" "$d_p99" "$(ratio "$d_rps" "$n_rps")" 1.00 "$d_cpu (upstream)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx proxy_pass" "$n_rps" "$n_p99" 1.00 "$(ratio "$n_rps" "$d_rps")" "$n_cpu (proxy)"
+printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx, workers pinned" "$p_rps" "$p_p99" "$(ratio "$p_rps" "$n_rps")" "$(ratio "$p_rps" "$d_rps")" "$p_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx, same header work" "$e_rps" "$e_p99" "$(ratio "$e_rps" "$n_rps")" "$(ratio "$e_rps" "$d_rps")" "$e_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "hyper floor (bare proxy)" "$f_rps" "$f_p99" "$(ratio "$f_rps" "$n_rps")" "$(ratio "$f_rps" "$d_rps")" "$f_cpu (proxy)"
 [ -n "${RPS[floor_slow]:-}" ] && printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "hyper floor, slowed" "$w_rps" "$w_p99" "$(ratio "$w_rps" "$n_rps")" "$(ratio "$w_rps" "$d_rps")" "$w_cpu (proxy)"
@@ -321,6 +329,7 @@ echo
 echo "verified read (patient/ token, Observation checked against the compartment) / nginx: throughput $(ratio "$v_rps" "$o_rps"), p99 $(ratio "$v_p99" "$o_p99"), CPU per request $(ratio "$v_cpu" "$o_cpu")"
 echo "verified read / JWT pass-through read: throughput $(ratio "$v_rps" "$j_rps")"
 echo "smartgate / nginx: throughput $(ratio "$s_rps" "$n_rps"), p99 $(ratio "$s_p99" "$n_p99"), CPU per request $(ratio "$s_cpu" "$n_cpu")"
+[ -n "${RPS[nginx_pinned]:-}" ] && echo "smartgate / nginx with workers pinned: throughput $(ratio "$s_rps" "$p_rps"), p99 $(ratio "$s_p99" "$p_p99"), CPU per request $(ratio "$s_cpu" "$p_cpu")"
 # Round by round (each pair measured minutes apart at most): the spread of the ratio.
 paired() { python3 -c "
 import statistics, sys
@@ -330,6 +339,8 @@ r = sorted(x / y for x, y in zip(a, b) if y)
 print(f'median {statistics.median(r):.2f}, range {r[0]:.2f}-{r[-1]:.2f} over {len(r)} rounds' if r else 'n/a')
 " "$1" "$2"; }
 [ -n "${RPS[smartgate]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "smartgate / nginx throughput, round by round: $(paired "${RPS[smartgate]}" "${RPS[nginx]}")"
+[ -n "${RPS[smartgate]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "smartgate / nginx p99, round by round: $(paired "${P99[smartgate]}" "${P99[nginx]}")"
+[ -n "${RPS[smartgate]:-}" ] && [ -n "${RPS[nginx_pinned]:-}" ] && echo "smartgate / nginx with workers pinned, round by round: throughput $(paired "${RPS[smartgate]}" "${RPS[nginx_pinned]}"); p99 $(paired "${P99[smartgate]}" "${P99[nginx_pinned]}")"
 [ -n "${RPS[smartgate]:-}" ] && [ -n "${RPS[nginx_same]:-}" ] && echo "smartgate / nginx doing the same header work: throughput $(ratio "$s_rps" "$e_rps"), p99 $(ratio "$s_p99" "$e_p99"), CPU per request $(ratio "$s_cpu" "$e_cpu"); round by round: $(paired "${RPS[smartgate]}" "${RPS[nginx_same]}")"
 [ -n "${RPS[floor]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "hyper floor / nginx throughput, round by round: $(paired "${RPS[floor]}" "${RPS[nginx]}")"
 [ -n "${RPS[jwt]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "JWT + decision / nginx throughput, round by round: $(paired "${RPS[jwt]}" "${RPS[nginx]}")"
@@ -343,13 +354,13 @@ echo "smartgate JWT + decision / pass-through: throughput $(ratio "$j_rps" "$s_r
 # on its behalf (system).
 echo
 printf '%-16s %14s %14s\n' target "user us/req" "system us/req"
-for target in ${TARGETS:-direct nginx nginx_same floor smartgate jwt nginx_obs verified}; do
+for target in ${TARGETS:-direct nginx nginx_pinned nginx_same floor smartgate jwt nginx_obs verified}; do
   printf '%-16s %14s %14s\n' "$target" "$(median "${USR[$target]:-}")" "$(median "${SYS[$target]:-}")"
 done
 # p99 at saturation here jumps between rounds (one scheduler tick more or less), so the
 # rounds themselves are worth seeing, not only their median.
 echo
-for target in ${TARGETS:-direct nginx nginx_same floor smartgate jwt nginx_obs verified}; do
+for target in ${TARGETS:-direct nginx nginx_pinned nginx_same floor smartgate jwt nginx_obs verified}; do
   printf '%-16s p99 ms by round: %s\n' "$target" "${P99[$target]:-}"
 done
 echo "(medians of $ROUNDS interleaved rounds, ${DURATION}s per target each, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores, layout $LAYOUT)"

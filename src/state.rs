@@ -232,6 +232,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             "server.workers",
             old.server.worker_threads() != new.server.worker_threads(),
         ),
+        (
+            "server.worker_cpu_affinity",
+            old.server.worker_cpu_affinity != new.server.worker_cpu_affinity,
+        ),
         ("log", old.log != new.log),
     ];
     changes
@@ -270,6 +274,10 @@ mod tests {
         assert_eq!(
             restart_only_changes(&base, &config("listen=127.0.0.1:9999")),
             ["server.listen"]
+        );
+        assert_eq!(
+            restart_only_changes(&base, &config("worker_cpu_affinity=off")),
+            ["server.worker_cpu_affinity"]
         );
         // Applied by a reload: not named.
         for reloaded in [

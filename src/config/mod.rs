@@ -267,6 +267,22 @@ pub struct ServerConfig {
     /// Worker threads, each with its own event loop and upstream pool; 0 = one per CPU.
     #[serde(default)]
     pub workers: usize,
+    /// Whether workers are pinned to CPUs: `auto` pins each worker to a CPU of its own
+    /// when there is one worker per CPU the process may use; `off` never.
+    #[serde(default)]
+    pub worker_cpu_affinity: CpuAffinity,
+}
+
+/// `server.worker_cpu_affinity`
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuAffinity {
+    /// Pin worker i to the i-th CPU the process may use, when the worker count equals
+    /// the number of those CPUs (as with `workers = 0` and no CPU quota below it).
+    #[default]
+    Auto,
+    /// Leave the workers to the scheduler.
+    Off,
 }
 
 impl ServerConfig {

@@ -82,6 +82,11 @@ fn bad_duration_names_key() {
         e.contains("upstream.timeout: \"30x\" is not a duration"),
         "{e}"
     );
+    let e = err(&MINIMAL.replace("[server]", "[server]\nworker_cpu_affinity = \"yes\""));
+    assert!(e.contains("server.worker_cpu_affinity"), "{e}");
+    assert!(e.contains("auto") && e.contains("off"), "{e}");
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.server.worker_cpu_affinity, CpuAffinity::Auto);
     let e = err(&MINIMAL.replace("[server]", "[server]\nmax_request_body = \"lots\""));
     assert!(e.contains("server.max_request_body"), "{e}");
 }

@@ -1,5 +1,6 @@
 //! Listeners, connections, TLS, the file watch, and graceful drain.
 
+pub mod affinity;
 pub mod timer;
 pub mod tls;
 
@@ -158,12 +159,23 @@ impl Gateway {
         let (conn_tx, mut conn_rx) = mpsc::channel::<()>(1);
         // Each worker holds a sender until its thread has finished.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-        let workers = shared.snapshot.load().config.server.worker_threads();
+        let server = shared.snapshot.load().config.server.clone();
+        let workers = server.worker_threads();
+        let cpus = affinity::plan(
+            server.worker_cpu_affinity,
+            workers,
+            affinity::allowed_cpus().as_deref(),
+        );
+        match &cpus {
+            Some(cpus) => tracing::info!(workers, ?cpus, "workers pinned one per CPU"),
+            None => tracing::info!(workers, "workers left to the scheduler"),
+        }
         let mut slots = Vec::with_capacity(workers);
         for worker in 0..workers {
             let (handoff_tx, handoff_rx) = mpsc::unbounded_channel();
             let ctx = Worker {
                 index: worker,
+                cpu: cpus.as_ref().map(|cpus| cpus[worker]),
                 shared: shared.clone(),
                 tls: tls.clone(),
                 stop: stop_rx.clone(),
@@ -298,6 +310,8 @@ impl Drop for Load {
 /// One worker thread: its own event loop, serving the connections the acceptor hands it.
 struct Worker {
     index: usize,
+    /// The CPU the worker's thread is pinned to, if any.
+    cpu: Option<usize>,
     shared: Arc<Shared>,
     tls: Option<Arc<TlsState>>,
     stop: watch::Receiver<bool>,
@@ -308,6 +322,11 @@ struct Worker {
 
 impl Worker {
     fn run(self, handoffs: mpsc::UnboundedReceiver<(Handoff, Load)>) {
+        if let Some(cpu) = self.cpu
+            && let Err(e) = affinity::pin_current_thread(cpu)
+        {
+            tracing::warn!(error = %e, worker = self.index, cpu, "cannot pin worker to its CPU");
+        }
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -438,3 +438,94 @@ fn cargo_run_runs_the_gateway() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     assert!(readme.contains("cargo run --release -- serve --config config/smartgate.example.toml"));
 }
+
+/// A CPU list as /proc writes it ("0-3,6") → the CPUs.
+fn parse_cpu_list(list: &str) -> Vec<usize> {
+    list.trim()
+        .split(',')
+        .filter(|part| !part.is_empty())
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => a.parse().unwrap()..=b.parse().unwrap(),
+            None => part.parse().unwrap()..=part.parse().unwrap(),
+        })
+        .collect()
+}
+
+/// The CPUs `status` (a /proc status file) allows.
+fn allowed(status: &str) -> Vec<usize> {
+    let line = std::fs::read_to_string(status).unwrap_or_default();
+    let list = line
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or("");
+    parse_cpu_list(list)
+}
+
+/// The gateway's worker threads (by name, in order) and the CPUs each may run on.
+fn worker_cpus(pid: u32) -> Vec<(String, Vec<usize>)> {
+    let mut workers: Vec<(String, Vec<usize>)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| {
+            let dir = task.ok()?.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let name = name.trim().to_owned();
+            name.starts_with("smartgate-w")
+                .then(|| (name, allowed(dir.join("status").to_str().unwrap())))
+        })
+        .collect();
+    workers.sort();
+    workers
+}
+
+/// With a worker per CPU (the default), each worker runs on a CPU of its own;
+/// `worker_cpu_affinity = "off"` leaves them every CPU the process has.
+#[cfg(target_os = "linux")]
+#[test]
+fn workers_are_pinned_one_per_cpu() {
+    let cpus = allowed("/proc/self/status");
+    assert!(!cpus.is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    for affinity in ["auto", "off"] {
+        let text = config(
+            "http://127.0.0.1:1/fhir",
+            "[log]\nformat = \"json\"\nlevel = \"info\"\n",
+        )
+        .replace(
+            "shutdown_grace = \"5s\"",
+            &format!("shutdown_grace = \"5s\"\nworker_cpu_affinity = \"{affinity}\""),
+        );
+        let path = write_config(&dir, &text);
+        let (mut child, _rx, _, _) = spawn_gateway(&path);
+        let mut expected: Vec<(String, Vec<usize>)> = cpus
+            .iter()
+            .enumerate()
+            .map(|(i, &cpu)| {
+                let on = if affinity == "auto" && cpus.len() > 1 {
+                    vec![cpu]
+                } else {
+                    cpus.clone()
+                };
+                (format!("smartgate-w{i}"), on)
+            })
+            .collect();
+        expected.sort();
+        // The workers pin themselves as they start.
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            seen = worker_cpus(child.id());
+            if seen == expected {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(seen, expected, "worker_cpu_affinity = {affinity}");
+    }
+}
+
+#[test]
+fn cpu_lists_parse() {
+    assert_eq!(parse_cpu_list("0-3,6\n"), [0, 1, 2, 3, 6]);
+    assert_eq!(parse_cpu_list("1"), [1]);
+}
