@@ -198,6 +198,15 @@ impl<F: Future> Future for CoarseTimeout<F> {
 mod tests {
     use super::*;
 
+    /// Between `from_ms` and `to_ms` (paused time) have passed since `started`.
+    fn assert_waited(started: Instant, from_ms: u64, to_ms: u64) {
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(from_ms) && waited <= Duration::from_millis(to_ms),
+            "{waited:?}"
+        );
+    }
+
     fn poll_once(sleep: &mut Pin<Box<dyn Sleep>>) -> Poll<()> {
         let mut cx = Context::from_waker(Waker::noop());
         sleep.as_mut().poll(&mut cx)
@@ -211,11 +220,7 @@ mod tests {
         let started = Instant::now();
         let woke = tokio::time::timeout(Duration::from_secs(60), sleep).await;
         assert!(woke.is_ok(), "never woke");
-        let waited = started.elapsed();
-        assert!(
-            waited >= Duration::from_millis(2500) && waited <= Duration::from_millis(3500),
-            "{waited:?}"
-        );
+        assert_waited(started, 2500, 3500);
         assert_eq!(timer.waiting(), 0, "the finished sleep left its entry");
     }
 
@@ -254,11 +259,7 @@ mod tests {
         let deadline = started + Duration::from_millis(250);
         let slow = tokio::time::sleep(Duration::from_secs(10));
         assert_eq!(timer.timeout_at(deadline, slow).await, Err(Elapsed));
-        let waited = started.elapsed();
-        assert!(
-            waited >= Duration::from_millis(250) && waited <= Duration::from_millis(350),
-            "{waited:?}"
-        );
+        assert_waited(started, 250, 350);
         assert_eq!(timer.waiting(), 0, "the ended wait left its entry");
     }
 
