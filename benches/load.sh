@@ -17,9 +17,11 @@
 # Prints requests/s and p99 latency for each, and ratios to nginx and to direct.
 #
 # LAYOUT=shared (the default): every process may run on every CPU, the proxies with one
-# worker per CPU, as a small machine running everything would. The load generator and
-# the upstream then compete with the proxy for the same cores, and p99 at saturation
-# follows the scheduler more than the proxy (see floor_slow).
+# worker per CPU, as a small machine running everything would; smartgate and the floor
+# pin each worker to a CPU of its own (server.worker_cpu_affinity = "auto"), nginx only
+# in nginx_pinned. The load generator and the upstream compete with the proxy for the
+# same cores, so p99 at saturation shows how the proxy's threads fare under the
+# scheduler: two busy workers sharing one CPU put a scheduler tick into it.
 # LAYOUT=pinned: each proxy has CPU 0 to itself with one worker; the upstream and wrk
 # (one thread) share CPU 1. The proxy is then the bottleneck, so throughput measures its
 # cost per request and p99 its fairness, without the load generator in between.
