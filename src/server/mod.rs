@@ -354,7 +354,7 @@ impl Worker {
             index: self.index,
             deadlines: CoarseTimer::spawn({
                 let shared = self.shared.clone();
-                move || CoarseTimer::tick_for(shared.snapshot.load().config.upstream.timeout.0)
+                move || CoarseTimer::tick_for(upstream_timeout(&shared))
             }),
         };
         // Rebuilt when a reload changes the header read timeout: new connections get the
@@ -410,6 +410,11 @@ impl Worker {
 /// `server.header_read_timeout` as last loaded.
 fn header_read_timeout(shared: &Shared) -> Duration {
     shared.snapshot.load().config.server.header_read_timeout.0
+}
+
+/// `upstream.timeout` as last loaded.
+fn upstream_timeout(shared: &Shared) -> Duration {
+    shared.snapshot.load().config.upstream.timeout.0
 }
 
 /// How a worker serves its connections: HTTP/1's header read timeout on the worker's

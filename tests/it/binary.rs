@@ -262,28 +262,26 @@ async fn sighup_reloads_configuration() {
         }
     };
 
-    hup(child.id());
-    let mut ok = false;
-    for _ in 0..100 {
-        if reloads("success").await == 1 {
-            ok = true;
-            break;
+    // Whether the reload counter for `result` reaches 1 within 5 s.
+    let counted = |result: &'static str| {
+        let reloads = &reloads;
+        async move {
+            for _ in 0..100 {
+                if reloads(result).await == 1 {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ok, "SIGHUP did not reload");
+    };
+
+    hup(child.id());
+    assert!(counted("success").await, "SIGHUP did not reload");
 
     std::fs::write(&path, "not [valid toml").unwrap();
     hup(child.id());
-    let mut refused = false;
-    for _ in 0..100 {
-        if reloads("failure").await == 1 {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(refused, "a bad file was not refused");
+    assert!(counted("failure").await, "a bad file was not refused");
     assert_eq!(
         get(&format!("http://{public}/r4/Patient")).await.0,
         StatusCode::OK
@@ -452,7 +450,7 @@ fn parse_cpu_list(list: &str) -> Vec<usize> {
 }
 
 /// The CPUs `status` (a /proc status file) allows.
-fn allowed(status: &str) -> Vec<usize> {
+fn allowed(status: impl AsRef<std::path::Path>) -> Vec<usize> {
     let line = std::fs::read_to_string(status).unwrap_or_default();
     let list = line
         .lines()
@@ -470,7 +468,7 @@ fn worker_cpus(pid: u32) -> Vec<(String, Vec<usize>)> {
             let name = std::fs::read_to_string(dir.join("comm")).ok()?;
             let name = name.trim().to_owned();
             name.starts_with("smartgate-w")
-                .then(|| (name, allowed(dir.join("status").to_str().unwrap())))
+                .then(|| (name, allowed(dir.join("status"))))
         })
         .collect();
     workers.sort();

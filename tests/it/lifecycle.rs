@@ -552,6 +552,10 @@ async fn reloaded_header_read_timeout_applies_to_new_connections() {
         "{}",
         String::from_utf8_lossy(&answer)
     );
+    assert!(
+        up.requests().iter().all(|s| !s.uri.ends_with("/slow")),
+        "the unfinished request reached the upstream"
+    );
     // A request within the limit is still served.
     let (status, _, _) = get(&gw.url("/r4/Patient/2")).await;
     assert_eq!(status, StatusCode::OK);
