@@ -161,6 +161,8 @@ async fn serve(
     if public::is_preflight(&req) {
         return Ok(public::preflight(req.headers()));
     }
+    // No body where FHIR has none, before anything else reads the request.
+    let req = without_stray_body(req).await?;
     // A signed export status URL (exports.rs): the signature is the gateway's, checked in
     // the authorize stage and never forwarded. Without tokens nothing is signed, and the
     // target is forwarded as it came.
@@ -496,11 +498,11 @@ pub(super) fn upstream_failed(
 /// forwarded for a refused or unjudgeable token.
 async fn authenticate(
     snap: &Snapshot,
-    req: Request<Incoming>,
+    req: Request<BoxBody>,
     ctx: &mut Ctx,
 ) -> Result<(Request<BoxBody>, Option<Arc<Principal>>, Option<Bytes>), GatewayError> {
     let Some(auth) = &snap.auth else {
-        return Ok((req.map(|b| b.map_err(Into::into).boxed()), None, None));
+        return Ok((req, None, None));
     };
     let result = match bearer::extract(req.headers(), req.uri().query()) {
         Ok(token) => auth.authenticate(token).await,
@@ -520,7 +522,7 @@ async fn authenticate(
     // RFC 6750 §2.2 form-body tokens are refused like query tokens. Form bodies are small
     // (POST _search); they are read here and passed on whole.
     if is_form(req.headers()) {
-        let (req, bytes) = buffer(snap, req.map(|b| b.map_err(Into::into).boxed())).await?;
+        let (req, bytes) = buffer(snap, req).await?;
         if std::str::from_utf8(&bytes).is_ok_and(bearer::has_access_token_param) {
             return Err(GatewayError::InvalidRequest(
                 "access_token in the request body is not accepted",
@@ -528,11 +530,39 @@ async fn authenticate(
         }
         return Ok((req, Some(principal), Some(bytes)));
     }
-    Ok((
-        req.map(|b| b.map_err(Into::into).boxed()),
-        Some(principal),
-        None,
-    ))
+    Ok((req, Some(principal), None))
+}
+
+/// A request whose method carries no content (FHIR R4 http.html: read, vread, search by
+/// GET, history, delete, capabilities; [`crate::proxy::carries_content`]) must come without a
+/// body, however it is framed: `Content-Length`, chunked, or HTTP/2 DATA frames. An
+/// upstream that does not read bodies on GET, HEAD or DELETE would run such a body as the
+/// next request on the connection (request smuggling, the CL.0 class), unchecked, and
+/// answer it to whoever comes next (response-queue poisoning). So a body there is refused,
+/// never forwarded; an empty one (a zero-length chunked body, an empty DATA frame) is
+/// dropped with its framing headers.
+async fn without_stray_body(req: Request<Incoming>) -> Result<Request<BoxBody>, GatewayError> {
+    if crate::proxy::carries_content(req.method()) {
+        return Ok(req.map(|b| b.map_err(Into::into).boxed()));
+    }
+    const REFUSED: GatewayError =
+        GatewayError::BadRequest("this interaction has no body in FHIR, and one was sent");
+    let (mut parts, body) = req.into_parts();
+    if !body.is_end_stream() {
+        if body.size_hint().lower() > 0 {
+            return Err(REFUSED);
+        }
+        // Length unknown until the body ends: read it, allowing not a byte.
+        match crate::body::read_whole(Limited::new(body, 0)).await {
+            Ok(bytes) if bytes.is_empty() => {}
+            Ok(_) => return Err(REFUSED),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(REFUSED),
+            Err(_) => return Err(GatewayError::BadRequest("request body incomplete")),
+        }
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    Ok(Request::from_parts(parts, crate::body::empty()))
 }
 
 /// Reads a request body whole (within `server.max_request_body`) and puts it back.

@@ -46,6 +46,17 @@ pub enum UpstreamFailure {
     RequestBody,
     /// Protocol error, reset, or anything else from the exchange.
     Protocol,
+    /// A body on a request whose method carries none: never sent.
+    StrayBody,
+}
+
+/// Whether requests with `method` may carry a body to the upstream: the methods FHIR's
+/// REST API sends content with (create, update, patch, POST searches and operations).
+pub fn carries_content(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    )
 }
 
 impl UpstreamFailure {
@@ -58,6 +69,7 @@ impl UpstreamFailure {
             UpstreamFailure::RequestBodyTooLarge => "request_body_too_large",
             UpstreamFailure::RequestBody => "request_body",
             UpstreamFailure::Protocol => "protocol",
+            UpstreamFailure::StrayBody => "stray_body",
         }
     }
 
@@ -72,6 +84,9 @@ impl UpstreamFailure {
                 GatewayError::UpstreamTimeout
             }
             UpstreamFailure::RequestBodyTooLarge => GatewayError::PayloadTooLarge,
+            UpstreamFailure::StrayBody => {
+                GatewayError::BadRequest("this interaction has no body in FHIR, and one was sent")
+            }
         }
     }
 }
@@ -251,6 +266,12 @@ impl Upstream {
             edits.set(name, value.clone());
         }
 
+        // A method that carries no content goes without a body, whatever came with it (the
+        // pipeline refuses one before this): an upstream that does not read bodies there
+        // would take the body for the next request on the connection.
+        if !http_body::Body::is_end_stream(req.body()) && !carries_content(req.method()) {
+            return Err(UpstreamFailure::StrayBody);
+        }
         let started = Instant::now();
         // From the instant already read: one clock read fewer per request.
         let deadline = tokio::time::Instant::from_std(started) + self.timeout;

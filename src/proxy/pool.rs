@@ -22,6 +22,7 @@
 //! the request), is sent once more on a new connection.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -30,7 +31,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Either;
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -102,7 +103,15 @@ impl H1Pool {
             return Ok(resp.map(Either::Left));
         }
         edits.apply(req.headers_mut());
-        let resp = self.send_with_body(req).await?;
+        let sent = Arc::new(AtomicBool::new(false));
+        let req = req.map(|inner| {
+            SentBody {
+                inner,
+                sent: sent.clone(),
+            }
+            .boxed()
+        });
+        let resp = self.send_with_body(req, sent).await?;
         Ok(resp.map(Either::Right))
     }
 
@@ -164,6 +173,7 @@ impl H1Pool {
     async fn send_with_body(
         self: &Arc<Self>,
         mut req: Request<BoxBody>,
+        sent: Arc<AtomicBool>,
     ) -> Result<Response<PooledBody>, UpstreamFailure> {
         let origin_form = req
             .uri()
@@ -184,6 +194,7 @@ impl H1Pool {
                     let mut resp = resp.map(|inner| PooledBody {
                         inner,
                         back: reusable.then(|| (self.clone(), sender)),
+                        sent,
                     });
                     if resp.body().inner.is_end_stream() {
                         resp.body_mut().give_back();
@@ -319,17 +330,57 @@ fn failure(e: &hyper::Error) -> UpstreamFailure {
     }
 }
 
-/// A response body that returns its connection to the pool once read to its end.
+/// A response body that returns its connection to the pool once read to its end, and only
+/// when the request's body was sent whole: an upstream that answered early, before it had
+/// read the request to its end, may still read what follows of it as another request,
+/// and its answer would wait on the connection for the next request to take.
 pub struct PooledBody {
     inner: Incoming,
     back: Option<(Arc<H1Pool>, SendRequest<BoxBody>)>,
+    sent: Arc<AtomicBool>,
 }
 
 impl PooledBody {
     fn give_back(&mut self) {
-        if let Some((pool, sender)) = self.back.take() {
+        if let Some((pool, sender)) = self.back.take()
+            && self.sent.load(Ordering::Acquire)
+        {
             pool.checkin(sender);
         }
+    }
+}
+
+/// A request body that records when it has been sent to its end.
+struct SentBody {
+    inner: BoxBody,
+    sent: Arc<AtomicBool>,
+}
+
+impl Body for SentBody {
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.sent.store(true, Ordering::Release),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => {
+                self.sent.store(true, Ordering::Release);
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

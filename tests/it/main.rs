@@ -24,5 +24,6 @@ mod generated_tables;
 mod lifecycle;
 mod properties;
 mod proxy;
+mod smuggling;
 mod upstream_framing;
 mod upstream_pool;
