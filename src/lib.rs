@@ -14,6 +14,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod fhir;
+pub mod json;
 pub mod keygen;
 pub mod metrics;
 pub mod outbound;

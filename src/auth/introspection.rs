@@ -122,8 +122,11 @@ impl Introspector {
                 answer.status
             )));
         }
-        let v: Value = serde_json::from_slice(&answer.body)
-            .map_err(|_| Unavailable("introspection response is not JSON".to_owned()))?;
+        // Strictly: `"active"` or `"scope"` twice would be one answer here and another
+        // to a first-name-wins reader.
+        let v: Value = crate::json::parse(&answer.body).map_err(|_| {
+            Unavailable("introspection response is not JSON, or repeats a member name".to_owned())
+        })?;
         let Value::Object(claims) = v else {
             return Err(Unavailable(
                 "introspection response is not a JSON object".to_owned(),

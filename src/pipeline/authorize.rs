@@ -66,8 +66,9 @@ pub(super) async fn classify_and_authorize(
     let method = req.method().clone();
     let (req, bundle) = if base_post {
         let (req, bytes) = buffer(snap, req).await?;
-        let bundle: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|_| GatewayError::BadRequest("the posted Bundle is not JSON"))?;
+        let bundle = crate::json::parse(&bytes).map_err(|_| {
+            GatewayError::BadRequest("the posted Bundle is not JSON, or repeats a member name")
+        })?;
         (req, Some(bundle))
     } else {
         (req, None)

@@ -75,8 +75,11 @@ impl Fetcher<'_> {
             .await
             .map_err(|_| GatewayError::UpstreamInvalid("the stored version could not be read"))?
             .to_bytes();
-        let resource: Value = serde_json::from_slice(&bytes)
-            .map_err(|_| GatewayError::UpstreamInvalid("the stored version is not JSON"))?;
+        let resource = crate::json::parse(&bytes).map_err(|_| {
+            GatewayError::UpstreamInvalid(
+                "the stored version is not JSON, or repeats a member name",
+            )
+        })?;
         let version = etag.or_else(|| resource["meta"]["versionId"].as_str().map(str::to_owned));
         Ok(Some(Stored { resource, version }))
     }
@@ -94,7 +97,8 @@ impl Fetcher<'_> {
             #[serde(rename = "securityContext")]
             security_context: Option<Value>,
         }
-        let Some(context) = serde_json::from_slice::<Binary>(binary)
+        // Strictly: a Binary with two readings is refused by the verification that follows.
+        let Some(context) = crate::json::parse_as::<Binary>(binary)
             .ok()
             .and_then(|b| b.security_context)
         else {
@@ -153,7 +157,7 @@ impl Fetcher<'_> {
             .check_write(ty, &stored.resource, w.perm)
             .map_err(deny)?;
         if w.check == WriteCheck::Patch {
-            let patch: json_patch::Patch = serde_json::from_slice(&bytes)
+            let patch: json_patch::Patch = crate::json::parse_as(&bytes)
                 .map_err(|_| GatewayError::BadRequest("the JSON Patch is malformed"))?;
             let mut result = stored.resource.clone();
             json_patch::patch(&mut result, &patch)
@@ -173,8 +177,9 @@ impl Fetcher<'_> {
     ) -> Result<Request<BoxBody>, GatewayError> {
         let viewer = self.viewer;
         let (req, bytes) = buffer(self.snap, req).await?;
-        let mut bundle: Value = serde_json::from_slice(&bytes)
-            .map_err(|_| GatewayError::BadRequest("the posted Bundle is not JSON"))?;
+        let mut bundle = crate::json::parse(&bytes).map_err(|_| {
+            GatewayError::BadRequest("the posted Bundle is not JSON, or repeats a member name")
+        })?;
         let mut changed = false;
         let deny_entry = |i: usize, r: DenyReason| {
             forbidden(
@@ -410,7 +415,8 @@ fn json_body(headers: &http::HeaderMap, bytes: &[u8]) -> Result<Value, GatewayEr
             "only JSON bodies can be checked",
         ));
     }
-    serde_json::from_slice(bytes).map_err(|_| GatewayError::BadRequest("the body is not JSON"))
+    crate::json::parse(bytes)
+        .map_err(|_| GatewayError::BadRequest("the body is not JSON, or repeats a member name"))
 }
 
 /// A policy refusal found while checking, counted like the decision's own.

@@ -443,8 +443,9 @@ fn native_binary(mut parts: http::response::Parts, bytes: Bytes) -> Response<Box
         content_type: Option<&'a str>,
         data: Option<&'a str>,
     }
-    let content = serde_json::from_slice::<Binary>(&bytes)
+    let content = crate::json::validate(&bytes)
         .ok()
+        .and_then(|()| serde_json::from_slice::<Binary>(&bytes).ok())
         .filter(|b| b.resource_type == "Binary")
         .and_then(|b| Some((b.content_type?, b.data?)))
         .and_then(|(ty, data)| {
@@ -794,9 +795,11 @@ fn verify_body(
             None => {}
         }
     }
-    let mut doc: serde_json::Value = serde_json::from_slice(bytes).map_err(|_| {
+    let mut doc = crate::json::parse(bytes).map_err(|_| {
         count(shared, "verify_unreadable");
-        GatewayError::UpstreamInvalid("a response that must be verified is not JSON")
+        GatewayError::UpstreamInvalid(
+            "a response that must be verified is not JSON, or repeats a member name",
+        )
     })?;
     let verdict = if plan.entries.is_empty() {
         viewer.verify(plan.verify, &mut doc)
@@ -844,7 +847,8 @@ fn rewrite_body(shared: &Shared, snap: &Snapshot, bytes: Bytes) -> Bytes {
         count(shared, "skipped");
         return bytes;
     }
-    let mut doc: serde_json::Value = match serde_json::from_slice(&bytes) {
+    // Strictly, as everything else: a document with two readings is passed as it came.
+    let mut doc = match crate::json::parse(&bytes) {
         Ok(doc) => doc,
         Err(_) => {
             // Not JSON after all: nothing structural to rewrite.

@@ -25,5 +25,6 @@ mod lifecycle;
 mod properties;
 mod proxy;
 mod smuggling;
+mod two_readings;
 mod upstream_framing;
 mod upstream_pool;
