@@ -86,7 +86,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::ExplainScope { scopes }) = &cli.command {
-        let grants = smartgate::smart::scope::Grants::parse(scopes.split_whitespace());
+        let grants =
+            smartgate::smart::scope::Grants::parse(smartgate::smart::scope::split(&scopes));
         for (i, line) in grants.explain().iter().enumerate() {
             println!("{line}");
             // What a patient/ scope reaches of its type, on an indented line.
@@ -227,7 +228,7 @@ fn decide(scopes: &str, patient: Option<&str>, fhir_user: Option<&str>, request:
         Some((p, q)) => (p, Some(q)),
         None => (target.trim(), None),
     };
-    let grants = Grants::parse(scopes.split_whitespace());
+    let grants = Grants::parse(smartgate::smart::scope::split(&scopes));
     for (s, e) in &grants.ignored {
         println!("ignored scope {s:?}: {e}");
     }

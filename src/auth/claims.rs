@@ -44,11 +44,11 @@ pub struct Principal {
 pub fn principal(claims: &Map<String, Value>, names: &ClaimsConfig) -> Principal {
     let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);
     let scopes = match claims.get(&names.scope).or_else(|| claims.get("scp")) {
-        Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+        Some(Value::String(s)) => crate::smart::scope::split(s).map(str::to_owned).collect(),
         Some(Value::Array(items)) => items
             .iter()
             .filter_map(Value::as_str)
-            .flat_map(str::split_whitespace)
+            .flat_map(crate::smart::scope::split)
             .map(str::to_owned)
             .collect(),
         _ => Vec::new(),
@@ -110,6 +110,24 @@ mod tests {
         ] {
             assert_eq!(resource_id(input, "Patient").as_deref(), want, "{input}");
         }
+    }
+
+    /// A scope claim is split on SP only (RFC 6749 §3.3), as a string or as array items:
+    /// a scope joined by any other white space grants nothing.
+    #[test]
+    fn scope_claims_split_on_sp_only() {
+        let names = ClaimsConfig::default();
+        for sep in ["\u{a0}", "\u{3000}", "\t", "\n", "\u{2003}"] {
+            let joined = format!("patient/Patient.rs{sep}user/*.rs");
+            for c in [json!({"scope": joined}), json!({"scp": [joined]})] {
+                let p = principal(c.as_object().unwrap(), &names);
+                assert!(p.grants.scopes.is_empty(), "{sep:?}: {:?}", p.grants);
+                assert_eq!(p.scopes, [joined.clone()]);
+            }
+        }
+        let c = json!({"scope": "patient/Patient.rs user/*.rs"});
+        let p = principal(c.as_object().unwrap(), &names);
+        assert_eq!(p.grants.scopes.len(), 2);
     }
 
     /// Claims map to the principal; scope may be a string or (as `scp`) an array.

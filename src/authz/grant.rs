@@ -16,8 +16,7 @@ fn covers(g: &ResourceScope, r: &ResourceScope) -> bool {
 /// requested; for a requested scope wider than the registration, the registered scopes
 /// it covers. Order kept, duplicates dropped.
 pub fn grant(requested: &str, registered: &str) -> String {
-    let reg: Vec<(&str, Option<ResourceScope>)> = registered
-        .split_whitespace()
+    let reg: Vec<(&str, Option<ResourceScope>)> = crate::smart::scope::split(registered)
         .map(|s| {
             let parsed = match parse(s) {
                 Ok(Scope::Resource(r)) if r.level == Level::System => Some(r),
@@ -32,7 +31,7 @@ pub fn grant(requested: &str, registered: &str) -> String {
             out.push(s);
         }
     };
-    for want in requested.split_whitespace() {
+    for want in crate::smart::scope::split(requested) {
         match parse(want) {
             Ok(Scope::Resource(r)) => {
                 if r.level != Level::System {
@@ -65,6 +64,21 @@ pub fn grant(requested: &str, registered: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::grant;
+
+    /// A requested scope joined to another by white space other than SP is one malformed
+    /// scope (RFC 6749 §3.3) and is not granted, nor is what it seems to hold.
+    #[test]
+    fn requested_scopes_split_on_sp_only() {
+        let reg = "system/*.rs";
+        for sep in ["\t", "\u{a0}", "\u{3000}", "\n"] {
+            let requested = format!("system/Patient.r{sep}system/Observation.rs");
+            assert_eq!(grant(&requested, reg), "", "{sep:?}");
+        }
+        assert_eq!(
+            grant("system/Patient.r system/Observation.rs", reg),
+            "system/Patient.r system/Observation.rs"
+        );
+    }
 
     #[test]
     fn intersection() {

@@ -313,7 +313,7 @@ impl AuthServer {
                         .is_ok_and(|c| {
                             c.get("scope")
                                 .and_then(Value::as_str)
-                                .is_some_and(|s| s.split_whitespace().any(|x| x == scope))
+                                .is_some_and(|s| crate::smart::scope::split(s).any(|x| x == scope))
                         }),
                 };
                 if !ok {

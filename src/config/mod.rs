@@ -1060,7 +1060,12 @@ impl Config {
             let mut scopes: Vec<String> = a
                 .clients
                 .iter()
-                .flat_map(|c| c.scope.split_whitespace().map(str::to_owned))
+                .flat_map(|c| {
+                    c.scope
+                        .split(' ')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                })
                 .collect();
             scopes.sort();
             scopes.dedup();
@@ -1156,8 +1161,20 @@ impl Config {
                     "must be sha256:<64 hex digits> (echo -n SECRET | sha256sum)".into(),
                 );
             }
-            if c.scope.split_whitespace().next().is_none() {
+            if c.scope.split(' ').all(str::is_empty) {
                 return err(&key("scope"), "must grant at least one scope".into());
+            }
+            // RFC 6749 §3.3: scope tokens of %x21 / %x23-5B / %x5D-7E, separated by SP
+            // only. A tab or a line break would make the registration one malformed scope.
+            if !c
+                .scope
+                .bytes()
+                .all(|b| matches!(b, b' ' | 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
+            {
+                return err(
+                    &key("scope"),
+                    "scopes are separated by single spaces and hold only the characters RFC 6749 §3.3 allows".into(),
+                );
             }
         }
         Ok(())

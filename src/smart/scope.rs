@@ -176,6 +176,25 @@ pub enum ScopeError {
     /// The `?…` part is empty or has an empty name or value, or follows a v1 scope.
     #[error("malformed constraint after '?'")]
     Query,
+    /// A character no scope token may hold (RFC 6749 §3.3: `%x21 / %x23-5B / %x5D-7E`):
+    /// any other white space (TAB, NBSP, U+3000…) is not a separator but part of one
+    /// malformed scope.
+    #[error("holds a character outside RFC 6749's scope-token set (only SP separates scopes)")]
+    Characters,
+}
+
+/// The scope tokens of a `scope` value (RFC 6749 §3.3: separated by SP, U+0020, only).
+/// Any other white space stays inside a token, which [`parse`] then refuses: with
+/// `patient/Patient.rs<NBSP>user/*.rs` the one malformed token grants nothing, as it
+/// would to a server that splits on SP; splitting on every Unicode space would grant
+/// `user/*.rs`.
+pub fn split(scope: &str) -> impl Iterator<Item = &str> {
+    scope.split(' ').filter(|s| !s.is_empty())
+}
+
+/// RFC 6749 §3.3 `scope-token = 1*( %x21 / %x23-5B / %x5D-7E )`.
+fn is_scope_char(b: u8) -> bool {
+    matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E)
 }
 
 /// Names of scopes that ask for identity, context or refresh and grant no data.
@@ -190,6 +209,9 @@ const NON_RESOURCE: &[&str] = &[
 
 /// Parses one scope string.
 pub fn parse(s: &str) -> Result<Scope, ScopeError> {
+    if s.is_empty() || !s.bytes().all(is_scope_char) {
+        return Err(ScopeError::Characters);
+    }
     let data_scope = ["patient/", "user/", "system/"]
         .iter()
         .any(|p| s.starts_with(p));

@@ -196,3 +196,23 @@ async fn a_stored_version_with_two_readings_is_not_written_over() {
         "the update was forwarded"
     );
 }
+
+/// Scopes joined by any white space but SP are one malformed scope (RFC 6749 §3.3): a
+/// token whose scope is `patient/Patient.rs<NBSP>user/*.rs` reads nothing through
+/// `user/*.rs`.
+#[tokio::test]
+async fn scopes_joined_by_other_white_space_grant_nothing() {
+    let s = jwt_gateway(FakeUpstream::start(raw_store()).await, "", "").await;
+    for sep in ["\u{a0}", "\u{3000}", "\t", "\u{2003}", "\n"] {
+        let token = token_with(
+            &s.key,
+            &format!("patient/Patient.rs{sep}user/*.rs"),
+            Some("123"),
+        );
+        let (status, body) = call(&s, "GET", "/r4/Observation/mine", &token, None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{sep:?}: {body}");
+    }
+    let token = token_with(&s.key, "patient/Patient.rs user/*.rs", Some("123"));
+    let (status, body) = call(&s, "GET", "/r4/Observation/mine", &token, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

@@ -47,7 +47,6 @@ fn malformed_letters() {
         "patient/Observation.",
         "patient/Observation.dus",
         "patient/Observation.x",
-        "patient/Observation.rs ",
     ] {
         assert_eq!(parse(s), Err(ScopeError::Perms), "{s}");
     }
@@ -89,7 +88,11 @@ fn shapes() {
     assert_eq!(parse("admin/Patient.rs"), Err(ScopeError::Level));
     assert_eq!(parse("Patient.rs"), Err(ScopeError::Shape));
     assert_eq!(parse("patient/Patient"), Err(ScopeError::Shape));
-    assert_eq!(parse(""), Err(ScopeError::Shape));
+    assert_eq!(parse(""), Err(ScopeError::Characters));
+    assert_eq!(
+        parse("patient/Observation.rs "),
+        Err(ScopeError::Characters)
+    );
     assert_eq!(parse("/"), Err(ScopeError::Level));
 }
 
@@ -178,4 +181,41 @@ fn explain_lines() {
         lines[0].contains("Observation") && lines[0].contains("only where category=laboratory")
     );
     assert!(lines[1].contains("ignored") && lines[1].contains("not an R4 resource type"));
+}
+
+/// RFC 6749 §3.3: only SP separates scopes, and a scope token holds only
+/// `%x21 / %x23-5B / %x5D-7E`. Any other white space joins two scopes into one malformed
+/// scope that grants nothing.
+#[test]
+fn only_sp_separates_scopes() {
+    for joined in [
+        "patient/Patient.rs\u{a0}user/*.rs",
+        "patient/Patient.rs\u{3000}user/*.rs",
+        "patient/Patient.rs\tuser/*.rs",
+        "patient/Patient.rs\nuser/*.rs",
+        "patient/Patient.rs\u{2028}user/*.rs",
+        "patient/Patient.rs\u{85}user/*.rs",
+    ] {
+        let tokens: Vec<&str> = split(joined).collect();
+        assert_eq!(tokens, [joined], "{joined:?} is one token");
+        let g = Grants::parse(split(joined));
+        assert!(g.scopes.is_empty(), "{joined:?} grants nothing: {g:?}");
+        assert_eq!(g.ignored, [(joined.to_owned(), ScopeError::Characters)]);
+    }
+    assert_eq!(
+        split(" patient/*.rs  openid ").collect::<Vec<_>>(),
+        ["patient/*.rs", "openid"]
+    );
+    // Outside the scope-token set: `"`, `\`, DEL, controls, non-ASCII.
+    for bad in [
+        "patient/*.rs\"",
+        "patient/*.r\\s",
+        "patient/*.rs\u{7f}",
+        "openid\u{0}",
+        "patient/Obs\u{e9}rvation.rs",
+    ] {
+        assert_eq!(parse(bad), Err(ScopeError::Characters), "{bad:?}");
+    }
+    assert_eq!(parse(""), Err(ScopeError::Characters));
+    assert!(parse("patient/Observation.rs?category=a|b").is_ok());
 }
