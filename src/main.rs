@@ -86,8 +86,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::ExplainScope { scopes }) = &cli.command {
-        let grants =
-            smartgate::smart::scope::Grants::parse(smartgate::smart::scope::split(&scopes));
+        let grants = smartgate::smart::scope::Grants::parse(smartgate::smart::scope::split(scopes));
         for (i, line) in grants.explain().iter().enumerate() {
             println!("{line}");
             // What a patient/ scope reaches of its type, on an indented line.
@@ -228,7 +227,7 @@ fn decide(scopes: &str, patient: Option<&str>, fhir_user: Option<&str>, request:
         Some((p, q)) => (p, Some(q)),
         None => (target.trim(), None),
     };
-    let grants = Grants::parse(smartgate::smart::scope::split(&scopes));
+    let grants = Grants::parse(smartgate::smart::scope::split(scopes));
     for (s, e) in &grants.ignored {
         println!("ignored scope {s:?}: {e}");
     }

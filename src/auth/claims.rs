@@ -122,7 +122,7 @@ mod tests {
             for c in [json!({"scope": joined}), json!({"scp": [joined]})] {
                 let p = principal(c.as_object().unwrap(), &names);
                 assert!(p.grants.scopes.is_empty(), "{sep:?}: {:?}", p.grants);
-                assert_eq!(p.scopes, [joined.clone()]);
+                assert_eq!(p.scopes, std::slice::from_ref(&joined));
             }
         }
         let c = json!({"scope": "patient/Patient.rs user/*.rs"});
