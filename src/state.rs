@@ -18,6 +18,9 @@ use crate::proxy::{Upstream, UpstreamSetupError};
 /// Everything a request needs from the configuration, compiled once per (re)load.
 /// A request loads it once and sees one consistent configuration throughout.
 pub struct Snapshot {
+    /// Unique per compiled snapshot, never reused: keys what was decided under it (the
+    /// decision cache), so nothing decided under one configuration is used under another.
+    pub generation: u64,
     /// The validated configuration this was compiled from.
     pub config: Config,
     /// Public ↔ upstream URL mapping.
@@ -133,7 +136,10 @@ impl Snapshot {
             .iter()
             .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
+        static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let generation = NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Snapshot {
+            generation,
             config,
             urls,
             upstream,

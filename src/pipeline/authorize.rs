@@ -58,8 +58,11 @@ pub(super) async fn classify_and_authorize(
     let if_none_exist = req
         .headers()
         .contains_key(&crate::fhir::request::IF_NONE_EXIST);
-    if cacheable && let Some(decision) = cache::get(principal.id, req.method(), if_none_exist, rel)
-    {
+    let decider = cache::Decider {
+        principal: principal.id,
+        generation: snap.generation,
+    };
+    if cacheable && let Some(decision) = cache::get(decider, req.method(), if_none_exist, rel) {
         shared.metrics.decision_cache_hit.inc();
         return finish(shared, req, decision);
     }
@@ -102,7 +105,7 @@ pub(super) async fn classify_and_authorize(
             target: rel.to_owned(),
             if_none_exist,
         };
-        cache::put(principal.id, shape, decision.clone());
+        cache::put(decider, shape, decision.clone());
     }
     finish(shared, req, decision)
 }

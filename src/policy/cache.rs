@@ -1,5 +1,6 @@
-//! The decision cache: per worker, keyed by the principal (one verification of one token)
-//! and the exact request shape (method, path and query as sent, and the headers that
+//! The decision cache: per worker, keyed by the principal (one verification of one token),
+//! the configuration snapshot it was decided under (a reload that changes the policy must
+//! not leave old decisions standing) and the exact request shape (method, path and query as sent, and the headers that
 //! change classification). A hit skips classification and the decision.
 //!
 //! Exact keys: the map compares whole keys, so a hash collision can never hand one request
@@ -27,9 +28,18 @@ pub struct RequestShape {
     pub if_none_exist: bool,
 }
 
-/// (principal, method, If-None-Exist) → target → decision. Nested so that a lookup
+/// Who decided it under what: the principal's id and the snapshot's generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Decider {
+    /// `Principal::id`.
+    pub principal: u64,
+    /// `Snapshot::generation`.
+    pub generation: u64,
+}
+
+/// (decider, method, If-None-Exist) → target → decision. Nested so that a lookup
 /// borrows the target instead of allocating a key.
-type Decisions = HashMap<(u64, http::Method, bool), HashMap<String, Decision>>;
+type Decisions = HashMap<(Decider, http::Method, bool), HashMap<String, Decision>>;
 
 thread_local! {
     static DECISIONS: RefCell<(Decisions, usize)> = RefCell::new((HashMap::new(), 0));
@@ -37,7 +47,7 @@ thread_local! {
 
 /// The cached decision for this principal and request, if any.
 pub fn get(
-    principal: u64,
+    principal: Decider,
     method: &http::Method,
     if_none_exist: bool,
     target: &str,
@@ -52,7 +62,7 @@ pub fn get(
 }
 
 /// Remembers a decision.
-pub fn put(principal: u64, shape: RequestShape, decision: Decision) {
+pub fn put(principal: Decider, shape: RequestShape, decision: Decision) {
     DECISIONS.with(|d| {
         let (map, len) = &mut *d.borrow_mut();
         if *len >= MAX {
@@ -73,7 +83,14 @@ mod tests {
     use super::*;
     use crate::policy::Plan;
 
-    /// Entries are exact: another principal or another target misses.
+    fn d(principal: u64) -> Decider {
+        Decider {
+            principal,
+            generation: 7,
+        }
+    }
+
+    /// Entries are exact: another principal, another snapshot or another target misses.
     #[test]
     fn exact_keys() {
         let shape = |t: &str| RequestShape {
@@ -82,14 +99,19 @@ mod tests {
             if_none_exist: false,
         };
         put(
-            1,
+            d(1),
             shape("/Observation?code=a"),
             Decision::Allow(Plan::pass_through()),
         );
-        let get = |p: u64, t: &str| get(p, &http::Method::GET, false, t);
-        assert!(get(1, "/Observation?code=a").is_some());
-        assert!(get(2, "/Observation?code=a").is_none());
-        assert!(get(1, "/Observation?code=b").is_none());
-        assert!(super::get(1, &http::Method::DELETE, false, "/Observation?code=a").is_none());
+        let get = |p: Decider, t: &str| get(p, &http::Method::GET, false, t);
+        assert!(get(d(1), "/Observation?code=a").is_some());
+        assert!(get(d(2), "/Observation?code=a").is_none());
+        let reloaded = Decider {
+            principal: 1,
+            generation: 8,
+        };
+        assert!(get(reloaded, "/Observation?code=a").is_none());
+        assert!(get(d(1), "/Observation?code=b").is_none());
+        assert!(super::get(d(1), &http::Method::DELETE, false, "/Observation?code=a").is_none());
     }
 }

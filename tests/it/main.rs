@@ -25,6 +25,7 @@ mod lifecycle;
 mod properties;
 mod proxy;
 mod smuggling;
+mod stale_state;
 mod two_readings;
 mod upstream_framing;
 mod upstream_pool;

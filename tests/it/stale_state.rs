@@ -1,0 +1,77 @@
+//! State that outlives what it was decided under (issue 21, item 7): a decision cached
+//! before a reload that tightens the policy must not keep serving after it.
+
+use crate::support;
+
+use std::sync::Arc;
+
+use http::StatusCode;
+use serde_json::json;
+use support::tokens::*;
+use support::*;
+
+/// An upstream that answers every read with an Observation of patient 456.
+fn other_patients_store() -> Responder {
+    Arc::new(|_: &Seen| {
+        Box::pin(std::future::ready(json_response(
+            StatusCode::OK,
+            &json!({"resourceType": "Observation", "id": "o456", "status": "final",
+                    "code": {"text": "x"}, "subject": {"reference": "Patient/456"}}),
+        )))
+    })
+}
+
+/// Reloads the gateway with `section` appended to its configuration file.
+fn reload_with(s: &JwtGateway, section: &str) {
+    let text = std::fs::read_to_string(&s.gw.config_path).unwrap();
+    s.gw.rewrite_config(&format!("{text}\n{section}\n"));
+    s.gw.handle.reload().unwrap();
+}
+
+/// A RelatedPerson user reads another patient's Observation under `user/*.rs`; after a
+/// reload that confines RelatedPerson users, the same token (same verification, its
+/// decision cached) is refused, as a new token is.
+#[tokio::test]
+async fn a_reload_that_confines_applies_to_cached_decisions() {
+    let s = jwt_gateway(FakeUpstream::start(other_patients_store()).await, "", "").await;
+    let mut c = claims();
+    c["scope"] = json!("user/*.rs");
+    c["fhirUser"] = json!("RelatedPerson/9");
+    let token = s.key.sign(&c);
+    let url = s.gw.url("/r4/Observation/o456");
+    for _ in 0..3 {
+        let (status, _, _) = get_with_token(&url, &token).await;
+        assert_eq!(status, StatusCode::OK, "unconfined before the reload");
+    }
+    reload_with(&s, "[policy]\nconfine_related_person = true");
+    let (status, _, body) = get_with_token(&url, &token).await;
+    assert_ne!(
+        status,
+        StatusCode::OK,
+        "a cached decision outlived the reload: {body:?}"
+    );
+    let fresh = s.key.sign(&c);
+    let (status, _, _) = get_with_token(&url, &fresh).await;
+    assert_ne!(status, StatusCode::OK);
+}
+
+/// The same for `patient_scope_non_compartment = "deny"`: a patient token that read a
+/// Medication before the reload is refused after it.
+#[tokio::test]
+async fn a_reload_that_denies_non_compartment_types_applies_to_cached_decisions() {
+    let up = FakeUpstream::start(Arc::new(|_: &Seen| {
+        Box::pin(std::future::ready(json_response(
+            StatusCode::OK,
+            &json!({"resourceType": "Medication", "id": "m1"}),
+        )))
+    }))
+    .await;
+    let s = jwt_gateway(up, "", "").await;
+    let token = token_with(&s.key, "patient/*.rs", Some("123"));
+    let url = s.gw.url("/r4/Medication/m1");
+    let (status, _, _) = get_with_token(&url, &token).await;
+    assert_eq!(status, StatusCode::OK);
+    reload_with(&s, "[policy]\npatient_scope_non_compartment = \"deny\"");
+    let (status, _, _) = get_with_token(&url, &token).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
