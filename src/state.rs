@@ -119,6 +119,8 @@ impl Snapshot {
                 .chain(config.upstream.aliases.iter())
                 .map(|b| b.as_string().trim_end_matches('/').to_owned())
                 .collect(),
+            narrow_conditional_writes: config.policy.confined_conditional_writes
+                == crate::config::ConfinedConditionalWrites::Narrow,
         };
         let smart = config.effective_smart();
         let discovery = match &smart {

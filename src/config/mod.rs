@@ -216,6 +216,29 @@ pub struct PolicyConfig {
     /// or 404 (FHIR security.html allows either; 404 hides existence).
     #[serde(default = "defaults::denied_read_status")]
     pub denied_read_status: u16,
+    /// A conditional update or delete under a patient context or granular scopes:
+    /// `"deny"` (default) or `"narrow"` (see [`ConfinedConditionalWrites`]).
+    #[serde(default)]
+    pub confined_conditional_writes: ConfinedConditionalWrites,
+}
+
+/// `policy.confined_conditional_writes`: what becomes of a conditional update or delete
+/// (`PUT|DELETE Type?search`) by a confined token (a patient context, or granular scopes).
+///
+/// The gateway cannot see which resources such a condition matches: the server resolves
+/// it. Narrowed, the condition gets the patient (and the scopes' constraints) added and
+/// goes with `Prefer: handling=strict`; but a server in FHIR's default lenient handling
+/// that does not support that parameter for the type, and ignores `Prefer` too, drops it
+/// and writes or deletes other patients' records. So the default refuses; `"narrow"` is
+/// for upstreams known to support the compartment parameters and strict handling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfinedConditionalWrites {
+    /// Refused (403).
+    #[default]
+    Deny,
+    /// Narrowed to the patient and constraints, sent with `Prefer: handling=strict`.
+    Narrow,
 }
 
 impl Default for PolicyConfig {
@@ -226,6 +249,7 @@ impl Default for PolicyConfig {
             confine_related_person: false,
             compartment_param: Default::default(),
             denied_read_status: defaults::denied_read_status(),
+            confined_conditional_writes: ConfinedConditionalWrites::Deny,
         }
     }
 }

@@ -273,6 +273,9 @@ async fn serve(
         if let Some(target) = &narrowed {
             upstream_uri = snap.upstream.uri_for(target)?;
         }
+        if plan.strict || plan.entries.iter().any(|e| e.strict) {
+            crate::proxy::headers::prefer_strict(req.headers_mut());
+        }
         // Boxed: writes and transactions under a confined token are the rarer requests,
         // and their futures would otherwise size every request's.
         if let Some(w) = &plan.write {

@@ -79,6 +79,10 @@ pub struct Plan {
     /// A read of one Binary that is verified: asked as FHIR JSON, it may be answered in
     /// its native form when the client asked for that.
     pub binary_read: bool,
+    /// Ask with `Prefer: handling=strict` (FHIR R4 search.html#errors): the request was
+    /// narrowed, or is a confined conditional write, and a server in lenient handling
+    /// would ignore a parameter it does not support instead of failing.
+    pub strict: bool,
 }
 
 impl Plan {
@@ -93,6 +97,7 @@ impl Plan {
     /// Whether the pipeline has anything to do beyond forwarding and rewriting links.
     pub fn is_pass_through(&self) -> bool {
         self.inject.is_empty()
+            && !self.strict
             && self.verify == Verify::None
             && self.write.is_none()
             && self.entries.iter().all(Plan::is_pass_through)
@@ -264,6 +269,9 @@ pub struct Policy {
     pub compartment_params: Vec<(String, String)>,
     /// The server's own base URLs (upstream, public, aliases), for reference matching.
     pub bases: Vec<String>,
+    /// Confined conditional updates and deletes are narrowed (`policy.
+    /// confined_conditional_writes = "narrow"`) rather than refused.
+    pub narrow_conditional_writes: bool,
 }
 
 impl Policy {
@@ -347,6 +355,11 @@ pub fn authorize(grants: &Grants, ctx: &Context, req: &FhirRequest, policy: &Pol
             };
             plan.write = Some(Write::new(check, "Subscription", req.id.clone(), perm));
         }
+    }
+    // A narrowed request must fail where the server cannot apply what was added, not run
+    // without it (a lenient server ignores a parameter it does not support).
+    if let Decision::Allow(plan) = &mut decision {
+        plan.strict |= !plan.inject.is_empty();
     }
     decision
 }
@@ -796,6 +809,9 @@ fn decide_perm(
         Create => {
             plan.write = Some(Write::new(WriteCheck::Body, ty, None, perm));
             if req.conditional {
+                plan.strict = apps
+                    .iter()
+                    .any(|a| a.confined_to.is_some() || !a.constraints.is_empty());
                 // If-None-Exist may match an existing resource, which is then returned.
                 plan.verify = Verify::Resource(Perms::C.union(Perms::R));
                 match narrowing(req, ty, apps, policy) {
@@ -814,7 +830,20 @@ fn decide_perm(
         }
         Update | Delete => {
             // Conditional: the condition is narrowed to what the token may write, or the
-            // request is refused.
+            // request is refused. The server, not the gateway, resolves what it matches.
+            let confined = apps
+                .iter()
+                .any(|a| a.confined_to.is_some() || !a.constraints.is_empty());
+            if confined && !policy.narrow_conditional_writes {
+                return deny(
+                    DenyReason::Unverifiable(
+                        "a conditional update or delete under a patient context or granular \
+                         scopes (policy.confined_conditional_writes = \"deny\")",
+                    ),
+                    String::new(),
+                );
+            }
+            plan.strict = confined;
             let extra = match narrowing(req, ty, apps, policy) {
                 Ok(extra) => extra,
                 Err(reason) => return deny(reason, String::new()),

@@ -549,19 +549,66 @@ fn confined_writes() {
     assert_eq!(w("PUT", "/Observation/1"), Some(WriteCheck::StoredAndBody));
     assert_eq!(w("PATCH", "/Observation/1"), Some(WriteCheck::Patch));
     assert_eq!(w("DELETE", "/Observation/1"), Some(WriteCheck::Stored));
-    let pl = plan(s, p, "DELETE", "/Observation?code=x");
+    // Conditional updates and deletes: refused by default (policy.confined_conditional_
+    // writes = "deny"), narrowed and sent strict with "narrow".
+    for (method, path) in [
+        ("DELETE", "/Observation?code=x"),
+        ("PUT", "/Observation?code=x"),
+        ("DELETE", "/Observation?patient=Patient/123"),
+    ] {
+        assert!(
+            matches!(reason(s, p, method, path), DenyReason::Unverifiable(_)),
+            "{method} {path}"
+        );
+    }
+    let narrow = Policy {
+        narrow_conditional_writes: true,
+        ..Policy::default()
+    };
+    let grants = Grants::parse([s]);
+    let ctx = Context::new(p, None, false);
+    let narrowed =
+        |method: &str, path: &str| match authorize(&grants, &ctx, &req(method, path), &narrow) {
+            Decision::Allow(plan) => plan,
+            d => panic!("{method} {path}: {d:?}"),
+        };
+    let pl = narrowed("DELETE", "/Observation?code=x");
     assert_eq!(pl.inject, inject("patient", "Patient/123"));
-    let pl = plan(s, p, "PUT", "/Observation?code=x");
+    assert!(pl.strict);
+    let pl = narrowed("PUT", "/Observation?code=x");
     assert_eq!(pl.inject, inject("patient", "Patient/123"));
     assert_eq!(pl.write.map(|w| w.check), Some(WriteCheck::Body));
+    assert!(pl.strict);
+    // The condition names the patient already: nothing injected, still strict.
+    let pl = narrowed("DELETE", "/Observation?patient=Patient/123&code=x");
+    assert!(pl.inject.is_empty() && pl.strict);
     assert!(matches!(
         reason(s, p, "PATCH", "/Observation?code=x"),
         DenyReason::Unverifiable(_)
     ));
     assert_eq!(
-        reason(s, p, "DELETE", "/Observation?patient=456"),
+        match authorize(
+            &grants,
+            &ctx,
+            &req("DELETE", "/Observation?patient=456"),
+            &narrow
+        ) {
+            Decision::Deny { reason, .. } => reason,
+            d => panic!("{d:?}"),
+        },
         DenyReason::Compartment
     );
+    // An unconfined token's conditional write is its own: neither refused nor strict.
+    let pl = match decide(
+        "user/Observation.cruds",
+        None,
+        "DELETE",
+        "/Observation?code=x",
+    ) {
+        Decision::Allow(plan) => plan,
+        d => panic!("{d:?}"),
+    };
+    assert!(!pl.strict && pl.inject.is_empty());
     // Operations: $everything only on the context patient; $export never.
     let pl = plan("patient/*.rs", p, "GET", "/Patient/123/$everything");
     assert_eq!(pl.verify, Verify::Bundle { narrowed: true });

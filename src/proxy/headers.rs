@@ -96,6 +96,27 @@ pub fn drop_respond_async(headers: &mut HeaderMap) {
     }
 }
 
+/// Sets the `handling=strict` preference (FHIR R4 search.html#errors) in `Prefer`, in place
+/// of any `handling` the client gave, keeping its other preferences; an unreadable value
+/// is dropped rather than passed on unread.
+pub fn prefer_strict(headers: &mut HeaderMap) {
+    let mut kept: Vec<String> = headers
+        .get_all(&PREFER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(list_members)
+        .filter(|(name, _)| !name.eq_ignore_ascii_case("handling"))
+        .map(|(_, preference)| preference.to_owned())
+        .collect();
+    kept.push("handling=strict".to_owned());
+    headers.remove(&PREFER);
+    if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+        headers.insert(&PREFER, v);
+    } else {
+        headers.insert(&PREFER, HeaderValue::from_static("handling=strict"));
+    }
+}
+
 /// Keeps an answer to a request made with a token out of shared caches.
 ///
 /// A shared cache does not store an answer to a request with `Authorization` unless the

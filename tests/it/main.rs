@@ -21,6 +21,7 @@ mod discovery;
 mod e2e_fhir;
 mod e2e_oidc;
 mod generated_tables;
+mod lenient;
 mod lifecycle;
 mod properties;
 mod proxy;
