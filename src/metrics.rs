@@ -14,7 +14,13 @@ pub const ROUTES: &[&str] = &["fhir", "metadata", "discovery", "auth", "not_foun
 pub const REWRITE_RESULTS: &[&str] =
     &["skipped", "unparsed", "unchanged", "rewritten", "too_large"];
 /// The results a verified response is counted under.
-const VERIFY_RESULTS: &[&str] = &["passed", "filtered", "refused"];
+const VERIFY_RESULTS: &[&str] = &[
+    "passed",
+    "filtered",
+    "refused",
+    "outcome_sanitised",
+    "withheld",
+];
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 

@@ -190,6 +190,12 @@ fn bundle_entries(snap: &Snapshot, bundle: &serde_json::Value) -> Vec<Result<Fhi
         .collect()
 }
 
+/// Whether the caller may read every resource of every type, unconfined: nothing the
+/// upstream answers can be more than it could read directly.
+pub(super) fn sees_everything(snap: &Snapshot, principal: &Principal) -> bool {
+    crate::policy::sees_everything(&principal.grants, &context(snap, principal), &snap.policy)
+}
+
 /// The patient context of a caller, as the policy reads it.
 pub(super) fn context(snap: &Snapshot, principal: &Principal) -> Context {
     Context::new(

@@ -373,6 +373,19 @@ async fn serve(
         _ => None,
     };
 
+    // An error answer's body is the server speaking about the request, in free text the
+    // gateway cannot check: only what of it carries no record data goes to a token that
+    // cannot read everything.
+    let resp = if !resp.status().is_success()
+        && principal
+            .as_deref()
+            .is_some_and(|p| !authorize::sees_everything(snap, p))
+    {
+        Box::pin(error_answer(shared, snap, &method, resp)).await
+    } else {
+        resp
+    };
+
     // respond
     let mut resp = respond(shared, snap, &plan, fetcher.as_ref(), &method, native, resp).await?;
     if let Some((status, client)) = export_status
@@ -478,6 +491,74 @@ fn native_binary(mut parts: http::response::Parts, bytes: Bytes) -> Response<Box
         }
         None => Response::from_parts(parts, full(bytes)),
     }
+}
+
+/// An upstream error answer as a token that cannot read everything may see it: a 404 is
+/// the gateway's own (the same status, headers and body as a read refused with
+/// `policy.denied_read_status = 404`, so the two cannot be told apart); any other keeps
+/// its status and headers, and its body becomes the sanitised OperationOutcome
+/// ([`crate::policy::verify::sanitized_outcome`]) or, for anything else, one of the
+/// gateway's own.
+async fn error_answer(
+    shared: &Shared,
+    snap: &Snapshot,
+    method: &Method,
+    resp: Response<BoxBody>,
+) -> Response<BoxBody> {
+    let status = resp.status();
+    if status == StatusCode::NOT_FOUND {
+        return GatewayError::NotFound.into_response(&snap.config.auth.realm);
+    }
+    if *method == Method::HEAD || status == StatusCode::NOT_MODIFIED || resp.body().is_end_stream()
+    {
+        return resp;
+    }
+    shared.metrics.count_verify("outcome_sanitised");
+    let (mut parts, body) = resp.into_parts();
+    let limit = snap.config.upstream.max_response_buffer.0;
+    let outcome = crate::body::read_whole(limited(body, limit))
+        .await
+        .ok()
+        .and_then(|bytes| crate::json::parse(&bytes).ok())
+        .and_then(|doc| crate::policy::verify::sanitized_outcome(&doc))
+        .unwrap_or_else(|| {
+            serde_json::json!({"resourceType": "OperationOutcome", "issue": [{
+                "severity": "error", "code": "unknown",
+                "diagnostics": format!("The FHIR server answered {}; its body is withheld.", status.as_u16())
+            }]})
+        });
+    let bytes = Bytes::from(outcome.to_string());
+    for name in [
+        header::CONTENT_ENCODING,
+        header::TRANSFER_ENCODING,
+        header::ETAG,
+        header::LAST_MODIFIED,
+        header::CONTENT_RANGE,
+        header::CONTENT_LOCATION,
+    ] {
+        parts.headers.remove(name);
+    }
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::error::FHIR_JSON),
+    );
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    Response::from_parts(parts, full(bytes))
+}
+
+/// The answer to a checked write whose body the token may not see: the write happened
+/// and its status stands, but the body becomes the gateway's own OperationOutcome.
+fn withheld(shared: &Shared) -> Bytes {
+    shared.metrics.count_verify("withheld");
+    Bytes::from(
+        serde_json::json!({"resourceType": "OperationOutcome", "issue": [{
+            "severity": "information", "code": "informational",
+            "diagnostics": "The write was done; the server's answer is withheld: this token may not read it."
+        }]})
+        .to_string(),
+    )
 }
 
 /// Whether the response must be verified.
@@ -736,7 +817,13 @@ async fn respond(
                 }
             }
         }
-        (Some(viewer), _) => verify_body(shared, snap, plan, viewer, &bytes)?,
+        (Some(viewer), _) => match verify_body(shared, snap, plan, viewer, &bytes) {
+            Ok(bytes) => bytes,
+            Err(GatewayError::Forbidden(_) | GatewayError::NotFound) if plan.write.is_some() => {
+                withheld(shared)
+            }
+            Err(e) => return Err(e),
+        },
     };
     // The upstream's Content-Length stands when hyper framed the body by it and the
     // body kept its length; otherwise the length is the gateway's to state.

@@ -766,10 +766,9 @@ fn decide_perm(
             if *ty == "Patient" && sole.is_some_and(|p| p != id) {
                 return deny(DenyReason::Compartment, String::new());
             }
-            if *ty == "Patient" && sole == Some(id) && apps.iter().all(|a| a.constraints.is_empty())
-            {
-                return Decision::Allow(plan);
-            }
+            // The context patient's own record is verified too: what the upstream answers
+            // is checked, not what was asked (another Patient after a merge, an answer
+            // meant for another request).
             plan.verify = if req.interaction == HistoryInstance {
                 Verify::Bundle { narrowed: true }
             } else {
@@ -808,6 +807,9 @@ fn decide_perm(
         }
         Create => {
             plan.write = Some(Write::new(WriteCheck::Body, ty, None, perm));
+            // The answer (return=representation) is checked like a read: what the
+            // upstream answers, not what was written, is what leaves.
+            plan.verify = Verify::Resource(perm.union(Perms::R));
             if req.conditional {
                 plan.strict = apps
                     .iter()
@@ -827,6 +829,7 @@ fn decide_perm(
                 _ => WriteCheck::Stored,
             };
             plan.write = Some(Write::new(check, ty, req.id.clone(), perm));
+            plan.verify = Verify::Resource(perm.union(Perms::R));
         }
         Update | Delete => {
             // Conditional: the condition is narrowed to what the token may write, or the
@@ -849,6 +852,7 @@ fn decide_perm(
                 Err(reason) => return deny(reason, String::new()),
             };
             plan.inject = extra;
+            plan.verify = Verify::Resource(perm.union(Perms::R));
             if req.interaction == Update {
                 plan.write = Some(Write::new(WriteCheck::Body, ty, None, perm));
             }

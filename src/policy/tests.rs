@@ -238,13 +238,17 @@ fn inject(k: &str, v: &str) -> Vec<(String, String)> {
     vec![(k.into(), v.into())]
 }
 
-/// Rule 4: confined reads are verified on the response; the patient's own record passes
-/// as is; another Patient is refused before anything is forwarded; types outside the
-/// compartment follow `patient_scope_non_compartment`.
+/// Rule 4: confined reads are verified on the response, the patient's own record too
+/// (what the upstream answers is checked, not what was asked); another Patient is refused
+/// before anything is forwarded; types outside the compartment follow
+/// `patient_scope_non_compartment`.
 #[test]
 fn confined_reads() {
     let p = Some("123");
-    assert!(plan("patient/Patient.r", p, "GET", "/Patient/123").is_pass_through());
+    assert_eq!(
+        plan("patient/Patient.r", p, "GET", "/Patient/123").verify,
+        Verify::Resource(Perms::R)
+    );
     assert_eq!(
         reason("patient/Patient.r", p, "GET", "/Patient/456"),
         DenyReason::Compartment

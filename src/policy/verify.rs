@@ -113,17 +113,17 @@ impl Viewer<'_> {
     /// [`Viewer::visible`] straight from the bytes of one resource, parsing only the
     /// top-level elements the check reads (`resourceType`, `id`, the compartment paths,
     /// the granular constraints' paths): a read's response is mostly text the check
-    /// never looks at. An OperationOutcome passes, as in [`Viewer::verify`]. `None` when
-    /// the body is not a plain JSON object of a known type, or is a Bundle (the caller
-    /// then parses it whole).
+    /// never looks at. `None` when the body is not a plain JSON object of a known type,
+    /// or is a Bundle or an OperationOutcome (the caller then parses it whole: an
+    /// OperationOutcome is sanitised there).
     pub fn visible_bytes(&self, bytes: &[u8], any: Perms) -> Option<bool> {
         use serde::Deserializer as _;
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let top = de.deserialize_map(TopLevel { viewer: self }).ok()?;
         de.end().ok()?;
         match top {
-            // As in `verify`: the server speaking about the request, not a stored resource.
-            Top::Outcome => Some(true),
+            // Sanitised from the whole document (`verify`).
+            Top::Outcome => None,
             Top::Resource(partial) => Some(self.visible(&Value::Object(partial), any)),
         }
     }
@@ -243,9 +243,17 @@ impl Viewer<'_> {
         }
     }
 
-    fn single(&self, doc: &Value, perm: Perms) -> Verdict {
-        // The server speaking about the request, not a stored resource.
-        if resource_type(doc) == Some("OperationOutcome") || self.visible(doc, perm) {
+    fn single(&self, doc: &mut Value, perm: Perms) -> Verdict {
+        // The server speaking about the request, not a stored resource: only what of it
+        // carries no record data passes.
+        if let Some(outcome) = sanitized_outcome(doc) {
+            if outcome == *doc {
+                return Verdict::Unchanged;
+            }
+            *doc = outcome;
+            return Verdict::Changed { removed: 0 };
+        }
+        if self.visible(doc, perm) {
             Verdict::Unchanged
         } else {
             Verdict::Refuse(DenyReason::Compartment)
@@ -289,6 +297,22 @@ impl Viewer<'_> {
             let verify = plans
                 .get(i)
                 .map_or(Verify::Bundle { narrowed: false }, |p| p.verify);
+            let wrote = plans.get(i).is_some_and(|p| p.write.is_some());
+            // The outcome of an entry: sanitised like any OperationOutcome.
+            if let Some(outcome) = entry.pointer_mut("/response/outcome") {
+                match sanitized_outcome(outcome) {
+                    Some(clean) if clean == *outcome => {}
+                    Some(clean) => {
+                        *outcome = clean;
+                        changed = true;
+                    }
+                    None => {
+                        *outcome = serde_json::json!({"resourceType": "OperationOutcome",
+                            "issue": [{"severity": "error", "code": "unknown"}]});
+                        changed = true;
+                    }
+                }
+            }
             let Some(resource) = entry.get_mut("resource") else {
                 continue;
             };
@@ -302,10 +326,13 @@ impl Viewer<'_> {
                 Verdict::Refuse(_) => {
                     if let Some(obj) = entry.as_object_mut() {
                         obj.remove("resource");
-                        obj.insert(
-                            "response".into(),
-                            serde_json::json!({"status": "403 Forbidden"}),
-                        );
+                        // A write happened whatever its answer holds: its status stands.
+                        if !wrote {
+                            obj.insert(
+                                "response".into(),
+                                serde_json::json!({"status": "403 Forbidden"}),
+                            );
+                        }
                     }
                     removed += 1;
                     changed = true;
@@ -318,6 +345,64 @@ impl Viewer<'_> {
             Verdict::Unchanged
         }
     }
+}
+
+/// What of an `OperationOutcome` may go to a token that cannot read everything: each
+/// issue's `severity`, `code` and the codings of its `details` (`system`, `code`). The
+/// rest — `diagnostics`, `details.text`, `expression`, `location`, the narrative,
+/// `contained`, extensions — is free text or references, which may carry another
+/// patient's data (a 409 naming the conflicting resource, a 422 quoting it) and cannot
+/// be checked. `None` when `doc` is not an OperationOutcome.
+pub fn sanitized_outcome(doc: &Value) -> Option<Value> {
+    if doc.get("resourceType").and_then(Value::as_str) != Some("OperationOutcome") {
+        return None;
+    }
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    let issues: Vec<Value> = doc
+        .get("issue")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|issue| {
+            let mut kept = serde_json::Map::new();
+            kept.insert(
+                "severity".into(),
+                Value::from(text(issue, "severity").unwrap_or_else(|| "error".into())),
+            );
+            kept.insert(
+                "code".into(),
+                Value::from(text(issue, "code").unwrap_or_else(|| "unknown".into())),
+            );
+            let codings: Vec<Value> = issue
+                .pointer("/details/coding")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|c| {
+                    let mut coding = serde_json::Map::new();
+                    for k in ["system", "code"] {
+                        if let Some(v) = text(c, k) {
+                            coding.insert(k.into(), Value::from(v));
+                        }
+                    }
+                    Value::Object(coding)
+                })
+                .filter(|c| c.as_object().is_some_and(|o| !o.is_empty()))
+                .collect();
+            if !codings.is_empty() {
+                kept.insert("details".into(), serde_json::json!({ "coding": codings }));
+            }
+            Value::Object(kept)
+        })
+        .collect();
+    let issues = if issues.is_empty() {
+        vec![serde_json::json!({"severity": "error", "code": "unknown"})]
+    } else {
+        issues
+    };
+    Some(serde_json::json!({"resourceType": "OperationOutcome", "issue": issues}))
 }
 
 /// Whether a compartment path of the resource holds a conditional reference
@@ -581,11 +666,13 @@ mod tests {
                         let whole: Value = serde_json::from_str(&text).unwrap();
                         // A repeated name has two readings: never answered (crate::json).
                         let one_reading = crate::json::parse(bytes).is_ok();
-                        let usual =
-                            one_reading && !text.contains("Bundle") && !text.contains("Nope");
-                        // An OperationOutcome passes, as in `verify`.
-                        let expected =
-                            whole["resourceType"] == "OperationOutcome" || v.visible(&whole, rs);
+                        // A Bundle or an OperationOutcome is read whole (the latter to be
+                        // sanitised), as is anything of an unknown type.
+                        let usual = one_reading
+                            && !text.contains("Bundle")
+                            && !text.contains("OperationOutcome")
+                            && !text.contains("Nope");
+                        let expected = v.visible(&whole, rs);
                         match v.visible_bytes(bytes, rs) {
                             Some(seen) => {
                                 prop_assert!(one_reading, "answered two readings: {}", text);

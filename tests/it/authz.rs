@@ -83,7 +83,8 @@ async fn scopes_decide() {
     );
 }
 
-/// patient/ scopes: the patient's own record passes as is; what is outside the
+/// patient/ scopes: the patient's own record is forwarded and its answer verified (this
+/// echoing upstream answers no Patient, so it is refused); what is outside the
 /// compartment on its face is refused before forwarding; no patient in the token means no
 /// access. (Verified reads and searches: tests/it/compartment.rs.)
 #[tokio::test]
@@ -92,8 +93,9 @@ async fn patient_scopes_confined() {
     let app = token(&s.key, "launch/patient patient/*.rs", Some("Patient/123"));
     assert_eq!(
         call(&s, "GET", "/r4/Patient/123", &app, None).await.0,
-        StatusCode::OK
+        StatusCode::FORBIDDEN
     );
+    assert_eq!(s.up.requests().len(), 1, "forwarded, then verified");
     let forwarded = s.up.requests().len();
     for path in [
         "/r4/Patient/456",

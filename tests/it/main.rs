@@ -11,6 +11,7 @@ mod generator;
 #[path = "../support/mod.rs"]
 mod support;
 
+mod answers;
 mod auth_introspection;
 mod auth_jwt;
 mod authz;
