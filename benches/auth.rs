@@ -127,6 +127,7 @@ algorithms = ["RS256", "ES384"]
         "http://gateway.test/r4/auth/token",
         &outbound,
         &Metrics::new().jwks_fetches,
+        Default::default(),
     )
     .unwrap();
     let client = clients.get("app").unwrap();

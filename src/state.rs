@@ -18,6 +18,9 @@ use crate::proxy::{Upstream, UpstreamSetupError};
 /// Everything a request needs from the configuration, compiled once per (re)load.
 /// A request loads it once and sees one consistent configuration throughout.
 pub struct Snapshot {
+    /// Client assertion ids seen by the embedded authorization server: handed from each
+    /// snapshot to the next, so no reload forgets one before its assertion expires.
+    pub replay: Arc<crate::authz::replay::ReplayGuard>,
     /// Unique per compiled snapshot, never reused: keys what was decided under it (the
     /// decision cache), so nothing decided under one configuration is used under another.
     pub generation: u64,
@@ -70,8 +73,9 @@ impl Snapshot {
             &config.upstream.url,
             &config.upstream.aliases,
         );
-        // Reused when its configuration is unchanged, so a reload keeps the replay cache
-        // and rate limits.
+        let replay = previous.map(|p| p.replay.clone()).unwrap_or_default();
+        // Reused when its configuration is unchanged, so a reload keeps its rate limits
+        // (the replay guard is kept whatever changes).
         let same_authz = |p: &Snapshot| {
             p.config.authorization_server == config.authorization_server
                 && p.config.server.public_base_url == config.server.public_base_url
@@ -79,7 +83,7 @@ impl Snapshot {
         };
         let authz = match previous {
             Some(p) if same_authz(p) => p.authz.clone(),
-            _ => crate::authz::AuthServer::new(&config, outbound, metrics)
+            _ => crate::authz::AuthServer::new(&config, outbound, metrics, replay.clone())
                 .map_err(CompileError::Auth)?
                 .map(Arc::new),
         };
@@ -141,6 +145,7 @@ impl Snapshot {
         static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let generation = NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Snapshot {
+            replay,
             generation,
             config,
             urls,

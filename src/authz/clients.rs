@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, Validation};
@@ -49,10 +49,14 @@ pub struct Clients {
     clients: HashMap<String, Client>,
     algorithms: Vec<Algorithm>,
     token_endpoint: String,
-    /// `(client_id, jti)` seen, until the assertion would have expired anyway.
-    replay: moka::sync::Cache<(String, String), ()>,
-    /// Per client: (tokens left, last refill).
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    /// `jti`s seen, per client, until their assertions expire; outlives reloads.
+    replay: Arc<super::replay::ReplayGuard>,
+    /// Most live `jti`s one client may have (`replay_cache_max_entries`).
+    replay_per_client: usize,
+    /// Per registered client, and one for every id that is not registered: (tokens left,
+    /// last refill). Keyed by configuration, never by what a client sends, so its size is
+    /// the number of registered clients plus one.
+    buckets: Mutex<HashMap<Option<String>, (f64, Instant)>>,
     rate: f64,
 }
 
@@ -69,15 +73,6 @@ pub fn parse_secret_hash(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Expiry of a replay-cache entry: the assertion's remaining lifetime plus leeway.
-struct ReplayExpiry;
-
-impl moka::Expiry<(String, String), ()> for ReplayExpiry {
-    fn expire_after_create(&self, _: &(String, String), _: &(), _: Instant) -> Option<Duration> {
-        Some(Duration::from_secs(MAX_ASSERTION_LIFETIME + 2 * LEEWAY))
-    }
-}
-
 impl Clients {
     /// The registry for `cfg`; `token_endpoint` is the `aud` assertions must carry.
     pub fn new(
@@ -85,6 +80,7 @@ impl Clients {
         token_endpoint: &str,
         outbound: &Outbound,
         fetches: &prometheus::IntCounterVec,
+        replay: Arc<super::replay::ReplayGuard>,
     ) -> Result<Clients, String> {
         let mut clients = HashMap::new();
         for c in &cfg.clients {
@@ -98,10 +94,8 @@ impl Clients {
                 .filter_map(|a| a.parse().ok())
                 .collect(),
             token_endpoint: token_endpoint.to_owned(),
-            replay: moka::sync::Cache::builder()
-                .max_capacity(cfg.replay_cache_max_entries)
-                .expire_after(ReplayExpiry)
-                .build(),
+            replay,
+            replay_per_client: usize::try_from(cfg.replay_cache_max_entries).unwrap_or(usize::MAX),
             buckets: Mutex::new(HashMap::new()),
             rate: f64::from(cfg.rate_limit),
         })
@@ -112,13 +106,15 @@ impl Clients {
         self.clients.get(id)
     }
 
-    /// Takes one token from the client's bucket; `false` when it is empty.
+    /// Takes one token from the client's bucket (the shared one of unregistered ids, whose
+    /// requests can only fail); `false` when it is empty.
     pub fn allow(&self, id: &str) -> bool {
         let Ok(mut buckets) = self.buckets.lock() else {
             return false;
         };
         let now = Instant::now();
-        let (tokens, last) = buckets.entry(id.to_owned()).or_insert((self.rate, now));
+        let key = self.clients.contains_key(id).then(|| id.to_owned());
+        let (tokens, last) = buckets.entry(key).or_insert((self.rate, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.rate);
         *last = now;
         if *tokens >= 1.0 {
@@ -127,6 +123,12 @@ impl Clients {
         } else {
             false
         }
+    }
+
+    /// How many rate-limit buckets are kept: one per registered client that asked, and
+    /// one for all unregistered ids.
+    pub fn rate_buckets(&self) -> usize {
+        self.buckets.lock().map_or(0, |b| b.len())
     }
 
     /// The client `id`, if it is a secret client and `secret` is its secret.
@@ -228,6 +230,8 @@ impl Clients {
         v.set_issuer(&[&client.id]);
         v.set_audience(&[&self.token_endpoint]);
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        // RFC 7523 §3: not to be used before `nbf`.
+        v.validate_nbf = true;
         v.sub = Some(client.id.clone());
         let data = jsonwebtoken::decode::<Map<String, Value>>(assertion, key, &v).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind::*;
@@ -251,23 +255,31 @@ impl Clients {
                 "the client assertion's exp is more than five minutes ahead",
             ));
         }
+        // An assertion issued in the future (beyond the skew) is not yet one.
+        if let Some(iat) = data.claims.get("iat") {
+            if iat.as_u64().is_none_or(|iat| iat > now + LEEWAY) {
+                return Err(invalid("the client assertion's iat is in the future"));
+            }
+        }
         let jti = data
             .claims
             .get("jti")
             .and_then(Value::as_str)
             .filter(|j| !j.is_empty())
             .ok_or_else(|| invalid("the client assertion has no jti"))?;
-        // Atomic insert-if-absent: two concurrent uses of one jti cannot both pass.
-        let entry = self
+        // Remembered until the assertion can no longer be used anyway (exp + leeway).
+        match self
             .replay
-            .entry((client.id.clone(), jti.to_owned()))
-            .or_insert(());
-        if !entry.is_fresh() {
-            return Err(invalid(
+            .remember(&client.id, jti, exp + LEEWAY, now, self.replay_per_client)
+        {
+            Ok(()) => Ok(()),
+            Err(super::replay::Refusal::Replay) => Err(invalid(
                 "the client assertion was already used (jti replay)",
-            ));
+            )),
+            Err(super::replay::Refusal::Full) => Err(OAuthError::temporarily_unavailable(
+                "too many live client assertions for this client; retry when some expire",
+            )),
         }
-        Ok(())
     }
 }
 
@@ -330,4 +342,37 @@ fn client(
         scope: c.scope.clone(),
         credential,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ids a client sends that are not registered never grow the rate limiter: 10,000
+    /// random ids leave one bucket for them all, beside the registered client's.
+    #[tokio::test]
+    async fn unregistered_ids_share_one_bucket() {
+        let cfg: AuthorizationServerConfig = toml::from_str(&format!(
+            "enabled = true\nrate_limit = 5\n[[clients]]\nclient_id = \"sym\"\n\
+             client_secret_hash = \"sha256:{}\"\nscope = \"system/Patient.r\"\n",
+            "0".repeat(64)
+        ))
+        .unwrap();
+        let clients = Clients::new(
+            &cfg,
+            "http://gw/auth/token",
+            &Outbound::new(None).unwrap(),
+            &crate::metrics::Metrics::new().jwks_fetches,
+            Default::default(),
+        )
+        .unwrap();
+        let mut allowed = 0;
+        for i in 0..10_000 {
+            allowed += usize::from(clients.allow(&format!("random-{i}-{}", uuid::Uuid::new_v4())));
+        }
+        assert!(clients.allow("sym"));
+        assert_eq!(clients.rate_buckets(), 2);
+        // Their one bucket is limited like a client's: a burst of at most the rate.
+        assert!(allowed <= 6, "{allowed}");
+    }
 }

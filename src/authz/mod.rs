@@ -6,6 +6,7 @@
 pub mod clients;
 pub mod grant;
 pub mod issuer;
+pub mod replay;
 
 use std::sync::Arc;
 
@@ -108,6 +109,7 @@ impl AuthServer {
         config: &Config,
         outbound: &Outbound,
         metrics: &crate::metrics::Metrics,
+        replay: Arc<replay::ReplayGuard>,
     ) -> Result<Option<AuthServer>, String> {
         let a = &config.authorization_server;
         if !a.enabled {
@@ -125,6 +127,7 @@ impl AuthServer {
             &format!("{base}/auth/token"),
             outbound,
             &metrics.jwks_fetches,
+            replay,
         )?;
         Ok(Some(AuthServer {
             issuer: Arc::new(issuer),

@@ -93,7 +93,9 @@ pub struct AuthorizationServerConfig {
     /// Client assertion algorithms accepted.
     #[serde(default = "defaults::assertion_algorithms")]
     pub assertion_algorithms: Vec<String>,
-    /// Most assertion ids (`jti`) remembered for replay detection.
+    /// Most live assertion ids (`jti`) one client may have for replay detection; each is
+    /// kept until its assertion expires, and a full client is refused rather than an id
+    /// forgotten early (`authz::replay`).
     #[serde(default = "defaults::replay_cache_max_entries")]
     pub replay_cache_max_entries: u64,
     /// A bearer token carrying this scope may call `/auth/introspect`.

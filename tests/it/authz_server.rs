@@ -686,3 +686,104 @@ jku_allow = ["{}"]
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// Reloads `e`'s gateway with `extra` added to `[authorization_server]`.
+fn reload_authz(e: &Env, extra: &str) {
+    let text = std::fs::read_to_string(&e.gw.config_path).unwrap();
+    let text = text.replace(
+        "[authorization_server]\n",
+        &format!("[authorization_server]\n{extra}\n"),
+    );
+    e.gw.rewrite_config(&text);
+    e.gw.handle.reload().unwrap();
+}
+
+/// An assertion used before a reload that changes the authorization server is still
+/// refused after it: the ids seen are kept until their assertions expire, whatever
+/// reloads.
+#[tokio::test]
+async fn assertions_cannot_be_replayed_after_a_reload() {
+    let e = env("[auth]\nmode = \"embedded\"\n", 1000, None).await;
+    let used = assertion(&e.ec, good_claims(), |_| {});
+    assert_eq!(
+        token_request(&e, &used, "system/Patient.rs").await.0,
+        StatusCode::OK
+    );
+    reload_authz(&e, "token_lifetime = \"2m\"");
+    let (st, _, b) = token_request(&e, &used, "system/Patient.rs").await;
+    assert_eq!(
+        (st, b["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_client")),
+        "replayed after a reload"
+    );
+    // A fresh assertion still works under the new configuration.
+    let fresh = assertion(&e.ec, good_claims(), |_| {});
+    assert_eq!(
+        token_request(&e, &fresh, "system/Patient.rs").await.0,
+        StatusCode::OK
+    );
+}
+
+/// When a client has as many live assertion ids as it may keep, its next assertion is
+/// refused (503 temporarily_unavailable) rather than an older id forgotten: every used
+/// assertion stays refused.
+#[tokio::test]
+async fn a_full_replay_guard_refuses_rather_than_forgets() {
+    let e = env("[auth]\nmode = \"embedded\"\n", 1000, None).await;
+    reload_authz(&e, "replay_cache_max_entries = 3");
+    let used: Vec<String> = (0..3)
+        .map(|_| assertion(&e.ec, good_claims(), |_| {}))
+        .collect();
+    for a in &used {
+        assert_eq!(
+            token_request(&e, a, "system/Patient.rs").await.0,
+            StatusCode::OK
+        );
+    }
+    let (st, _, b) = token_request(
+        &e,
+        &assertion(&e.ec, good_claims(), |_| {}),
+        "system/Patient.rs",
+    )
+    .await;
+    assert_eq!(
+        (st, b["error"].as_str()),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("temporarily_unavailable")
+        )
+    );
+    for a in &used {
+        let (st, _, b) = token_request(&e, a, "system/Patient.rs").await;
+        assert_eq!(
+            (st, b["error"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("invalid_client"))
+        );
+    }
+}
+
+/// RFC 7523 §3: an assertion with `nbf` or `iat` in the future (beyond 30 s of skew) is
+/// refused; within the skew it passes.
+#[tokio::test]
+async fn assertions_from_the_future_are_refused() {
+    let e = env("[auth]\nmode = \"embedded\"\n", 1000, None).await;
+    for (claim, ahead, ok) in [
+        ("nbf", 120, false),
+        ("iat", 120, false),
+        ("nbf", 10, true),
+        ("iat", 10, true),
+    ] {
+        let mut c = good_claims();
+        c[claim] = json!(now() + ahead);
+        let (st, _, b) = token_request(&e, &assertion(&e.ec, c, |_| {}), "system/Patient.rs").await;
+        if ok {
+            assert_eq!(st, StatusCode::OK, "{claim} +{ahead}: {b}");
+        } else {
+            assert_eq!(
+                (st, b["error"].as_str()),
+                (StatusCode::UNAUTHORIZED, Some("invalid_client")),
+                "{claim} +{ahead}"
+            );
+        }
+    }
+}
