@@ -256,10 +256,10 @@ impl Clients {
             ));
         }
         // An assertion issued in the future (beyond the skew) is not yet one.
-        if let Some(iat) = data.claims.get("iat") {
-            if iat.as_u64().is_none_or(|iat| iat > now + LEEWAY) {
-                return Err(invalid("the client assertion's iat is in the future"));
-            }
+        if let Some(iat) = data.claims.get("iat")
+            && iat.as_u64().is_none_or(|iat| iat > now + LEEWAY)
+        {
+            return Err(invalid("the client assertion's iat is in the future"));
         }
         let jti = data
             .claims
