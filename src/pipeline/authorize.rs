@@ -54,7 +54,10 @@ pub(super) async fn classify_and_authorize(
         };
         return finish(shared, req, decision);
     }
-    let cacheable = !base_post && form.is_none();
+    // A POST $export carries its parameters in its body (exports::body_params): read
+    // for the decision, which is then not cached by the target alone.
+    let export_post = req.method() == Method::POST && super::exports::is_kick_off(rel);
+    let cacheable = !base_post && form.is_none() && !export_post;
     let if_none_exist = req
         .headers()
         .contains_key(&crate::fhir::request::IF_NONE_EXIST);
@@ -76,6 +79,13 @@ pub(super) async fn classify_and_authorize(
     } else {
         (req, None)
     };
+    let (req, export_params) = if export_post {
+        let (req, bytes) = buffer(snap, req).await?;
+        let params = super::exports::body_params(&bytes).map_err(GatewayError::BadRequest)?;
+        (req, params)
+    } else {
+        (req, Vec::new())
+    };
     let bundle_type = bundle
         .as_ref()
         .filter(|b| b["resourceType"] == "Bundle")
@@ -89,6 +99,8 @@ pub(super) async fn classify_and_authorize(
         bundle_type,
     )
     .map_err(classify_error)?;
+    let mut freq = freq;
+    freq.params.extend(export_params);
 
     let context = context(snap, principal);
     let decision = match (freq.interaction, &bundle) {

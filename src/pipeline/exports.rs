@@ -97,17 +97,64 @@ fn message(client: &str, rel: &str, expires: u64) -> Vec<u8> {
     format!("{client}\n{rel}\n{expires}").into_bytes()
 }
 
-/// Who kicked an export off: the token's issuer and client (or subject, when the token
-/// names no client). `None` when it names neither: nothing to bind the job to.
+/// Who kicked an export off: the token's issuer and client. `None` when the token names
+/// no client: nothing to bind the job to, and no status URL is signed. Never the subject:
+/// a user whose `sub` equals a client's id would poll that client's exports.
 pub fn client_of(principal: &Principal) -> Option<String> {
-    let who = principal
-        .client_id
-        .as_deref()
-        .or(principal.subject.as_deref())?;
+    let who = principal.client_id.as_deref()?;
     Some(format!(
         "{}\n{who}",
         principal.issuer.as_deref().unwrap_or_default()
     ))
+}
+
+/// The parameters of a `POST $export` body (Bulk Data 2.0: a FHIR `Parameters` resource),
+/// as `(name, value)` pairs the decision reads like query parameters: `_type` decides the
+/// scopes needed, so a body naming types beyond them must be read, not forwarded unread.
+/// An empty body has none. `Err` for anything else: not a strictly read JSON
+/// `Parameters`, a parameter without a name, or a value other than a plain string or
+/// code (which no export parameter the decision reads can be).
+pub fn body_params(bytes: &[u8]) -> Result<Vec<(String, String)>, &'static str> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let doc = crate::json::parse(bytes)
+        .map_err(|_| "the $export body is not JSON, or repeats a member name")?;
+    if doc.get("resourceType").and_then(serde_json::Value::as_str) != Some("Parameters") {
+        return Err("the $export body is not a Parameters resource");
+    }
+    let Some(params) = doc.get("parameter") else {
+        return Ok(Vec::new());
+    };
+    let params = params
+        .as_array()
+        .ok_or("the $export body's parameter is not a list")?;
+    let mut out = Vec::new();
+    for p in params {
+        let name = p
+            .get("name")
+            .and_then(serde_json::Value::as_str)
+            .ok_or("a $export body parameter has no name")?;
+        let value = [
+            "valueString",
+            "valueCode",
+            "valueInstant",
+            "valueDateTime",
+            "valueUri",
+        ]
+        .iter()
+        .find_map(|k| p.get(*k).and_then(serde_json::Value::as_str));
+        match (name, value) {
+            (_, Some(v)) => out.push((name.to_owned(), v.to_owned())),
+            // Other parameters (`patient` references, extensions) are not read by the
+            // decision; `_type` and `_typeFilter` always are.
+            ("_type" | "_typeFilter", None) => {
+                return Err("a $export _type or _typeFilter that is not a string");
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 /// Whether `rel` (a path under the public base) kicks off an export: its last segment

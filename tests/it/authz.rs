@@ -636,3 +636,84 @@ async fn export_status_signed_with_a_shared_key_works_on_every_replica() {
         assert_eq!(st, StatusCode::FORBIDDEN, "{extra:?}");
     }
 }
+
+/// An export's status URL is bound to the client id alone: a token without a client id
+/// whose `sub` equals the exporter's client id cannot poll it, and gets no signed status
+/// URL of its own.
+#[tokio::test]
+async fn export_status_is_bound_to_the_client_id_only() {
+    let s = jwt_gateway(FakeUpstream::start(export_upstream()).await, "", ALIAS).await;
+    let exporter = exporter_token(&s, "exporter");
+    let status = kick_off(&s, "/r4/$export?_type=Observation", &exporter).await;
+    let mut c = claims();
+    c["scope"] = json!("system/*.rs");
+    c["sub"] = json!("exporter");
+    c.as_object_mut().unwrap().remove("client_id");
+    let impostor = s.key.sign(&c);
+    let forwarded = s.up.requests().len();
+    assert_eq!(
+        call(&s, "GET", &status, &impostor, None).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(s.up.requests().len(), forwarded);
+    let (st, h, _) = call(&s, "GET", "/r4/$export?_type=Observation", &impostor, None).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let location = h["content-location"].to_str().unwrap();
+    assert!(
+        !location.contains("_sg="),
+        "signed for no client: {location}"
+    );
+}
+
+/// A `POST $export` names its types in a Parameters body: read for the decision like
+/// `_type` in the query. Types beyond the scopes are refused before anything is
+/// forwarded; a body that cannot be read is refused (400); within the scopes it passes.
+#[tokio::test]
+async fn post_export_bodies_are_read_for_the_decision() {
+    let s = jwt_gateway(FakeUpstream::start(export_upstream()).await, "", ALIAS).await;
+    let mut c = claims();
+    c["scope"] = json!("system/Observation.rs");
+    c["client_id"] = json!("exporter");
+    let token = s.key.sign(&c);
+    let params = |ty: &str| {
+        json!({"resourceType": "Parameters", "parameter": [
+            {"name": "_outputFormat", "valueString": "application/fhir+ndjson"},
+            {"name": "_type", "valueString": ty}
+        ]})
+        .to_string()
+    };
+    for (body_text, want) in [
+        (params("Patient"), StatusCode::FORBIDDEN),
+        (params("Observation,Patient"), StatusCode::FORBIDDEN),
+        (
+            json!({"resourceType": "Parameters"}).to_string(),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            r#"{"resourceType":"Parameters","parameter":[{"name":"_type","valueString":"Observation","valueString":"Patient"}]}"#.to_owned(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            r#"{"resourceType":"Parameters","parameter":[{"name":"_type","valueInteger":1}]}"#.to_owned(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (r#"{"resourceType":"Patient"}"#.to_owned(), StatusCode::BAD_REQUEST),
+    ] {
+        let forwarded = s.up.requests().len();
+        let (st, _, b) = call(&s, "POST", "/r4/$export", &token, Some(&body_text)).await;
+        assert_eq!(st, want, "{body_text}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(s.up.requests().len(), forwarded, "{body_text} was forwarded");
+    }
+    let (st, _, _) = call(
+        &s,
+        "POST",
+        "/r4/$export",
+        &token,
+        Some(&params("Observation")),
+    )
+    .await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    // The same target with a wider body afterwards is decided again, not from a cache.
+    let (st, _, _) = call(&s, "POST", "/r4/$export", &token, Some(&params("Patient"))).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+}
