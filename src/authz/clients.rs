@@ -125,6 +125,19 @@ impl Clients {
         }
     }
 
+    /// Whether the shared bucket of unregistered ids and failed attempts has a token left,
+    /// without taking it: checked before work a garbage request could make costly.
+    pub fn unregistered_budget_left(&self) -> bool {
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        let (tokens, last) = buckets.entry(None).or_insert((self.rate, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.rate);
+        *last = now;
+        *tokens >= 1.0
+    }
+
     /// How many rate-limit buckets are kept: one per registered client that asked, and
     /// one for all unregistered ids.
     pub fn rate_buckets(&self) -> usize {

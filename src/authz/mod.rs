@@ -287,7 +287,12 @@ impl AuthServer {
 
     /// `POST /auth/introspect` (RFC 7662 with the SMART fields). The caller is a
     /// registered client, or brings a bearer token with the configured introspection
-    /// scope.
+    /// scope. RFC 7662 §4 leaves to the server who may learn what about a token: a client
+    /// registered with the introspection scope, or a bearer token carrying it, learns
+    /// about any token; any other client only about tokens issued to itself (others
+    /// are `active: false` to it, as an unknown token is). Bearer tokens that fail are
+    /// counted against the bucket of unregistered callers, and once it is empty no bearer
+    /// token is verified until it refills: a garbage burst costs no signature checks.
     async fn introspect(
         &self,
         auth: Option<&crate::auth::Authenticator>,
@@ -303,8 +308,15 @@ impl AuthServer {
             h.strip_prefix("Bearer ")
                 .or_else(|| h.strip_prefix("bearer "))
         });
-        match (bearer, &self.introspection_scope) {
+        let sees_all = match (bearer, &self.introspection_scope) {
             (Some(token), Some(scope)) => {
+                if !self.clients.unregistered_budget_left() {
+                    return Err(OAuthError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "slow_down",
+                        "too many failed introspection requests",
+                    ));
+                }
                 let ok = match auth {
                     Some(a) => a
                         .authenticate(token.trim())
@@ -320,10 +332,13 @@ impl AuthServer {
                         }),
                 };
                 if !ok {
+                    // Charged to the shared bucket of unregistered callers.
+                    self.clients.allow("");
                     return Err(OAuthError::invalid_client(
                         "the bearer token may not introspect",
                     ));
                 }
+                None
             }
             (Some(_), None) => {
                 return Err(OAuthError::invalid_client(
@@ -331,13 +346,24 @@ impl AuthServer {
                 ));
             }
             (None, _) => {
-                self.authenticate_client(basic.as_deref(), &form).await?;
+                let client = self.authenticate_client(basic.as_deref(), &form).await?;
+                let permitted = self
+                    .introspection_scope
+                    .as_deref()
+                    .is_some_and(|s| crate::smart::scope::split(&client.scope).any(|x| x == s));
+                (!permitted).then(|| client.id.clone())
             }
-        }
+        };
         let token =
             one(&form, "token")?.ok_or_else(|| OAuthError::invalid_request("token is required"))?;
+        // `sees_all`: `None` for a caller that may introspect any token, else the one
+        // client whose tokens it may.
         let body = match self.issuer.verify(token, self.leeway) {
-            Ok(c) => {
+            Ok(c)
+                if sees_all
+                    .as_deref()
+                    .is_none_or(|own| c.get("client_id").and_then(Value::as_str) == Some(own)) =>
+            {
                 let mut out = json!({"active": true, "token_type": "Bearer"});
                 for k in [
                     "scope",
@@ -355,7 +381,7 @@ impl AuthServer {
                 }
                 out
             }
-            Err(_) => json!({"active": false}),
+            _ => json!({"active": false}),
         };
         Ok(json_response(StatusCode::OK, &body))
     }

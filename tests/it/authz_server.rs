@@ -136,6 +136,25 @@ async fn token_request(
     .await
 }
 
+/// `POST /auth/introspect` of `token` by client `app`, authenticated by an assertion.
+async fn introspect_as_app(e: &Env, token: &str) -> (StatusCode, http::HeaderMap, Value) {
+    let a = assertion(&e.ec, good_claims(), |_| {});
+    post(
+        e,
+        "/r4/auth/introspect",
+        form(&[
+            ("token", token),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", &a),
+        ]),
+        &[],
+    )
+    .await
+}
+
 fn basic(id: &str, secret: &str) -> String {
     use base64::Engine;
     format!(
@@ -186,20 +205,24 @@ async fn backend_clients_get_tokens_and_use_them() {
         assert_eq!(e.up.requests().len(), before + 1);
         let (st, _, _) = get_with_token(&e.gw.url("/r4/Observation/1"), token).await;
         assert_eq!(st, StatusCode::FORBIDDEN, "not granted");
-        // Introspection by a registered client.
-        let (st, h, b) = post(
-            &e,
-            "/r4/auth/introspect",
-            form(&[("token", token)]),
-            &[("authorization", &basic("sym", SECRET))],
-        )
-        .await;
+        // Introspection by a client registered with the introspection scope: any token.
+        let (st, h, b) = introspect_as_app(&e, token).await;
         assert_eq!(st, StatusCode::OK);
         assert_eq!(h["cache-control"], "no-store");
         assert_eq!(b["active"], true);
         for k in ["scope", "client_id", "exp", "iat", "sub", "iss", "aud"] {
             assert!(b.get(k).is_some(), "{k} in {b}");
         }
+        // Another client without that permission learns nothing of this client's token
+        // (RFC 7662 §4): inactive, as an unknown token.
+        let (st, _, b) = post(
+            &e,
+            "/r4/auth/introspect",
+            form(&[("token", token)]),
+            &[("authorization", &basic("sym", SECRET))],
+        )
+        .await;
+        assert_eq!((st, b), (StatusCode::OK, json!({"active": false})));
     }
     // The symmetric client.
     let (st, _, b) = post(
@@ -214,6 +237,15 @@ async fn backend_clients_get_tokens_and_use_them() {
     .await;
     assert_eq!(st, StatusCode::OK, "{b}");
     let sym_token = b["access_token"].as_str().unwrap().to_owned();
+    // A client may introspect its own tokens.
+    let (st, _, b) = post(
+        &e,
+        "/r4/auth/introspect",
+        form(&[("token", &sym_token)]),
+        &[("authorization", &basic("sym", SECRET))],
+    )
+    .await;
+    assert_eq!((st, &b["active"]), (StatusCode::OK, &json!(true)), "{b}");
     // Introspection: unknown, foreign and garbage tokens are inactive.
     for t in ["garbage", "a.b.c", &TestKey::ec384("x").sign(&claims())] {
         let (_, _, b) = post(
@@ -786,4 +818,41 @@ async fn assertions_from_the_future_are_refused() {
             );
         }
     }
+}
+
+/// A burst of introspection requests with garbage bearer tokens is limited: after the
+/// rate's worth of failures the rest are 429 without a signature being checked.
+#[tokio::test]
+async fn garbage_introspection_bursts_are_limited() {
+    let e = env("[auth]\nmode = \"embedded\"\n", 3, None).await;
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        let garbage = TestKey::ec384("x").sign(&json!({"n": i}));
+        let (st, _, _) = post(
+            &e,
+            "/r4/auth/introspect",
+            form(&[("token", "whatever")]),
+            &[("authorization", &format!("Bearer {garbage}"))],
+        )
+        .await;
+        statuses.push(st);
+    }
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    let limited = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert!(refused <= 4 && limited >= 6, "{statuses:?}");
+    // Registered clients keep their own budgets.
+    let (st, _, _) = post(
+        &e,
+        "/r4/auth/introspect",
+        form(&[("token", "whatever")]),
+        &[("authorization", &basic("sym", SECRET))],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
 }
