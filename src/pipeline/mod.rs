@@ -163,6 +163,10 @@ async fn serve(
     }
     // No body where FHIR has none, before anything else reads the request.
     let req = without_stray_body(req).await?;
+    let (mut parts, body) = req.into_parts();
+    crate::proxy::headers::check_request_head(&parts.uri, &mut parts.headers)
+        .map_err(GatewayError::BadRequest)?;
+    let req = Request::from_parts(parts, body);
     // A signed export status URL (exports.rs): the signature is the gateway's, checked in
     // the authorize stage and never forwarded. Without tokens nothing is signed, and the
     // target is forwarded as it came.
@@ -196,11 +200,12 @@ async fn serve(
     let client = ClientSide {
         peer: conn.peer_text.clone(),
         proto: if conn.tls { "https" } else { "http" },
-        host: req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        }),
+        // `:authority` (HTTP/2) or an absolute-form target first: RFC 9113 §8.3.1.
+        host: req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| req.headers().get(header::HOST).cloned()),
     };
     let mut head = false;
     // The client asked for no FHIR format: a verified Binary is answered in its native

@@ -413,6 +413,60 @@ pub fn forwarded(edits: &mut Edits<'_>, headers: &HeaderMap, client: &ClientSide
     }
 }
 
+/// Checks a client request's head for what a server behind the gateway could read
+/// another way, and puts cookie crumbs back together. `Err` says why the request is
+/// malformed (400):
+/// - a field value with leading or trailing white space (RFC 9113 §8.2.1 forbids it in
+///   HTTP/2; HTTP/1 parsers strip it, so each side would read another value);
+/// - userinfo in the authority (`user@host`: RFC 9110 §4.2.4 deprecates it, and it would
+///   be passed on in `X-Forwarded-Host` and `Forwarded`);
+/// - a `Host` that names another authority than `:authority` (or the absolute-form
+///   target) does (RFC 9113 §8.3.1), or more than one `Host`.
+///
+/// HTTP/2 may split `Cookie` into crumbs, one field each (RFC 9113 §8.2.3); towards an
+/// HTTP/1.1 upstream they become one field joined by `"; "`, as one `Cookie` is all
+/// HTTP/1.1 allows (RFC 6265 §5.4).
+pub fn check_request_head(uri: &http::Uri, headers: &mut HeaderMap) -> Result<(), &'static str> {
+    for value in headers.values() {
+        let bytes = value.as_bytes();
+        if matches!(bytes.first(), Some(b' ' | b'\t')) || matches!(bytes.last(), Some(b' ' | b'\t'))
+        {
+            return Err("a header value starts or ends with white space");
+        }
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let (host, second) = (hosts.next(), hosts.next());
+    if second.is_some() {
+        return Err("more than one Host header");
+    }
+    if let Some(authority) = uri.authority() {
+        if authority.as_str().contains('@') {
+            return Err("userinfo in the request's authority");
+        }
+        if host.is_some_and(|h| {
+            !h.as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        }) {
+            return Err("Host names another authority than the request target");
+        }
+    }
+    if host.is_some_and(|h| h.as_bytes().contains(&b'@')) {
+        return Err("userinfo in Host");
+    }
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_some() && cookies.next().is_some() {
+        let joined: Vec<&[u8]> = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        let joined = joined.join(&b"; "[..]);
+        let value = HeaderValue::from_bytes(&joined).map_err(|_| "an unreadable Cookie")?;
+        headers.insert(header::COOKIE, value);
+    }
+    Ok(())
+}
+
 fn is_host_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
 }

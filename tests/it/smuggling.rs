@@ -329,3 +329,76 @@ async fn a_connection_answered_before_its_request_was_sent_is_not_reused() {
     );
     gw.stop().await;
 }
+
+/// An HTTP/2 connection to the gateway (prior knowledge).
+async fn h2(gw: &TestGateway) -> hyper::client::conn::http2::SendRequest<smartgate::body::BoxBody> {
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// HTTP/2 heads the upstream could read another way are refused: a `host` naming another
+/// authority than `:authority`, white space around a value. Cookie crumbs reach the
+/// HTTP/1.1 upstream as one `Cookie` joined by "; ", and `X-Forwarded-Host` names
+/// `:authority`.
+#[tokio::test]
+async fn http2_heads_have_one_reading() {
+    let up = Naive::start().await;
+    let gw = TestGateway::boot(&one_worker(&up.base)).await;
+    let mut sender = h2(&gw).await;
+    let target = format!("http://gw.example/r4/Patient/123");
+    for (name, value) in [
+        ("host", "other.example"),
+        ("x-padded", " value"),
+        ("x-padded", "value\t"),
+        ("cookie", " a=1"),
+    ] {
+        let req = Request::get(&target)
+            .header(name, http::HeaderValue::from_str(value).unwrap())
+            .body(smartgate::body::empty())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{name}: {value:?}");
+    }
+    assert!(up.heads().is_empty(), "{:?}", up.heads());
+    let req = Request::get(&target)
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("host", "GW.example")
+        .body(smartgate::body::empty())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let head = up.heads().pop().unwrap().to_ascii_lowercase();
+    assert_eq!(head.matches("\r\ncookie:").count(), 1, "{head}");
+    assert!(head.contains("\r\ncookie: a=1; b=2\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nx-forwarded-host: gw.example\r\n"),
+        "{head}"
+    );
+    gw.stop().await;
+}
+
+/// HTTP/1.1: userinfo in an absolute-form target or in `Host`, two `Host` fields, and a
+/// `Host` that disagrees with the absolute-form target are refused.
+#[tokio::test]
+async fn http1_authorities_have_one_reading() {
+    let up = Naive::start().await;
+    let gw = TestGateway::boot(&one_worker(&up.base)).await;
+    for request in [
+        "GET http://user:pw@gw/r4/Patient/123 HTTP/1.1\r\nHost: user:pw@gw\r\nConnection: close\r\n\r\n",
+        "GET /r4/Patient/123 HTTP/1.1\r\nHost: evil@gw\r\nConnection: close\r\n\r\n",
+        "GET /r4/Patient/123 HTTP/1.1\r\nHost: gw\r\nHost: other\r\nConnection: close\r\n\r\n",
+        "GET http://gw/r4/Patient/123 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+    ] {
+        let (status, text) = raw(&gw, request.as_bytes()).await;
+        assert!(status.contains(" 400 "), "{request:?}: {text}");
+    }
+    assert!(up.heads().is_empty(), "{:?}", up.heads());
+    gw.stop().await;
+}
