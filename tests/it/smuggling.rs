@@ -351,14 +351,14 @@ async fn http2_heads_have_one_reading() {
     let up = Naive::start().await;
     let gw = TestGateway::boot(&one_worker(&up.base)).await;
     let mut sender = h2(&gw).await;
-    let target = format!("http://gw.example/r4/Patient/123");
+    let target = "http://gw.example/r4/Patient/123";
     for (name, value) in [
         ("host", "other.example"),
         ("x-padded", " value"),
         ("x-padded", "value\t"),
         ("cookie", " a=1"),
     ] {
-        let req = Request::get(&target)
+        let req = Request::get(target)
             .header(name, http::HeaderValue::from_str(value).unwrap())
             .body(smartgate::body::empty())
             .unwrap();
@@ -366,7 +366,7 @@ async fn http2_heads_have_one_reading() {
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{name}: {value:?}");
     }
     assert!(up.heads().is_empty(), "{:?}", up.heads());
-    let req = Request::get(&target)
+    let req = Request::get(target)
         .header("cookie", "a=1")
         .header("cookie", "b=2")
         .header("host", "GW.example")
