@@ -7,6 +7,7 @@ pub mod tls;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
@@ -501,7 +502,10 @@ async fn serve_io<I>(
         let requests = requests.clone();
         service_fn(move |req: Request<Incoming>| -> pipeline::ResponseFuture {
             requests.count(req.version() == http::Version::HTTP_2);
-            Box::pin(pipeline::handle(shared.clone(), conn.clone(), req))
+            Box::pin(Cancellable {
+                inner: pipeline::handle(shared.clone(), conn.clone(), req),
+                requests: Some(requests.clone()),
+            })
         })
     };
     let connection = builder.serve_connection(TokioIo::new(io), service);
@@ -534,6 +538,13 @@ async fn serve_io<I>(
                 requests.seen.load(Ordering::Relaxed) == before
             }
             () = stopped(&mut stop) => true,
+            () = requests.too_many_cancelled.notified() => {
+                tracing::warn!(
+                    peer = %requests_peer(&requests),
+                    "closing a connection whose client cancels most of its requests (HTTP/2 rapid reset)"
+                );
+                return;
+            }
         };
         if drain {
             // Finish the requests in flight, take no new ones on this connection.
@@ -547,12 +558,71 @@ async fn serve_io<I>(
 }
 
 /// What a connection's requests tell its task: how many have come (and a wake-up when
-/// the first does), and whether they came over HTTP/2.
+/// the first does), whether they came over HTTP/2, and how many the client cancelled
+/// before their answer (a wake-up when that is too many).
 #[derive(Default)]
 struct Requests {
     seen: std::sync::atomic::AtomicU64,
     first: tokio::sync::Notify,
     h2: AtomicBool,
+    cancelled: std::sync::atomic::AtomicU64,
+    too_many_cancelled: tokio::sync::Notify,
+}
+
+/// Requests a client may cancel before its answer (HTTP/2 RST_STREAM, or a dropped
+/// HTTP/1 connection's last one) on one connection before a quarter of them cancelled
+/// closes it. Each was already forwarded (the paced variant of the HTTP/2 rapid reset
+/// attack, CVE-2023-44487, waits until it was, so hyper's limit on streams reset before
+/// they are accepted does not see it), and the upstream exchange dropped with it costs
+/// an upstream connection. Browsers and SMART apps cancel a handful at most.
+const CANCELS_BEFORE_CLOSING: u64 = 64;
+
+/// Whether `cancelled` of `seen` requests is a connection worth closing.
+fn cancels_too_many(cancelled: u64, seen: u64) -> bool {
+    cancelled > CANCELS_BEFORE_CLOSING && cancelled.saturating_mul(4) > seen
+}
+
+fn requests_peer(requests: &Requests) -> String {
+    format!(
+        "{} of {} requests cancelled",
+        requests.cancelled.load(Ordering::Relaxed),
+        requests.seen.load(Ordering::Relaxed)
+    )
+}
+
+pin_project_lite::pin_project! {
+    /// A request's future that counts itself on its connection when it is dropped before
+    /// it finished: the client cancelled it.
+    struct Cancellable<F> {
+        #[pin]
+        inner: F,
+        requests: Option<Arc<Requests>>,
+    }
+
+    impl<F> PinnedDrop for Cancellable<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(requests) = this.project().requests.take() {
+                let cancelled = requests.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+                if cancels_too_many(cancelled, requests.seen.load(Ordering::Relaxed)) {
+                    requests.too_many_cancelled.notify_one();
+                }
+            }
+        }
+    }
+}
+
+impl<F: Future> Future for Cancellable<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let polled = this.inner.poll(cx);
+        if polled.is_ready() {
+            // Finished: not a cancellation when dropped.
+            *this.requests = None;
+        }
+        polled
+    }
 }
 
 impl Requests {
@@ -670,4 +740,21 @@ fn fingerprint(path: &Path) -> (Option<SystemTime>, Option<u64>) {
 /// Resolves once the stop flag is set (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod cancel_tests {
+    use super::*;
+
+    /// A connection is closed once more than 64 of its requests, and more than a
+    /// quarter of them, were cancelled; a handful of cancels never closes one.
+    #[test]
+    fn cancels_that_close_a_connection() {
+        assert!(!cancels_too_many(5, 5));
+        assert!(!cancels_too_many(64, 64));
+        assert!(cancels_too_many(65, 65));
+        assert!(cancels_too_many(65, 259));
+        assert!(!cancels_too_many(65, 260));
+        assert!(!cancels_too_many(100, 10_000));
+    }
 }

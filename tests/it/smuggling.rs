@@ -402,3 +402,49 @@ async fn http1_authorities_have_one_reading() {
     assert!(up.heads().is_empty(), "{:?}", up.heads());
     gw.stop().await;
 }
+
+/// HTTP/2 rapid reset, paced: each stream is cancelled (RST_STREAM) a few milliseconds
+/// after it was sent, once it has been forwarded. The gateway closes the connection once
+/// most of its requests are cancelled, so one client cannot keep the upstream busy with
+/// work nobody waits for; what reached the upstream stays bounded.
+#[tokio::test]
+async fn paced_rapid_reset_closes_the_connection() {
+    let up = FakeUpstream::start(Arc::new(|_: &Seen| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            json_response(
+                StatusCode::OK,
+                &serde_json::json!({"resourceType": "Basic"}),
+            )
+        })
+    }))
+    .await;
+    let gw = TestGateway::boot(&one_worker(&up.base())).await;
+    let mut sender = h2(&gw).await;
+    let mut sent = 0;
+    for _ in 0..1000 {
+        if sender.ready().await.is_err() {
+            break;
+        }
+        let req = Request::get("http://gw/r4/Patient/123")
+            .body(smartgate::body::empty())
+            .unwrap();
+        let pending = sender.send_request(req);
+        sent += 1;
+        // Sent and forwarded, then cancelled.
+        let _ = tokio::time::timeout(Duration::from_millis(3), pending).await;
+    }
+    assert!(
+        sent < 1000,
+        "the connection stayed open through {sent} cancelled requests"
+    );
+    let reached = up.requests().len();
+    assert!(
+        reached <= 200,
+        "{reached} cancelled requests reached the upstream"
+    );
+    // A well-behaved connection is unaffected.
+    let (status, _, _) = get(&gw.url("/r4/Patient/123")).await;
+    assert_eq!(status, StatusCode::OK);
+    gw.stop().await;
+}
