@@ -56,6 +56,18 @@ pub fn validate(bytes: &[u8]) -> Result<(), JsonError> {
 
 const DUPLICATE: &str = "duplicate member name: ";
 
+/// How serde_json (with `arbitrary_precision`, which this crate turns on) hands a number
+/// to a visitor: a one-member map under this name, the number's text as its value. Kept
+/// as text, a number is never out of range (`1e400`) and keeps its precision (a FHIR
+/// `decimal` `1.50` stays `1.50` when a filtered Bundle is written again).
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
+fn number<E: de::Error>(text: String) -> Result<Value, E> {
+    text.parse::<Number>()
+        .map(Value::Number)
+        .map_err(|_| E::custom("a malformed number"))
+}
+
 fn classify(e: serde_json::Error) -> JsonError {
     let text = e.to_string();
     match text.strip_prefix(DUPLICATE) {
@@ -118,6 +130,9 @@ impl<'de> Visitor<'de> for Strict {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut members = Map::new();
         while let Some(name) = map.next_key::<Name<'de>>()? {
+            if members.is_empty() && name.0 == NUMBER_TOKEN {
+                return number(map.next_value::<String>()?);
+            }
             if members.contains_key(&*name.0) {
                 return Err(duplicate(&name.0));
             }
@@ -169,7 +184,12 @@ impl<'de> Visitor<'de> for Skip {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut names = Names::default();
+        let mut first = true;
         while let Some(name) = map.next_key::<Name<'de>>()? {
+            if std::mem::take(&mut first) && name.0 == NUMBER_TOKEN {
+                map.next_value::<String>()?;
+                return Ok(());
+            }
             names.insert::<A::Error>(name.0)?;
             map.next_value_seed(Skip)?;
         }
@@ -285,6 +305,22 @@ mod tests {
             Err(JsonError::Duplicate("k3".into()))
         );
         assert!(validate(repeated.as_bytes()).is_err());
+    }
+
+    /// Numbers are kept as their text: out of f64's range (`1e400`) they are read, and
+    /// written again unchanged, as are a decimal's trailing zeros and large integers.
+    #[test]
+    fn numbers_keep_their_text() {
+        let doc = br#"{"a":1e400,"b":1.50,"c":-0.0,"d":123456789012345678901234567890,"e":[2.10]}"#;
+        let v = parse(doc).unwrap();
+        // The same numbers; serde_json writes an exponent with its sign.
+        assert_eq!(
+            v.to_string(),
+            r#"{"a":1e+400,"b":1.50,"c":-0.0,"d":123456789012345678901234567890,"e":[2.10]}"#
+        );
+        assert!(validate(doc).is_ok());
+        assert_eq!(v["b"].as_f64(), Some(1.5));
+        assert!(matches!(parse(b"{\"a\":01}"), Err(JsonError::Syntax(_))));
     }
 
     /// Whatever serde_json reads without a repeat, this reads the same; it refuses what

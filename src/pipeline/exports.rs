@@ -335,9 +335,11 @@ mod tests {
             a,
             client_of(&p(Some("https://other"), Some("exporter"), None))
         );
+        // A subject is never a client: no client id, nothing to bind to.
+        assert_eq!(client_of(&p(None, None, Some("svc"))), None);
         assert_eq!(
-            client_of(&p(None, None, Some("svc"))).as_deref(),
-            Some("\nsvc")
+            client_of(&p(Some("https://as"), None, Some("exporter"))),
+            None
         );
         assert_eq!(client_of(&p(Some("https://as"), None, None)), None);
     }

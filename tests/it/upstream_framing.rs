@@ -267,8 +267,14 @@ async fn broken_answers_are_502() {
         "/r4/HugeHead",
     ];
     for path in broken {
+        let started = std::time::Instant::now();
         let (status, headers, body) = fetch(&gw, Method::GET, path).await;
-        assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}");
+        assert_eq!(
+            status,
+            StatusCode::BAD_GATEWAY,
+            "{path} after {:?}: {headers:?} {body:?}",
+            started.elapsed()
+        );
         assert!(
             headers["content-type"]
                 .to_str()
