@@ -1024,4 +1024,95 @@ mod tests {
         });
         with("system/Bundle.r", None, |v| assert!(v.visible(&theirs, r)));
     }
+
+    /// Write letters never read: a create-only (or `cud`) scope sees none of the
+    /// patient's resources in an answer, and beside a read scope of one type it does not
+    /// make the token one that "sees everything" (whose answers would go unchecked).
+    #[test]
+    fn write_letters_never_read() {
+        let rs = Perms::R.union(Perms::S);
+        with("patient/Observation.c", Some("123"), |v| {
+            assert!(!v.visible(&obs("1", "123", "laboratory"), rs));
+            assert!(v.visible(&obs("1", "123", "laboratory"), Perms::C));
+        });
+        with("system/*.cud patient/Observation.rs", Some("123"), |v| {
+            assert!(!super::super::sees_everything(v.grants, v.ctx, v.policy));
+            assert!(!v.visible(&obs("2", "456", "laboratory"), rs));
+            assert!(!v.visible(&json!({"resourceType": "Patient", "id": "456"}), rs));
+        });
+        with("system/*.rs", None, |v| {
+            assert!(super::super::sees_everything(v.grants, v.ctx, v.policy));
+        });
+    }
+
+    /// `check_written`: the written resource must be of the type written, in the
+    /// patient's compartment under confinement, match granular constraints, and — a
+    /// Subscription — have criteria the token may search standing; each refusal says why.
+    #[test]
+    fn check_written_rules() {
+        let c = Perms::C;
+        with(
+            "patient/Observation.c patient/Subscription.c patient/Observation.s",
+            Some("123"),
+            |v| {
+                assert_eq!(
+                    v.check_written("Observation", &obs("1", "123", "x"), c),
+                    Ok(())
+                );
+                assert_eq!(
+                    v.check_written("Observation", &obs("1", "456", "x"), c),
+                    Err(DenyReason::Compartment)
+                );
+                assert!(matches!(
+                    v.check_written(
+                        "Observation",
+                        &json!({"resourceType": "Patient", "id": "123"}),
+                        c
+                    ),
+                    Err(DenyReason::Unverifiable(_))
+                ));
+                assert_eq!(
+                    v.check_written(
+                        "Condition",
+                        &json!({"resourceType": "Condition",
+                    "subject": {"reference": "Patient/123"}}),
+                        c
+                    ),
+                    Err(DenyReason::InsufficientScope)
+                );
+                let sub = |criteria: &str| {
+                    json!({"resourceType": "Subscription", "status": "requested",
+                "criteria": criteria, "subject": {"reference": "Patient/123"}})
+                };
+                assert_eq!(
+                    v.check_written("Subscription", &sub("Observation?patient=Patient/123"), c),
+                    Ok(())
+                );
+                assert!(
+                    v.check_written("Subscription", &sub("Observation?code=x"), c)
+                        .is_err()
+                );
+                assert!(
+                    v.check_written("Subscription", &sub("Condition?patient=Patient/123"), c)
+                        .is_err()
+                );
+            },
+        );
+        with("user/Observation.c?category=laboratory", None, |v| {
+            assert_eq!(
+                v.check_written("Observation", &obs("1", "9", "laboratory"), c),
+                Ok(())
+            );
+            assert_eq!(
+                v.check_written("Observation", &obs("1", "9", "imaging"), c),
+                Err(DenyReason::Granular)
+            );
+        });
+        with("patient/Observation.c", None, |v| {
+            assert_eq!(
+                v.check_written("Observation", &obs("1", "123", "x"), c),
+                Err(DenyReason::NoPatientContext)
+            );
+        });
+    }
 }

@@ -65,11 +65,6 @@ impl Perms {
         self.0 & other.0 != 0
     }
 
-    /// Whether no letter is set.
-    pub const fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
     /// Parses v2 letters: a non-empty subset of `cruds`, in that order, no repeats.
     fn parse_v2(letters: &str) -> Option<Perms> {
         if letters.is_empty() {

@@ -219,3 +219,45 @@ fn only_sp_separates_scopes() {
     assert_eq!(parse(""), Err(ScopeError::Characters));
     assert!(parse("patient/Observation.rs?category=a|b").is_ok());
 }
+
+/// The set operations on letters, for every pair of the 32 sets, against set semantics
+/// computed from the letters themselves: union is the letters of either, contains every
+/// letter of the other, intersects at least one in common (a mutant `intersects → true`
+/// would let a create-only scope read; `union`'s `|` as `^` would drop shared letters).
+#[test]
+fn perms_are_sets_of_letters() {
+    let letters = |p: Perms| -> Vec<char> { p.to_string().chars().collect() };
+    let all: Vec<Perms> = (0u8..32)
+        .map(|bits| {
+            "cruds"
+                .chars()
+                .enumerate()
+                .filter(|(i, _)| bits & (1 << i) != 0)
+                .fold(Perms::NONE, |acc, (_, l)| {
+                    acc.union(Perms::parse_v2(&l.to_string()).unwrap())
+                })
+        })
+        .collect();
+    for &a in &all {
+        for &b in &all {
+            let (la, lb) = (letters(a), letters(b));
+            let union: Vec<char> = "cruds"
+                .chars()
+                .filter(|c| la.contains(c) || lb.contains(c))
+                .collect();
+            assert_eq!(letters(a.union(b)), union, "{a} ∪ {b}");
+            assert_eq!(
+                a.contains(b),
+                lb.iter().all(|c| la.contains(c)),
+                "{a} ⊇ {b}"
+            );
+            assert_eq!(
+                a.intersects(b),
+                lb.iter().any(|c| la.contains(c)),
+                "{a} ∩ {b}"
+            );
+        }
+    }
+    assert_eq!(letters(Perms::ALL), ['c', 'r', 'u', 'd', 's']);
+    assert_eq!(letters(Perms::NONE), Vec::<char>::new());
+}
