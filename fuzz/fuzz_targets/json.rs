@@ -91,8 +91,9 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(Some(v), last.as_ref(), "the gateway reads what serde_json reads");
             assert_eq!(Some(v), first.as_ref(), "one reading, first or last member");
         }
-        Err(JsonError::Duplicate(_)) => assert!(last.is_some()),
-        Err(JsonError::Syntax(_)) => assert!(last.is_none()),
+        // Refused at the repeat, before anything after it was read: refused either way.
+        Err(JsonError::Duplicate(_)) => {}
+        Err(JsonError::Syntax(_)) => assert!(last.is_none(), "refused what serde_json reads"),
     }
     if last.is_some() && first != last {
         assert!(gateway.is_err(), "two readings accepted");
