@@ -22,6 +22,7 @@ mod discovery;
 mod e2e_fhir;
 mod e2e_oidc;
 mod generated_tables;
+mod h2_raw;
 mod lenient;
 mod lifecycle;
 mod properties;
