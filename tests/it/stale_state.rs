@@ -75,3 +75,52 @@ async fn a_reload_that_denies_non_compartment_types_applies_to_cached_decisions(
     let (status, _, _) = get_with_token(&url, &token).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+/// Reload during traffic: while requests of one token run concurrently, a reload that
+/// confines RelatedPerson users lands; every request sent after the reload returned is
+/// refused, whatever was cached or in flight on any connection before it.
+#[tokio::test]
+async fn a_reload_during_traffic_applies_to_every_later_request() {
+    let s = jwt_gateway(FakeUpstream::start(other_patients_store()).await, "", "").await;
+    let mut c = claims();
+    c["scope"] = json!("user/*.rs");
+    c["fhirUser"] = json!("RelatedPerson/9");
+    let token = s.key.sign(&c);
+    let url = s.gw.url("/r4/Observation/o456");
+    let reloaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (url, token, reloaded) = (url.clone(), token.clone(), reloaded.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            let mut late_allowed = 0;
+            for _ in 0..60 {
+                let after_reload = reloaded.load(std::sync::atomic::Ordering::SeqCst);
+                let req = http::Request::get(&url)
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(smartgate::body::empty())
+                    .unwrap();
+                let status = client.request(req).await.unwrap().status();
+                if after_reload && status == StatusCode::OK {
+                    late_allowed += 1;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            late_allowed
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+    let text = std::fs::read_to_string(&s.gw.config_path).unwrap();
+    s.gw.rewrite_config(&format!(
+        "{text}\n[policy]\nconfine_related_person = true\n"
+    ));
+    s.gw.handle.reload().unwrap();
+    reloaded.store(true, std::sync::atomic::Ordering::SeqCst);
+    for t in tasks {
+        assert_eq!(
+            t.await.unwrap(),
+            0,
+            "a request sent after the reload was allowed"
+        );
+    }
+}
