@@ -1079,12 +1079,20 @@ enum Granular {
     Filter,
 }
 
-/// A query that carries a constrained parameter must carry an allowed value; with one
-/// applicable scope its missing constraints are injected.
+/// How a search meets granular constraints. A constrained parameter whose every value
+/// the grants cover (FHIR token search, [`token_within`]) needs nothing more. One that is
+/// broader or another (a bare `code` under a `system|code` grant, `system|`, a value of
+/// another code, a modifier): with one applicable scope its constraints are added beside
+/// the client's (a repeated parameter is AND in FHIR, R4 search.html#combining), with
+/// several the answer is filtered; either way every returned resource is verified
+/// against the grants, so nothing is refused that can be confined. A missing constrained
+/// parameter is added with one scope.
 fn granular(req: &FhirRequest, apps: &[Applies<'_>]) -> Result<Granular, ()> {
     if apps.iter().any(|a| a.constraints.is_empty()) {
         return Ok(Granular::None);
     }
+    // The constrained names whose values the grants do not all cover.
+    let mut wider: Vec<&str> = Vec::new();
     for (k, v) in &req.params {
         let constrained_by_all = apps
             .iter()
@@ -1092,27 +1100,46 @@ fn granular(req: &FhirRequest, apps: &[Applies<'_>]) -> Result<Granular, ()> {
         if !constrained_by_all {
             continue;
         }
-        for alt in v.split(',') {
-            let allowed = apps.iter().any(|a| {
+        let covered = v.split(',').all(|alt| {
+            apps.iter().any(|a| {
                 a.constraints
                     .iter()
-                    .any(|(ck, cv)| ck == k && cv.split(',').any(|c| c == alt))
-            });
-            if !allowed {
-                return Err(());
-            }
+                    .any(|(ck, cv)| ck == k && cv.split(',').any(|c| token_within(alt, c)))
+            })
+        });
+        if !covered {
+            wider.push(k);
         }
     }
     if apps.len() == 1 {
         let extra = apps[0]
             .constraints
             .iter()
-            .filter(|(ck, _)| !req.params.iter().any(|(k, _)| k == ck))
+            .filter(|(ck, _)| {
+                wider.contains(&ck.as_str()) || !req.params.iter().any(|(k, _)| k == ck)
+            })
             .cloned()
             .collect();
         Ok(Granular::Inject(extra))
     } else {
         Ok(Granular::Filter)
+    }
+}
+
+/// Whether every resource a token search value `asked` matches is matched by `granted`
+/// too (FHIR R4 search.html#token): `code` matches that code in any system, `system|code`
+/// that code in that system, `|code` that code without a system, `system|` any code of
+/// that system. Codes and systems compare exactly.
+pub(crate) fn token_within(asked: &str, granted: &str) -> bool {
+    if asked == granted {
+        return true;
+    }
+    match (asked.split_once('|'), granted.split_once('|')) {
+        // A bare code granted: that code whatever the system.
+        (Some((_, code)), None) => !code.is_empty() && code == granted,
+        // A whole system granted: any code of it.
+        (Some((system, _)), Some((gs, ""))) => !system.is_empty() && system == gs,
+        _ => false,
     }
 }
 

@@ -628,6 +628,57 @@ fn confined_writes() {
     }
 }
 
+/// FHIR token search: which asked values a granted value covers. US Core apps send bare
+/// codes where scopes name `system|code` (issue 22): covered the other way round only.
+#[test]
+fn token_values_covered() {
+    let sys = "http://terminology.hl7.org/CodeSystem/condition-category";
+    let granted_sc = format!("{sys}|encounter-diagnosis");
+    for (asked, granted, within) in [
+        (granted_sc.as_str(), granted_sc.as_str(), true),
+        ("encounter-diagnosis", granted_sc.as_str(), false),
+        ("|encounter-diagnosis", granted_sc.as_str(), false),
+        (&format!("{sys}|"), granted_sc.as_str(), false),
+        (
+            &format!("{sys}|problem-list-item"),
+            granted_sc.as_str(),
+            false,
+        ),
+        (granted_sc.as_str(), "encounter-diagnosis", true),
+        ("|encounter-diagnosis", "encounter-diagnosis", true),
+        ("encounter-diagnosis", "encounter-diagnosis", true),
+        ("problem-list-item", "encounter-diagnosis", false),
+        (&format!("{sys}|"), "encounter-diagnosis", false),
+        (granted_sc.as_str(), &format!("{sys}|"), true),
+        (
+            "http://other|encounter-diagnosis",
+            &format!("{sys}|"),
+            false,
+        ),
+        ("|x", "|x", true),
+        ("x", "|x", false),
+        ("", "x", false),
+        ("|", "x", false),
+    ] {
+        assert_eq!(
+            token_within(asked, granted),
+            within,
+            "{asked} within {granted}"
+        );
+    }
+    // The search of issue 22: a bare code under a system|code scope is forwarded with
+    // the granted constraint beside it, not refused.
+    let scope = format!("patient/Condition.rs?category={granted_sc}");
+    let pl = plan(
+        &scope,
+        Some("123"),
+        "GET",
+        "/Condition?patient=123&category=encounter-diagnosis",
+    );
+    assert_eq!(pl.inject, inject("category", &granted_sc));
+    assert_eq!(pl.verify, Verify::Bundle { narrowed: true });
+}
+
 /// A Patient user's user/ scopes are confined like patient/ scopes, to the user.
 #[test]
 fn patient_user_confined() {
@@ -662,28 +713,26 @@ fn patient_user_confined() {
     );
 }
 
-/// Rule 7: granular scopes — an allowed value passes, a different one is refused, none
-/// gets the one constraint injected; several scopes are filtered; what cannot be
-/// evaluated grants nothing.
+/// Rule 7: granular scopes — an allowed value passes; a broader or different one is
+/// not refused but gets the one scope's constraint added beside it (AND), and the answer
+/// verified; none gets the one constraint injected; several scopes are filtered; what
+/// cannot be evaluated grants nothing.
 #[test]
 fn granular_scopes() {
     let lab = "user/Observation.rs?category=laboratory";
     let pl = plan(lab, None, "GET", "/Observation?category=laboratory");
     assert!(pl.inject.is_empty());
     assert_eq!(pl.verify, Verify::Bundle { narrowed: true });
-    assert_eq!(
-        reason(lab, None, "GET", "/Observation?category=vital-signs"),
-        DenyReason::Granular
-    );
-    assert_eq!(
-        reason(
-            lab,
-            None,
-            "GET",
-            "/Observation?category=laboratory,vital-signs"
-        ),
-        DenyReason::Granular
-    );
+    for other in [
+        "/Observation?category=vital-signs",
+        "/Observation?category=laboratory,vital-signs",
+        "/Observation?category:not=laboratory",
+    ] {
+        let pl = plan(lab, None, "GET", other);
+        assert_eq!(pl.inject, inject("category", "laboratory"), "{other}");
+        assert_eq!(pl.verify, Verify::Bundle { narrowed: true }, "{other}");
+        assert!(pl.strict, "{other}");
+    }
     assert_eq!(
         plan(lab, None, "GET", "/Observation?code=x").inject,
         inject("category", "laboratory")

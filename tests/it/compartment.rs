@@ -1283,19 +1283,31 @@ async fn granular_scopes() {
             .0,
         StatusCode::FORBIDDEN
     );
-    assert_eq!(
-        call(
-            &s,
-            "GET",
-            "/r4/Observation?category=vital-signs",
-            &lab,
-            None,
-            &[]
-        )
-        .await
-        .0,
-        StatusCode::FORBIDDEN
+    // Another category is not refused: the scope's is added beside it, and what the
+    // (hostile, parameter-ignoring) store answers is filtered to what the scope covers.
+    let (st, _, b) = call(
+        &s,
+        "GET",
+        "/r4/Observation?category=vital-signs",
+        &lab,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        s.up.requests()
+            .last()
+            .unwrap()
+            .uri
+            .ends_with("category=vital-signs&category=laboratory")
     );
+    for e in b["entry"].as_array().unwrap() {
+        assert_eq!(
+            e["resource"]["category"][0]["coding"][0]["code"], "laboratory",
+            "{e}"
+        );
+    }
     let (st, _, b) = call(&s, "GET", "/r4/Observation?code=x", &lab, None, &[]).await;
     assert_eq!(st, StatusCode::OK);
     assert!(

@@ -350,16 +350,35 @@ async fn granular_scopes_against_the_engine() {
     .await;
     assert_eq!(got.len(), expected["entry"].as_array().unwrap().len());
     assert_eq!(got.len(), 3);
-    assert_eq!(
-        call(&e, "GET", "/Observation?category=vital-signs", &tok, None)
-            .await
-            .0,
-        StatusCode::FORBIDDEN
-    );
+    // Another category: the scope's is added beside it (AND), so the engine finds none.
+    let (st, _, b) = call(&e, "GET", "/Observation?category=vital-signs", &tok, None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(b["entry"].as_array().is_none_or(|e| e.is_empty()), "{b}");
     assert_eq!(
         call(&e, "GET", "/Observation/p1-obs-1", &tok, None).await.0,
         StatusCode::FORBIDDEN
     );
+    // Issue 22: the bare code a US Core app sends, under a system|code scope, finds the
+    // patient's laboratory results, and only those.
+    let sc = token(
+        &e,
+        "launch/patient patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory",
+        "p1",
+    );
+    for search in [
+        "/Observation?patient=Patient/p1&category=laboratory",
+        "/Observation?patient=Patient/p1&category=http://terminology.hl7.org/CodeSystem/observation-category|",
+        "/Observation?patient=Patient/p1",
+    ] {
+        let got = search_all(&e, search, &sc).await;
+        assert_eq!(got.len(), 3, "{search}");
+        for r in &got {
+            assert_eq!(
+                r["category"][0]["coding"][0]["code"], "laboratory",
+                "{search}"
+            );
+        }
+    }
     assert_eq!(
         call(&e, "GET", "/Observation/p1-obs-0", &tok, None).await.0,
         StatusCode::OK
