@@ -96,6 +96,7 @@ fn bench(c: &mut Criterion) {
         grants: &grants,
         ctx: &ctx,
         policy: &policy,
+        owners: None,
     };
     let verify = |bytes: &[u8]| -> Vec<u8> {
         let mut doc: serde_json::Value = serde_json::from_slice(bytes).unwrap();

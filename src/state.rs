@@ -21,6 +21,10 @@ pub struct Snapshot {
     /// Client assertion ids seen by the embedded authorization server: handed from each
     /// snapshot to the next, so no reload forgets one before its assertion expires.
     pub replay: Arc<crate::authz::replay::ReplayGuard>,
+    /// Who the resources Provenance points at belong to (`Type/id` → patients), as the
+    /// upstream last said, for 30 s: the lookups a Provenance read or revinclude needs
+    /// (pipeline/checks.rs). At most 10,000 entries, about 150 bytes each (1.5 MiB).
+    pub owners: moka::sync::Cache<String, std::sync::Arc<Vec<String>>>,
     /// Unique per compiled snapshot, never reused: keys what was decided under it (the
     /// decision cache), so nothing decided under one configuration is used under another.
     pub generation: u64,
@@ -145,6 +149,10 @@ impl Snapshot {
         static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let generation = NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Snapshot {
+            owners: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(std::time::Duration::from_secs(30))
+                .build(),
             replay,
             generation,
             config,

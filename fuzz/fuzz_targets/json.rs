@@ -102,7 +102,7 @@ fuzz_target!(|data: &[u8]| {
     let grants = Grants::parse(["patient/Observation.rs", "user/Condition.rs?category=x"]);
     let ctx = Context::new(Some("123"), None, false);
     let policy = Policy::default();
-    let v = Viewer { grants: &grants, ctx: &ctx, policy: &policy };
+    let v = Viewer { grants: &grants, ctx: &ctx, policy: &policy, owners: None };
     let rs = Perms::R.union(Perms::S);
     if let Some(seen) = v.visible_bytes(data, rs) {
         let doc = gateway.as_ref().expect("the bytes check answered a document with two readings");

@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         bases: vec!["http://up/fhir".into()],
         ..Policy::default()
     };
-    let v = Viewer { grants: &grants, ctx: &ctx, policy: &policy };
+    let v = Viewer { grants: &grants, ctx: &ctx, policy: &policy, owners: None };
     let rs = Perms::R.union(Perms::S);
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(data) else {
         let _ = v.visible_bytes(data, rs);

@@ -15,7 +15,7 @@ use super::{buffer, limited, upstream_failed};
 use crate::auth::Principal;
 use crate::body::{BoxBody, empty, full};
 use crate::error::{Denial, GatewayError};
-use crate::policy::verify::Viewer;
+use crate::policy::verify::{Owners, Viewer};
 use crate::policy::{DenyReason, Plan, Write, WriteCheck};
 use crate::proxy::headers::{ClientSide, media_type_is};
 use crate::state::{Shared, Snapshot};
@@ -30,6 +30,11 @@ pub(super) struct Fetcher<'a> {
     pub principal: &'a Principal,
     pub viewer: Viewer<'a>,
 }
+
+/// Most targets of Provenance looked up at the upstream for one answer: a page of a
+/// search with `_revinclude=Provenance:target` names the page's own entries, which need
+/// no lookup; a Provenance read names a few.
+pub const MAX_OWNER_LOOKUPS: usize = 16;
 
 /// A stored resource and the version that was read.
 struct Stored {
@@ -117,6 +122,60 @@ impl Fetcher<'_> {
                 .visible(&stored.resource, crate::smart::scope::Perms::R),
             None => false,
         }))
+    }
+
+    /// Who the resources the Provenance of an answer points at belong to ([`Owners`]):
+    /// the other resources of the same Bundle as they are in it, the rest looked up at
+    /// the upstream — at most [`MAX_OWNER_LOOKUPS`] per answer, each remembered in the
+    /// snapshot's cache for 30 s. A target not looked up (past the limit, or gone) has no
+    /// owner: a Provenance naming it is not readable. `bytes` that are not one strictly
+    /// read document give no owners (the verification refuses them anyway).
+    pub async fn provenance_owners(&self, bytes: &[u8]) -> Result<Owners, GatewayError> {
+        let Ok(doc) = crate::json::parse(bytes) else {
+            return Ok(Owners::new());
+        };
+        let resources: Vec<&Value> = match doc.get("entry").and_then(Value::as_array) {
+            Some(entries) if doc["resourceType"] == "Bundle" => {
+                entries.iter().filter_map(|e| e.get("resource")).collect()
+            }
+            _ => vec![&doc],
+        };
+        let mut owners = Owners::new();
+        for r in &resources {
+            if let (Some(ty), Some(id)) = (r["resourceType"].as_str(), r["id"].as_str())
+                && ty != "Provenance"
+            {
+                owners.insert(format!("{ty}/{id}"), self.viewer.patients_of(r));
+            }
+        }
+        let bases = &self.viewer.policy.bases;
+        let mut wanted: Vec<(&str, &str)> = resources
+            .iter()
+            .filter(|r| r["resourceType"] == "Provenance")
+            .filter_map(|r| r.get("target").and_then(Value::as_array))
+            .flatten()
+            .filter_map(|t| crate::fhir::reference::reference_target(t, bases))
+            .filter(|(ty, id)| !owners.contains_key(&format!("{ty}/{id}")))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        for (ty, id) in wanted.into_iter().take(MAX_OWNER_LOOKUPS) {
+            let key = format!("{ty}/{id}");
+            let patients = match self.snap.owners.get(&key) {
+                Some(known) => known,
+                None => {
+                    let found = match self.fetch(ty, id).await? {
+                        Some(stored) => self.viewer.patients_of(&stored.resource),
+                        None => Vec::new(),
+                    };
+                    let found = std::sync::Arc::new(found);
+                    self.snap.owners.insert(key.clone(), found.clone());
+                    found
+                }
+            };
+            owners.insert(key, patients.to_vec());
+        }
+        Ok(owners)
     }
 
     /// Checks a single write; returns the request to forward (body put back, `If-Match`

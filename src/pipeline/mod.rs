@@ -223,6 +223,7 @@ async fn serve(
             grants: &p.grants,
             ctx,
             policy: &snap.policy,
+            owners: None,
         });
     let fetcher = principal
         .as_deref()
@@ -802,6 +803,21 @@ async fn respond(
         }
     };
 
+    // Provenance under a patient context is the patient's when its targets are: who they
+    // belong to is found first (the Bundle's own entries, lookups for the rest).
+    let owners = match (verify, fetcher) {
+        (Some(v), Some(f))
+            if (v.ctx.patient.is_some() || v.ctx.user_confined)
+                && memchr::memmem::find(&bytes, b"\"Provenance\"").is_some() =>
+        {
+            Some(Box::pin(f.provenance_owners(&bytes)).await?)
+        }
+        _ => None,
+    };
+    let verify = verify.map(|v| Viewer {
+        owners: owners.as_ref(),
+        ..v
+    });
     let bytes = match (verify, fetcher) {
         (None, _) => rewrite_body(shared, snap, bytes),
         // A Binary whose securityContext is another resource (a DocumentReference) is as

@@ -22,6 +22,12 @@ pub enum Verdict {
     Refuse(DenyReason),
 }
 
+/// Who the resources a Provenance points at belong to: `Type/id` → the patients whose
+/// compartment each is in (none: no patient's). The pipeline fills it before it verifies
+/// an answer holding Provenance, from the entries of the same Bundle and by looking the
+/// other targets up.
+pub type Owners = std::collections::HashMap<String, Vec<String>>;
+
 /// The token's view of resources.
 #[derive(Debug, Clone, Copy)]
 pub struct Viewer<'a> {
@@ -31,6 +37,8 @@ pub struct Viewer<'a> {
     pub ctx: &'a Context,
     /// The policy.
     pub policy: &'a Policy,
+    /// Owners of the resources the answer's Provenance points at, when known.
+    pub owners: Option<&'a Owners>,
 }
 
 impl Viewer<'_> {
@@ -50,11 +58,45 @@ impl Viewer<'_> {
                 // one patient's context it would list the others (a cohort, a clinic's
                 // roster). Readable only when the patient is the only one it names.
                 "Group" => self.written_for(ty, resource, p),
+                // US Core: the Provenance of the patient's records is the patient's.
+                "Provenance" => {
+                    in_compartment(ty, resource, p, bases) || self.provenance_of(resource, p)
+                }
                 _ => in_compartment(ty, resource, p, bases),
             }) && a
                 .constraints
                 .iter()
                 .all(|(k, v)| matches(ty, resource, k, v, bases) == Some(true))
+        })
+    }
+
+    /// Whether a Provenance is about `patient`'s records alone: it names targets, and
+    /// every one is a resource known ([`Owners`]) to be in that patient's compartment and
+    /// no other's. The R4 compartment puts a Provenance in it only when a target is the
+    /// Patient itself; US Core (and the (g)(10) tests) read the Provenance of a patient's
+    /// Conditions, Observations, … with patient scopes.
+    fn provenance_of(&self, resource: &Value, patient: &str) -> bool {
+        let Some(owners) = self.owners else {
+            return false;
+        };
+        let Some(targets) = resource.get("target").and_then(Value::as_array) else {
+            return false;
+        };
+        !targets.is_empty()
+            && targets.iter().all(|t| {
+                crate::fhir::reference::reference_target(t, &self.policy.bases)
+                    .and_then(|(ty, id)| owners.get(&format!("{ty}/{id}")))
+                    .is_some_and(|ps| !ps.is_empty() && ps.iter().all(|p| p == patient))
+            })
+    }
+
+    /// The patients whose compartment `resource` is in (its own id for a Patient).
+    pub fn patients_of(&self, resource: &Value) -> Vec<String> {
+        resource_type(resource).map_or_else(Vec::new, |ty| {
+            compartment_patients(ty, resource, &self.policy.bases)
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
         })
     }
 
@@ -525,6 +567,7 @@ mod tests {
             grants: &grants,
             ctx: &ctx,
             policy: &policy,
+            owners: None,
         })
     }
 
@@ -1114,5 +1157,53 @@ mod tests {
                 Err(DenyReason::NoPatientContext)
             );
         });
+    }
+
+    /// A Provenance under a patient context is readable when every target is known to be
+    /// that patient's alone; unknown, another patient's, or shared targets are not; a
+    /// Provenance whose target is the Patient itself is in the compartment as before.
+    #[test]
+    fn provenance_follows_its_targets() {
+        let rs = Perms::R.union(Perms::S);
+        let prov = |targets: &[&str]| {
+            json!({"resourceType": "Provenance", "id": "p",
+                   "target": targets.iter().map(|t| json!({"reference": t})).collect::<Vec<_>>()})
+        };
+        let grants = Grants::parse(["patient/*.rs"]);
+        let ctx = Context::new(Some("123"), None, false);
+        let policy = Policy::default();
+        let mut owners = Owners::new();
+        owners.insert("Condition/c1".into(), vec!["123".into()]);
+        owners.insert("Observation/o1".into(), vec!["123".into()]);
+        owners.insert("Condition/c2".into(), vec!["456".into()]);
+        owners.insert("Group/g".into(), vec!["123".into(), "456".into()]);
+        owners.insert("Medication/m".into(), vec![]);
+        let v = Viewer {
+            grants: &grants,
+            ctx: &ctx,
+            policy: &policy,
+            owners: Some(&owners),
+        };
+        assert!(v.visible(&prov(&["Condition/c1"]), rs));
+        assert!(v.visible(&prov(&["Condition/c1", "Observation/o1"]), rs));
+        for theirs in [
+            &["Condition/c2"][..],
+            &["Condition/c1", "Condition/c2"],
+            &["Group/g"],
+            &["Medication/m"],
+            &["Condition/unknown"],
+            &[],
+        ] {
+            assert!(!v.visible(&prov(theirs), rs), "{theirs:?}");
+        }
+        assert!(v.visible(&prov(&["Patient/123"]), rs));
+        // From the bytes as from the document.
+        let bytes = serde_json::to_vec(&prov(&["Condition/c1"])).unwrap();
+        assert_eq!(v.visible_bytes(&bytes, rs), Some(true));
+        let bytes = serde_json::to_vec(&prov(&["Condition/c2"])).unwrap();
+        assert_eq!(v.visible_bytes(&bytes, rs), Some(false));
+        // Without owners nothing but the Patient target counts.
+        let v = Viewer { owners: None, ..v };
+        assert!(!v.visible(&prov(&["Condition/c1"]), rs));
     }
 }

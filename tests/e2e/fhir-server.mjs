@@ -39,6 +39,9 @@ for (const [p, n] of [['p1', 5], ['p2', 3]]) {
     });
   }
   seed.push({ resourceType: 'Condition', id: `${p}-cond`, subject: { reference: `Patient/${p}` }, code: { text: 'x' } });
+  // US Core: the Provenance of the patient's Condition (its target is the Condition).
+  seed.push({ resourceType: 'Provenance', id: `${p}-cond-prov`, recorded: '2026-01-01T00:00:00Z',
+    target: [{ reference: `Condition/${p}-cond` }], agent: [{ who: { reference: 'Practitioner/dr' } }] });
   seed.push({ resourceType: 'MedicationRequest', id: `${p}-mr`, status: 'active', intent: 'order',
     subject: { reference: `Patient/${p}` }, medicationReference: { reference: 'Medication/med' } });
 }

@@ -691,3 +691,29 @@ async fn groups_against_the_engine() {
         .collect();
     assert_eq!(found, [ids[0].as_str()], "{b}");
 }
+
+/// Issue 22 against the real engine: a patient app's `GET Provenance/{id}` of the
+/// Provenance of its own Condition is answered (the target looked up at the engine); the
+/// other patient's is refused. (The engine's in-memory repository answers no
+/// `_revinclude`; tests/it/provenance.rs covers revincluded Provenance.)
+#[tokio::test]
+async fn provenance_of_the_patients_records_against_the_engine() {
+    let e = env().await;
+    let tok = token(&e, "launch/patient patient/*.rs", "p1");
+    let (st, _, b) = call(&e, "GET", "/Provenance/p1-cond-prov", &tok, None).await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    assert_eq!(b["target"][0]["reference"], "Condition/p1-cond");
+    assert_eq!(
+        call(&e, "GET", "/Provenance/p2-cond-prov", &tok, None)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    let other = token(&e, "launch/patient patient/*.rs", "p2");
+    assert_eq!(
+        call(&e, "GET", "/Provenance/p2-cond-prov", &other, None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+}

@@ -26,6 +26,7 @@ mod h2_raw;
 mod lenient;
 mod lifecycle;
 mod properties;
+mod provenance;
 mod proxy;
 mod smuggling;
 mod stale_state;
