@@ -1206,4 +1206,21 @@ mod tests {
         let v = Viewer { owners: None, ..v };
         assert!(!v.visible(&prov(&["Condition/c1"]), rs));
     }
+
+    /// A Subscription is read by what it runs: its criteria must be a search the token
+    /// may make, confined to its patient; the Debug form of a set of letters names them.
+    #[test]
+    fn subscriptions_are_read_by_their_criteria() {
+        let rs = Perms::R.union(Perms::S);
+        let sub = |criteria: &str| {
+            json!({"resourceType": "Subscription", "id": "s", "status": "active",
+                   "criteria": criteria, "channel": {"type": "rest-hook"}})
+        };
+        with("patient/*.rs", Some("123"), |v| {
+            assert!(v.visible(&sub("Observation?patient=Patient/123"), rs));
+            assert!(!v.visible(&sub("Observation?patient=Patient/456"), rs));
+            assert!(!v.visible(&sub("Observation?code=x"), rs));
+        });
+        assert_eq!(format!("{:?}", Perms::R.union(Perms::S)), "Perms(rs)");
+    }
 }
