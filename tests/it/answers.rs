@@ -8,7 +8,7 @@ use crate::support;
 
 use std::sync::Arc;
 
-use http::{Request, Response, StatusCode};
+use http::{Response, StatusCode};
 use serde_json::{Value, json};
 use support::tokens::*;
 use support::*;
@@ -113,23 +113,9 @@ async fn call(
     token: &str,
     content: Option<Value>,
 ) -> (StatusCode, http::HeaderMap, String) {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(s.gw.url(path))
-        .header("authorization", format!("Bearer {token}"));
-    let b = match content {
-        Some(v) => {
-            req = req.header("content-type", "application/fhir+json");
-            body(v.to_string())
-        }
-        None => smartgate::body::empty(),
-    };
-    let (status, headers, bytes) = send(req.body(b).unwrap()).await;
-    (
-        status,
-        headers,
-        String::from_utf8_lossy(&bytes).into_owned(),
-    )
+    let text = content.map(|v| v.to_string());
+    let content = text.as_deref().map(|t| ("application/fhir+json", t));
+    call_with(s, method, path, token, content).await
 }
 
 fn no_phi(what: &str, body: &str) {

@@ -21,6 +21,18 @@ fn other_patients_store() -> Responder {
     })
 }
 
+/// A gateway in front of [`other_patients_store`], a token of a RelatedPerson user with
+/// `user/*.rs`, and the URL of patient 456's Observation.
+async fn related_person() -> (JwtGateway, String, String) {
+    let s = jwt_gateway(FakeUpstream::start(other_patients_store()).await, "", "").await;
+    let mut c = claims();
+    c["scope"] = json!("user/*.rs");
+    c["fhirUser"] = json!("RelatedPerson/9");
+    let token = s.key.sign(&c);
+    let url = s.gw.url("/r4/Observation/o456");
+    (s, token, url)
+}
+
 /// Reloads the gateway with `section` appended to its configuration file.
 fn reload_with(s: &JwtGateway, section: &str) {
     let text = std::fs::read_to_string(&s.gw.config_path).unwrap();
@@ -33,12 +45,7 @@ fn reload_with(s: &JwtGateway, section: &str) {
 /// decision cached) is refused, as a new token is.
 #[tokio::test]
 async fn a_reload_that_confines_applies_to_cached_decisions() {
-    let s = jwt_gateway(FakeUpstream::start(other_patients_store()).await, "", "").await;
-    let mut c = claims();
-    c["scope"] = json!("user/*.rs");
-    c["fhirUser"] = json!("RelatedPerson/9");
-    let token = s.key.sign(&c);
-    let url = s.gw.url("/r4/Observation/o456");
+    let (s, token, url) = related_person().await;
     for _ in 0..3 {
         let (status, _, _) = get_with_token(&url, &token).await;
         assert_eq!(status, StatusCode::OK, "unconfined before the reload");
@@ -50,6 +57,9 @@ async fn a_reload_that_confines_applies_to_cached_decisions() {
         StatusCode::OK,
         "a cached decision outlived the reload: {body:?}"
     );
+    let mut c = claims();
+    c["scope"] = json!("user/*.rs");
+    c["fhirUser"] = json!("RelatedPerson/9");
     let fresh = s.key.sign(&c);
     let (status, _, _) = get_with_token(&url, &fresh).await;
     assert_ne!(status, StatusCode::OK);
@@ -81,12 +91,7 @@ async fn a_reload_that_denies_non_compartment_types_applies_to_cached_decisions(
 /// refused, whatever was cached or in flight on any connection before it.
 #[tokio::test]
 async fn a_reload_during_traffic_applies_to_every_later_request() {
-    let s = jwt_gateway(FakeUpstream::start(other_patients_store()).await, "", "").await;
-    let mut c = claims();
-    c["scope"] = json!("user/*.rs");
-    c["fhirUser"] = json!("RelatedPerson/9");
-    let token = s.key.sign(&c);
-    let url = s.gw.url("/r4/Observation/o456");
+    let (s, token, url) = related_person().await;
     let reloaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..4 {

@@ -7,7 +7,7 @@ use crate::support;
 
 use std::sync::Arc;
 
-use http::{Request, Response, StatusCode};
+use http::{Response, StatusCode};
 use support::tokens::*;
 use support::*;
 
@@ -68,19 +68,8 @@ async fn call(
     token: &str,
     content: Option<(&str, &str)>,
 ) -> (StatusCode, String) {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(s.gw.url(path))
-        .header("authorization", format!("Bearer {token}"));
-    let b = match content {
-        Some((ty, text)) => {
-            req = req.header("content-type", ty);
-            body(text.to_owned())
-        }
-        None => smartgate::body::empty(),
-    };
-    let (status, _, bytes) = send(req.body(b).unwrap()).await;
-    (status, String::from_utf8_lossy(&bytes).into_owned())
+    let (status, _, body) = call_with(s, method, path, token, content).await;
+    (status, body)
 }
 
 /// Create, update, transaction and JSON Patch bodies with a repeated name anywhere are

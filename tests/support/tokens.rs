@@ -241,3 +241,31 @@ pub async fn jwt_gateway(up: FakeUpstream, extra: &str, upstream_extra: &str) ->
         _jwks: jwks,
     }
 }
+
+/// `method path` on `s`'s gateway with `token`, and a body of `(content type, text)`:
+/// status, headers and the body as text.
+pub async fn call_with(
+    s: &JwtGateway,
+    method: &str,
+    path: &str,
+    token: &str,
+    content: Option<(&str, &str)>,
+) -> (http::StatusCode, http::HeaderMap, String) {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(s.gw.url(path))
+        .header("authorization", format!("Bearer {token}"));
+    let b = match content {
+        Some((ty, text)) => {
+            req = req.header("content-type", ty);
+            super::body(text.to_owned())
+        }
+        None => smartgate::body::empty(),
+    };
+    let (status, headers, bytes) = super::send(req.body(b).unwrap()).await;
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
