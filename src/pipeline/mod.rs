@@ -92,7 +92,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, Infallible> {
     let started = Instant::now();
-    shared.metrics.inflight.inc();
+    let _inflight = Inflight::new(&shared.metrics.inflight);
     let snap = shared.snapshot.load_full();
     let request_id = crate::proxy::headers::request_id(req.headers());
     let method = req.method().clone();
@@ -116,8 +116,24 @@ pub async fn handle(
         public::allow_cross_origin(resp.headers_mut());
     }
     log(&shared, &ctx, &method, resp.status(), started, &request_id);
-    shared.metrics.inflight.dec();
     Ok(resp)
+}
+
+/// One request in flight on `smartgate_inflight_requests`, until it is dropped: also when
+/// the client abandons the request and its future is dropped before it finishes.
+struct Inflight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Inflight<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Inflight<'a> {
+        gauge.inc();
+        Inflight(gauge)
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 async fn serve(

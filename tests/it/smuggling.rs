@@ -446,5 +446,15 @@ async fn paced_rapid_reset_closes_the_connection() {
     // A well-behaved connection is unaffected.
     let (status, _, _) = get(&gw.url("/r4/Patient/123")).await;
     assert_eq!(status, StatusCode::OK);
+    // Every abandoned request left the in-flight gauge as it found it.
+    let mut m = String::new();
+    for _ in 0..50 {
+        m = metrics(&gw).await;
+        if m.contains("smartgate_inflight_requests 0\n") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(m.contains("smartgate_inflight_requests 0\n"), "{m}");
     gw.stop().await;
 }
