@@ -120,7 +120,7 @@ impl Viewer<'_> {
 
     /// Whether `resource` (of type `ty`, in the compartment) is written for `patient`
     /// alone: every compartment reference names the patient and there is at least one
-    /// (a Patient: its own id). A stored Bundle is written for the patient when it has
+    /// (a Patient: its own id, so a Patient without one is no patient's). A stored Bundle is written for the patient when it has
     /// entries and each entry's resource is, or is of a type outside the compartment that
     /// the policy lets confined tokens have: the entries are stored in it, not written as
     /// resources, so the type scopes are the Bundle's own.
@@ -131,7 +131,6 @@ impl Viewer<'_> {
             None => false,
         };
         match ty {
-            "Patient" if resource.get("id").is_none() => false,
             "Bundle" => resource
                 .get("entry")
                 .and_then(Value::as_array)
