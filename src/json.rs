@@ -197,19 +197,30 @@ impl<'de> Visitor<'de> for Skip {
     }
 }
 
-/// The member names of one object seen so far: a short list, searched in order, for the
-/// usual handful; a hash set past that, so a hostile object of many names costs linear
-/// time, not quadratic.
-#[derive(Default)]
+/// The member names of one object seen so far: the first dozen in place (no allocation
+/// for the objects a FHIR resource is made of), searched in order; a hash set past that,
+/// so a hostile object of many names costs linear time, not quadratic.
 pub struct Names<'de> {
-    few: Vec<Cow<'de, str>>,
+    few: [Option<Cow<'de, str>>; FEW],
+    len: usize,
     many: Option<HashSet<Cow<'de, str>>>,
+}
+
+const FEW: usize = 12;
+
+impl Default for Names<'_> {
+    fn default() -> Self {
+        Names {
+            few: [const { None }; FEW],
+            len: 0,
+            many: None,
+        }
+    }
 }
 
 impl<'de> Names<'de> {
     /// Records `name`; an error if it was seen before.
     pub fn insert<E: de::Error>(&mut self, name: Cow<'de, str>) -> Result<(), E> {
-        const FEW: usize = 24;
         if let Some(many) = &mut self.many {
             if many.contains(&name) {
                 return Err(duplicate(&name));
@@ -217,12 +228,20 @@ impl<'de> Names<'de> {
             many.insert(name);
             return Ok(());
         }
-        if self.few.contains(&name) {
+        if self.few[..self.len]
+            .iter()
+            .any(|n| n.as_deref() == Some(&*name))
+        {
             return Err(duplicate(&name));
         }
-        self.few.push(name);
-        if self.few.len() > FEW {
-            self.many = Some(self.few.drain(..).collect());
+        if self.len < FEW {
+            self.few[self.len] = Some(name);
+            self.len += 1;
+        } else {
+            let mut many: HashSet<Cow<'de, str>> =
+                self.few.iter_mut().filter_map(Option::take).collect();
+            many.insert(name);
+            self.many = Some(many);
         }
         Ok(())
     }
