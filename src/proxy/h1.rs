@@ -170,6 +170,11 @@ impl Conn {
                 // Frozen whole, so header values and the body's first bytes share it.
                 let whole = self.buf.split().freeze();
                 match parse_head(&whole, method)? {
+                    // The limit holds however the head arrived: whole in one read (the
+                    // gateway busy, the upstream fast) as well as in pieces.
+                    Parsed::Final(_, len) | Parsed::Interim(len) if len > MAX_HEAD => {
+                        return Err(HeadError::Invalid("response head too large"));
+                    }
                     Parsed::Final(head, len) => return Ok((head, whole.slice(len..))),
                     Parsed::Interim(len) => {
                         self.buf.extend_from_slice(&whole[len..]);
@@ -1287,5 +1292,32 @@ mod tests {
         assert_eq!(len, 500);
         assert_eq!(conn.reads, before + 1);
         assert_eq!(conn.read_size, READ_SIZE);
+    }
+
+    /// A response head over `MAX_HEAD` is refused however it arrives: here it is all in
+    /// the socket before the first read (as when the gateway is busy and the upstream
+    /// fast), so it parses complete at once. It was accepted that way before, and seen
+    /// only under load (upstream_framing::broken_answers_are_502).
+    #[tokio::test]
+    async fn an_oversized_head_is_refused_even_when_it_arrives_whole() {
+        use tokio::io::AsyncWriteExt;
+        let field = format!("x-big: {}\r\n", "a".repeat(8000));
+        let head = format!(
+            "HTTP/1.1 200 OK\r\n{}content-length: 0\r\n\r\n",
+            field.repeat(60)
+        );
+        assert!(head.len() > MAX_HEAD);
+        let mut conn = scripted(vec![head.into_bytes()]).await;
+        conn.io
+            .write_all(b"GET /fhir/Patient/1 HTTP/1.1\r\nhost: up\r\n\r\n")
+            .await
+            .unwrap();
+        // Let the whole answer reach the socket before reading.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        conn.read_size = MAX_READ_SIZE;
+        match conn.read_head(&Method::GET).await {
+            Err(HeadError::Invalid(why)) => assert!(why.contains("too large"), "{why}"),
+            other => panic!("accepted: {:?}", other.map(|(h, _)| h.status)),
+        }
     }
 }
