@@ -1222,4 +1222,65 @@ mod tests {
         });
         assert_eq!(format!("{:?}", Perms::R.union(Perms::S)), "Perms(rs)");
     }
+
+    /// What of an OperationOutcome passes: severity, code and coded details; codings with
+    /// neither system nor code, and details without codings, go; anything else is not an
+    /// outcome. As a read's answer or a batch entry's outcome, a dirty one is replaced and
+    /// said changed, a clean one left as it is.
+    #[test]
+    fn outcomes_are_sanitised() {
+        let dirty = json!({"resourceType": "OperationOutcome",
+        "text": {"div": "<div>John 456</div>"},
+        "issue": [
+            {"severity": "error", "code": "conflict", "diagnostics": "Patient/456 John",
+             "details": {"text": "John", "coding": [
+                 {"system": "http://s", "code": "c", "display": "John"},
+                 {"display": "only a display"}]}},
+            {"severity": "warning", "code": "processing", "details": {"coding": [{"display": "x"}]}},
+            {}
+        ]});
+        let clean = json!({"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "conflict",
+             "details": {"coding": [{"system": "http://s", "code": "c"}]}},
+            {"severity": "warning", "code": "processing"},
+            {"severity": "error", "code": "unknown"}
+        ]});
+        assert_eq!(sanitized_outcome(&dirty), Some(clean.clone()));
+        assert_eq!(sanitized_outcome(&clean), Some(clean.clone()));
+        assert_eq!(sanitized_outcome(&json!({"resourceType": "Patient"})), None);
+        with("patient/*.rs", Some("123"), |v| {
+            let mut doc = dirty.clone();
+            assert_eq!(
+                v.verify(Verify::Resource(Perms::R), &mut doc),
+                Verdict::Changed { removed: 0 }
+            );
+            assert_eq!(doc, clean);
+            let mut doc = clean.clone();
+            assert_eq!(
+                v.verify(Verify::Resource(Perms::R), &mut doc),
+                Verdict::Unchanged
+            );
+            let batch = |outcome: &Value| {
+                json!({"resourceType": "Bundle", "type": "batch-response",
+                "entry": [{"response": {"status": "400 Bad Request", "outcome": outcome}}]})
+            };
+            let mut doc = batch(&dirty);
+            assert_eq!(
+                v.verify_batch_response(&mut doc, &[]),
+                Verdict::Changed { removed: 0 }
+            );
+            assert_eq!(doc, batch(&clean));
+            let mut doc = batch(&clean);
+            assert_eq!(v.verify_batch_response(&mut doc, &[]), Verdict::Unchanged);
+            let mut doc = batch(&json!({"resourceType": "Patient", "id": "456"}));
+            assert_eq!(
+                v.verify_batch_response(&mut doc, &[]),
+                Verdict::Changed { removed: 0 }
+            );
+            assert_eq!(
+                doc["entry"][0]["response"]["outcome"]["issue"][0]["code"],
+                "unknown"
+            );
+        });
+    }
 }
