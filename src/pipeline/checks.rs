@@ -128,17 +128,13 @@ impl Fetcher<'_> {
     /// the other resources of the same Bundle as they are in it, the rest looked up at
     /// the upstream — at most [`MAX_OWNER_LOOKUPS`] per answer, each remembered in the
     /// snapshot's cache for 30 s. A target not looked up (past the limit, or gone) has no
-    /// owner: a Provenance naming it is not readable. `bytes` that are not one strictly
-    /// read document give no owners (the verification refuses them anyway).
-    pub async fn provenance_owners(&self, bytes: &[u8]) -> Result<Owners, GatewayError> {
-        let Ok(doc) = crate::json::parse(bytes) else {
-            return Ok(Owners::new());
-        };
+    /// owner: a Provenance naming it is not readable. `doc` is the answer as read.
+    pub async fn provenance_owners(&self, doc: &Value) -> Result<Owners, GatewayError> {
         let resources: Vec<&Value> = match doc.get("entry").and_then(Value::as_array) {
             Some(entries) if doc["resourceType"] == "Bundle" => {
                 entries.iter().filter_map(|e| e.get("resource")).collect()
             }
-            _ => vec![&doc],
+            _ => vec![doc],
         };
         let mut owners = Owners::new();
         for r in &resources {

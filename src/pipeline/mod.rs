@@ -820,13 +820,20 @@ async fn respond(
     };
 
     // Provenance under a patient context is the patient's when its targets are: who they
-    // belong to is found first (the Bundle's own entries, lookups for the rest).
+    // belong to is found first (the Bundle's own entries, lookups for the rest), from the
+    // document read once here and then verified as it was read.
+    let mut parsed = None;
     let owners = match (verify, fetcher) {
         (Some(v), Some(f))
             if (v.ctx.patient.is_some() || v.ctx.user_confined)
                 && memchr::memmem::find(&bytes, b"\"Provenance\"").is_some() =>
         {
-            Some(Box::pin(f.provenance_owners(&bytes)).await?)
+            parsed = crate::json::parse(&bytes).ok();
+            match &parsed {
+                Some(doc) => Some(Box::pin(f.provenance_owners(doc)).await?),
+                // Not one reading: verify_body refuses it.
+                None => None,
+            }
         }
         _ => None,
     };
@@ -840,7 +847,7 @@ async fn respond(
         // readable as that resource: fetched and checked (boxed: rare).
         (Some(viewer), Some(fetcher)) if plan.binary_read => {
             match Box::pin(fetcher.security_context_readable(&bytes)).await? {
-                None => verify_body(shared, snap, plan, viewer, &bytes)?,
+                None => verify_body(shared, snap, plan, viewer, &bytes, parsed.take())?,
                 Some(true) => {
                     shared.metrics.count_verify("passed");
                     bytes
@@ -854,7 +861,7 @@ async fn respond(
                 }
             }
         }
-        (Some(viewer), _) => match verify_body(shared, snap, plan, viewer, &bytes) {
+        (Some(viewer), _) => match verify_body(shared, snap, plan, viewer, &bytes, parsed.take()) {
             Ok(bytes) => bytes,
             Err(GatewayError::Forbidden(_) | GatewayError::NotFound) if plan.write.is_some() => {
                 withheld(shared)
@@ -904,9 +911,11 @@ fn verify_body(
     plan: &Plan,
     viewer: Viewer<'_>,
     bytes: &Bytes,
+    parsed: Option<serde_json::Value>,
 ) -> Result<Bytes, GatewayError> {
-    // One resource (a read): checked from the bytes, nothing to rewrite or re-serialise.
-    if let (true, Verify::Resource(perm)) = (plan.entries.is_empty(), plan.verify) {
+    // One resource (a read) not read yet: checked from the bytes, nothing to rewrite or
+    // re-serialise.
+    if let (true, Verify::Resource(perm), None) = (plan.entries.is_empty(), plan.verify, &parsed) {
         match viewer.visible_bytes(bytes, perm) {
             Some(true) => {
                 shared.metrics.count_verify("passed");
@@ -922,7 +931,8 @@ fn verify_body(
             None => {}
         }
     }
-    let mut doc = crate::json::parse(bytes).map_err(|_| {
+    let parsed = parsed.map_or_else(|| crate::json::parse(bytes), Ok);
+    let mut doc = parsed.map_err(|_| {
         count(shared, "verify_unreadable");
         GatewayError::UpstreamInvalid(
             "a response that must be verified is not JSON, or repeats a member name",
