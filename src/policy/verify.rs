@@ -399,11 +399,10 @@ pub fn sanitized_outcome(doc: &Value) -> Option<Value> {
         return None;
     }
     let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-    let issues: Vec<Value> = doc
-        .get("issue")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+    fn items(v: Option<&Value>) -> &[Value] {
+        v.and_then(Value::as_array).map_or(&[], Vec::as_slice)
+    }
+    let issues: Vec<Value> = items(doc.get("issue"))
         .iter()
         .map(|issue| {
             let mut kept = serde_json::Map::new();
@@ -415,11 +414,7 @@ pub fn sanitized_outcome(doc: &Value) -> Option<Value> {
                 "code".into(),
                 Value::from(text(issue, "code").unwrap_or_else(|| "unknown".into())),
             );
-            let codings: Vec<Value> = issue
-                .pointer("/details/coding")
-                .and_then(Value::as_array)
-                .map(Vec::as_slice)
-                .unwrap_or_default()
+            let codings: Vec<Value> = items(issue.pointer("/details/coding"))
                 .iter()
                 .map(|c| {
                     let mut coding = serde_json::Map::new();
