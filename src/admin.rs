@@ -28,6 +28,7 @@ pub async fn handle<B>(shared: Arc<Shared>, req: Request<B>) -> Response<BoxBody
             ),
         },
         "/metrics" => {
+            crate::state::refresh_gauges(&shared);
             let mut resp = text(StatusCode::OK, &shared.metrics.render());
             resp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -43,6 +44,9 @@ pub async fn handle<B>(shared: Arc<Shared>, req: Request<B>) -> Response<BoxBody
 /// keys loaded and fresh enough), and the upstream accepts a TCP connection. The check is a bare connect: cheap for the upstream, and it is what fails
 /// when the upstream is down or unroutable.
 async fn readiness(shared: &Shared) -> Result<(), String> {
+    if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err("shutting down".to_owned());
+    }
     let snap = shared.snapshot.load_full();
     if let Some(auth) = &snap.auth {
         auth.readiness()?;

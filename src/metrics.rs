@@ -3,9 +3,47 @@
 //! fixed set of values: never ids, never raw paths.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// `smartgate_upstream_errors_total` kinds, exposed from zero.
+pub const UPSTREAM_ERROR_KINDS: &[&str] = &[
+    "connect",
+    "connect_timeout",
+    "timeout",
+    "request_body_too_large",
+    "request_body",
+    "protocol",
+    "stray_body",
+    "credentials_refused",
+    "response_body",
+];
+
+/// `smartgate_decisions_total{decision="deny"}` reasons (`DenyReason::code`), exposed
+/// from zero.
+pub const DENY_REASONS: &[&str] = &[
+    "insufficient_scope",
+    "no_patient_context",
+    "compartment",
+    "granular",
+    "unverifiable",
+    "unknown_operation",
+    "nested_bundle",
+    "bundle_entry_denied",
+    "bundle_entry_invalid",
+];
+
+/// `smartgate_cache_entries{cache}` caches.
+pub const CACHES: &[&str] = &[
+    "token",
+    "provenance_owners",
+    "assertion_ids",
+    "rate_limit_buckets",
+];
+
+/// The git revision the binary was built from (build.rs), or `unknown`.
+pub const REVISION: &str = env!("SMARTGATE_REVISION");
 
 /// Route labels known in advance; their series are resolved once, not per request.
 pub const ROUTES: &[&str] = &["fhir", "metadata", "discovery", "auth", "not_found"];
@@ -14,7 +52,7 @@ pub const ROUTES: &[&str] = &["fhir", "metadata", "discovery", "auth", "not_foun
 pub const REWRITE_RESULTS: &[&str] =
     &["skipped", "unparsed", "unchanged", "rewritten", "too_large"];
 /// The results a verified response is counted under.
-const VERIFY_RESULTS: &[&str] = &[
+pub const VERIFY_RESULTS: &[&str] = &[
     "passed",
     "filtered",
     "refused",
@@ -79,6 +117,35 @@ pub struct Metrics {
     pub decision_cache_hit: IntCounter,
     /// `smartgate_decision_cache_total{event="miss"}`
     pub decision_cache_miss: IntCounter,
+    /// `smartgate_auth_mode_info{mode}`: 1 for the mode in force.
+    pub auth_mode: IntGaugeVec,
+    /// `smartgate_config_last_reload_success_timestamp_seconds` (start counts as one).
+    pub reload_success_time: Gauge,
+    /// `smartgate_tls_certificate_not_after_timestamp_seconds` of the served leaf.
+    pub tls_not_after: Gauge,
+    /// `smartgate_jwks_last_success_timestamp_seconds` of `auth.jwt`'s key set.
+    pub jwks_last_success: Gauge,
+    /// `smartgate_upstream_pool_idle_connections`
+    pub pool_idle: IntGauge,
+    /// `smartgate_upstream_connections_opened_total`, `…_reused_total`,
+    /// `smartgate_upstream_retries_total`.
+    pub pool: crate::proxy::PoolCounters,
+    /// `smartgate_cache_entries{cache}`, refreshed at each scrape.
+    pub cache_entries: IntGaugeVec,
+    /// `smartgate_header_read_timeouts_total`: connections closed for sending no complete
+    /// request head in `server.header_read_timeout`.
+    pub header_timeouts: IntCounter,
+    /// `smartgate_draining`: 1 from SIGTERM on (`/readyz` fails).
+    pub draining: IntGauge,
+    /// The audit trail's counters.
+    pub audit: crate::audit::AuditMetrics,
+}
+
+/// The current time as Unix seconds, for timestamp gauges.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -219,12 +286,89 @@ impl Metrics {
         let decision_allow = decisions.with_label_values(&["allow", "granted"]);
         let build_info = IntGaugeVec::new(
             Opts::new("smartgate_build_info", "Build information; always 1"),
-            &["version"],
+            &["version", "revision"],
         )
         .expect("static metric definition");
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), REVISION])
             .set(1);
+        let auth_mode = IntGaugeVec::new(
+            Opts::new(
+                "smartgate_auth_mode_info",
+                "1 for the token check in force (auth.mode); mode=\"none\" checks no token",
+            ),
+            &["mode"],
+        )
+        .expect("static metric definition");
+        let gauge =
+            |name: &str, help: &str| Gauge::new(name, help).expect("static metric definition");
+        let int_gauge =
+            |name: &str, help: &str| IntGauge::new(name, help).expect("static metric definition");
+        let counter =
+            |name: &str, help: &str| IntCounter::new(name, help).expect("static metric definition");
+        let reload_success_time = gauge(
+            "smartgate_config_last_reload_success_timestamp_seconds",
+            "When the configuration in force was loaded (start or reload), Unix seconds",
+        );
+        reload_success_time.set(unix_now());
+        let tls_not_after = gauge(
+            "smartgate_tls_certificate_not_after_timestamp_seconds",
+            "Expiry of the public listener's TLS certificate (leaf), Unix seconds; 0 without TLS",
+        );
+        let jwks_last_success = gauge(
+            "smartgate_jwks_last_success_timestamp_seconds",
+            "Last successful fetch of auth.jwt's key set, Unix seconds; 0 before the first",
+        );
+        let pool_idle = int_gauge(
+            "smartgate_upstream_pool_idle_connections",
+            "Idle keep-alive connections to the upstream, all workers",
+        );
+        let pool_opened = counter(
+            "smartgate_upstream_connections_opened_total",
+            "Connections opened to the upstream",
+        );
+        let pool_reused = counter(
+            "smartgate_upstream_connections_reused_total",
+            "Requests sent on a pooled keep-alive connection",
+        );
+        let pool_retries = counter(
+            "smartgate_upstream_retries_total",
+            "Requests sent again on a new connection after a pooled one was found closed",
+        );
+        let cache_entries = IntGaugeVec::new(
+            Opts::new(
+                "smartgate_cache_entries",
+                "Entries in the gateway's bounded caches, at scrape time",
+            ),
+            &["cache"],
+        )
+        .expect("static metric definition");
+        let header_timeouts = counter(
+            "smartgate_header_read_timeouts_total",
+            "Client connections closed for not sending a request head within server.header_read_timeout",
+        );
+        let draining = int_gauge(
+            "smartgate_draining",
+            "1 once shutdown began: /readyz fails while requests are still served",
+        );
+        let audit = crate::audit::AuditMetrics {
+            lines: counter(
+                "smartgate_audit_lines_total",
+                "Audit lines queued for the sink",
+            ),
+            dropped: counter(
+                "smartgate_audit_dropped_total",
+                "Audit lines dropped because the buffer (audit.buffer) was full",
+            ),
+            write_errors: counter(
+                "smartgate_audit_write_errors_total",
+                "Failed writes of audit lines to the sink",
+            ),
+            buffered: int_gauge(
+                "smartgate_audit_buffer_bytes",
+                "Audit bytes waiting for the writer",
+            ),
+        };
 
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -246,9 +390,49 @@ impl Metrics {
             Box::new(scopes_ignored.clone()),
             Box::new(decision_cache.clone()),
             Box::new(build_info),
+            Box::new(auth_mode.clone()),
+            Box::new(reload_success_time.clone()),
+            Box::new(tls_not_after.clone()),
+            Box::new(jwks_last_success.clone()),
+            Box::new(pool_idle.clone()),
+            Box::new(pool_opened.clone()),
+            Box::new(pool_reused.clone()),
+            Box::new(pool_retries.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(header_timeouts.clone()),
+            Box::new(draining.clone()),
+            Box::new(audit.lines.clone()),
+            Box::new(audit.dropped.clone()),
+            Box::new(audit.write_errors.clone()),
+            Box::new(audit.buffered.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("metric names are unique");
+        // Series known in advance exist from the start, at zero: an alert on rate() or
+        // increase() sees the first event, and a dashboard shows 0 rather than nothing.
+        for kind in UPSTREAM_ERROR_KINDS {
+            upstream_errors.with_label_values(&[kind]);
+        }
+        for reason in DENY_REASONS {
+            decisions.with_label_values(&["deny", reason]);
+        }
+        for cache in CACHES {
+            cache_entries.with_label_values(&[cache]);
+        }
+        for result in ["success", "failure"] {
+            jwks_fetches.with_label_values(&[result]);
+        }
+        for event in ["hit", "miss", "eviction"] {
+            token_cache.with_label_values(&[event]);
+        }
+        tokens_issued.with_label_values(&["issued"]);
         // Make the reload series visible from the start, so alerts can use rate() at once.
         for r in ["success", "failure"] {
             config_reloads.with_label_values(&[r]);
@@ -298,6 +482,35 @@ impl Metrics {
             decision_allow,
             decision_cache_hit: decision_cache.with_label_values(&["hit"]),
             decision_cache_miss: decision_cache.with_label_values(&["miss"]),
+            auth_mode,
+            reload_success_time,
+            tls_not_after,
+            jwks_last_success,
+            pool_idle,
+            pool: crate::proxy::PoolCounters {
+                opened: pool_opened,
+                reused: pool_reused,
+                retries: pool_retries,
+            },
+            cache_entries,
+            header_timeouts,
+            draining,
+            audit,
+        }
+    }
+
+    /// Marks `mode` as the token check in force.
+    pub fn set_auth_mode(&self, mode: crate::config::AuthMode) {
+        use crate::config::AuthMode;
+        for m in [
+            AuthMode::None,
+            AuthMode::Jwt,
+            AuthMode::Introspection,
+            AuthMode::Embedded,
+        ] {
+            self.auth_mode
+                .with_label_values(&[m.name()])
+                .set(i64::from(m == mode));
         }
     }
 
@@ -413,6 +626,37 @@ mod tests {
             ),
         ] {
             assert_eq!(value(&text, series), Some(expected), "{series}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod zero_tests {
+    use super::*;
+    use crate::policy::DenyReason;
+
+    /// Every denial reason has its series from the start.
+    #[test]
+    fn every_deny_reason_is_listed() {
+        let reasons = [
+            DenyReason::InsufficientScope,
+            DenyReason::NoPatientContext,
+            DenyReason::Compartment,
+            DenyReason::Granular,
+            DenyReason::Unverifiable("x"),
+            DenyReason::UnknownOperation,
+            DenyReason::NestedBundle,
+            DenyReason::Entries(Vec::new()),
+            DenyReason::BadEntry(0),
+        ];
+        for r in &reasons {
+            assert!(DENY_REASONS.contains(&r.code()), "{}", r.code());
+        }
+        assert_eq!(reasons.len(), DENY_REASONS.len());
+        let text = Metrics::new().render();
+        for r in DENY_REASONS {
+            let series = format!("smartgate_decisions_total{{decision=\"deny\",reason=\"{r}\"}} 0");
+            assert!(text.contains(&series), "{series}");
         }
     }
 }

@@ -71,7 +71,11 @@ impl Snapshot {
         outbound: &Outbound,
         metrics: &Metrics,
     ) -> Result<Snapshot, CompileError> {
-        let upstream = Upstream::new(&config.upstream, config.server.worker_threads())?;
+        let upstream = Upstream::new(
+            &config.upstream,
+            config.server.worker_threads(),
+            &metrics.pool,
+        )?;
         let urls = UrlMap::new(
             &config.server.public_base_url,
             &config.upstream.url,
@@ -197,6 +201,11 @@ pub struct Shared {
     pub outbound: Outbound,
     /// Bulk Data export status URLs handed out, and the clients they belong to.
     pub exports: crate::pipeline::exports::Exports,
+    /// The audit trail (`[audit]`; its sink is set at start).
+    pub audit: crate::audit::Audit,
+    /// Set at SIGTERM: `/readyz` fails while requests are still served
+    /// (`server.shutdown_delay`).
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -224,7 +233,11 @@ impl Shared {
         let old = self.snapshot.load();
         warn_restart_only(&old.config, &config);
         let snapshot = Snapshot::compile(config, Some(&old), &self.outbound, &self.metrics)?;
+        self.metrics.set_auth_mode(snapshot.config.auth.mode);
         self.snapshot.store(Arc::new(snapshot));
+        self.metrics
+            .reload_success_time
+            .set(crate::metrics::unix_now());
         Ok(())
     }
 }
@@ -258,11 +271,46 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             old.server.worker_cpu_affinity != new.server.worker_cpu_affinity,
         ),
         ("log", old.log != new.log),
+        (
+            "audit",
+            crate::config::AuditConfig {
+                include_query: new.audit.include_query,
+                ..old.audit.clone()
+            } != new.audit,
+        ),
     ];
     changes
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
         .collect()
+}
+
+/// Sets `smartgate_cache_entries{cache}` and the idle upstream connections from the
+/// current snapshot (at each scrape: counting is cheap, but not free enough for every
+/// request).
+pub fn refresh_gauges(shared: &Shared) {
+    let snap = shared.snapshot.load();
+    let entries = &shared.metrics.cache_entries;
+    let set = |cache: &str, n: u64| {
+        entries
+            .with_label_values(&[cache])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    };
+    set(
+        "token",
+        snap.auth.as_ref().map_or(0, |a| a.cached_verdicts()),
+    );
+    snap.owners.run_pending_tasks();
+    set("provenance_owners", snap.owners.entry_count());
+    set("assertion_ids", snap.replay.len() as u64);
+    shared
+        .metrics
+        .pool_idle
+        .set(i64::try_from(snap.upstream.idle_connections()).unwrap_or(i64::MAX));
+    set(
+        "rate_limit_buckets",
+        snap.authz.as_ref().map_or(0, |a| a.rate_buckets() as u64),
+    );
 }
 
 #[cfg(test)]

@@ -157,6 +157,8 @@ pub struct KeySource {
     /// Serialises fetches, so a burst of unknown kids causes one fetch.
     fetch_lock: tokio::sync::Mutex<()>,
     fetches: IntCounterVec,
+    /// Set to the time of each successful fetch, when given.
+    last_success: Option<prometheus::Gauge>,
 }
 
 struct Remote {
@@ -214,7 +216,14 @@ impl KeySource {
             state: Mutex::new(FetchState::default()),
             fetch_lock: tokio::sync::Mutex::new(()),
             fetches,
+            last_success: None,
         })
+    }
+
+    /// Records each successful fetch's time on `gauge`.
+    pub fn with_last_success(mut self, gauge: prometheus::Gauge) -> KeySource {
+        self.last_success = Some(gauge);
+        self
     }
 
     /// The current key set, fetching it first if none was ever loaded.
@@ -287,6 +296,9 @@ impl KeySource {
         let result = self.fetch_remote(remote).await;
         let label = if result.is_ok() { "success" } else { "failure" };
         self.fetches.with_label_values(&[label]).inc();
+        if let (Ok(_), Some(gauge)) = (&result, &self.last_success) {
+            gauge.set(crate::metrics::unix_now());
+        }
         if let Err(e) = &result {
             tracing::warn!(error = %e, "JWKS fetch failed; keeping the current keys");
         }

@@ -74,6 +74,22 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// Every refusal, for series created at zero.
+    pub const ALL: [TokenError; 12] = [
+        TokenError::Malformed,
+        TokenError::Algorithm,
+        TokenError::UnknownKey,
+        TokenError::Signature,
+        TokenError::Expired,
+        TokenError::NotYetValid,
+        TokenError::Issuer,
+        TokenError::Audience,
+        TokenError::MissingClaim,
+        TokenError::Inactive,
+        TokenError::Type,
+        TokenError::SenderConstrained,
+    ];
+
     /// Stable code for metrics and the access log.
     pub fn code(self) -> &'static str {
         match self {
@@ -255,11 +271,10 @@ impl Authenticator {
             AuthMode::Embedded => ("embedded", Verifier::EmbeddedOnly, "embedded".to_owned()),
             AuthMode::Jwt => {
                 let cfg = auth.jwt.as_ref().ok_or("auth.jwt: missing")?;
-                let keys = Arc::new(jwks::KeySource::new(
-                    cfg,
-                    outbound.clone(),
-                    metrics.jwks_fetches.clone(),
-                )?);
+                let keys = Arc::new(
+                    jwks::KeySource::new(cfg, outbound.clone(), metrics.jwks_fetches.clone())?
+                        .with_last_success(metrics.jwks_last_success.clone()),
+                );
                 keys.spawn_refresh();
                 let scope = format!("jwt\0{}\0{}", cfg.issuer, cfg.audience);
                 (
@@ -279,6 +294,12 @@ impl Authenticator {
                 ("introspection", Verifier::Introspection(Box::new(i)), scope)
             }
         };
+        let results = ["valid", "unavailable"]
+            .into_iter()
+            .chain(TokenError::ALL.map(TokenError::code));
+        for result in results {
+            metrics.token_validations.with_label_values(&[mode, result]);
+        }
         let evictions = metrics.token_cache.clone();
         let cache = Cache::builder()
             .max_capacity(auth.cache_max_entries)
@@ -436,6 +457,11 @@ impl Authenticator {
             Verifier::Jwt(v) => v.keys().readiness(),
             Verifier::Introspection(_) | Verifier::EmbeddedOnly => Ok(()),
         }
+    }
+
+    /// Token verdicts in the shared cache (approximate: moka counts lazily).
+    pub fn cached_verdicts(&self) -> u64 {
+        self.cache.entry_count()
     }
 
     /// `jwt` or `introspection`.

@@ -207,6 +207,27 @@ impl Issuer {
 }
 
 /// The DER inside a `-----BEGIN PRIVATE KEY-----` PEM block.
+/// The process's own signing key for `alg`, generated on first use and kept until exit,
+/// for an embedded server configured without `signing_key`: a reload keeps it, so the
+/// tokens it issued stay valid.
+pub fn ephemeral_pem(alg: &str) -> Result<String, String> {
+    static KEYS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut keys = KEYS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, pem)) = keys.iter().find(|(a, _)| a == alg) {
+        return Ok(pem.clone());
+    }
+    let (pem, _) = crate::keygen::generate(alg)?;
+    tracing::warn!(
+        alg,
+        "authorization_server.signing_key is not set: signing with a key generated now; \
+         its tokens end with this process and no other replica accepts them"
+    );
+    keys.push((alg.to_owned(), pem.clone()));
+    Ok(pem)
+}
+
 fn pem_decode(pem: &str) -> Option<Vec<u8>> {
     let start = pem.find("-----BEGIN PRIVATE KEY-----")?;
     let body = &pem[start + "-----BEGIN PRIVATE KEY-----".len()..];

@@ -16,6 +16,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde_json::{Value, json};
 
+use crate::audit::AuthzNote;
 use crate::body::{BoxBody, full};
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -117,11 +118,15 @@ impl AuthServer {
         }
         let base = config.server.public_base_url.as_string();
         let base = base.trim_end_matches('/');
-        let key = a
-            .signing_key
-            .as_ref()
-            .ok_or("authorization_server.signing_key: missing")?;
-        let issuer = Issuer::load(key, &a.signing_alg, base, a.token_lifetime.0)?;
+        let issuer = match &a.signing_key {
+            Some(key) => Issuer::load(key, &a.signing_alg, base, a.token_lifetime.0)?,
+            None => Issuer::from_pem(
+                &issuer::ephemeral_pem(&a.signing_alg)?,
+                &a.signing_alg,
+                base,
+                a.token_lifetime.0,
+            )?,
+        };
         let clients = Clients::new(
             a,
             &format!("{base}/auth/token"),
@@ -138,12 +143,19 @@ impl AuthServer {
         }))
     }
 
+    /// Rate-limit buckets kept (`Clients::rate_buckets`).
+    pub fn rate_buckets(&self) -> usize {
+        self.clients.rate_buckets()
+    }
+
     /// Serves `/auth/…` (`rel` is the path under the public base).
+    /// What it did goes into `note`, for the audit line.
     pub async fn handle(
         &self,
         auth: Option<&crate::auth::Authenticator>,
         req: Request<hyper::body::Incoming>,
         rel: &str,
+        note: &mut AuthzNote,
     ) -> Result<Response<BoxBody>, GatewayError> {
         let path = rel.split('?').next().unwrap_or(rel);
         let result = match (path, req.method()) {
@@ -155,8 +167,14 @@ impl AuthServer {
                 );
                 return Ok(resp);
             }
-            ("/auth/token", &Method::POST) => self.token(req).await,
-            ("/auth/introspect", &Method::POST) => self.introspect(auth, req).await,
+            ("/auth/token", &Method::POST) => {
+                note.endpoint = "token";
+                self.token(req, note).await
+            }
+            ("/auth/introspect", &Method::POST) => {
+                note.endpoint = "introspect";
+                self.introspect(auth, req, note).await
+            }
             ("/auth/token" | "/auth/introspect" | "/auth/jwks", _) => {
                 return Err(GatewayError::MethodNotAllowed);
             }
@@ -168,6 +186,7 @@ impl AuthServer {
                 resp
             }
             Err(e) => {
+                note.result = e.code();
                 self.issued.with_label_values(&[e.code()]).inc();
                 tracing::info!(error = e.error, description = %e.description, "token endpoint refused");
                 e.into_response()
@@ -180,6 +199,7 @@ impl AuthServer {
     async fn token(
         &self,
         req: Request<hyper::body::Incoming>,
+        note: &mut AuthzNote,
     ) -> Result<Response<BoxBody>, OAuthError> {
         let (basic, form) = read_form(req).await?;
         match one(&form, "grant_type")? {
@@ -194,6 +214,7 @@ impl AuthServer {
             }
         }
         let client = self.authenticate_client(basic.as_deref(), &form).await?;
+        note.client_id = Some(client.id.clone());
         if let Some(id) = one(&form, "client_id")?
             && id != client.id
         {
@@ -221,6 +242,8 @@ impl AuthServer {
             .issuer
             .issue(&client.id, &granted)
             .map_err(OAuthError::temporarily_unavailable)?;
+        note.scope = Some(granted.clone());
+        note.result = "issued";
         Ok(json_response(
             StatusCode::OK,
             &json!({
@@ -297,6 +320,7 @@ impl AuthServer {
         &self,
         auth: Option<&crate::auth::Authenticator>,
         req: Request<hyper::body::Incoming>,
+        note: &mut AuthzNote,
     ) -> Result<Response<BoxBody>, OAuthError> {
         let authz = req
             .headers()
@@ -347,6 +371,7 @@ impl AuthServer {
             }
             (None, _) => {
                 let client = self.authenticate_client(basic.as_deref(), &form).await?;
+                note.client_id = Some(client.id.clone());
                 let permitted = self
                     .introspection_scope
                     .as_deref()
@@ -382,6 +407,11 @@ impl AuthServer {
                 out
             }
             _ => json!({"active": false}),
+        };
+        note.result = if body["active"] == true {
+            "active"
+        } else {
+            "inactive"
         };
         Ok(json_response(StatusCode::OK, &body))
     }

@@ -53,6 +53,84 @@ pub struct Config {
     /// Bulk Data export status URLs.
     #[serde(default)]
     pub bulk_data: BulkDataConfig,
+    /// The audit trail.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`: one JSON line per request (and per token issued or refused) on its own
+/// sink, apart from the debug log.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Where the lines go: `stdout`, `file`, `both`, or `off`.
+    #[serde(default)]
+    pub sink: AuditSink,
+    /// The file, for `file` and `both`.
+    pub path: Option<PathBuf>,
+    /// The file is rotated (renamed to `path.1`, `path.2`, …) when it reaches this size.
+    #[serde(default = "defaults::audit_max_size")]
+    pub max_size: ByteSize,
+    /// Rotated files kept beside the current one.
+    #[serde(default = "defaults::audit_max_files")]
+    pub max_files: u32,
+    /// Record the query string (it may hold PHI: names, birth dates, identifiers).
+    #[serde(default)]
+    pub include_query: bool,
+    /// Lines held in memory while the writer catches up; beyond it lines are dropped
+    /// and counted (`smartgate_audit_dropped_total`), never waited for by a request.
+    #[serde(default = "defaults::audit_buffer")]
+    pub buffer: ByteSize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            sink: AuditSink::default(),
+            path: None,
+            max_size: defaults::audit_max_size(),
+            max_files: defaults::audit_max_files(),
+            include_query: false,
+            buffer: defaults::audit_buffer(),
+        }
+    }
+}
+
+/// `audit.sink`
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditSink {
+    /// Standard output (the debug log goes to standard error).
+    #[default]
+    Stdout,
+    /// `audit.path`, rotated by size.
+    File,
+    /// Both.
+    Both,
+    /// No audit trail.
+    Off,
+}
+
+impl AuditSink {
+    /// Whether lines go to standard output.
+    pub fn stdout(self) -> bool {
+        matches!(self, AuditSink::Stdout | AuditSink::Both)
+    }
+
+    /// Whether lines go to `audit.path`.
+    pub fn file(self) -> bool {
+        matches!(self, AuditSink::File | AuditSink::Both)
+    }
+
+    /// The name as written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuditSink::Stdout => "stdout",
+            AuditSink::File => "file",
+            AuditSink::Both => "both",
+            AuditSink::Off => "off",
+        }
+    }
 }
 
 /// `[bulk_data]`: the status URLs of Bulk Data exports, which the gateway signs for the
@@ -79,7 +157,9 @@ pub struct AuthorizationServerConfig {
     /// Serve `{base}/auth/token`, `/auth/introspect`, `/auth/jwks`.
     #[serde(default)]
     pub enabled: bool,
-    /// The gateway's signing key: PKCS#8 PEM (`smartgate keygen` writes one).
+    /// The gateway's signing key: PKCS#8 PEM (`smartgate keygen` writes one). Unset: a
+    /// key generated at start, kept across reloads, lost at exit (tokens then die with
+    /// the process, and other replicas do not accept them).
     pub signing_key: Option<PathBuf>,
     /// `ES384` (default) or `ES256`.
     #[serde(default = "defaults::signing_alg")]
@@ -287,6 +367,10 @@ pub struct ServerConfig {
     /// How long in-flight requests may finish after SIGTERM.
     #[serde(default = "defaults::shutdown_grace")]
     pub shutdown_grace: Dur,
+    /// After SIGTERM, how long to keep serving with `/readyz` failing before the listener
+    /// closes, so load balancers and Kubernetes endpoints stop sending first.
+    #[serde(default = "defaults::shutdown_delay")]
+    pub shutdown_delay: Dur,
     /// How long a client may take to send request headers (also the keep-alive idle limit).
     #[serde(default = "defaults::header_read_timeout")]
     pub header_read_timeout: Dur,
@@ -392,6 +476,10 @@ pub struct UpstreamConfig {
 pub struct AuthConfig {
     /// How bearer tokens are checked.
     pub mode: AuthMode,
+    /// Allow `mode = "none"` on a listener other than loopback. Without it the gateway
+    /// refuses to start as an unauthenticated proxy reachable from the network.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
     /// `realm` in `WWW-Authenticate` challenges.
     #[serde(default = "defaults::realm")]
     pub realm: String,
@@ -694,6 +782,18 @@ mod defaults {
     pub fn shutdown_grace() -> Dur {
         Dur(Duration::from_secs(20))
     }
+    pub fn shutdown_delay() -> Dur {
+        Dur(Duration::ZERO)
+    }
+    pub fn audit_max_size() -> ByteSize {
+        ByteSize(100 << 20)
+    }
+    pub fn audit_max_files() -> u32 {
+        5
+    }
+    pub fn audit_buffer() -> ByteSize {
+        ByteSize(8 << 20)
+    }
     pub fn header_read_timeout() -> Dur {
         Dur(Duration::from_secs(30))
     }
@@ -992,6 +1092,21 @@ impl Config {
                 format!("{:?} is not a log filter: {e}", self.log.level),
             ));
         }
+        if self.auth.mode == AuthMode::None
+            && !self.server.listen.ip().is_loopback()
+            && !self.auth.allow_unauthenticated
+        {
+            return Err((
+                "auth.mode".into(),
+                format!(
+                    "\"none\" forwards every request without a token check, and server.listen \
+                     ({}) is not a loopback address; choose a token mode, or set \
+                     auth.allow_unauthenticated = true if this is really wanted",
+                    self.server.listen
+                ),
+            ));
+        }
+        self.validate_audit()?;
         self.validate_auth()?;
         self.validate_authorization_server()?;
         if let Some(smart) = self.effective_smart() {
@@ -1100,27 +1215,38 @@ impl Config {
         Some(s)
     }
 
+    fn validate_audit(&self) -> Result<(), (String, String)> {
+        let a = &self.audit;
+        if a.sink.file() && a.path.is_none() {
+            return Err((
+                "audit.path".into(),
+                format!("is required with sink = \"{}\"", a.sink.name()),
+            ));
+        }
+        if a.max_size.0 < 4096 {
+            return Err(("audit.max_size".into(), "must be at least 4KiB".into()));
+        }
+        if a.buffer.0 < 4096 {
+            return Err(("audit.buffer".into(), "must be at least 4KiB".into()));
+        }
+        Ok(())
+    }
+
     fn validate_authorization_server(&self) -> Result<(), (String, String)> {
         let a = &self.authorization_server;
         let err = |k: &str, m: String| Err((format!("authorization_server.{k}"), m));
         if !a.enabled {
             return Ok(());
         }
-        let Some(key) = &a.signing_key else {
-            return err(
-                "signing_key",
-                "is required when enabled (smartgate keygen --alg ES384 --out FILE writes one)"
-                    .into(),
-            );
-        };
         if !["ES384", "ES256"].contains(&a.signing_alg.as_str()) {
             return err(
                 "signing_alg",
                 format!("{:?} is not ES384 or ES256", a.signing_alg),
             );
         }
-        if let Err(e) =
-            crate::authz::issuer::Issuer::load(key, &a.signing_alg, "x", a.token_lifetime.0)
+        if let Some(key) = &a.signing_key
+            && let Err(e) =
+                crate::authz::issuer::Issuer::load(key, &a.signing_alg, "x", a.token_lifetime.0)
         {
             return err("signing_key", e);
         }
@@ -1375,18 +1501,21 @@ fn managed_by_gateway(name: &http::HeaderName) -> bool {
         || *name == http::header::CONTENT_LENGTH
 }
 
-fn mode_name(mode: AuthMode) -> &'static str {
-    match mode {
-        AuthMode::None => "none",
-        AuthMode::Jwt => "jwt",
-        AuthMode::Introspection => "introspection",
-        AuthMode::Embedded => "embedded",
+impl AuthMode {
+    /// The mode as written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMode::None => "none",
+            AuthMode::Jwt => "jwt",
+            AuthMode::Introspection => "introspection",
+            AuthMode::Embedded => "embedded",
+        }
     }
 }
 
 impl fmt::Display for AuthMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(mode_name(*self))
+        f.write_str(self.name())
     }
 }
 

@@ -260,7 +260,8 @@ fn masked_output_hides_secrets() {
     assert!(parse(&out).is_ok(), "{out}");
 }
 
-/// The configuration embedded in the Kubernetes example stays valid.
+/// The configuration of the Kubernetes example (the Helm chart's sidecar rendering)
+/// stays valid with the environment its Deployment sets, and checks tokens.
 #[test]
 fn kubernetes_example_config_is_valid() {
     let yaml = include_str!("../../deploy/kubernetes/sidecar.yaml");
@@ -271,7 +272,25 @@ fn kubernetes_example_config_is_valid() {
         .take_while(|l| l.starts_with("    ") || l.is_empty())
         .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
         .collect();
-    Config::parse(&block, "sidecar.yaml", Vec::new()).unwrap();
+    // `- name: SMARTGATE__…` followed by `value: "…"`.
+    let lines: Vec<&str> = yaml.lines().map(str::trim).collect();
+    let env: Vec<(String, String)> = lines
+        .windows(2)
+        .filter_map(|w| {
+            let name = w[0].strip_prefix("- name: ")?;
+            let value = w[1].strip_prefix("value: ")?.trim_matches('"');
+            name.starts_with("SMARTGATE__")
+                .then(|| (name.to_owned(), value.to_owned()))
+        })
+        .collect();
+    assert!(
+        env.iter().any(|(k, _)| k == "SMARTGATE__SERVER__LISTEN"),
+        "{env:?}"
+    );
+    let c = Config::parse(&block, "sidecar.yaml", env).unwrap();
+    assert_ne!(c.auth.mode, AuthMode::None);
+    assert!(!c.server.listen.ip().is_loopback());
+    assert!(c.server.shutdown_delay.0 > Duration::ZERO);
 }
 
 /// The complete examples in config/examples/ stay valid.
@@ -330,11 +349,12 @@ fn authorization_server_config() {
             .contains(&"client-confidential-symmetric".to_owned())
     );
     assert!(!c.to_masked_toml().contains(&hash));
+    // Without a signing key the process signs with a key of its own.
+    parse(&format!(
+        "{MINIMAL}\n[authorization_server]\nenabled = true\n"
+    ))
+    .unwrap();
     let cases: Vec<(String, &str)> = vec![
-        (
-            format!("{MINIMAL}\n[authorization_server]\nenabled = true\n"),
-            "authorization_server.signing_key: is required",
-        ),
         (
             with("signing_alg = \"RS256\""),
             "authorization_server.signing_alg",
@@ -405,4 +425,64 @@ fn bulk_data_status_key() {
         "{MINIMAL}\n[bulk_data]\nprevious_status_keys = [\"{old}\"]\n"
     ));
     assert!(e.contains("needs bulk_data.status_key"), "{e}");
+}
+
+/// `auth.mode = "none"` serves only loopback unless the operator says it means it: an
+/// unauthenticated proxy to PHI reachable from the network must not start by accident
+/// (the container's `SMARTGATE__SERVER__LISTEN=0.0.0.0:8080`, say).
+#[test]
+fn no_token_checks_only_on_loopback() {
+    parse(MINIMAL).unwrap();
+    parse(&MINIMAL.replace("127.0.0.1:8080", "[::1]:8080")).unwrap();
+    for listen in ["0.0.0.0:8080", "10.1.2.3:8080", "[::]:8080"] {
+        let e = err(&MINIMAL.replace("127.0.0.1:8080", listen));
+        assert!(
+            e.contains("auth.mode") && e.contains("allow_unauthenticated"),
+            "{listen}: {e}"
+        );
+        let e = parse_env(MINIMAL, &[("SMARTGATE__SERVER__LISTEN", listen)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.mode"), "{e}");
+        let allowed = MINIMAL.replace("127.0.0.1:8080", listen).replace(
+            "mode = \"none\"",
+            "mode = \"none\"\nallow_unauthenticated = true",
+        );
+        parse(&allowed).unwrap();
+    }
+    // The opt-in changes nothing for the token modes.
+    let embedded = MINIMAL
+        .replace("127.0.0.1:8080", "0.0.0.0:8080")
+        .replace("mode = \"none\"", "mode = \"embedded\"")
+        + "\n[authorization_server]\nenabled = true\n";
+    parse(&embedded).unwrap();
+}
+
+/// `[audit]`: a file sink needs its path; sizes have floors; stdout is the default.
+#[test]
+fn audit_config() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.audit.sink, AuditSink::Stdout);
+    assert!(!c.audit.include_query);
+    for (body, want) in [
+        (
+            "sink = \"file\"",
+            "audit.path: is required with sink = \"file\"",
+        ),
+        (
+            "sink = \"both\"",
+            "audit.path: is required with sink = \"both\"",
+        ),
+        ("sink = \"syslog\"", "audit.sink"),
+        ("sink = \"off\"\nmax_size = \"1KiB\"", "audit.max_size"),
+        ("sink = \"off\"\nbuffer = 10", "audit.buffer"),
+    ] {
+        let e = err(&format!("{MINIMAL}\n[audit]\n{body}\n"));
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    let c = parse(&format!(
+        "{MINIMAL}\n[audit]\nsink = \"both\"\npath = \"/var/log/audit.jsonl\"\nmax_files = 2\n"
+    ))
+    .unwrap();
+    assert!(c.audit.sink.file() && c.audit.sink.stdout());
 }

@@ -14,6 +14,7 @@ use crate::state::{Shared, Snapshot};
 
 /// The classify and authorize stages: the FHIR interaction, then the decision. Batch and
 /// transaction bodies are read to decide every entry before anything is forwarded.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn classify_and_authorize(
     shared: &Shared,
     snap: &Snapshot,
@@ -22,6 +23,7 @@ pub(super) async fn classify_and_authorize(
     form: Option<Bytes>,
     rel: &str,
     signed: Option<(&str, &str)>,
+    ctx: &mut super::Ctx<'_>,
 ) -> Result<(Request<BoxBody>, Plan), GatewayError> {
     let (path, query) = match rel.split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -65,8 +67,11 @@ pub(super) async fn classify_and_authorize(
         principal: principal.id,
         generation: snap.generation,
     };
-    if cacheable && let Some(decision) = cache::get(decider, req.method(), if_none_exist, rel) {
+    if cacheable
+        && let Some((decision, target)) = cache::get(decider, req.method(), if_none_exist, rel)
+    {
         shared.metrics.decision_cache_hit.inc();
+        ctx.target = Some(target);
         return finish(shared, req, decision);
     }
     let method = req.method().clone();
@@ -101,6 +106,7 @@ pub(super) async fn classify_and_authorize(
     .map_err(classify_error)?;
     let mut freq = freq;
     freq.params.extend(export_params);
+    let target = crate::audit::Target::of(&freq);
 
     let context = context(snap, principal);
     let decision = match (freq.interaction, &bundle) {
@@ -117,8 +123,9 @@ pub(super) async fn classify_and_authorize(
             target: rel.to_owned(),
             if_none_exist,
         };
-        cache::put(decider, shape, decision.clone());
+        cache::put(decider, shape, decision.clone(), target.clone());
     }
+    ctx.target = Some(target);
     finish(shared, req, decision)
 }
 

@@ -77,12 +77,128 @@ impl Route {
     }
 }
 
-/// Per-request facts gathered along the way for the `log` stage.
-pub(super) struct Ctx {
+/// Per-request facts gathered along the way for the `log` stage: the metrics and the
+/// audit line. Dropped unlogged (the client abandoned the request and its future with
+/// it), it writes the audit line of an aborted request: a write may have reached the
+/// upstream all the same.
+pub(super) struct Ctx<'a> {
+    shared: &'a Shared,
+    conn: &'a ConnInfo,
+    started: Instant,
+    method: Method,
+    request_id: HeaderValue,
+    forwarded_for: Option<HeaderValue>,
+    traceparent: Option<HeaderValue>,
+    /// The query string, only with `audit.include_query`.
+    query: Option<Box<str>>,
     route: Route,
     pub(super) upstream_time: Option<Duration>,
+    upstream_status: Option<u16>,
     reason: Option<&'static str>,
     token_reason: Option<&'static str>,
+    /// A token or policy refusal (as opposed to a malformed request or a failure).
+    denied: bool,
+    principal: Option<Arc<Principal>>,
+    target: Option<crate::audit::Target>,
+    /// What the embedded authorization server did (route `auth`).
+    authz: crate::audit::AuthzNote,
+    seen: Seen,
+    logged: bool,
+    _inflight: Inflight<'a>,
+}
+
+/// What verification did to the answer (atomics only because the request's future
+/// must be `Send`; one task touches them).
+#[derive(Default)]
+pub(super) struct Seen {
+    /// 1 + the index of the result in [`crate::metrics::VERIFY_RESULTS`]; 0 for none.
+    verified: std::sync::atomic::AtomicU8,
+    removed: std::sync::atomic::AtomicU64,
+}
+
+impl Seen {
+    /// Counts a verification result and remembers it for the audit line.
+    fn note(&self, shared: &Shared, result: &'static str) {
+        shared.metrics.count_verify(result);
+        let index = crate::metrics::VERIFY_RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .map_or(0, |i| i + 1);
+        self.verified
+            .store(index as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The last verification result noted.
+    fn verified(&self) -> Option<&'static str> {
+        let index = self.verified.load(std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::VERIFY_RESULTS
+            .get(usize::from(index).checked_sub(1)?)
+            .copied()
+    }
+
+    fn removed(&self) -> u64 {
+        self.removed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl<'a> Ctx<'a> {
+    fn new(
+        shared: &'a Shared,
+        conn: &'a ConnInfo,
+        snap: &Snapshot,
+        req: &Request<Incoming>,
+        request_id: HeaderValue,
+    ) -> Ctx<'a> {
+        let headers = req.headers();
+        Ctx {
+            shared,
+            conn,
+            started: Instant::now(),
+            method: req.method().clone(),
+            request_id,
+            forwarded_for: headers
+                .get(&crate::proxy::headers::X_FORWARDED_FOR)
+                .cloned(),
+            traceparent: headers.get(&crate::proxy::headers::TRACEPARENT).cloned(),
+            query: snap
+                .config
+                .audit
+                .include_query
+                .then(|| req.uri().query().map(Box::from))
+                .flatten(),
+            route: Route::NotFound,
+            upstream_time: None,
+            upstream_status: None,
+            reason: None,
+            token_reason: None,
+            denied: false,
+            principal: None,
+            target: None,
+            authz: Default::default(),
+            seen: Seen::default(),
+            logged: false,
+            _inflight: Inflight::new(&shared.metrics.inflight),
+        }
+    }
+
+    /// The audit decision (see [`crate::audit::Line::decision`]).
+    fn decision(&self) -> &'static str {
+        match self.seen.verified() {
+            _ if self.denied => "deny",
+            Some("refused") => "deny",
+            Some("filtered" | "outcome_sanitised" | "withheld") => "filtered",
+            _ if self.reason.is_some() => "error",
+            _ => "allow",
+        }
+    }
+}
+
+impl Drop for Ctx<'_> {
+    fn drop(&mut self) {
+        if !self.logged {
+            log(self, None);
+        }
+    }
 }
 
 /// Handles one request end to end. Never fails: errors become OperationOutcome responses.
@@ -91,31 +207,30 @@ pub async fn handle(
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, Infallible> {
-    let started = Instant::now();
-    let _inflight = Inflight::new(&shared.metrics.inflight);
     let snap = shared.snapshot.load_full();
     let request_id = crate::proxy::headers::request_id(req.headers());
-    let method = req.method().clone();
     let cross_origin = req.headers().contains_key(header::ORIGIN);
-    let mut ctx = Ctx {
-        route: Route::NotFound,
-        upstream_time: None,
-        reason: None,
-        token_reason: None,
-    };
+    let mut ctx = Ctx::new(&shared, &conn, &snap, &req, request_id.clone());
 
     let mut resp = match serve(&shared, &snap, &conn, req, &request_id, &mut ctx).await {
         Ok(resp) => resp,
         Err(e) => {
             ctx.reason = Some(e.reason());
+            ctx.denied = matches!(
+                e,
+                GatewayError::Forbidden(_)
+                    | GatewayError::MissingToken
+                    | GatewayError::InvalidToken(_)
+                    | GatewayError::InvalidRequest(_)
+            );
             e.into_response(&snap.config.auth.realm)
         }
     };
-    resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+    resp.headers_mut().insert(&X_REQUEST_ID, request_id);
     if cross_origin {
         public::allow_cross_origin(resp.headers_mut());
     }
-    log(&shared, &ctx, &method, resp.status(), started, &request_id);
+    log(&mut ctx, Some(resp.status()));
     Ok(resp)
 }
 
@@ -142,7 +257,7 @@ async fn serve(
     conn: &ConnInfo,
     req: Request<Incoming>,
     request_id: &HeaderValue,
-    ctx: &mut Ctx,
+    ctx: &mut Ctx<'_>,
 ) -> Result<Response<BoxBody>, GatewayError> {
     // route
     let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
@@ -170,7 +285,7 @@ async fn serve(
         && rel.starts_with("/auth/")
     {
         ctx.route = Route::Auth;
-        return Box::pin(authz.handle(snap.auth.as_deref(), req, &rel)).await;
+        return Box::pin(authz.handle(snap.auth.as_deref(), req, &rel, &mut ctx.authz)).await;
     }
     ctx.route = Route::Fhir;
     // A browser app's CORS preflight carries no token: answered here, never forwarded.
@@ -196,6 +311,7 @@ async fn serve(
 
     // authenticate
     let (req, principal, form) = authenticate(snap, req, ctx).await?;
+    ctx.principal.clone_from(&principal);
     // A POST _search form, kept to rewrite its `_elements` (a cheap clone of the bytes).
     let search_form = form.clone();
 
@@ -203,7 +319,7 @@ async fn serve(
     let (mut req, plan) = match &principal {
         None => (req, Plan::pass_through()),
         Some(p) => {
-            authorize::classify_and_authorize(shared, snap, req, p, form, &rel, signed).await?
+            authorize::classify_and_authorize(shared, snap, req, p, form, &rel, signed, ctx).await?
         }
     };
 
@@ -360,6 +476,7 @@ async fn serve(
         .await
         .map_err(|failure| upstream_failed(shared, failure).to_error())?;
     ctx.upstream_time = Some(upstream_time);
+    ctx.upstream_status = Some(resp.status().as_u16());
     shared
         .metrics
         .upstream_duration
@@ -403,13 +520,23 @@ async fn serve(
             .as_deref()
             .is_some_and(|p| !authorize::sees_everything(snap, p))
     {
-        Box::pin(error_answer(shared, snap, &method, resp)).await
+        Box::pin(error_answer(shared, snap, &ctx.seen, &method, resp)).await
     } else {
         resp
     };
 
     // respond
-    let mut resp = respond(shared, snap, &plan, fetcher.as_ref(), &method, native, resp).await?;
+    let mut resp = respond(
+        shared,
+        snap,
+        &ctx.seen,
+        &plan,
+        fetcher.as_ref(),
+        &method,
+        native,
+        resp,
+    )
+    .await?;
     if let Some((status, client)) = export_status
         && let Some(public) = resp
             .headers()
@@ -524,6 +651,7 @@ fn native_binary(mut parts: http::response::Parts, bytes: Bytes) -> Response<Box
 async fn error_answer(
     shared: &Shared,
     snap: &Snapshot,
+    seen: &Seen,
     method: &Method,
     resp: Response<BoxBody>,
 ) -> Response<BoxBody> {
@@ -535,7 +663,7 @@ async fn error_answer(
     {
         return resp;
     }
-    shared.metrics.count_verify("outcome_sanitised");
+    seen.note(shared, "outcome_sanitised");
     let (mut parts, body) = resp.into_parts();
     let limit = snap.config.upstream.max_response_buffer.0;
     let outcome = crate::body::read_whole(limited(body, limit))
@@ -572,8 +700,8 @@ async fn error_answer(
 
 /// The answer to a checked write whose body the token may not see: the write happened
 /// and its status stands, but the body becomes the gateway's own OperationOutcome.
-fn withheld(shared: &Shared) -> Bytes {
-    shared.metrics.count_verify("withheld");
+fn withheld(shared: &Shared, seen: &Seen) -> Bytes {
+    seen.note(shared, "withheld");
     Bytes::from(
         serde_json::json!({"resourceType": "OperationOutcome", "issue": [{
             "severity": "information", "code": "informational",
@@ -606,7 +734,7 @@ pub(super) fn upstream_failed(
 async fn authenticate(
     snap: &Snapshot,
     req: Request<BoxBody>,
-    ctx: &mut Ctx,
+    ctx: &mut Ctx<'_>,
 ) -> Result<(Request<BoxBody>, Option<Arc<Principal>>, Option<Bytes>), GatewayError> {
     let Some(auth) = &snap.auth else {
         return Ok((req, None, None));
@@ -727,9 +855,11 @@ fn identity<'a>(snap: &'a Snapshot, principal: Option<&Principal>) -> Identity<'
 
 /// The response stage: the upstream's address out of headers and FHIR JSON bodies, and
 /// the verification the plan asks for.
+#[allow(clippy::too_many_arguments)]
 async fn respond(
     shared: &Shared,
     snap: &Snapshot,
+    seen: &Seen,
     plan: &Plan,
     fetcher: Option<&checks::Fetcher<'_>>,
     method: &Method,
@@ -847,27 +977,32 @@ async fn respond(
         // readable as that resource: fetched and checked (boxed: rare).
         (Some(viewer), Some(fetcher)) if plan.binary_read => {
             match Box::pin(fetcher.security_context_readable(&bytes)).await? {
-                None => verify_body(shared, snap, plan, viewer, &bytes, parsed.take())?,
+                None => verify_body(shared, snap, seen, plan, viewer, &bytes, parsed.take())?,
                 Some(true) => {
-                    shared.metrics.count_verify("passed");
+                    seen.note(shared, "passed");
                     bytes
                 }
                 Some(false) => {
                     return Err(refused(
                         shared,
+                        seen,
                         snap,
                         crate::policy::DenyReason::Compartment,
                     ));
                 }
             }
         }
-        (Some(viewer), _) => match verify_body(shared, snap, plan, viewer, &bytes, parsed.take()) {
-            Ok(bytes) => bytes,
-            Err(GatewayError::Forbidden(_) | GatewayError::NotFound) if plan.write.is_some() => {
-                withheld(shared)
+        (Some(viewer), _) => {
+            match verify_body(shared, snap, seen, plan, viewer, &bytes, parsed.take()) {
+                Ok(bytes) => bytes,
+                Err(GatewayError::Forbidden(_) | GatewayError::NotFound)
+                    if plan.write.is_some() =>
+                {
+                    withheld(shared, seen)
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
-        },
+        }
     };
     // The upstream's Content-Length stands when hyper framed the body by it and the
     // body kept its length; otherwise the length is the gateway's to state.
@@ -905,9 +1040,11 @@ fn rewrite_link_headers(snap: &Snapshot, headers: &mut http::HeaderMap) {
 
 /// Verifies a response body as the plan says: parsed once, checked, links rewritten, and
 /// re-serialised only when something changed.
+#[allow(clippy::too_many_arguments)]
 fn verify_body(
     shared: &Shared,
     snap: &Snapshot,
+    seen: &Seen,
     plan: &Plan,
     viewer: Viewer<'_>,
     bytes: &Bytes,
@@ -918,12 +1055,13 @@ fn verify_body(
     if let (true, Verify::Resource(perm), None) = (plan.entries.is_empty(), plan.verify, &parsed) {
         match viewer.visible_bytes(bytes, perm) {
             Some(true) => {
-                shared.metrics.count_verify("passed");
+                seen.note(shared, "passed");
                 return Ok(bytes.clone());
             }
             Some(false) => {
                 return Err(refused(
                     shared,
+                    seen,
                     snap,
                     crate::policy::DenyReason::Compartment,
                 ));
@@ -946,17 +1084,19 @@ fn verify_body(
     let mut changed = match verdict {
         Verdict::Unchanged => false,
         Verdict::Changed { removed } => {
-            shared.metrics.count_verify("filtered");
+            seen.note(shared, "filtered");
+            seen.removed
+                .store(removed as u64, std::sync::atomic::Ordering::Relaxed);
             shared.metrics.verify_removed.inc_by(removed as u64);
             if removed > 0 {
                 tracing::info!(removed, "entries removed from the response");
             }
             true
         }
-        Verdict::Refuse(reason) => return Err(refused(shared, snap, reason)),
+        Verdict::Refuse(reason) => return Err(refused(shared, seen, snap, reason)),
     };
     if !changed {
-        shared.metrics.count_verify("passed");
+        seen.note(shared, "passed");
     }
     changed |= bundle::rewrite_links(&mut doc, &|url| snap.urls.to_public(url));
     if !changed {
@@ -968,8 +1108,13 @@ fn verify_body(
 }
 
 /// A response the token may not see: 403, or 404 with `policy.denied_read_status`.
-fn refused(shared: &Shared, snap: &Snapshot, reason: crate::policy::DenyReason) -> GatewayError {
-    shared.metrics.count_verify("refused");
+fn refused(
+    shared: &Shared,
+    seen: &Seen,
+    snap: &Snapshot,
+    reason: crate::policy::DenyReason,
+) -> GatewayError {
+    seen.note(shared, "refused");
     if snap.config.policy.denied_read_status == 404 {
         GatewayError::NotFound
     } else {
@@ -1020,29 +1165,76 @@ where
     Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed()
 }
 
-/// The `log` stage: metrics and one access line, for every request.
-fn log(
-    shared: &Shared,
-    ctx: &Ctx,
-    method: &Method,
-    status: StatusCode,
-    started: Instant,
-    request_id: &HeaderValue,
-) {
-    let elapsed = started.elapsed();
+/// The `log` stage: metrics and one audit line, for every request; `status` is `None`
+/// for a request the client abandoned.
+fn log(ctx: &mut Ctx<'_>, status: Option<StatusCode>) {
+    ctx.logged = true;
+    let shared = ctx.shared;
+    let elapsed = ctx.started.elapsed();
     let route = ctx.route.label();
-    shared
-        .metrics
-        .observe_request(route, status, elapsed.as_secs_f64());
-    tracing::info!(
-        target: "smartgate::access",
-        request_id = request_id.to_str().unwrap_or("-"),
-        method = method.as_str(),
+    if let Some(status) = status {
+        shared
+            .metrics
+            .observe_request(route, status, elapsed.as_secs_f64());
+    }
+    if !shared.audit.enabled() {
+        return;
+    }
+    fn text(v: &Option<HeaderValue>) -> Option<&str> {
+        v.as_ref().and_then(|v| v.to_str().ok())
+    }
+    let p = ctx.principal.as_deref();
+    let authz = (ctx.route == Route::Auth && !ctx.authz.endpoint.is_empty()).then_some(&ctx.authz);
+    let (event, decision, reason) = match authz {
+        Some(a) => {
+            let granted = matches!(a.result, "issued" | "active" | "inactive");
+            (
+                a.endpoint,
+                if granted { "allow" } else { "deny" },
+                Some(a.result),
+            )
+        }
+        None => (
+            "request",
+            ctx.decision(),
+            ctx.token_reason
+                .or(ctx.reason)
+                .or(ctx.seen.verified().filter(|v| *v != "passed")),
+        ),
+    };
+    let target = ctx.target.as_ref();
+    shared.audit.record(&crate::audit::Line {
+        time: crate::audit::rfc3339(std::time::SystemTime::now()),
+        event,
+        request_id: ctx.request_id.to_str().unwrap_or("-"),
+        trace_id: ctx
+            .traceparent
+            .as_ref()
+            .and_then(|v| crate::audit::trace_id(v.as_bytes())),
+        peer: ctx.conn.peer.to_string(),
+        // A readable header value is visible ASCII: any byte is a boundary.
+        forwarded_for: text(&ctx.forwarded_for).map(|v| &v[..v.len().min(256)]),
+        issuer: p.and_then(|p| p.issuer.as_deref()),
+        client_id: p
+            .and_then(|p| p.client_id.as_deref())
+            .or(authz.and_then(|a| a.client_id.as_deref())),
+        sub: p.and_then(|p| p.subject.as_deref()),
+        fhir_user: p.and_then(|p| p.fhir_user.as_deref()),
+        patient: p.and_then(|p| p.patient.as_deref()),
+        scope: authz.and_then(|a| a.scope.as_deref()),
+        method: ctx.method.as_str(),
         route,
-        status = status.as_u16(),
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        upstream_ms = ctx.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
-        reason = ctx.reason,
-        token = ctx.token_reason,
-    );
+        interaction: target.map(|t| crate::audit::interaction_code(t.interaction)),
+        resource_type: target.and_then(|t| t.resource_type),
+        id: target.and_then(|t| t.id.as_deref()),
+        query: ctx.query.as_deref(),
+        decision,
+        reason,
+        removed: ctx.seen.removed(),
+        upstream_status: ctx.upstream_status,
+        status: status.map(|s| s.as_u16()),
+        aborted: status.is_none(),
+        duration_ms: elapsed.as_secs_f64() * 1000.0,
+        upstream_ms: ctx.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
+    });
 }

@@ -29,7 +29,7 @@ pub(super) async fn metadata(
     req: Request<Incoming>,
     rel: &str,
     request_id: &HeaderValue,
-    ctx: &mut Ctx,
+    ctx: &mut Ctx<'_>,
 ) -> Result<Response<BoxBody>, GatewayError> {
     let cacheable = rel == "/metadata";
     let cached = snap
@@ -73,7 +73,7 @@ async fn fetch_metadata(
     req: &Request<Incoming>,
     rel: &str,
     request_id: &HeaderValue,
-    ctx: &mut Ctx,
+    ctx: &mut Ctx<'_>,
 ) -> Result<Bytes, GatewayError> {
     let upstream = Request::get(snap.upstream.uri_for(rel)?)
         .header(header::ACCEPT, "application/fhir+json")

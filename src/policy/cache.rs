@@ -13,6 +13,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use super::Decision;
+use crate::audit::Target;
 
 /// Most entries a worker keeps; the map starts over when full.
 const MAX: usize = 4096;
@@ -39,19 +40,20 @@ pub struct Decider {
 
 /// (decider, method, If-None-Exist) → target → decision. Nested so that a lookup
 /// borrows the target instead of allocating a key.
-type Decisions = HashMap<(Decider, http::Method, bool), HashMap<String, Decision>>;
+type Decisions = HashMap<(Decider, http::Method, bool), HashMap<String, (Decision, Target)>>;
 
 thread_local! {
     static DECISIONS: RefCell<(Decisions, usize)> = RefCell::new((HashMap::new(), 0));
 }
 
-/// The cached decision for this principal and request, if any.
+/// The cached decision for this principal and request, if any, with what the request
+/// was classified as (for the audit line).
 pub fn get(
     principal: Decider,
     method: &http::Method,
     if_none_exist: bool,
     target: &str,
-) -> Option<Decision> {
+) -> Option<(Decision, Target)> {
     DECISIONS.with(|d| {
         d.borrow()
             .0
@@ -61,8 +63,8 @@ pub fn get(
     })
 }
 
-/// Remembers a decision.
-pub fn put(principal: Decider, shape: RequestShape, decision: Decision) {
+/// Remembers a decision and what the request was classified as.
+pub fn put(principal: Decider, shape: RequestShape, decision: Decision, target: Target) {
     DECISIONS.with(|d| {
         let (map, len) = &mut *d.borrow_mut();
         if *len >= MAX {
@@ -72,7 +74,7 @@ pub fn put(principal: Decider, shape: RequestShape, decision: Decision) {
         let inner = map
             .entry((principal, shape.method, shape.if_none_exist))
             .or_default();
-        if inner.insert(shape.target, decision).is_none() {
+        if inner.insert(shape.target, (decision, target)).is_none() {
             *len += 1;
         }
     });
@@ -98,13 +100,22 @@ mod tests {
             target: t.to_owned(),
             if_none_exist: false,
         };
+        let target = Target {
+            interaction: crate::fhir::request::Interaction::SearchType,
+            resource_type: Some("Observation"),
+            id: None,
+        };
         put(
             d(1),
             shape("/Observation?code=a"),
             Decision::Allow(Plan::pass_through()),
+            target.clone(),
         );
         let get = |p: Decider, t: &str| get(p, &http::Method::GET, false, t);
-        assert!(get(d(1), "/Observation?code=a").is_some());
+        assert_eq!(
+            get(d(1), "/Observation?code=a").map(|(_, t)| t),
+            Some(target)
+        );
         assert!(get(d(2), "/Observation?code=a").is_none());
         let reloaded = Decider {
             principal: 1,

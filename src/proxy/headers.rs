@@ -14,6 +14,8 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// `X-Request-Id`
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// W3C trace context (its trace id goes into the audit line).
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// `Prefer` (RFC 7240), which the http crate has no constant for.
 pub static PREFER: HeaderName = HeaderName::from_static("prefer");
 

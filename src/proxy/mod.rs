@@ -4,6 +4,7 @@
 pub mod h1;
 pub mod headers;
 mod pool;
+pub use pool::PoolCounters;
 pub mod urls;
 
 use std::sync::Arc;
@@ -128,8 +129,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds `workers` connection pools from `[upstream]`.
-    pub fn new(cfg: &UpstreamConfig, workers: usize) -> Result<Upstream, UpstreamSetupError> {
+    /// Builds `workers` connection pools from `[upstream]`; plain-HTTP pools count their
+    /// connections on `counters`.
+    pub fn new(
+        cfg: &UpstreamConfig,
+        workers: usize,
+        counters: &PoolCounters,
+    ) -> Result<Upstream, UpstreamSetupError> {
         let workers = workers.max(1);
         let (host, port) = host_port(&cfg.url);
         let plain = (cfg.url.scheme == "http")
@@ -143,6 +149,7 @@ impl Upstream {
                             cfg.connect_timeout.0,
                             cfg.pool_idle_timeout.0,
                             cfg.pool_max_idle_per_host,
+                            counters.clone(),
                         )
                         .map(Arc::new)
                     })
@@ -228,6 +235,15 @@ impl Upstream {
         )
         .parse()
         .map_err(|_| bad())
+    }
+
+    /// Idle keep-alive connections in the plain-HTTP pools (hyper-util's https client
+    /// does not say).
+    pub fn idle_connections(&self) -> usize {
+        match &self.transport {
+            Transport::Plain(pools) => pools.iter().map(|p| p.idle_connections()).sum(),
+            Transport::Tls(_) => 0,
+        }
     }
 
     /// `(host, port)` of the upstream, for readiness probes.
@@ -381,7 +397,7 @@ mod tests {
              [upstream]\nurl = \"{url}\"\n[auth]\nmode = \"none\"\n"
         );
         let config = crate::Config::parse(&text, "test", Vec::new()).unwrap();
-        Upstream::new(&config.upstream, 1).unwrap()
+        Upstream::new(&config.upstream, 1, &Default::default()).unwrap()
     }
 
     /// A missing CA file is refused for an http:// upstream too.
@@ -391,7 +407,9 @@ mod tests {
                     [upstream]\nurl = \"http://127.0.0.1:1/fhir\"\n\
                     ca_file = \"/nonexistent/ca.pem\"\n[auth]\nmode = \"none\"\n";
         let config = crate::Config::parse(text, "test", Vec::new()).unwrap();
-        let err = Upstream::new(&config.upstream, 1).err().expect("refused");
+        let err = Upstream::new(&config.upstream, 1, &Default::default())
+            .err()
+            .expect("refused");
         assert!(err.to_string().starts_with("upstream.ca_file"), "{err}");
     }
 

@@ -41,6 +41,30 @@ use super::h1::{self as bare, HeadError, InlineBody};
 use super::headers::Edits;
 use crate::body::BoxBody;
 
+/// Connection counts of every worker's pool (`smartgate_upstream_connections_*`).
+#[derive(Clone)]
+pub struct PoolCounters {
+    /// Connections opened.
+    pub opened: prometheus::IntCounter,
+    /// Requests sent on a pooled connection.
+    pub reused: prometheus::IntCounter,
+    /// Requests sent again after a pooled connection was found closed.
+    pub retries: prometheus::IntCounter,
+}
+
+impl Default for PoolCounters {
+    /// Counters registered nowhere (unit tests, tools).
+    fn default() -> Self {
+        let counter =
+            |name: &str| prometheus::IntCounter::new(name, name).expect("static metric definition");
+        PoolCounters {
+            opened: counter("opened"),
+            reused: counter("reused"),
+            retries: counter("retries"),
+        }
+    }
+}
+
 /// The pool of one worker thread.
 pub struct H1Pool {
     /// `host` and `port` to connect to.
@@ -55,6 +79,7 @@ pub struct H1Pool {
     idle: Mutex<Vec<Idle>>,
     /// Connections exchanged by the request's task, for requests without one.
     idle_bare: Mutex<Vec<IdleBare>>,
+    counters: PoolCounters,
 }
 
 struct Idle {
@@ -76,6 +101,7 @@ impl H1Pool {
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle: usize,
+        counters: PoolCounters,
     ) -> Option<H1Pool> {
         Some(H1Pool {
             host,
@@ -86,7 +112,14 @@ impl H1Pool {
             max_idle,
             idle: Mutex::new(Vec::new()),
             idle_bare: Mutex::new(Vec::new()),
+            counters,
         })
+    }
+
+    /// Idle connections kept now.
+    pub fn idle_connections(&self) -> usize {
+        let len = |m: &Mutex<Vec<_>>| m.lock().map_or(0, |v| v.len());
+        len(&self.idle) + self.idle_bare.lock().map_or(0, |v| v.len())
     }
 
     /// Sends `req` (absolute URI) with its headers edited by `edits`, and returns the
@@ -130,13 +163,21 @@ impl H1Pool {
                 self.checkout_bare(now)
             };
             let (mut conn, idle_for) = match pooled {
-                Some((conn, idle_for)) => (conn, Some(idle_for)),
-                None => (bare::Conn::new(self.connect_tcp().await?), None),
+                Some((conn, idle_for)) => {
+                    self.counters.reused.inc();
+                    (conn, Some(idle_for))
+                }
+                None => {
+                    let conn = bare::Conn::new(self.connect_tcp().await?);
+                    self.counters.opened.inc();
+                    (conn, None)
+                }
             };
             if let Err(e) = conn.write_request(req, &self.host_header, edits).await {
                 // A pooled connection closed meanwhile: the head did not get through
                 // whole, and no server acts on part of one.
                 if idle_for.is_some() {
+                    self.counters.retries.inc();
                     continue;
                 }
                 tracing::debug!(error = %e, "writing to the upstream failed");
@@ -159,6 +200,7 @@ impl H1Pool {
                             http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
                         ) =>
                 {
+                    self.counters.retries.inc();
                     replayed = true;
                 }
                 Err(e) => {
@@ -185,8 +227,15 @@ impl H1Pool {
 
         loop {
             let (mut sender, reused) = match self.checkout().await {
-                Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                Some(sender) => {
+                    self.counters.reused.inc();
+                    (sender, true)
+                }
+                None => {
+                    let sender = self.connect().await?;
+                    self.counters.opened.inc();
+                    (sender, false)
+                }
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -204,7 +253,10 @@ impl H1Pool {
                 Err(mut e) => match e.take_message() {
                     // Not written: the pooled connection was closed meanwhile (the
                     // upstream's keep-alive timeout). Nothing reached the upstream.
-                    Some(unsent) if reused => req = unsent,
+                    Some(unsent) if reused => {
+                        self.counters.retries.inc();
+                        req = unsent;
+                    }
                     _ => return Err(failure(&e.into_error())),
                 },
             }

@@ -53,6 +53,9 @@ pub enum StartError {
     /// No runtime for the gateway's own outbound calls.
     #[error("{0}")]
     Runtime(String),
+    /// The audit sink cannot be opened.
+    #[error("{0}")]
+    Audit(String),
 }
 
 /// A bound, not yet serving gateway. Binding first lets callers (tests, the binary) learn
@@ -81,6 +84,11 @@ impl GatewayHandle {
         self.shared.metrics.render()
     }
 
+    /// Writes the queued audit lines to their sink now.
+    pub fn flush_audit(&self) {
+        self.shared.audit.flush();
+    }
+
     /// The configuration currently in force.
     pub fn current_config(&self) -> Config {
         self.shared.snapshot.load().config.clone()
@@ -103,6 +111,12 @@ impl Gateway {
         let admin = bind("admin.listen", config.admin.listen).await?;
         let outbound = crate::outbound::Outbound::new(None).map_err(StartError::Runtime)?;
         let metrics = Metrics::new();
+        let audit = crate::audit::Audit::start(&config.audit, metrics.audit.clone())
+            .map_err(StartError::Audit)?;
+        metrics.set_auth_mode(config.auth.mode);
+        if let Some(tls) = &tls {
+            metrics.tls_not_after.set(tls.not_after());
+        }
         let snapshot = Snapshot::compile(config, None, &outbound, &metrics)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -111,6 +125,8 @@ impl Gateway {
             env,
             outbound,
             exports: Default::default(),
+            audit,
+            draining: Default::default(),
         });
         Ok(Gateway {
             shared,
@@ -203,6 +219,18 @@ impl Gateway {
         drop(conn_tx);
 
         shutdown.await;
+        // Endpoints and load balancers learn from /readyz that this instance is going,
+        // while it still serves what they send meanwhile.
+        shared.draining.store(true, Ordering::Relaxed);
+        shared.metrics.draining.set(1);
+        let delay = shared.snapshot.load().config.server.shutdown_delay.0;
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "shutting down: /readyz fails; still serving during server.shutdown_delay"
+            );
+            tokio::time::sleep(delay).await;
+        }
         tracing::info!("shutting down: no new connections; draining in-flight requests");
         let _ = stop_tx.send(true);
         let grace = shared.snapshot.load().config.server.shutdown_grace.0;
@@ -217,6 +245,7 @@ impl Gateway {
         acceptor.abort();
         watch_task.abort();
         admin_task.abort();
+        shared.audit.flush();
     }
 }
 
@@ -466,7 +495,10 @@ async fn connection(
             match tokio::time::timeout_at(limits.first_by, accept).await {
                 Ok(Ok(stream)) => serve_io(shared, &builder, stream, conn, limits, stop).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!("TLS handshake timed out"),
+                Err(_) => {
+                    shared.metrics.header_timeouts.inc();
+                    tracing::debug!("TLS handshake timed out");
+                }
             }
         }
     }
@@ -498,6 +530,7 @@ async fn serve_io<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let requests = Arc::new(Requests::default());
+    let counts = shared.clone();
     let service = {
         let requests = requests.clone();
         service_fn(move |req: Request<Incoming>| -> pipeline::ResponseFuture {
@@ -525,6 +558,7 @@ async fn serve_io<I>(
             }
             () = tokio::time::sleep_until(limits.first_by), if awaiting_first => {
                 if requests.seen.load(Ordering::Relaxed) == 0 {
+                    counts.metrics.header_timeouts.inc();
                     tracing::debug!("no request within server.header_read_timeout; closing");
                     return;
                 }
@@ -553,6 +587,12 @@ async fn serve_io<I>(
         }
     };
     if let Err(e) = result {
+        // hyper's HTTP/1 header read timeout: a request head begun and not finished.
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            counts.metrics.header_timeouts.inc();
+        }
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }
@@ -706,6 +746,7 @@ async fn watch_files(
                 };
                 let label = match &result {
                     Ok(()) => {
+                        shared.metrics.tls_not_after.set(tls.not_after());
                         tracing::info!("TLS certificate reloaded");
                         "success"
                     }

@@ -856,3 +856,54 @@ async fn garbage_introspection_bursts_are_limited() {
     .await;
     assert_eq!(st, StatusCode::OK);
 }
+
+/// Token issuance and introspection are audited: the client, the scopes granted, or the
+/// refusal; never a client id that did not authenticate, never a token or a secret.
+#[tokio::test]
+async fn token_requests_are_audited() {
+    let e = env("[auth]\nmode = \"embedded\"\n", 100, None).await;
+    let (st, _, b) = token_request(
+        &e,
+        &assertion(&e.ec, good_claims(), |_| {}),
+        "system/Patient.rs system/Encounter.rs",
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let token = b["access_token"].as_str().unwrap().to_owned();
+    let (st, _, _) = post(
+        &e,
+        "/r4/auth/token",
+        form(&[
+            ("grant_type", "client_credentials"),
+            ("scope", "system/Patient.r"),
+        ]),
+        &[("authorization", &basic("sym", "wrong secret"))],
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, _, _) = introspect_as_app(&e, &token).await;
+    assert_eq!(st, StatusCode::OK);
+
+    let lines = e.gw.audit_lines();
+    let of =
+        |event: &str| -> Vec<&Value> { lines.iter().filter(|l| l["event"] == event).collect() };
+    let tokens = of("token");
+    assert_eq!(tokens.len(), 2, "{lines:#?}");
+    assert_eq!(tokens[0]["client_id"], "app");
+    assert_eq!(tokens[0]["scope"], "system/Patient.rs");
+    assert_eq!(tokens[0]["decision"], "allow");
+    assert_eq!(tokens[0]["reason"], "issued");
+    assert_eq!(tokens[0]["status"], 200);
+    assert_eq!(tokens[0]["route"], "auth");
+    // The refused client claimed an id it could not prove: it is not recorded as it.
+    assert_eq!(tokens[1]["client_id"], Value::Null);
+    assert_eq!(tokens[1]["decision"], "deny");
+    assert_eq!(tokens[1]["reason"], "invalid_client");
+    assert_eq!(tokens[1]["scope"], Value::Null);
+    let introspections = of("introspect");
+    assert_eq!(introspections.len(), 1);
+    assert_eq!(introspections[0]["client_id"], "app");
+    assert_eq!(introspections[0]["reason"], "active");
+    let all = serde_json::to_string(&lines).unwrap();
+    assert!(!all.contains(&token[token.len() - 20..]) && !all.contains("wrong secret"));
+}

@@ -106,13 +106,22 @@ fn spawn_gateway(
         .args(["serve", "--config"])
         .arg(path)
         .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let out = tx.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = tx.send(line);
+        }
+    });
+    // The audit trail (stdout), told apart from the log (stderr).
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = out.send(format!("{AUDIT}{line}"));
         }
     });
     loop {
@@ -170,15 +179,31 @@ async fn sigterm_drains_in_flight_request() {
         .unwrap();
     assert_eq!(exit.code(), Some(0));
 
-    // The access log line has the request, and no token or body.
+    // The audit line of the drained request is on stdout, written before the exit.
     let lines: Vec<String> = rx.try_iter().collect();
+    let audit: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(AUDIT))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(
-        lines
+        audit.iter().any(|l| l["event"] == "request"
+            && l["status"] == 200
+            && l["resource_type"].is_null()
+            && l["method"] == "GET"),
+        "{lines:#?}"
+    );
+    // And nothing of the trail went to the log.
+    assert!(
+        !lines
             .iter()
-            .any(|l| l.contains("smartgate::access") && l.contains("\"status\":200")),
+            .any(|l| !l.starts_with(AUDIT) && l.contains("\"event\":\"request\"")),
         "{lines:#?}"
     );
 }
+
+/// Marks lines the gateway wrote to stdout (the audit trail).
+const AUDIT: &str = "audit> ";
 
 /// explain-token prints the principal of a good token and the reason for a bad one, with
 /// inline keys (no network), and exits 0 or 1 accordingly.

@@ -118,8 +118,14 @@ struct TestCert {
 }
 
 fn make_cert(name: &str) -> TestCert {
+    make_cert_until(name, 2031, 3, 4)
+}
+
+/// A certificate for `name` that expires at the start of the given day (UTC).
+fn make_cert_until(name: &str, year: i32, month: u8, day: u8) -> TestCert {
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(year, month, day);
     let cert = params.self_signed(&key).unwrap();
     TestCert {
         cert_pem: cert.pem(),
@@ -192,10 +198,19 @@ async fn tls_listener_and_certificate_reload() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json(&body)["uri"], "/fhir/Patient");
     assert_eq!(up.requests()[0].headers["x-forwarded-proto"], "https");
+    // Its expiry, for the certificate alert: 2031-03-04T00:00:00Z.
+    let expiry = "smartgate_tls_certificate_not_after_timestamp_seconds";
+    assert!(
+        metrics(&gw)
+            .await
+            .contains(&format!("{expiry} 1930348800\n")),
+        "{}",
+        metrics(&gw).await
+    );
 
     // Rotate: the new certificate is served without a restart.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let second = make_cert("gateway.test");
+    let second = make_cert_until("gateway.test", 2032, 1, 1);
     std::fs::write(&key_path, &second.key_pem).unwrap();
     std::fs::write(&cert_path, &second.cert_pem).unwrap();
     let mut rotated = false;
@@ -210,6 +225,11 @@ async fn tls_listener_and_certificate_reload() {
         }
     }
     assert!(rotated, "certificate change not picked up");
+    assert!(
+        metrics(&gw)
+            .await
+            .contains(&format!("{expiry} 1956528000\n"))
+    );
     let (_, status, _) = tls_get(gw.addr, &second.der, "/r4/Patient").await;
     assert_eq!(status, StatusCode::OK);
     gw.stop().await;
@@ -233,7 +253,7 @@ async fn admin_endpoints() {
         "smartgate_upstream_duration_seconds_bucket",
         "smartgate_inflight_requests 0",
         "smartgate_config_reloads_total",
-        "smartgate_build_info{version=",
+        "smartgate_build_info{revision=",
     ] {
         assert!(m.contains(family), "missing {family} in\n{m}");
     }

@@ -12,6 +12,7 @@ mod generator;
 mod support;
 
 mod answers;
+mod audit;
 mod auth_introspection;
 mod auth_jwt;
 mod authz;
@@ -25,6 +26,7 @@ mod generated_tables;
 mod h2_raw;
 mod lenient;
 mod lifecycle;
+mod operations;
 mod properties;
 mod provenance;
 mod proxy;

@@ -168,7 +168,17 @@ impl TestGateway {
     pub async fn boot(config_text: &str) -> TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("smartgate.toml");
-        std::fs::write(&config_path, config_text).unwrap();
+        // The audit trail goes to a file of the test's own (`audit_lines`), not stdout.
+        let audit = dir.path().join("audit.jsonl");
+        let config_text = if config_text.contains("[audit]") {
+            config_text.replace("{audit_path}", &audit.display().to_string())
+        } else {
+            format!(
+                "{config_text}\n[audit]\nsink = \"file\"\npath = \"{}\"\n",
+                audit.display()
+            )
+        };
+        std::fs::write(&config_path, &config_text).unwrap();
         let config = smartgate::Config::load(&config_path, Vec::new()).unwrap();
         let gw = smartgate::Gateway::bind(config, Some(config_path.clone()), Vec::new())
             .await
@@ -194,9 +204,27 @@ impl TestGateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The audit lines written so far, parsed.
+    pub fn audit_lines(&self) -> Vec<serde_json::Value> {
+        self.handle.flush_audit();
+        let path = self._dir.path().join("audit.jsonl");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     /// Replaces the configuration file (not yet reloaded).
     pub fn rewrite_config(&self, text: &str) {
         std::fs::write(&self.config_path, text).unwrap();
+    }
+
+    /// Begins the shutdown (as SIGTERM does) without waiting for it.
+    pub fn signal_stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
     }
 
     /// Stops serving and waits for the drain.
