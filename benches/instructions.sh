@@ -56,6 +56,9 @@ public_base_url = "http://127.0.0.1:$PORT/r4"
 listen = "127.0.0.1:$ADMIN"
 [upstream]
 url = "http://127.0.0.1:$UP/fhir"
+# Like nginx here (access_log off): no audit line per request.
+[audit]
+sink = "off"
 [log]
 level = "warn"
 [reload]

@@ -109,6 +109,9 @@ url = "http://127.0.0.1:$UP/fhir"
 pool_max_idle_per_host = 128
 [auth]
 mode = "none"
+# Like nginx here (access_log off): no audit line per request.
+[audit]
+sink = "off"
 [log]
 level = "warn"
 [reload]
@@ -145,6 +148,9 @@ issuer = "https://issuer.bench"
 audience = "http://127.0.0.1:$SGJ/r4"
 jwks = "$JWKS"
 algorithms = ["RS256"]
+# Like nginx here (access_log off): no audit line per request.
+[audit]
+sink = "off"
 [log]
 level = "warn"
 [reload]
@@ -171,6 +177,9 @@ listen = "127.0.0.1:$SGTA"
 url = "http://127.0.0.1:$UP/fhir"
 [auth]
 mode = "embedded"
+# Like nginx here (access_log off): no audit line per request.
+[audit]
+sink = "off"
 [log]
 level = "warn"
 [reload]
