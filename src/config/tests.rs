@@ -486,3 +486,129 @@ fn audit_config() {
     .unwrap();
     assert!(c.audit.sink.file() && c.audit.sink.stdout());
 }
+
+/// `section.key` names of the example file, set or commented out (`# key = …` under
+/// `[section]` or `# [section]`).
+fn example_keys() -> Vec<String> {
+    let text = include_str!("../../config/smartgate.example.toml");
+    let mut section = String::new();
+    let mut keys = Vec::new();
+    for line in text.lines() {
+        let line = line.trim().trim_start_matches('#').trim();
+        if let Some(name) = line
+            .strip_prefix("[[")
+            .and_then(|l| l.split("]]").next())
+            .or_else(|| line.strip_prefix('[').and_then(|l| l.split(']').next()))
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.')
+            && !name.is_empty()
+        {
+            section = name.to_owned();
+            continue;
+        }
+        let Some((key, _)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        if !section.is_empty()
+            && !key.is_empty()
+            && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        {
+            let full = format!("{section}.{key}");
+            if !keys.contains(&full) {
+                keys.push(full);
+            }
+        }
+    }
+    keys
+}
+
+/// docs/configuration.md lists every key of the example file, and every key it lists is
+/// one the gateway reads (an unknown one is refused as such; a known one with a wrong
+/// value type is refused for its type).
+#[test]
+fn documented_keys_are_the_real_ones() {
+    let docs = include_str!("../../docs/configuration.md");
+    let documented: Vec<&str> = docs
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .collect();
+    assert!(documented.len() > 90, "{}", documented.len());
+    let example = example_keys();
+    assert!(example.len() > 80, "{example:?}");
+    for key in &example {
+        assert!(
+            documented.contains(&key.as_str()),
+            "{key} is in the example file but not in docs/configuration.md"
+        );
+    }
+    for key in documented {
+        let (section, name) = key.rsplit_once('.').unwrap();
+        let header = match section {
+            "policy.operations" | "authorization_server.clients" => format!("[[{section}]]"),
+            _ => format!("[{section}]"),
+        };
+        // The key with a value of a type no key takes, in its own table.
+        let text = if matches!(section, "server" | "upstream" | "auth") {
+            let base: String = MINIMAL
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{name} =")))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            base.replace(
+                &format!("[{section}]\n"),
+                &format!("[{section}]\n{name} = {{ x = 1 }}\n"),
+            )
+        } else {
+            format!("{MINIMAL}\n{header}\n{name} = {{ x = 1 }}\n")
+        };
+        let e = err(&text);
+        assert!(
+            !e.contains("unknown field"),
+            "{key} is documented but the gateway does not read it: {e}"
+        );
+        assert!(e.contains(name), "{key}: {e}");
+    }
+}
+
+/// Every TOML snippet in docs/ is a configuration the gateway accepts, completed with a
+/// minimal [server], [upstream] and [auth] where it has none.
+#[test]
+fn configuration_snippets_in_docs_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for block in text.split("```toml\n").skip(1) {
+            let snippet = block.split("```").next().unwrap();
+            let mut full = String::new();
+            for (section, minimal) in [
+                (
+                    "[server]",
+                    "[server]\nlisten = \"127.0.0.1:8080\"\npublic_base_url = \"https://fhir.example.org/r4\"\n",
+                ),
+                (
+                    "[upstream]",
+                    "[upstream]\nurl = \"http://127.0.0.1:8081/fhir\"\n",
+                ),
+                ("[auth]", "[auth]\nmode = \"none\"\n"),
+            ] {
+                if !snippet.contains(section) {
+                    full.push_str(minimal);
+                }
+            }
+            full.push_str(snippet);
+            if let Err(e) = Config::parse(&full, &path.display().to_string(), Vec::new()) {
+                panic!(
+                    "{}: a snippet is not a valid configuration: {e}\n{snippet}",
+                    path.display()
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "{checked} snippets");
+}

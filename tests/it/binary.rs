@@ -560,3 +560,36 @@ fn cpu_lists_parse() {
     assert_eq!(parse_cpu_list("0-3,6\n"), [0, 1, 2, 3, 6]);
     assert_eq!(parse_cpu_list("1"), [1]);
 }
+
+/// The README stays a front page (at most 200 lines), and every relative link in it and
+/// in docs/ leads to a file that exists.
+#[test]
+fn readme_is_short_and_links_resolve() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.lines().count() <= 200,
+        "{} lines",
+        readme.lines().count()
+    );
+    let mut pages = vec![(root.to_path_buf(), readme)];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        pages.push((root.join("docs"), std::fs::read_to_string(&path).unwrap()));
+    }
+    let mut links = 0;
+    for (dir, text) in &pages {
+        for part in text.split("](").skip(1) {
+            let target = part.split(')').next().unwrap().split('#').next().unwrap();
+            if target.is_empty() || target.contains("://") {
+                continue;
+            }
+            assert!(
+                dir.join(target).exists(),
+                "broken link to {target} (from {dir:?})"
+            );
+            links += 1;
+        }
+    }
+    assert!(links >= 12, "{links}");
+}
