@@ -111,7 +111,7 @@ algorithms = ["RS256", "ES384"]
     let (client_key, client_jwk) = key(Algorithm::ES384, "client");
     let client_jwks = json!({"keys": [client_jwk]}).to_string();
     let (gateway_pem, _) = smartgate::keygen::generate("ES384").unwrap();
-    let issuer = smartgate::authz::issuer::Issuer::from_pem(
+    let issuer = smartgate::auth::issuer::Issuer::from_pem(
         &gateway_pem,
         "ES384",
         "http://gateway.test/r4",
@@ -163,7 +163,7 @@ algorithms = ["RS256", "ES384"]
     });
     // signing_alg = "ES256": P-256 has ring's optimised code.
     let (pem256, _) = smartgate::keygen::generate("ES256").unwrap();
-    let issuer256 = smartgate::authz::issuer::Issuer::from_pem(
+    let issuer256 = smartgate::auth::issuer::Issuer::from_pem(
         &pem256,
         "ES256",
         "http://gateway.test/r4",

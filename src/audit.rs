@@ -16,11 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus::{IntCounter, IntGauge};
 use serde::Serialize;
 
 use crate::config::{AuditConfig, AuditSink};
 use crate::fhir::request::{FhirRequest, Interaction};
+use crate::metrics::AuditMetrics;
 
 /// Lines gathered before the writer is woken early.
 const WAKE_AT: usize = 64 << 10;
@@ -192,19 +192,6 @@ pub fn rfc3339(time: SystemTime) -> String {
         rem % 60,
         since.subsec_millis()
     )
-}
-
-/// The counters of the trail.
-#[derive(Clone)]
-pub struct AuditMetrics {
-    /// `smartgate_audit_lines_total`
-    pub lines: IntCounter,
-    /// `smartgate_audit_dropped_total`
-    pub dropped: IntCounter,
-    /// `smartgate_audit_write_errors_total`
-    pub write_errors: IntCounter,
-    /// `smartgate_audit_buffer_bytes`
-    pub buffered: IntGauge,
 }
 
 /// The audit trail of one gateway. Cheap to share; lines go to the writer thread.
@@ -451,6 +438,7 @@ impl Inner {
 mod tests {
     use super::*;
     use crate::config::ByteSize;
+    use prometheus::{IntCounter, IntGauge};
 
     fn metrics() -> AuditMetrics {
         AuditMetrics {

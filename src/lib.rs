@@ -14,6 +14,7 @@ pub mod authz;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod exports;
 pub mod fhir;
 pub mod json;
 pub mod keygen;
@@ -25,6 +26,7 @@ pub mod proxy;
 pub mod server;
 pub mod smart;
 pub mod state;
+pub mod timer;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -47,4 +49,15 @@ pub async fn run(
     );
     gateway.serve(shutdown).await;
     Ok(())
+}
+
+/// Compiles `config` the way start-up and reload do (keys loaded, JWKS parsed, operation
+/// rules, compartment parameters and the discovery document built), without binding or
+/// serving: what `smartgate check-config` runs. Call it inside a tokio runtime (remote key
+/// refreshes are spawned, and end with it).
+pub fn compile_check(config: &Config) -> Result<(), state::CompileError> {
+    let outbound = outbound::Outbound::new(config.upstream.ca_file.as_deref())
+        .map_err(|e| state::CompileError::at("upstream.ca_file", e))?;
+    let metrics = metrics::Metrics::new();
+    state::Snapshot::compile(config.clone(), None, &outbound, &metrics).map(drop)
 }

@@ -154,6 +154,14 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
+            // The same compile step as start-up and reload: keys, JWKS, rules, discovery.
+            let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+                return ExitCode::FAILURE;
+            };
+            if let Err(e) = runtime.block_on(async { smartgate::compile_check(&config) }) {
+                eprintln!("error: {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
             print!("{}", config.to_masked_toml());
             eprintln!("configuration OK: {}", path.display());
             ExitCode::SUCCESS
@@ -204,7 +212,10 @@ fn serve(config: Config, path: &Path, env: Vec<(String, String)>) -> ExitCode {
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
-            eprintln!("error: {e}");
+            match e {
+                smartgate::StartError::Compile(e) => eprintln!("error: {}: {e}", path.display()),
+                e => eprintln!("error: {e}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -62,6 +62,43 @@ pub const VERIFY_RESULTS: &[&str] = &[
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// The counters of the trail.
+#[derive(Clone)]
+pub struct AuditMetrics {
+    /// `smartgate_audit_lines_total`
+    pub lines: IntCounter,
+    /// `smartgate_audit_dropped_total`
+    pub dropped: IntCounter,
+    /// `smartgate_audit_write_errors_total`
+    pub write_errors: IntCounter,
+    /// `smartgate_audit_buffer_bytes`
+    pub buffered: IntGauge,
+}
+
+/// Connection counts of every worker's pool (`smartgate_upstream_connections_*`).
+#[derive(Clone)]
+pub struct PoolCounters {
+    /// Connections opened.
+    pub opened: prometheus::IntCounter,
+    /// Requests sent on a pooled connection.
+    pub reused: prometheus::IntCounter,
+    /// Requests sent again after a pooled connection was found closed.
+    pub retries: prometheus::IntCounter,
+}
+
+impl Default for PoolCounters {
+    /// Counters registered nowhere (unit tests, tools).
+    fn default() -> Self {
+        let counter =
+            |name: &str| prometheus::IntCounter::new(name, name).expect("static metric definition");
+        PoolCounters {
+            opened: counter("opened"),
+            reused: counter("reused"),
+            retries: counter("retries"),
+        }
+    }
+}
+
 /// Per-route series, resolved once: the label lookup (a hash and a lock) stays off the
 /// hot path.
 struct RouteSeries {
@@ -129,7 +166,7 @@ pub struct Metrics {
     pub pool_idle: IntGauge,
     /// `smartgate_upstream_connections_opened_total`, `…_reused_total`,
     /// `smartgate_upstream_retries_total`.
-    pub pool: crate::proxy::PoolCounters,
+    pub pool: PoolCounters,
     /// `smartgate_cache_entries{cache}`, refreshed at each scrape.
     pub cache_entries: IntGaugeVec,
     /// `smartgate_header_read_timeouts_total`: connections closed for sending no complete
@@ -138,7 +175,7 @@ pub struct Metrics {
     /// `smartgate_draining`: 1 from SIGTERM on (`/readyz` fails).
     pub draining: IntGauge,
     /// The audit trail's counters.
-    pub audit: crate::audit::AuditMetrics,
+    pub audit: AuditMetrics,
 }
 
 /// The current time as Unix seconds, for timestamp gauges.
@@ -351,7 +388,7 @@ impl Metrics {
             "smartgate_draining",
             "1 once shutdown began: /readyz fails while requests are still served",
         );
-        let audit = crate::audit::AuditMetrics {
+        let audit = AuditMetrics {
             lines: counter(
                 "smartgate_audit_lines_total",
                 "Audit lines queued for the sink",
@@ -487,7 +524,7 @@ impl Metrics {
             tls_not_after,
             jwks_last_success,
             pool_idle,
-            pool: crate::proxy::PoolCounters {
+            pool: PoolCounters {
                 opened: pool_opened,
                 reused: pool_reused,
                 retries: pool_retries,

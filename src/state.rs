@@ -51,15 +51,143 @@ pub struct Snapshot {
     pub metadata: std::sync::Mutex<Option<(std::time::Instant, bytes::Bytes)>>,
 }
 
-/// Why a configuration could not be compiled.
+/// Why a configuration could not be compiled: what the key names could not be built (an
+/// unreadable key file, a JWKS that is not one, an operation rule or a discovery document
+/// that does not hold together). Compiling is where everything checked by building it is
+/// checked, once: at start, on reload and by `check-config`.
 #[derive(Debug, thiserror::Error)]
-pub enum CompileError {
-    /// The upstream client could not be built.
-    #[error(transparent)]
-    Upstream(#[from] UpstreamSetupError),
-    /// Token verification could not be set up (unreadable key file, bad inline JWKS).
-    #[error("{0}")]
-    Auth(String),
+#[error("{key}: {message}")]
+pub struct CompileError {
+    /// The configuration key, as `section.key`.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl CompileError {
+    /// An error about `key`.
+    pub fn at(key: &str, message: impl Into<String>) -> CompileError {
+        CompileError {
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// An error whose message may start with its own key (`"auth.jwt.jwks: …"`, as the
+    /// builders write them); `key` otherwise.
+    fn keyed(key: &str, message: String) -> CompileError {
+        const SECTIONS: &[&str] = &[
+            "server.",
+            "upstream.",
+            "auth.",
+            "authorization_server.",
+            "policy.",
+            "smart.",
+            "bulk_data.",
+            "audit.",
+        ];
+        match message.split_once(": ") {
+            Some((k, m)) if SECTIONS.iter().any(|s| k.starts_with(s)) && !k.contains(' ') => {
+                CompileError::at(k, m)
+            }
+            _ => CompileError::at(key, message),
+        }
+    }
+}
+
+impl From<UpstreamSetupError> for CompileError {
+    fn from(e: UpstreamSetupError) -> CompileError {
+        CompileError::keyed("upstream", e.to_string())
+    }
+}
+
+/// Headers the configuration may not set, as upstream headers or identity headers: the
+/// hop-by-hop ones and the message's target and framing, which the gateway writes itself.
+fn check_header_names(config: &Config) -> Result<(), CompileError> {
+    let managed = |name: &str| {
+        HeaderName::from_bytes(name.as_bytes()).is_ok_and(|n| {
+            crate::proxy::headers::is_hop_by_hop(&n)
+                || n == http::header::HOST
+                || n == http::header::CONTENT_LENGTH
+        })
+    };
+    let upstream = config
+        .upstream
+        .headers
+        .keys()
+        .map(|n| (format!("upstream.headers.{n}"), n.as_str()));
+    let identity = ["client_id", "subject", "patient", "fhir_user", "scopes"]
+        .iter()
+        .zip(config.auth.identity_headers.names())
+        .map(|(k, n)| (format!("auth.identity_headers.{k}"), n));
+    for (key, name) in upstream.chain(identity) {
+        if managed(name) {
+            return Err(CompileError::at(
+                &key,
+                format!("{name:?} is managed by the gateway and cannot be set"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The authorization policy of `config`: the operation rules and the compartment
+/// parameters checked against the R4 search parameter tables.
+fn compile_policy(config: &Config) -> Result<crate::policy::Policy, CompileError> {
+    let operations = crate::policy::Operations::with_config(&config.policy.operations)
+        .map_err(|e| CompileError::keyed("policy.operations", e))?;
+    for (ty, param) in &config.policy.compartment_param {
+        let key = format!("policy.compartment_param.{ty}");
+        let Ok(t) = crate::fhir::request::resource_type(ty) else {
+            return Err(CompileError::at(
+                &key,
+                format!("{ty:?} is not an R4 resource type"),
+            ));
+        };
+        if crate::fhir::search::param(t, param).is_none_or(|sp| {
+            sp.kind != crate::fhir::generated::ParamKind::Reference
+                || !sp.targets.contains(&"Patient")
+        }) {
+            return Err(CompileError::at(
+                &key,
+                format!(
+                    "{param:?} is not a reference search parameter of {ty} that can name a Patient"
+                ),
+            ));
+        }
+    }
+    Ok(crate::policy::Policy {
+        operations,
+        non_compartment: match config.policy.patient_scope_non_compartment {
+            crate::config::NonCompartmentScopes::Deny => crate::policy::NonCompartment::Deny,
+            crate::config::NonCompartmentScopes::Allow => crate::policy::NonCompartment::Allow,
+        },
+        compartment_params: config
+            .policy
+            .compartment_param
+            .iter()
+            .map(|(t, p)| (t.clone(), p.clone()))
+            .collect(),
+        bases: std::iter::once(&config.server.public_base_url)
+            .chain(std::iter::once(&config.upstream.url))
+            .chain(config.upstream.aliases.iter())
+            .map(|b| b.as_string().trim_end_matches('/').to_owned())
+            .collect(),
+        narrow_conditional_writes: config.policy.confined_conditional_writes
+            == crate::config::ConfinedConditionalWrites::Narrow,
+    })
+}
+
+/// The SMART discovery document, checked against SMART App Launch 2.2, serialised once.
+fn compile_discovery(
+    smart: Option<&crate::config::SmartConfig>,
+) -> Result<Option<bytes::Bytes>, CompileError> {
+    let Some(smart) = smart else {
+        return Ok(None);
+    };
+    let doc = crate::smart::discovery::document(smart)
+        .map_err(|(k, m)| CompileError::keyed(&k, format!("{k}: {m}")))?;
+    Ok(Some(bytes::Bytes::from(doc.to_string())))
 }
 
 impl Snapshot {
@@ -71,6 +199,7 @@ impl Snapshot {
         outbound: &Outbound,
         metrics: &Metrics,
     ) -> Result<Snapshot, CompileError> {
+        check_header_names(&config)?;
         let upstream = Upstream::new(
             &config.upstream,
             config.server.worker_threads(),
@@ -92,7 +221,7 @@ impl Snapshot {
         let authz = match previous {
             Some(p) if same_authz(p) => p.authz.clone(),
             _ => crate::authz::AuthServer::new(&config, outbound, metrics, replay.clone())
-                .map_err(CompileError::Auth)?
+                .map_err(|e| CompileError::keyed("authorization_server", e))?
                 .map(Arc::new),
         };
         let auth = match previous {
@@ -109,40 +238,11 @@ impl Snapshot {
                 metrics,
                 authz.as_ref().map(|a| a.issuer.clone()),
             )
-            .map_err(CompileError::Auth)?,
+            .map_err(|e| CompileError::keyed("auth", e))?,
         };
-        // Validated with the configuration; compiling cannot fail here but says so if it does.
-        let policy = crate::policy::Policy {
-            operations: crate::policy::Operations::with_config(&config.policy.operations)
-                .map_err(CompileError::Auth)?,
-            non_compartment: if config.policy.patient_scope_non_compartment == "deny" {
-                crate::policy::NonCompartment::Deny
-            } else {
-                crate::policy::NonCompartment::Allow
-            },
-            compartment_params: config
-                .policy
-                .compartment_param
-                .iter()
-                .map(|(t, p)| (t.clone(), p.clone()))
-                .collect(),
-            bases: std::iter::once(&config.server.public_base_url)
-                .chain(std::iter::once(&config.upstream.url))
-                .chain(config.upstream.aliases.iter())
-                .map(|b| b.as_string().trim_end_matches('/').to_owned())
-                .collect(),
-            narrow_conditional_writes: config.policy.confined_conditional_writes
-                == crate::config::ConfinedConditionalWrites::Narrow,
-        };
+        let policy = compile_policy(&config)?;
         let smart = config.effective_smart();
-        let discovery = match &smart {
-            Some(smart) => Some(bytes::Bytes::from(
-                crate::smart::discovery::document(smart)
-                    .map_err(|(k, m)| CompileError::Auth(format!("{k}: {m}")))?
-                    .to_string(),
-            )),
-            None => None,
-        };
+        let discovery = compile_discovery(smart.as_ref())?;
         let identity_headers = config
             .auth
             .identity_headers
@@ -200,7 +300,7 @@ pub struct Shared {
     /// Client for the gateway's own calls (JWKS, introspection).
     pub outbound: Outbound,
     /// Bulk Data export status URLs handed out, and the clients they belong to.
-    pub exports: crate::pipeline::exports::Exports,
+    pub exports: crate::exports::Exports,
     /// The audit trail (`[audit]`; its sink is set at start).
     pub audit: crate::audit::Audit,
     /// Set at SIGTERM: `/readyz` fails while requests are still served

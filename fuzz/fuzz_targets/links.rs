@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use smartgate::fhir::bundle::rewrite_links;
 use smartgate::config::BulkDataConfig;
-use smartgate::pipeline::exports::{Exports, split_signature};
+use smartgate::exports::{Exports, split_signature};
 use smartgate::proxy::headers::map_link_targets;
 
 const UP: &str = "http://up/fhir";

@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use smartgate::authz::clients::Clients;
 use smartgate::authz::grant::grant;
-use smartgate::authz::issuer::Issuer;
+use smartgate::auth::issuer::Issuer;
 use std::sync::OnceLock;
 
 fn issuer() -> &'static Issuer {

@@ -13,8 +13,7 @@ use crate::outbound::Outbound;
 pub async fn explain_token(config: &Config, token: &str) -> Result<Value, String> {
     let outbound = Outbound::new(config.upstream.ca_file.as_deref())?;
     let metrics = Metrics::new();
-    let embedded = crate::authz::AuthServer::new(config, &outbound, &metrics, Default::default())?
-        .map(|a| a.issuer);
+    let embedded = super::issuer::Issuer::from_config(config)?.map(std::sync::Arc::new);
     let auth = Authenticator::new(config, &outbound, &metrics, embedded)?
         .ok_or("auth.mode is \"none\": tokens are not checked")?;
     let token = token.trim();

@@ -12,6 +12,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Map, Value};
 
 use super::TokenError;
+use crate::config::AssertionKeyAlgorithm;
 use crate::config::IntrospectionConfig;
 use crate::outbound::Outbound;
 
@@ -64,15 +65,15 @@ impl Introspector {
         } else if let Some(path) = &cfg.private_key {
             let pem = std::fs::read(path)
                 .map_err(|e| format!("auth.introspection.private_key: {}: {e}", path.display()))?;
-            let (key, alg) = match cfg.private_key_alg.as_str() {
-                "RS384" => (EncodingKey::from_rsa_pem(&pem), Algorithm::RS384),
-                _ => (EncodingKey::from_ec_pem(&pem), Algorithm::ES384),
+            let (key, alg) = match cfg.private_key_alg {
+                AssertionKeyAlgorithm::RS384 => (EncodingKey::from_rsa_pem(&pem), Algorithm::RS384),
+                AssertionKeyAlgorithm::ES384 => (EncodingKey::from_ec_pem(&pem), Algorithm::ES384),
             };
             let key = key.map_err(|e| {
                 format!(
                     "auth.introspection.private_key: {}: not a {} key: {e}",
                     path.display(),
-                    cfg.private_key_alg
+                    cfg.private_key_alg.as_str()
                 )
             })?;
             ClientAuth::PrivateKey {

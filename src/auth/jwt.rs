@@ -36,7 +36,7 @@ impl JwtVerifier {
             algorithms: cfg
                 .algorithms
                 .iter()
-                .filter_map(|a| a.parse().ok())
+                .filter_map(|a| a.as_str().parse().ok())
                 .collect(),
             leeway: leeway.as_secs(),
             keys,

@@ -9,6 +9,7 @@ pub mod bearer;
 pub mod claims;
 pub mod explain;
 pub mod introspection;
+pub mod issuer;
 pub mod jwks;
 pub mod jwt;
 
@@ -238,7 +239,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub struct Authenticator {
     id: u64,
     /// The embedded authorization server's tokens, verified in-process.
-    embedded: Option<Arc<crate::authz::issuer::Issuer>>,
+    embedded: Option<Arc<crate::auth::issuer::Issuer>>,
     leeway: u64,
     max_ttl: Duration,
     mode: &'static str,
@@ -263,7 +264,7 @@ impl Authenticator {
         config: &Config,
         outbound: &Outbound,
         metrics: &Metrics,
-        embedded: Option<Arc<crate::authz::issuer::Issuer>>,
+        embedded: Option<Arc<crate::auth::issuer::Issuer>>,
     ) -> Result<Option<Arc<Authenticator>>, String> {
         let auth = &config.auth;
         let (mode, verifier, cache_scope) = match auth.mode {
@@ -272,7 +273,8 @@ impl Authenticator {
             AuthMode::Jwt => {
                 let cfg = auth.jwt.as_ref().ok_or("auth.jwt: missing")?;
                 let keys = Arc::new(
-                    jwks::KeySource::new(cfg, outbound.clone(), metrics.jwks_fetches.clone())?
+                    jwks::KeySource::new(cfg, outbound.clone(), metrics.jwks_fetches.clone())
+                        .map_err(|e| format!("auth.jwt.jwks: {e}"))?
                         .with_last_success(metrics.jwks_last_success.clone()),
                 );
                 keys.spawn_refresh();

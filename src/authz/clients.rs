@@ -83,15 +83,22 @@ impl Clients {
         replay: Arc<super::replay::ReplayGuard>,
     ) -> Result<Clients, String> {
         let mut clients = HashMap::new();
-        for c in &cfg.clients {
-            clients.insert(c.client_id.clone(), client(c, outbound, fetches)?);
+        for (i, c) in cfg.clients.iter().enumerate() {
+            let built = client(c, outbound, fetches).map_err(|e| {
+                let key = format!("authorization_server.clients[{i}]");
+                match e.strip_prefix("client_secret_hash: ") {
+                    Some(m) => format!("{key}.client_secret_hash: {m}"),
+                    None => format!("{key}.jwks: {e}"),
+                }
+            })?;
+            clients.insert(c.client_id.clone(), built);
         }
         Ok(Clients {
             clients,
             algorithms: cfg
                 .assertion_algorithms
                 .iter()
-                .filter_map(|a| a.parse().ok())
+                .filter_map(|a| a.as_str().parse().ok())
                 .collect(),
             token_endpoint: token_endpoint.to_owned(),
             replay,

@@ -5,7 +5,6 @@
 
 pub mod clients;
 pub mod grant;
-pub mod issuer;
 pub mod replay;
 
 use std::sync::Arc;
@@ -17,12 +16,12 @@ use http_body_util::{BodyExt, Limited};
 use serde_json::{Value, json};
 
 use crate::audit::AuthzNote;
+use crate::auth::issuer::Issuer;
 use crate::body::{BoxBody, full};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::outbound::Outbound;
 use clients::{Clients, JWT_BEARER};
-use issuer::Issuer;
 
 /// Largest form body the token and introspection endpoints read.
 const MAX_FORM: usize = 64 * 1024;
@@ -118,15 +117,7 @@ impl AuthServer {
         }
         let base = config.server.public_base_url.as_string();
         let base = base.trim_end_matches('/');
-        let issuer = match &a.signing_key {
-            Some(key) => Issuer::load(key, &a.signing_alg, base, a.token_lifetime.0)?,
-            None => Issuer::from_pem(
-                &issuer::ephemeral_pem(&a.signing_alg)?,
-                &a.signing_alg,
-                base,
-                a.token_lifetime.0,
-            )?,
-        };
+        let issuer = Issuer::from_config(config)?.ok_or("authorization_server: not enabled")?;
         let clients = Clients::new(
             a,
             &format!("{base}/auth/token"),

@@ -37,7 +37,7 @@ pub(super) async fn classify_and_authorize(
     // for, until it expires, whatever the path looks like; refused to anyone else.
     if let Some((target, signature)) = signed {
         let valid = matches!(*req.method(), Method::GET | Method::DELETE)
-            && super::exports::client_of(principal).is_some_and(|client| {
+            && crate::exports::client_of(principal).is_some_and(|client| {
                 let config = &snap.config.bulk_data;
                 let now = jsonwebtoken::get_current_timestamp();
                 shared
@@ -58,7 +58,7 @@ pub(super) async fn classify_and_authorize(
     }
     // A POST $export carries its parameters in its body (exports::body_params): read
     // for the decision, which is then not cached by the target alone.
-    let export_post = req.method() == Method::POST && super::exports::is_kick_off(rel);
+    let export_post = req.method() == Method::POST && crate::exports::is_kick_off(rel);
     let cacheable = !base_post && form.is_none() && !export_post;
     let if_none_exist = req
         .headers()
@@ -86,7 +86,7 @@ pub(super) async fn classify_and_authorize(
     };
     let (req, export_params) = if export_post {
         let (req, bytes) = buffer(snap, req).await?;
-        let params = super::exports::body_params(&bytes).map_err(GatewayError::BadRequest)?;
+        let params = crate::exports::body_params(&bytes).map_err(GatewayError::BadRequest)?;
         (req, params)
     } else {
         (req, Vec::new())

@@ -18,12 +18,13 @@ use hyper::body::Incoming;
 
 mod authorize;
 mod checks;
-pub mod exports;
+
 mod public;
 
 use crate::auth::{AuthFailure, Principal, bearer};
 use crate::body::{BoxBody, full};
 use crate::error::GatewayError;
+use crate::exports;
 use crate::fhir::bundle;
 use crate::fhir::request::IF_NONE_EXIST;
 use crate::policy::verify::{Verdict, Viewer};
@@ -1115,7 +1116,7 @@ fn refused(
     reason: crate::policy::DenyReason,
 ) -> GatewayError {
     seen.note(shared, "refused");
-    if snap.config.policy.denied_read_status == 404 {
+    if snap.config.policy.denied_read_status == crate::config::DeniedReadStatus::NotFound {
         GatewayError::NotFound
     } else {
         checks::forbidden(shared, reason)

@@ -4,7 +4,6 @@
 pub mod h1;
 pub mod headers;
 mod pool;
-pub use pool::PoolCounters;
 pub mod urls;
 
 use std::sync::Arc;
@@ -134,7 +133,7 @@ impl Upstream {
     pub fn new(
         cfg: &UpstreamConfig,
         workers: usize,
-        counters: &PoolCounters,
+        counters: &crate::metrics::PoolCounters,
     ) -> Result<Upstream, UpstreamSetupError> {
         let workers = workers.max(1);
         let (host, port) = host_port(&cfg.url);
@@ -336,7 +335,7 @@ pub struct WorkerSide {
     /// The worker's index.
     pub index: usize,
     /// Deadlines kept at the first tick after them; the tick follows `upstream.timeout`.
-    pub deadlines: crate::server::timer::CoarseTimer,
+    pub deadlines: crate::timer::CoarseTimer,
 }
 
 impl std::fmt::Debug for WorkerSide {

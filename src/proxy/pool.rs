@@ -40,30 +40,7 @@ use super::UpstreamFailure;
 use super::h1::{self as bare, HeadError, InlineBody};
 use super::headers::Edits;
 use crate::body::BoxBody;
-
-/// Connection counts of every worker's pool (`smartgate_upstream_connections_*`).
-#[derive(Clone)]
-pub struct PoolCounters {
-    /// Connections opened.
-    pub opened: prometheus::IntCounter,
-    /// Requests sent on a pooled connection.
-    pub reused: prometheus::IntCounter,
-    /// Requests sent again after a pooled connection was found closed.
-    pub retries: prometheus::IntCounter,
-}
-
-impl Default for PoolCounters {
-    /// Counters registered nowhere (unit tests, tools).
-    fn default() -> Self {
-        let counter =
-            |name: &str| prometheus::IntCounter::new(name, name).expect("static metric definition");
-        PoolCounters {
-            opened: counter("opened"),
-            reused: counter("reused"),
-            retries: counter("retries"),
-        }
-    }
-}
+use crate::metrics::PoolCounters;
 
 /// The pool of one worker thread.
 pub struct H1Pool {

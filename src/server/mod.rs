@@ -1,7 +1,7 @@
 //! Listeners, connections, TLS, the file watch, and graceful drain.
 
 pub mod affinity;
-pub mod timer;
+
 pub mod tls;
 
 use std::future::Future;
@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{self, ConnInfo};
 use crate::proxy::WorkerSide;
 use crate::state::{ReloadError, Shared, Snapshot};
-use timer::CoarseTimer;
+use crate::timer::CoarseTimer;
 use tls::TlsState;
 
 /// A failure to start, naming what is wrong.

@@ -48,6 +48,18 @@ fn check_config_messages() {
             ),
             "server.listen",
         ),
+        // Refused by building it (the compile step start-up and reload run too), named by
+        // file and key.
+        (
+            format!(
+                "{good}\n[authorization_server]\nenabled = true\nsigning_key = \"/nonexistent/key.pem\"\n"
+            ),
+            "smartgate.toml: authorization_server.signing_key: /nonexistent/key.pem",
+        ),
+        (
+            format!("{good}\n[policy.compartment_param]\nObservation = \"code\"\n"),
+            "smartgate.toml: policy.compartment_param.Observation",
+        ),
     ];
     for (text, expected) in cases {
         let path = write_config(&dir, &text);

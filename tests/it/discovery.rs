@@ -95,6 +95,18 @@ async fn absent_without_smart_section() {
     );
 }
 
+/// Why `text` is refused by the compile step start-up, reload and check-config run.
+fn refused(text: &str) -> String {
+    let config = smartgate::Config::parse(text, "t.toml", Vec::new()).unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async { smartgate::compile_check(&config) })
+        .unwrap_err()
+        .to_string()
+}
+
 /// A document that breaks the specification is refused at start, naming the key.
 #[test]
 fn invalid_document_refused_at_start() {
@@ -105,9 +117,7 @@ fn invalid_document_refused_at_start() {
             "",
         ),
     );
-    let e = smartgate::Config::parse(&text, "t.toml", Vec::new())
-        .unwrap_err()
-        .to_string();
+    let e = refused(&text);
     assert!(
         e.contains("smart.authorization_endpoint") && e.contains("launch-*"),
         "{e}"
@@ -116,9 +126,7 @@ fn invalid_document_refused_at_start() {
         "http://127.0.0.1:1/fhir",
         &format!("{SMART}code_challenge_methods_supported = [\"plain\"]\n"),
     );
-    let e = smartgate::Config::parse(&text, "t.toml", Vec::new())
-        .unwrap_err()
-        .to_string();
+    let e = refused(&text);
     assert!(e.contains("smart.code_challenge_methods_supported"), "{e}");
 }
 

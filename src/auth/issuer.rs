@@ -14,8 +14,8 @@ use ring::signature::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::auth::TokenError;
-use crate::auth::jwt::decode_segment;
+use super::TokenError;
+use super::jwt::decode_segment;
 
 /// Signs and verifies the gateway's access tokens.
 pub struct Issuer {
@@ -40,6 +40,25 @@ pub struct Issued {
 }
 
 impl Issuer {
+    /// The embedded authorization server's issuer as `config` sets it up, or `None` when
+    /// the server is off. Errors name their key.
+    pub fn from_config(config: &crate::config::Config) -> Result<Option<Issuer>, String> {
+        let a = &config.authorization_server;
+        if !a.enabled {
+            return Ok(None);
+        }
+        let base = config.server.public_base_url.as_string();
+        let base = base.trim_end_matches('/');
+        let alg = a.signing_alg.as_str();
+        let issuer = match &a.signing_key {
+            Some(key) => Issuer::load(key, alg, base, a.token_lifetime.0),
+            None => Issuer::from_pem(&ephemeral_pem(alg)?, alg, base, a.token_lifetime.0),
+        };
+        issuer
+            .map(Some)
+            .map_err(|e| format!("authorization_server.signing_key: {e}"))
+    }
+
     /// Loads the PKCS#8 PEM key at `path` for `alg` (`ES384` or `ES256`); `issuer` is the
     /// public base URL.
     pub fn load(
