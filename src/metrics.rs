@@ -189,138 +189,223 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Creates metrics and registers each in the gateway's registry as it is made. The
+/// definitions are static, so a failure is a programming error caught by every test.
+struct Registrar(Registry);
+
+impl Registrar {
+    fn add<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> C {
+        self.0
+            .register(Box::new(c.clone()))
+            .expect("metric names are unique");
+        c
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("static metric definition"))
+    }
+
+    fn counters(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(
+            IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition"),
+        )
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> Gauge {
+        self.add(Gauge::new(name, help).expect("static metric definition"))
+    }
+
+    fn int_gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("static metric definition"))
+    }
+
+    fn int_gauges(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition"))
+    }
+
+    fn histogram(&self, name: &str, help: &str) -> Histogram {
+        let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+        self.add(Histogram::with_opts(opts).expect("static metric definition"))
+    }
+
+    fn histograms(&self, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+        self.add(HistogramVec::new(opts, labels).expect("static metric definition"))
+    }
+}
+
 impl Metrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "smartgate_requests_total",
-                "Requests answered, by route and status class",
-            ),
+        let r = Registrar(Registry::new());
+        let requests = r.counters(
+            "smartgate_requests_total",
+            "Requests answered, by route and status class",
             &["route", "status_class"],
-        )
-        .expect("static metric definition");
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "smartgate_request_duration_seconds",
-                "Time from request headers to response headers, by route",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+        );
+        let request_duration = r.histograms(
+            "smartgate_request_duration_seconds",
+            "Time from request headers to response headers, by route",
             &["route"],
-        )
-        .expect("static metric definition");
-        let upstream_duration = Histogram::with_opts(
-            HistogramOpts::new(
+        );
+        let response_rewrites = r.counters(
+            "smartgate_response_rewrites_total",
+            "FHIR JSON responses inspected for upstream links, by result",
+            &["result"],
+        );
+        let response_verifications = r.counters(
+            "smartgate_response_verifications_total",
+            "Responses verified against the token (compartment, granular scopes), by result",
+            &["result"],
+        );
+        let decisions = r.counters(
+            "smartgate_decisions_total",
+            "Authorization decisions, by decision and reason",
+            &["decision", "reason"],
+        );
+        let decision_cache = r.counters(
+            "smartgate_decision_cache_total",
+            "Decision cache lookups, by event",
+            &["event"],
+        );
+        let m = Metrics {
+            routes: route_series(&requests, &request_duration),
+            rewrites: resolved(&response_rewrites, REWRITE_RESULTS),
+            verifications: resolved(&response_verifications, VERIFY_RESULTS),
+            decision_allow: decisions.with_label_values(&["allow", "granted"]),
+            decision_cache_hit: decision_cache.with_label_values(&["hit"]),
+            decision_cache_miss: decision_cache.with_label_values(&["miss"]),
+            requests,
+            request_duration,
+            response_rewrites,
+            response_verifications,
+            decisions,
+            upstream_duration: r.histogram(
                 "smartgate_upstream_duration_seconds",
                 "Time from sending to the upstream to its response headers",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("static metric definition");
-        let upstream_errors = IntCounterVec::new(
-            Opts::new(
+            ),
+            upstream_errors: r.counters(
                 "smartgate_upstream_errors_total",
                 "Failed upstream exchanges, by kind",
+                &["kind"],
             ),
-            &["kind"],
-        )
-        .expect("static metric definition");
-        let inflight = IntGauge::new("smartgate_inflight_requests", "Requests being handled")
-            .expect("static metric definition");
-        let worker_connections = IntGaugeVec::new(
-            Opts::new(
+            inflight: r.int_gauge("smartgate_inflight_requests", "Requests being handled"),
+            worker_connections: r.int_gauges(
                 "smartgate_worker_connections",
                 "Open client connections, by worker thread",
+                &["worker"],
             ),
-            &["worker"],
-        )
-        .expect("static metric definition");
-        let config_reloads = IntCounterVec::new(
-            Opts::new(
+            config_reloads: r.counters(
                 "smartgate_config_reloads_total",
                 "Configuration reloads, by result",
+                &["result"],
             ),
-            &["result"],
-        )
-        .expect("static metric definition");
-        let tls_reloads = IntCounterVec::new(
-            Opts::new(
+            tls_reloads: r.counters(
                 "smartgate_tls_reloads_total",
                 "TLS certificate reloads, by result",
+                &["result"],
             ),
-            &["result"],
-        )
-        .expect("static metric definition");
-        let response_rewrites = IntCounterVec::new(
-            Opts::new(
-                "smartgate_response_rewrites_total",
-                "FHIR JSON responses inspected for upstream links, by result",
+            verify_removed: r.counter(
+                "smartgate_verify_removed_entries_total",
+                "Bundle entries removed from verified responses because the token could not read them",
             ),
-            &["result"],
-        )
-        .expect("static metric definition");
-        let response_verifications = IntCounterVec::new(
-            Opts::new(
-                "smartgate_response_verifications_total",
-                "Responses verified against the token (compartment, granular scopes), by result",
-            ),
-            &["result"],
-        )
-        .expect("static metric definition");
-        let verify_removed = IntCounter::new(
-            "smartgate_verify_removed_entries_total",
-            "Bundle entries removed from verified responses because the token could not read them",
-        )
-        .expect("static metric definition");
-        let token_validations = IntCounterVec::new(
-            Opts::new(
+            token_validations: r.counters(
                 "smartgate_token_validations_total",
                 "Bearer token verdicts, by mode and result (valid or the refusal reason)",
+                &["mode", "result"],
             ),
-            &["mode", "result"],
-        )
-        .expect("static metric definition");
-        let token_cache = IntCounterVec::new(
-            Opts::new("smartgate_token_cache_total", "Token verdict cache events"),
-            &["event"],
-        )
-        .expect("static metric definition");
-        let tokens_issued = IntCounterVec::new(
-            Opts::new(
+            token_cache: r.counters(
+                "smartgate_token_cache_total",
+                "Token verdict cache events",
+                &["event"],
+            ),
+            tokens_issued: r.counters(
                 "smartgate_authz_requests_total",
                 "Embedded authorization server requests, by result (issued or the OAuth error)",
+                &["result"],
             ),
-            &["result"],
-        )
-        .expect("static metric definition");
-        let jwks_fetches = IntCounterVec::new(
-            Opts::new("smartgate_jwks_fetches_total", "JWKS fetches, by result"),
-            &["result"],
-        )
-        .expect("static metric definition");
-        let decisions = IntCounterVec::new(
-            Opts::new(
-                "smartgate_decisions_total",
-                "Authorization decisions, by decision and reason",
+            jwks_fetches: r.counters(
+                "smartgate_jwks_fetches_total",
+                "JWKS fetches, by result",
+                &["result"],
             ),
-            &["decision", "reason"],
-        )
-        .expect("static metric definition");
-        let scopes_ignored = prometheus::IntCounter::new(
-            "smartgate_scopes_ignored_total",
-            "Malformed scopes in verified tokens (ignored; they grant nothing)",
-        )
-        .expect("static metric definition");
-        let decision_cache = IntCounterVec::new(
-            Opts::new(
-                "smartgate_decision_cache_total",
-                "Decision cache lookups, by event",
+            scopes_ignored: r.counter(
+                "smartgate_scopes_ignored_total",
+                "Malformed scopes in verified tokens (ignored; they grant nothing)",
             ),
-            &["event"],
-        )
-        .expect("static metric definition");
-        let decision_allow = decisions.with_label_values(&["allow", "granted"]);
+            auth_mode: r.int_gauges(
+                "smartgate_auth_mode_info",
+                "1 for the token check in force (auth.mode); mode=\"none\" checks no token",
+                &["mode"],
+            ),
+            reload_success_time: r.gauge(
+                "smartgate_config_last_reload_success_timestamp_seconds",
+                "When the configuration in force was loaded (start or reload), Unix seconds",
+            ),
+            tls_not_after: r.gauge(
+                "smartgate_tls_certificate_not_after_timestamp_seconds",
+                "Expiry of the public listener's TLS certificate (leaf), Unix seconds; 0 without TLS",
+            ),
+            jwks_last_success: r.gauge(
+                "smartgate_jwks_last_success_timestamp_seconds",
+                "Last successful fetch of auth.jwt's key set, Unix seconds; 0 before the first",
+            ),
+            pool_idle: r.int_gauge(
+                "smartgate_upstream_pool_idle_connections",
+                "Idle keep-alive connections to the upstream, all workers",
+            ),
+            pool: PoolCounters {
+                opened: r.counter(
+                    "smartgate_upstream_connections_opened_total",
+                    "Connections opened to the upstream",
+                ),
+                reused: r.counter(
+                    "smartgate_upstream_connections_reused_total",
+                    "Requests sent on a pooled keep-alive connection",
+                ),
+                retries: r.counter(
+                    "smartgate_upstream_retries_total",
+                    "Requests sent again on a new connection after a pooled one was found closed",
+                ),
+            },
+            cache_entries: r.int_gauges(
+                "smartgate_cache_entries",
+                "Entries in the gateway's bounded caches, at scrape time",
+                &["cache"],
+            ),
+            header_timeouts: r.counter(
+                "smartgate_header_read_timeouts_total",
+                "Client connections closed for not sending a request head within server.header_read_timeout",
+            ),
+            draining: r.int_gauge(
+                "smartgate_draining",
+                "1 once shutdown began: /readyz fails while requests are still served",
+            ),
+            audit: AuditMetrics {
+                lines: r.counter("smartgate_audit_lines_total", "Audit lines queued for the sink"),
+                dropped: r.counter(
+                    "smartgate_audit_dropped_total",
+                    "Audit lines dropped because the buffer (audit.buffer) was full",
+                ),
+                write_errors: r.counter(
+                    "smartgate_audit_write_errors_total",
+                    "Failed writes of audit lines to the sink",
+                ),
+                buffered: r.int_gauge(
+                    "smartgate_audit_buffer_bytes",
+                    "Audit bytes waiting for the writer",
+                ),
+            },
+            registry: r.0,
+        };
+        m.register_process_and_build_info();
+        m.create_known_series();
+        m.reload_success_time.set(unix_now());
+        m
+    }
+
+    /// `process_*` (Linux) and `smartgate_build_info{version,revision}`.
+    fn register_process_and_build_info(&self) {
         let build_info = IntGaugeVec::new(
             Opts::new("smartgate_build_info", "Build information; always 1"),
             &["version", "revision"],
@@ -329,211 +414,39 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), REVISION])
             .set(1);
-        let auth_mode = IntGaugeVec::new(
-            Opts::new(
-                "smartgate_auth_mode_info",
-                "1 for the token check in force (auth.mode); mode=\"none\" checks no token",
-            ),
-            &["mode"],
-        )
-        .expect("static metric definition");
-        let gauge =
-            |name: &str, help: &str| Gauge::new(name, help).expect("static metric definition");
-        let int_gauge =
-            |name: &str, help: &str| IntGauge::new(name, help).expect("static metric definition");
-        let counter =
-            |name: &str, help: &str| IntCounter::new(name, help).expect("static metric definition");
-        let reload_success_time = gauge(
-            "smartgate_config_last_reload_success_timestamp_seconds",
-            "When the configuration in force was loaded (start or reload), Unix seconds",
-        );
-        reload_success_time.set(unix_now());
-        let tls_not_after = gauge(
-            "smartgate_tls_certificate_not_after_timestamp_seconds",
-            "Expiry of the public listener's TLS certificate (leaf), Unix seconds; 0 without TLS",
-        );
-        let jwks_last_success = gauge(
-            "smartgate_jwks_last_success_timestamp_seconds",
-            "Last successful fetch of auth.jwt's key set, Unix seconds; 0 before the first",
-        );
-        let pool_idle = int_gauge(
-            "smartgate_upstream_pool_idle_connections",
-            "Idle keep-alive connections to the upstream, all workers",
-        );
-        let pool_opened = counter(
-            "smartgate_upstream_connections_opened_total",
-            "Connections opened to the upstream",
-        );
-        let pool_reused = counter(
-            "smartgate_upstream_connections_reused_total",
-            "Requests sent on a pooled keep-alive connection",
-        );
-        let pool_retries = counter(
-            "smartgate_upstream_retries_total",
-            "Requests sent again on a new connection after a pooled one was found closed",
-        );
-        let cache_entries = IntGaugeVec::new(
-            Opts::new(
-                "smartgate_cache_entries",
-                "Entries in the gateway's bounded caches, at scrape time",
-            ),
-            &["cache"],
-        )
-        .expect("static metric definition");
-        let header_timeouts = counter(
-            "smartgate_header_read_timeouts_total",
-            "Client connections closed for not sending a request head within server.header_read_timeout",
-        );
-        let draining = int_gauge(
-            "smartgate_draining",
-            "1 once shutdown began: /readyz fails while requests are still served",
-        );
-        let audit = AuditMetrics {
-            lines: counter(
-                "smartgate_audit_lines_total",
-                "Audit lines queued for the sink",
-            ),
-            dropped: counter(
-                "smartgate_audit_dropped_total",
-                "Audit lines dropped because the buffer (audit.buffer) was full",
-            ),
-            write_errors: counter(
-                "smartgate_audit_write_errors_total",
-                "Failed writes of audit lines to the sink",
-            ),
-            buffered: int_gauge(
-                "smartgate_audit_buffer_bytes",
-                "Audit bytes waiting for the writer",
-            ),
-        };
-
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(request_duration.clone()),
-            Box::new(upstream_duration.clone()),
-            Box::new(upstream_errors.clone()),
-            Box::new(inflight.clone()),
-            Box::new(worker_connections.clone()),
-            Box::new(config_reloads.clone()),
-            Box::new(tls_reloads.clone()),
-            Box::new(response_rewrites.clone()),
-            Box::new(response_verifications.clone()),
-            Box::new(verify_removed.clone()),
-            Box::new(token_validations.clone()),
-            Box::new(token_cache.clone()),
-            Box::new(jwks_fetches.clone()),
-            Box::new(tokens_issued.clone()),
-            Box::new(decisions.clone()),
-            Box::new(scopes_ignored.clone()),
-            Box::new(decision_cache.clone()),
-            Box::new(build_info),
-            Box::new(auth_mode.clone()),
-            Box::new(reload_success_time.clone()),
-            Box::new(tls_not_after.clone()),
-            Box::new(jwks_last_success.clone()),
-            Box::new(pool_idle.clone()),
-            Box::new(pool_opened.clone()),
-            Box::new(pool_reused.clone()),
-            Box::new(pool_retries.clone()),
-            Box::new(cache_entries.clone()),
-            Box::new(header_timeouts.clone()),
-            Box::new(draining.clone()),
-            Box::new(audit.lines.clone()),
-            Box::new(audit.dropped.clone()),
-            Box::new(audit.write_errors.clone()),
-            Box::new(audit.buffered.clone()),
-        ] {
-            registry.register(c).expect("metric names are unique");
-        }
+        self.registry
+            .register(Box::new(build_info))
+            .expect("metric names are unique");
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
         #[cfg(target_os = "linux")]
-        registry
+        self.registry
             .register(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("metric names are unique");
-        // Series known in advance exist from the start, at zero: an alert on rate() or
-        // increase() sees the first event, and a dashboard shows 0 rather than nothing.
+    }
+
+    /// Series known in advance exist from the start, at zero: an alert on rate() or
+    /// increase() sees the first event, and a dashboard shows 0 rather than nothing.
+    fn create_known_series(&self) {
+        for r in ["success", "failure"] {
+            self.config_reloads.with_label_values(&[r]);
+            self.tls_reloads.with_label_values(&[r]);
+            self.jwks_fetches.with_label_values(&[r]);
+        }
         for kind in UPSTREAM_ERROR_KINDS {
-            upstream_errors.with_label_values(&[kind]);
+            self.upstream_errors.with_label_values(&[kind]);
         }
         for reason in DENY_REASONS {
-            decisions.with_label_values(&["deny", reason]);
+            self.decisions.with_label_values(&["deny", reason]);
         }
         for cache in CACHES {
-            cache_entries.with_label_values(&[cache]);
-        }
-        for result in ["success", "failure"] {
-            jwks_fetches.with_label_values(&[result]);
+            self.cache_entries.with_label_values(&[cache]);
         }
         for event in ["hit", "miss", "eviction"] {
-            token_cache.with_label_values(&[event]);
+            self.token_cache.with_label_values(&[event]);
         }
-        tokens_issued.with_label_values(&["issued"]);
-        // Make the reload series visible from the start, so alerts can use rate() at once.
-        for r in ["success", "failure"] {
-            config_reloads.with_label_values(&[r]);
-            tls_reloads.with_label_values(&[r]);
-        }
-
-        let routes = ROUTES
-            .iter()
-            .map(|&route| RouteSeries {
-                route,
-                by_class: STATUS_CLASSES.map(|c| requests.with_label_values(&[route, c])),
-                duration: request_duration.with_label_values(&[route]),
-            })
-            .collect();
-        // Series resolved once: a label lookup hashes and locks on every count.
-        let resolved = |vec: &IntCounterVec, labels: &[&'static str]| {
-            labels
-                .iter()
-                .map(|&r| (r, vec.with_label_values(&[r])))
-                .collect::<Vec<_>>()
-        };
-        let rewrites = resolved(&response_rewrites, REWRITE_RESULTS);
-        let verifications = resolved(&response_verifications, VERIFY_RESULTS);
-
-        Metrics {
-            registry,
-            routes,
-            rewrites,
-            verifications,
-            requests,
-            request_duration,
-            upstream_duration,
-            upstream_errors,
-            inflight,
-            worker_connections,
-            config_reloads,
-            tls_reloads,
-            response_rewrites,
-            response_verifications,
-            verify_removed,
-            token_validations,
-            token_cache,
-            jwks_fetches,
-            tokens_issued,
-            decisions,
-            scopes_ignored,
-            decision_allow,
-            decision_cache_hit: decision_cache.with_label_values(&["hit"]),
-            decision_cache_miss: decision_cache.with_label_values(&["miss"]),
-            auth_mode,
-            reload_success_time,
-            tls_not_after,
-            jwks_last_success,
-            pool_idle,
-            pool: PoolCounters {
-                opened: pool_opened,
-                reused: pool_reused,
-                retries: pool_retries,
-            },
-            cache_entries,
-            header_timeouts,
-            draining,
-            audit,
-        }
+        self.tokens_issued.with_label_values(&["issued"]);
     }
 
     /// Marks `mode` as the token check in force.
@@ -585,6 +498,26 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// The per-route series, resolved once: a label lookup hashes and locks on every count.
+fn route_series(requests: &IntCounterVec, duration: &HistogramVec) -> Vec<RouteSeries> {
+    ROUTES
+        .iter()
+        .map(|&route| RouteSeries {
+            route,
+            by_class: STATUS_CLASSES.map(|c| requests.with_label_values(&[route, c])),
+            duration: duration.with_label_values(&[route]),
+        })
+        .collect()
+}
+
+/// `labels` of `vec`, resolved once.
+fn resolved(vec: &IntCounterVec, labels: &[&'static str]) -> Vec<(&'static str, IntCounter)> {
+    labels
+        .iter()
+        .map(|&l| (l, vec.with_label_values(&[l])))
+        .collect()
 }
 
 /// Counts `label` on its resolved series, or through the vector for a label not resolved.

@@ -252,6 +252,7 @@ impl Drop for Inflight<'_> {
     }
 }
 
+/// The route stage: the gateway's own endpoints, or the FHIR flow.
 async fn serve(
     shared: &Shared,
     snap: &Snapshot,
@@ -260,20 +261,19 @@ async fn serve(
     request_id: &HeaderValue,
     ctx: &mut Ctx<'_>,
 ) -> Result<Response<BoxBody>, GatewayError> {
-    // route
     let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     let rel = snap
         .urls
         .strip_public(path_and_query)
         .ok_or(GatewayError::NotFound)?
         .to_owned();
-    if rel.split('?').next() == Some("/.well-known/smart-configuration") {
+    let path = rel.split('?').next().unwrap_or_default();
+    let read = req.method() == Method::GET || req.method() == Method::HEAD;
+    if path == "/.well-known/smart-configuration" {
         ctx.route = Route::Discovery;
         return public::discovery(snap, req.method());
     }
-    if (req.method() == Method::GET || req.method() == Method::HEAD)
-        && rel.split('?').next() == Some("/metadata")
-    {
+    if read && path == "/metadata" {
         ctx.route = Route::Metadata;
         // Boxed, like the other rare routes: their futures would otherwise make every
         // request's future (allocated and moved once per request) as large as theirs.
@@ -293,22 +293,29 @@ async fn serve(
     if public::is_preflight(&req) {
         return Ok(public::preflight(req.headers()));
     }
-    // No body where FHIR has none, before anything else reads the request.
-    let req = without_stray_body(req).await?;
-    let (mut parts, body) = req.into_parts();
-    crate::proxy::headers::check_request_head(&parts.uri, &mut parts.headers)
-        .map_err(GatewayError::BadRequest)?;
-    let req = Request::from_parts(parts, body);
+    fhir(shared, snap, conn, req, &rel, request_id, ctx).await
+}
+
+/// A FHIR REST request, stage by stage: admit → authenticate → authorize → narrow →
+/// forward → verify and respond.
+async fn fhir(
+    shared: &Shared,
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    rel: &str,
+    request_id: &HeaderValue,
+    ctx: &mut Ctx<'_>,
+) -> Result<Response<BoxBody>, GatewayError> {
+    let req = admit(req).await?;
     // A signed export status URL (exports.rs): the signature is the gateway's, checked in
     // the authorize stage and never forwarded. Without tokens nothing is signed, and the
     // target is forwarded as it came.
     let signed = snap
         .auth
         .as_ref()
-        .and_then(|_| exports::split_signature(&rel));
-    let mut upstream_uri = snap
-        .upstream
-        .uri_for(signed.map_or(rel.as_str(), |(t, _)| t))?;
+        .and_then(|_| exports::split_signature(rel));
+    let mut upstream_uri = snap.upstream.uri_for(signed.map_or(rel, |(t, _)| t))?;
 
     // authenticate
     let (req, principal, form) = authenticate(snap, req, ctx).await?;
@@ -316,21 +323,120 @@ async fn serve(
     // A POST _search form, kept to rewrite its `_elements` (a cheap clone of the bytes).
     let search_form = form.clone();
 
-    // classify, authorize
+    // authorize
     let (mut req, plan) = match &principal {
         None => (req, Plan::pass_through()),
         Some(p) => {
-            authorize::classify_and_authorize(shared, snap, req, p, form, &rel, signed, ctx).await?
+            authorize::classify_and_authorize(shared, snap, req, p, form, rel, signed, ctx).await?
         }
     };
-
-    // forward
     let limit = snap.config.server.max_request_body.0;
     // The length hyper frames the body by (its Content-Length), or a buffered body's.
     if req.body().size_hint().exact().is_some_and(|n| n > limit) {
         return Err(GatewayError::PayloadTooLarge);
     }
-    let client = ClientSide {
+
+    // narrow: the caller as the checks see it, built once, only when the plan has checks.
+    let client = client_side(conn, &req);
+    let context = principal
+        .as_deref()
+        .filter(|_| !plan.is_pass_through())
+        .map(|p| authorize::context(snap, p));
+    let fetcher = principal
+        .as_deref()
+        .zip(context.as_ref())
+        .map(|(principal, ctx)| checks::Fetcher {
+            shared,
+            snap,
+            worker: &conn.worker,
+            client: &client,
+            request_id,
+            principal,
+            viewer: Viewer {
+                grants: &principal.grants,
+                ctx,
+                policy: &snap.policy,
+                owners: None,
+            },
+        });
+    let mut shape = Shape::default();
+    if let Some(fetcher) = &fetcher {
+        let narrowed = narrow(snap, fetcher, &plan, req, rel, search_form.as_deref()).await?;
+        req = narrowed.0;
+        if let Some(uri) = narrowed.1 {
+            upstream_uri = uri;
+        }
+        shape = ask_for_what_can_be_verified(&plan, rel, &mut req)?;
+    }
+
+    // forward
+    let method = req.method().clone();
+    let resp = forward(
+        shared,
+        snap,
+        conn,
+        req,
+        upstream_uri,
+        &client,
+        request_id,
+        &principal,
+        ctx,
+    )
+    .await?;
+    let export_status = export_to_bind(snap, principal.as_deref(), rel, &resp);
+    // An error answer's body is the server speaking about the request, in free text the
+    // gateway cannot check: only what of it carries no record data goes to a token that
+    // cannot read everything.
+    let resp = if !resp.status().is_success()
+        && principal
+            .as_deref()
+            .is_some_and(|p| !authorize::sees_everything(snap, p))
+    {
+        Box::pin(error_answer(shared, snap, &ctx.seen, &method, resp)).await
+    } else {
+        resp
+    };
+
+    // verify, respond
+    let mut resp = respond(
+        shared,
+        snap,
+        &ctx.seen,
+        &plan,
+        fetcher.as_ref(),
+        &method,
+        shape.native,
+        resp,
+    )
+    .await?;
+    if let Some((status, client)) = export_status {
+        bind_export_status(shared, snap, &status, &client, &mut resp);
+    }
+    // What a token was shown is not for a shared cache to show others.
+    if principal.is_some() {
+        crate::proxy::headers::keep_private(resp.headers_mut());
+    }
+    if shape.head {
+        let (mut parts, _) = resp.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Ok(Response::from_parts(parts, crate::body::empty()));
+    }
+    Ok(resp)
+}
+
+/// The admit stage: no body where FHIR has none, before anything else reads the request,
+/// and a request head with one reading.
+async fn admit(req: Request<Incoming>) -> Result<Request<BoxBody>, GatewayError> {
+    let req = without_stray_body(req).await?;
+    let (mut parts, body) = req.into_parts();
+    crate::proxy::headers::check_request_head(&parts.uri, &mut parts.headers)
+        .map_err(GatewayError::BadRequest)?;
+    Ok(Request::from_parts(parts, body))
+}
+
+/// The client as the forwarding headers describe it.
+fn client_side(conn: &ConnInfo, req: &Request<BoxBody>) -> ClientSide {
+    ClientSide {
         peer: conn.peer_text.clone(),
         proto: if conn.tls { "https" } else { "http" },
         // `:authority` (HTTP/2) or an absolute-form target first: RFC 9113 §8.3.1.
@@ -339,138 +445,159 @@ async fn serve(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             .or_else(|| req.headers().get(header::HOST).cloned()),
-    };
-    let mut head = false;
-    // The client asked for no FHIR format: a verified Binary is answered in its native
-    // form (FHIR R4 binary.html#rest), though the upstream is asked for JSON.
-    let mut native = false;
-    // The caller as the checks see it, built once, only when the plan has checks.
-    let context = principal
-        .as_deref()
-        .filter(|_| !plan.is_pass_through())
-        .map(|p| authorize::context(snap, p));
-    let viewer = principal
-        .as_deref()
-        .zip(context.as_ref())
-        .map(|(p, ctx)| Viewer {
-            grants: &p.grants,
-            ctx,
-            policy: &snap.policy,
-            owners: None,
-        });
-    let fetcher = principal
-        .as_deref()
-        .zip(viewer)
-        .map(|(principal, viewer)| checks::Fetcher {
-            shared,
-            snap,
-            worker: &conn.worker,
-            client: &client,
-            request_id,
-            principal,
-            viewer,
-        });
-    if let Some(fetcher) = &fetcher {
-        // Narrow the request and check writes before anything is forwarded.
-        let mut narrowed: Option<String> = None;
-        if !plan.inject.is_empty() {
-            let conditional_create =
-                req.method() == Method::POST && req.headers().contains_key(&IF_NONE_EXIST);
-            if conditional_create {
-                // One readable condition, or none of it could be kept: narrowing an
-                // unreadable one would replace the client's condition with ours alone,
-                // and a second header would be dropped unseen.
-                let mut values = req.headers().get_all(&IF_NONE_EXIST).iter();
-                let current = match (values.next().map(HeaderValue::to_str), values.next()) {
-                    (Some(Ok(current)), None) => current,
-                    _ => return Err(GatewayError::BadRequest("If-None-Exist is malformed")),
-                };
-                let narrowed = checks::append_query(current, &plan.inject);
-                let value = HeaderValue::from_str(&narrowed)
-                    .map_err(|_| GatewayError::BadRequest("If-None-Exist is malformed"))?;
-                req.headers_mut().insert(&IF_NONE_EXIST, value);
-            } else {
-                narrowed = Some(checks::append_params(&rel, &plan.inject));
-            }
-        }
-        if !plan.elements.is_empty() {
-            let target = narrowed.as_deref().unwrap_or(&rel);
-            narrowed = Some(checks::widen_elements(target, &plan.elements));
-            // `_elements` in a POST _search body is widened the same way.
-            if let Some(text) = search_form
-                .as_deref()
-                .and_then(|b| std::str::from_utf8(b).ok())
-            {
-                let widened = checks::widen_elements(&format!("?{text}"), &plan.elements);
-                let body = widened.trim_start_matches('?').to_owned();
-                req.headers_mut()
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-                req.headers_mut().remove(header::TRANSFER_ENCODING);
-                *req.body_mut() = crate::body::full(body);
-            }
-        }
-        if let Some(target) = &narrowed {
-            upstream_uri = snap.upstream.uri_for(target)?;
-        }
-        if plan.strict || plan.entries.iter().any(|e| e.strict) {
-            crate::proxy::headers::prefer_strict(req.headers_mut());
-        }
-        // Boxed: writes and transactions under a confined token are the rarer requests,
-        // and their futures would otherwise size every request's.
-        if let Some(w) = &plan.write {
-            req = Box::pin(fetcher.write(w, req)).await?;
-        }
-        if !plan.entries.is_empty() {
-            req = Box::pin(fetcher.bundle(&plan.entries, req)).await?;
-        }
-        if needs_verify(&plan) {
-            // `_format` overrides Accept at the server: asking for XML would only get
-            // the answer refused after the server did the work.
-            let format = format_asked(&rel);
-            if format == Some(false) {
-                return Err(GatewayError::NotAcceptable(
-                    "responses to this token are checked, and only JSON can be checked",
-                ));
-            }
-            native = plan.binary_read && format.is_none() && !accepts_a_fhir_format(req.headers());
-            // Verification reads JSON only, and needs the body: no 304 that would confirm
-            // a version of a resource it cannot see, no 206 with a part of one that
-            // cannot be checked (the whole is answered, which RFC 9110 §14.2 allows),
-            // no HEAD that skips the check (asked as GET, answered without the body).
-            let h = req.headers_mut();
-            h.insert(
-                header::ACCEPT,
-                HeaderValue::from_static("application/fhir+json"),
-            );
-            for name in [
-                header::IF_NONE_MATCH,
-                header::IF_MODIFIED_SINCE,
-                header::RANGE,
-                header::IF_RANGE,
-            ] {
-                h.remove(name);
-            }
-            // Nor a 202 pointing at a status URL to poll later, unchecked.
-            crate::proxy::headers::drop_respond_async(h);
-            if req.method() == Method::HEAD {
-                head = true;
-                *req.method_mut() = Method::GET;
-            }
+    }
+}
+
+/// The narrow stage, for a token whose requests are checked: the patient and granted
+/// constraints added to the search or the conditional create, `_elements` widened to
+/// what verification needs, `handling=strict` asked for, and writes and transactions
+/// checked before anything is forwarded. The new upstream target, when it changed.
+async fn narrow(
+    snap: &Snapshot,
+    fetcher: &checks::Fetcher<'_>,
+    plan: &Plan,
+    mut req: Request<BoxBody>,
+    rel: &str,
+    search_form: Option<&[u8]>,
+) -> Result<(Request<BoxBody>, Option<http::Uri>), GatewayError> {
+    let mut narrowed: Option<String> = None;
+    if !plan.inject.is_empty() {
+        let conditional_create =
+            req.method() == Method::POST && req.headers().contains_key(&IF_NONE_EXIST);
+        if conditional_create {
+            narrow_condition(req.headers_mut(), &plan.inject)?;
+        } else {
+            narrowed = Some(checks::append_params(rel, &plan.inject));
         }
     }
-    let method = req.method().clone();
+    if !plan.elements.is_empty() {
+        let target = narrowed.as_deref().unwrap_or(rel);
+        narrowed = Some(checks::widen_elements(target, &plan.elements));
+        // `_elements` in a POST _search body is widened the same way.
+        if let Some(text) = search_form.and_then(|b| std::str::from_utf8(b).ok()) {
+            let widened = checks::widen_elements(&format!("?{text}"), &plan.elements);
+            let body = widened.trim_start_matches('?').to_owned();
+            req.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            req.headers_mut().remove(header::TRANSFER_ENCODING);
+            *req.body_mut() = crate::body::full(body);
+        }
+    }
+    let uri = match &narrowed {
+        Some(target) => Some(snap.upstream.uri_for(target)?),
+        None => None,
+    };
+    if plan.strict || plan.entries.iter().any(|e| e.strict) {
+        crate::proxy::headers::prefer_strict(req.headers_mut());
+    }
+    // Boxed: writes and transactions under a confined token are the rarer requests, and
+    // their futures would otherwise size every request's.
+    if let Some(w) = &plan.write {
+        req = Box::pin(fetcher.write(w, req)).await?;
+    }
+    if !plan.entries.is_empty() {
+        req = Box::pin(fetcher.bundle(&plan.entries, req)).await?;
+    }
+    Ok((req, uri))
+}
+
+/// A conditional create's `If-None-Exist` with the patient and constraints added. One
+/// readable condition, or none of it could be kept: narrowing an unreadable one would
+/// replace the client's condition with ours alone, and a second header would be dropped
+/// unseen.
+fn narrow_condition(
+    headers: &mut http::HeaderMap,
+    inject: &[(String, String)],
+) -> Result<(), GatewayError> {
+    const MALFORMED: GatewayError = GatewayError::BadRequest("If-None-Exist is malformed");
+    let mut values = headers.get_all(&IF_NONE_EXIST).iter();
+    let current = match (values.next().map(HeaderValue::to_str), values.next()) {
+        (Some(Ok(current)), None) => current,
+        _ => return Err(MALFORMED),
+    };
+    let narrowed = checks::append_query(current, inject);
+    let value = HeaderValue::from_str(&narrowed).map_err(|_| MALFORMED)?;
+    headers.insert(&IF_NONE_EXIST, value);
+    Ok(())
+}
+
+/// How the answer is asked for so that it can be verified, and how it goes back.
+#[derive(Default)]
+struct Shape {
+    /// A HEAD asked as GET: answered without the body.
+    head: bool,
+    /// The client asked for no FHIR format: a verified Binary is answered in its native
+    /// form (FHIR R4 binary.html#rest), though the upstream is asked for JSON.
+    native: bool,
+}
+
+/// Asks the upstream for an answer that can be verified: JSON, whole, now. No 304 that
+/// would confirm a version of a resource the token cannot see, no 206 with a part of one
+/// that cannot be checked (the whole is answered, which RFC 9110 §14.2 allows), no 202
+/// pointing at a status URL to poll later unchecked, no HEAD that skips the check.
+fn ask_for_what_can_be_verified(
+    plan: &Plan,
+    rel: &str,
+    req: &mut Request<BoxBody>,
+) -> Result<Shape, GatewayError> {
+    if !needs_verify(plan) {
+        return Ok(Shape::default());
+    }
+    // `_format` overrides Accept at the server: asking for XML would only get the answer
+    // refused after the server did the work.
+    let format = format_asked(rel);
+    if format == Some(false) {
+        return Err(GatewayError::NotAcceptable(
+            "responses to this token are checked, and only JSON can be checked",
+        ));
+    }
+    let native = plan.binary_read && format.is_none() && !accepts_a_fhir_format(req.headers());
+    let h = req.headers_mut();
+    h.insert(
+        header::ACCEPT,
+        HeaderValue::from_static("application/fhir+json"),
+    );
+    for name in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::RANGE,
+        header::IF_RANGE,
+    ] {
+        h.remove(name);
+    }
+    crate::proxy::headers::drop_respond_async(h);
+    let head = req.method() == Method::HEAD;
+    if head {
+        *req.method_mut() = Method::GET;
+    }
+    Ok(Shape { head, native })
+}
+
+/// The forward stage: the request to the upstream, and its answer's head.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    shared: &Shared,
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    req: Request<BoxBody>,
+    upstream_uri: http::Uri,
+    client: &ClientSide,
+    request_id: &HeaderValue,
+    principal: &Option<Arc<Principal>>,
+    ctx: &mut Ctx<'_>,
+) -> Result<Response<BoxBody>, GatewayError> {
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream_uri;
     // The body is already boxed; the limit applies to what streams on.
     // The upstream connection's protocol is negotiated separately from the client's.
     parts.version = Version::HTTP_11;
-    let body = limited(body, limit);
+    let body = limited(body, snap.config.server.max_request_body.0);
     let (resp, upstream_time) = snap
         .upstream
         .send(
             &conn.worker,
             Request::from_parts(parts, body),
-            &client,
+            client,
             request_id,
             &identity(snap, principal.as_deref()),
         )
@@ -500,72 +627,55 @@ async fn serve(
             "the upstream refused the gateway's credentials",
         ));
     }
-
-    // An export kick-off accepted: its status URL belongs to this client (exports.rs).
-    let export_status = match &principal {
-        Some(p) if resp.status() == StatusCode::ACCEPTED && exports::is_kick_off(&rel) => resp
-            .headers()
-            .get(header::CONTENT_LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|url| snap.urls.relative(url))
-            .filter(|status| exports::may_bind(status))
-            .zip(exports::client_of(p)),
-        _ => None,
-    };
-
-    // An error answer's body is the server speaking about the request, in free text the
-    // gateway cannot check: only what of it carries no record data goes to a token that
-    // cannot read everything.
-    let resp = if !resp.status().is_success()
-        && principal
-            .as_deref()
-            .is_some_and(|p| !authorize::sees_everything(snap, p))
-    {
-        Box::pin(error_answer(shared, snap, &ctx.seen, &method, resp)).await
-    } else {
-        resp
-    };
-
-    // respond
-    let mut resp = respond(
-        shared,
-        snap,
-        &ctx.seen,
-        &plan,
-        fetcher.as_ref(),
-        &method,
-        native,
-        resp,
-    )
-    .await?;
-    if let Some((status, client)) = export_status
-        && let Some(public) = resp
-            .headers()
-            .get(header::CONTENT_LOCATION)
-            .and_then(|v| v.to_str().ok())
-    {
-        let signature = shared.exports.sign(
-            &snap.config.bulk_data,
-            &client,
-            &status,
-            jsonwebtoken::get_current_timestamp(),
-        );
-        let signed = exports::with_signature(public, &signature);
-        match HeaderValue::from_str(&signed) {
-            Ok(v) => resp.headers_mut().insert(header::CONTENT_LOCATION, v),
-            Err(_) => resp.headers_mut().remove(header::CONTENT_LOCATION),
-        };
-    }
-    // What a token was shown is not for a shared cache to show others.
-    if principal.is_some() {
-        crate::proxy::headers::keep_private(resp.headers_mut());
-    }
-    if head {
-        let (mut parts, _) = resp.into_parts();
-        parts.headers.remove(header::CONTENT_LENGTH);
-        return Ok(Response::from_parts(parts, crate::body::empty()));
-    }
     Ok(resp)
+}
+
+/// An export kick-off the upstream accepted: its status URL, to be bound to this client
+/// (exports.rs).
+fn export_to_bind(
+    snap: &Snapshot,
+    principal: Option<&Principal>,
+    rel: &str,
+    resp: &Response<BoxBody>,
+) -> Option<(String, String)> {
+    let p = principal?;
+    if resp.status() != StatusCode::ACCEPTED || !exports::is_kick_off(rel) {
+        return None;
+    }
+    resp.headers()
+        .get(header::CONTENT_LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|url| snap.urls.relative(url))
+        .filter(|status| exports::may_bind(status))
+        .zip(exports::client_of(p))
+}
+
+/// The answer's status URL, signed for the client that kicked the export off.
+fn bind_export_status(
+    shared: &Shared,
+    snap: &Snapshot,
+    status: &str,
+    client: &str,
+    resp: &mut Response<BoxBody>,
+) {
+    let Some(public) = resp
+        .headers()
+        .get(header::CONTENT_LOCATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return;
+    };
+    let signature = shared.exports.sign(
+        &snap.config.bulk_data,
+        client,
+        status,
+        jsonwebtoken::get_current_timestamp(),
+    );
+    let signed = exports::with_signature(public, &signature);
+    match HeaderValue::from_str(&signed) {
+        Ok(v) => resp.headers_mut().insert(header::CONTENT_LOCATION, v),
+        Err(_) => resp.headers_mut().remove(header::CONTENT_LOCATION),
+    };
 }
 
 /// What the query's `_format` (FHIR R4 http.html#mime-type) asks for: `None` without
@@ -868,23 +978,7 @@ async fn respond(
     mut resp: Response<BoxBody>,
 ) -> Result<Response<BoxBody>, GatewayError> {
     let viewer = fetcher.map(|f| f.viewer);
-    if resp.headers().contains_key(header::LINK) {
-        rewrite_link_headers(snap, resp.headers_mut());
-    }
-    for name in [header::LOCATION, header::CONTENT_LOCATION] {
-        if let Some(new) = resp
-            .headers()
-            .get(&name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| snap.urls.to_public(v))
-        {
-            match HeaderValue::from_str(&new) {
-                Ok(v) => resp.headers_mut().insert(name, v),
-                Err(_) => resp.headers_mut().remove(name),
-            };
-        }
-    }
-
+    rewrite_address_headers(snap, resp.headers_mut());
     let bodiless = *method == Method::HEAD
         || resp.status() == StatusCode::NO_CONTENT
         || resp.status() == StatusCode::NOT_MODIFIED
@@ -904,106 +998,12 @@ async fn respond(
             "a response that must be verified is not FHIR JSON",
         ));
     }
-    if resp
-        .headers()
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
-    {
-        // We asked for identity; an encoded body cannot be inspected, so it cannot pass.
-        return Err(GatewayError::UpstreamInvalid("encoded body"));
-    }
-
-    let limit = snap.config.upstream.max_response_buffer.0;
-    // The length hyper frames the body by, read before any of it is: a Content-Length
-    // hyper does not go by (beside Transfer-Encoding) does not count.
-    let declared = resp.body().size_hint().exact();
-    if declared.is_some_and(|n| n > limit) {
-        count(shared, "too_large");
-        return Err(GatewayError::UpstreamInvalid(
-            "response too large to inspect",
-        ));
-    }
-    let (mut parts, body) = resp.into_parts();
-    // A declared length within the limit needs no counting: hyper delivers exactly that
-    // many bytes or fails the body.
-    let body = if declared.is_some() {
-        body
-    } else {
-        limited(body, limit)
-    };
-    let bytes = match crate::body::read_whole(body).await {
-        Ok(bytes) => bytes,
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            count(shared, "too_large");
-            return Err(GatewayError::UpstreamInvalid(
-                "response too large to inspect",
-            ));
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "upstream response body failed");
-            shared
-                .metrics
-                .upstream_errors
-                .with_label_values(&["response_body"])
-                .inc();
-            return Err(GatewayError::UpstreamUnreachable);
-        }
-    };
-
-    // Provenance under a patient context is the patient's when its targets are: who they
-    // belong to is found first (the Bundle's own entries, lookups for the rest), from the
-    // document read once here and then verified as it was read.
-    let mut parsed = None;
-    let owners = match (verify, fetcher) {
-        (Some(v), Some(f))
-            if (v.ctx.patient.is_some() || v.ctx.user_confined)
-                && memchr::memmem::find(&bytes, b"\"Provenance\"").is_some() =>
-        {
-            parsed = crate::json::parse(&bytes).ok();
-            match &parsed {
-                Some(doc) => Some(Box::pin(f.provenance_owners(doc)).await?),
-                // Not one reading: verify_body refuses it.
-                None => None,
-            }
-        }
-        _ => None,
-    };
-    let verify = verify.map(|v| Viewer {
-        owners: owners.as_ref(),
-        ..v
-    });
+    let (mut parts, bytes, declared) = read_answer(shared, snap, resp).await?;
     let bytes = match (verify, fetcher) {
-        (None, _) => rewrite_body(shared, snap, bytes),
-        // A Binary whose securityContext is another resource (a DocumentReference) is as
-        // readable as that resource: fetched and checked (boxed: rare).
-        (Some(viewer), Some(fetcher)) if plan.binary_read => {
-            match Box::pin(fetcher.security_context_readable(&bytes)).await? {
-                None => verify_body(shared, snap, seen, plan, viewer, &bytes, parsed.take())?,
-                Some(true) => {
-                    seen.note(shared, "passed");
-                    bytes
-                }
-                Some(false) => {
-                    return Err(refused(
-                        shared,
-                        seen,
-                        snap,
-                        crate::policy::DenyReason::Compartment,
-                    ));
-                }
-            }
+        (Some(viewer), Some(fetcher)) => {
+            verified(shared, snap, seen, plan, viewer, fetcher, bytes).await?
         }
-        (Some(viewer), _) => {
-            match verify_body(shared, snap, seen, plan, viewer, &bytes, parsed.take()) {
-                Ok(bytes) => bytes,
-                Err(GatewayError::Forbidden(_) | GatewayError::NotFound)
-                    if plan.write.is_some() =>
-                {
-                    withheld(shared, seen)
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        _ => rewrite_body(shared, snap, bytes),
     };
     // The upstream's Content-Length stands when hyper framed the body by it and the
     // body kept its length; otherwise the length is the gateway's to state.
@@ -1017,6 +1017,130 @@ async fn respond(
         return Ok(native_binary(parts, bytes));
     }
     Ok(Response::from_parts(parts, full(bytes)))
+}
+
+/// The upstream's address out of `Link`, `Location` and `Content-Location`.
+fn rewrite_address_headers(snap: &Snapshot, headers: &mut http::HeaderMap) {
+    if headers.contains_key(header::LINK) {
+        rewrite_link_headers(snap, headers);
+    }
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        if let Some(new) = headers
+            .get(&name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| snap.urls.to_public(v))
+        {
+            match HeaderValue::from_str(&new) {
+                Ok(v) => headers.insert(name, v),
+                Err(_) => headers.remove(name),
+            };
+        }
+    }
+}
+
+/// An answer's body read whole, within `upstream.max_response_buffer`, with the length
+/// hyper framed it by (if any). An encoded body cannot be inspected, so it cannot pass.
+async fn read_answer(
+    shared: &Shared,
+    snap: &Snapshot,
+    resp: Response<BoxBody>,
+) -> Result<(http::response::Parts, Bytes, Option<u64>), GatewayError> {
+    if resp
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Err(GatewayError::UpstreamInvalid("encoded body"));
+    }
+    const TOO_LARGE: GatewayError = GatewayError::UpstreamInvalid("response too large to inspect");
+    let limit = snap.config.upstream.max_response_buffer.0;
+    // The length hyper frames the body by, read before any of it is: a Content-Length
+    // hyper does not go by (beside Transfer-Encoding) does not count.
+    let declared = resp.body().size_hint().exact();
+    if declared.is_some_and(|n| n > limit) {
+        count(shared, "too_large");
+        return Err(TOO_LARGE);
+    }
+    let (parts, body) = resp.into_parts();
+    // A declared length within the limit needs no counting: hyper delivers exactly that
+    // many bytes or fails the body.
+    let body = if declared.is_some() {
+        body
+    } else {
+        limited(body, limit)
+    };
+    match crate::body::read_whole(body).await {
+        Ok(bytes) => Ok((parts, bytes, declared)),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            count(shared, "too_large");
+            Err(TOO_LARGE)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream response body failed");
+            shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&["response_body"])
+                .inc();
+            Err(GatewayError::UpstreamUnreachable)
+        }
+    }
+}
+
+/// The verify stage: the answer as the token may see it, or its refusal.
+async fn verified(
+    shared: &Shared,
+    snap: &Snapshot,
+    seen: &Seen,
+    plan: &Plan,
+    viewer: Viewer<'_>,
+    fetcher: &checks::Fetcher<'_>,
+    bytes: Bytes,
+) -> Result<Bytes, GatewayError> {
+    // Provenance under a patient context is the patient's when its targets are: who they
+    // belong to is found first (the Bundle's own entries, lookups for the rest), from the
+    // document read once here and then verified as it was read.
+    let mut parsed = None;
+    let owners = if (viewer.ctx.patient.is_some() || viewer.ctx.user_confined)
+        && memchr::memmem::find(&bytes, b"\"Provenance\"").is_some()
+    {
+        parsed = crate::json::parse(&bytes).ok();
+        match &parsed {
+            Some(doc) => Some(Box::pin(fetcher.provenance_owners(doc)).await?),
+            // Not one reading: verify_body refuses it.
+            None => None,
+        }
+    } else {
+        None
+    };
+    let viewer = Viewer {
+        owners: owners.as_ref(),
+        ..viewer
+    };
+    // A Binary whose securityContext is another resource (a DocumentReference) is as
+    // readable as that resource: fetched and checked (boxed: rare).
+    if plan.binary_read {
+        match Box::pin(fetcher.security_context_readable(&bytes)).await? {
+            None => {}
+            Some(true) => {
+                seen.note(shared, "passed");
+                return Ok(bytes);
+            }
+            Some(false) => {
+                let reason = crate::policy::DenyReason::Compartment;
+                return Err(refused(shared, seen, snap, reason));
+            }
+        }
+        return verify_body(shared, snap, seen, plan, viewer, &bytes, parsed.take());
+    }
+    match verify_body(shared, snap, seen, plan, viewer, &bytes, parsed.take()) {
+        Ok(bytes) => Ok(bytes),
+        // A checked write whose answer the token may not see: done, its body withheld.
+        Err(GatewayError::Forbidden(_) | GatewayError::NotFound) if plan.write.is_some() => {
+            Ok(withheld(shared, seen))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The upstream's address out of `Link` headers (paging links some servers send as
