@@ -5,7 +5,7 @@
 //! module per stage.
 
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod admin;
 pub mod audit;

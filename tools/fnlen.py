@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
+# Functions that are tables (one definition per metric), not logic.
+TABLES = {"src/metrics.rs:new"}
 FN = re.compile(r"^\s*(?:pub(?:\([^)]*\))?\s+)?(?:const\s+)?(?:async\s+)?(?:unsafe\s+)?fn\s+(\w+)")
 
 
@@ -62,7 +64,7 @@ def main():
     for length, where, name in rows[:top]:
         print(f"{length:5}  {name:32} {where}")
     if limit is not None:
-        over = [r for r in rows if r[0] > limit]
+        over = [r for r in rows if r[0] > limit and f"{r[1].rsplit(':', 1)[0]}:{r[2]}" not in TABLES]
         if over:
             print(f"{len(over)} function(s) over {limit} lines")
             sys.exit(1)

@@ -123,10 +123,14 @@ pub fn classify(
     let segments = normalise(rel_path)?;
     let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
     let mut params = parse_params(query)?;
-    let get = *method == Method::GET || *method == Method::HEAD;
     let post = *method == Method::POST;
-    let has_query = !params.is_empty();
-
+    let path = Path {
+        method,
+        get: *method == Method::GET || *method == Method::HEAD,
+        post,
+        has_query: !params.is_empty(),
+        headers,
+    };
     let mut req = FhirRequest {
         interaction: Interaction::SearchSystem,
         resource_type: None,
@@ -137,103 +141,10 @@ pub fn classify(
         params: Vec::new(),
         conditional: false,
     };
-    let not_allowed = Err(ClassifyError::MethodNotAllowed);
-
-    match seg.as_slice() {
-        [] if get => req.interaction = Interaction::SearchSystem,
-        [] if post => {
-            req.interaction = match bundle_type {
-                Some("batch") => Interaction::Batch,
-                Some("transaction") => Interaction::Transaction,
-                _ => {
-                    return Err(ClassifyError::BadRequest(
-                        "POST to the base needs a batch or transaction Bundle",
-                    ));
-                }
-            }
-        }
-        ["metadata"] if get => req.interaction = Interaction::Capabilities,
-        ["_history"] if get => req.interaction = Interaction::HistorySystem,
-        ["_search"] if post || get => req.interaction = Interaction::SearchSystem,
-        [op] if op.starts_with('$') => {
-            req.interaction = Interaction::OperationSystem;
-            req.operation = Some(operation(op)?);
-        }
-        [ty] => {
-            req.resource_type = Some(resource_type(ty)?);
-            req.interaction = match *method {
-                _ if get => Interaction::SearchType,
-                Method::POST => {
-                    req.conditional = headers.contains_key(&IF_NONE_EXIST);
-                    Interaction::Create
-                }
-                Method::PUT | Method::PATCH | Method::DELETE if has_query => {
-                    req.conditional = true;
-                    match *method {
-                        Method::PUT => Interaction::Update,
-                        Method::PATCH => Interaction::Patch,
-                        _ => Interaction::Delete,
-                    }
-                }
-                _ => return not_allowed,
-            }
-        }
-        [ty, "_search"] if post || get => {
-            req.resource_type = Some(resource_type(ty)?);
-            req.interaction = Interaction::SearchType;
-        }
-        [ty, "_history"] if get => {
-            req.resource_type = Some(resource_type(ty)?);
-            req.interaction = Interaction::HistoryType;
-        }
-        [ty, op] if op.starts_with('$') => {
-            req.resource_type = Some(resource_type(ty)?);
-            req.interaction = Interaction::OperationType;
-            req.operation = Some(operation(op)?);
-        }
-        [ty, id] => {
-            req.resource_type = Some(resource_type(ty)?);
-            req.id = Some(fhir_id(id)?);
-            req.interaction = match *method {
-                _ if get => Interaction::Read,
-                Method::PUT => Interaction::Update,
-                Method::PATCH => Interaction::Patch,
-                Method::DELETE => Interaction::Delete,
-                _ => return not_allowed,
-            };
-        }
-        [ty, id, "_history"] if get => {
-            req.resource_type = Some(resource_type(ty)?);
-            req.id = Some(fhir_id(id)?);
-            req.interaction = Interaction::HistoryInstance;
-        }
-        [ty, id, "_history", vid] if get => {
-            req.resource_type = Some(resource_type(ty)?);
-            req.id = Some(fhir_id(id)?);
-            req.version = Some(fhir_id(vid)?);
-            req.interaction = Interaction::Vread;
-        }
-        [ty, id, op] if op.starts_with('$') => {
-            req.resource_type = Some(resource_type(ty)?);
-            req.id = Some(fhir_id(id)?);
-            req.interaction = Interaction::OperationInstance;
-            req.operation = Some(operation(op)?);
-        }
-        [comp, id, ty] if get => {
-            let comp = resource_type(comp)?;
-            if !COMPARTMENTS.contains(&comp) {
-                return Err(ClassifyError::BadRequest("not a compartment"));
-            }
-            req.compartment = Some((comp, fhir_id(id)?));
-            req.resource_type = if *ty == "*" {
-                None
-            } else {
-                Some(resource_type(ty)?)
-            };
-            req.interaction = Interaction::SearchCompartment;
-        }
-        _ if seg.len() <= 4 && !(get || post) => return not_allowed,
-        _ => return Err(ClassifyError::BadRequest("not a FHIR REST path")),
+    match seg.len() {
+        0 | 1 => path.system_or_type(&seg, bundle_type, &mut req)?,
+        2 => path.type_or_instance(&seg, &mut req)?,
+        _ => path.instance_or_compartment(&seg, &mut req)?,
     }
 
     let search = matches!(
@@ -259,6 +170,154 @@ pub fn classify(
         .filter(|(k, _)| k != "_format" && k != "_pretty")
         .collect();
     Ok(req)
+}
+
+/// What the path's shape says, by its number of segments (FHIR R4 http.html).
+struct Path<'a> {
+    method: &'a Method,
+    get: bool,
+    post: bool,
+    has_query: bool,
+    headers: &'a HeaderMap,
+}
+
+impl Path<'_> {
+    /// A path that matches no interaction: 405 for a method FHIR has nowhere there,
+    /// else 400.
+    fn unmatched(&self, seg: &[&str]) -> Result<(), ClassifyError> {
+        if seg.len() <= 4 && !(self.get || self.post) {
+            return Err(ClassifyError::MethodNotAllowed);
+        }
+        Err(ClassifyError::BadRequest("not a FHIR REST path"))
+    }
+
+    /// `[base]`, `[base]/metadata`, `_history`, `_search`, `$op`, `[type]`.
+    fn system_or_type(
+        &self,
+        seg: &[&str],
+        bundle_type: Option<&str>,
+        req: &mut FhirRequest,
+    ) -> Result<(), ClassifyError> {
+        let (get, post) = (self.get, self.post);
+        match seg {
+            [] if get => req.interaction = Interaction::SearchSystem,
+            [] if post => {
+                req.interaction = match bundle_type {
+                    Some("batch") => Interaction::Batch,
+                    Some("transaction") => Interaction::Transaction,
+                    _ => {
+                        return Err(ClassifyError::BadRequest(
+                            "POST to the base needs a batch or transaction Bundle",
+                        ));
+                    }
+                }
+            }
+            ["metadata"] if get => req.interaction = Interaction::Capabilities,
+            ["_history"] if get => req.interaction = Interaction::HistorySystem,
+            ["_search"] if post || get => req.interaction = Interaction::SearchSystem,
+            [op] if op.starts_with('$') => {
+                req.interaction = Interaction::OperationSystem;
+                req.operation = Some(operation(op)?);
+            }
+            [ty] => {
+                req.resource_type = Some(resource_type(ty)?);
+                req.interaction = match *self.method {
+                    _ if get => Interaction::SearchType,
+                    Method::POST => {
+                        req.conditional = self.headers.contains_key(&IF_NONE_EXIST);
+                        Interaction::Create
+                    }
+                    Method::PUT | Method::PATCH | Method::DELETE if self.has_query => {
+                        req.conditional = true;
+                        match *self.method {
+                            Method::PUT => Interaction::Update,
+                            Method::PATCH => Interaction::Patch,
+                            _ => Interaction::Delete,
+                        }
+                    }
+                    _ => return Err(ClassifyError::MethodNotAllowed),
+                }
+            }
+            _ => return self.unmatched(seg),
+        }
+        Ok(())
+    }
+
+    /// `[type]/_search`, `[type]/_history`, `[type]/$op`, `[type]/[id]`.
+    fn type_or_instance(&self, seg: &[&str], req: &mut FhirRequest) -> Result<(), ClassifyError> {
+        let (get, post) = (self.get, self.post);
+        match seg {
+            [ty, "_search"] if post || get => {
+                req.resource_type = Some(resource_type(ty)?);
+                req.interaction = Interaction::SearchType;
+            }
+            [ty, "_history"] if get => {
+                req.resource_type = Some(resource_type(ty)?);
+                req.interaction = Interaction::HistoryType;
+            }
+            [ty, op] if op.starts_with('$') => {
+                req.resource_type = Some(resource_type(ty)?);
+                req.interaction = Interaction::OperationType;
+                req.operation = Some(operation(op)?);
+            }
+            [ty, id] => {
+                req.resource_type = Some(resource_type(ty)?);
+                req.id = Some(fhir_id(id)?);
+                req.interaction = match *self.method {
+                    _ if get => Interaction::Read,
+                    Method::PUT => Interaction::Update,
+                    Method::PATCH => Interaction::Patch,
+                    Method::DELETE => Interaction::Delete,
+                    _ => return Err(ClassifyError::MethodNotAllowed),
+                };
+            }
+            _ => return self.unmatched(seg),
+        }
+        Ok(())
+    }
+
+    /// `[type]/[id]/_history[/vid]`, `[type]/[id]/$op`, `[compartment]/[id]/[type]`.
+    fn instance_or_compartment(
+        &self,
+        seg: &[&str],
+        req: &mut FhirRequest,
+    ) -> Result<(), ClassifyError> {
+        let get = self.get;
+        match seg {
+            [ty, id, "_history"] if get => {
+                req.resource_type = Some(resource_type(ty)?);
+                req.id = Some(fhir_id(id)?);
+                req.interaction = Interaction::HistoryInstance;
+            }
+            [ty, id, "_history", vid] if get => {
+                req.resource_type = Some(resource_type(ty)?);
+                req.id = Some(fhir_id(id)?);
+                req.version = Some(fhir_id(vid)?);
+                req.interaction = Interaction::Vread;
+            }
+            [ty, id, op] if op.starts_with('$') => {
+                req.resource_type = Some(resource_type(ty)?);
+                req.id = Some(fhir_id(id)?);
+                req.interaction = Interaction::OperationInstance;
+                req.operation = Some(operation(op)?);
+            }
+            [comp, id, ty] if get => {
+                let comp = resource_type(comp)?;
+                if !COMPARTMENTS.contains(&comp) {
+                    return Err(ClassifyError::BadRequest("not a compartment"));
+                }
+                req.compartment = Some((comp, fhir_id(id)?));
+                req.resource_type = if *ty == "*" {
+                    None
+                } else {
+                    Some(resource_type(ty)?)
+                };
+                req.interaction = Interaction::SearchCompartment;
+            }
+            _ => return self.unmatched(seg),
+        }
+        Ok(())
+    }
 }
 
 /// `If-None-Exist` (FHIR R4 http.html#ccreate), a static name: no parse per lookup.

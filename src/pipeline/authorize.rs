@@ -33,27 +33,8 @@ pub(super) async fn classify_and_authorize(
     // Requests decided by the target alone can use the decision cache — after the header
     // checks, which the cache must never skip.
     crate::fhir::request::check_headers(req.headers()).map_err(classify_error)?;
-    // An export status URL the gateway signed (exports.rs): for the client it was signed
-    // for, until it expires, whatever the path looks like; refused to anyone else.
     if let Some((target, signature)) = signed {
-        let valid = matches!(*req.method(), Method::GET | Method::DELETE)
-            && crate::exports::client_of(principal).is_some_and(|client| {
-                let config = &snap.config.bulk_data;
-                let now = jsonwebtoken::get_current_timestamp();
-                shared
-                    .exports
-                    .verify(config, &client, target, signature, now)
-            });
-        let decision = if valid {
-            Decision::Allow(Plan::pass_through())
-        } else {
-            Decision::Deny {
-                reason: crate::policy::DenyReason::Unverifiable(
-                    "the export status URL was signed for another client, or has expired",
-                ),
-                needed: String::new(),
-            }
-        };
+        let decision = signed_status(shared, snap, &req, principal, target, signature);
         return finish(shared, req, decision);
     }
     // A POST $export carries its parameters in its body (exports::body_params): read
@@ -75,22 +56,8 @@ pub(super) async fn classify_and_authorize(
         return finish(shared, req, decision);
     }
     let method = req.method().clone();
-    let (req, bundle) = if base_post {
-        let (req, bytes) = buffer(snap, req).await?;
-        let bundle = crate::json::parse(&bytes).map_err(|_| {
-            GatewayError::BadRequest("the posted Bundle is not JSON, or repeats a member name")
-        })?;
-        (req, Some(bundle))
-    } else {
-        (req, None)
-    };
-    let (req, export_params) = if export_post {
-        let (req, bytes) = buffer(snap, req).await?;
-        let params = crate::exports::body_params(&bytes).map_err(GatewayError::BadRequest)?;
-        (req, params)
-    } else {
-        (req, Vec::new())
-    };
+    let (req, bundle, export_params) =
+        read_deciding_body(snap, req, base_post, export_post).await?;
     let bundle_type = bundle
         .as_ref()
         .filter(|b| b["resourceType"] == "Bundle")
@@ -127,6 +94,65 @@ pub(super) async fn classify_and_authorize(
     }
     ctx.target = Some(target);
     finish(shared, req, decision)
+}
+
+/// An export status URL the gateway signed (exports.rs): for the client it was signed
+/// for, until it expires, whatever the path looks like; refused to anyone else.
+fn signed_status(
+    shared: &Shared,
+    snap: &Snapshot,
+    req: &Request<BoxBody>,
+    principal: &Principal,
+    target: &str,
+    signature: &str,
+) -> Decision {
+    let valid = matches!(*req.method(), Method::GET | Method::DELETE)
+        && crate::exports::client_of(principal).is_some_and(|client| {
+            let config = &snap.config.bulk_data;
+            let now = jsonwebtoken::get_current_timestamp();
+            shared
+                .exports
+                .verify(config, &client, target, signature, now)
+        });
+    if valid {
+        return Decision::Allow(Plan::pass_through());
+    }
+    Decision::Deny {
+        reason: crate::policy::DenyReason::Unverifiable(
+            "the export status URL was signed for another client, or has expired",
+        ),
+        needed: String::new(),
+    }
+}
+
+/// The bodies the decision reads: a batch or transaction Bundle posted to the base, and
+/// the parameters of a POST $export (exports::body_params). Read whole and put back.
+async fn read_deciding_body(
+    snap: &Snapshot,
+    req: Request<BoxBody>,
+    base_post: bool,
+    export_post: bool,
+) -> Result<
+    (
+        Request<BoxBody>,
+        Option<serde_json::Value>,
+        Vec<(String, String)>,
+    ),
+    GatewayError,
+> {
+    if base_post {
+        let (req, bytes) = buffer(snap, req).await?;
+        let bundle = crate::json::parse(&bytes).map_err(|_| {
+            GatewayError::BadRequest("the posted Bundle is not JSON, or repeats a member name")
+        })?;
+        return Ok((req, Some(bundle), Vec::new()));
+    }
+    if export_post {
+        let (req, bytes) = buffer(snap, req).await?;
+        let params = crate::exports::body_params(&bytes).map_err(GatewayError::BadRequest)?;
+        return Ok((req, None, params));
+    }
+    Ok((req, None, Vec::new()))
 }
 
 /// Counts the decision and turns a denial into the 403 error.

@@ -42,6 +42,34 @@ struct Stored {
     version: Option<String>,
 }
 
+impl<'a> Fetcher<'a> {
+    /// The checks of one request by `principal`, seen in `ctx`.
+    pub fn new(
+        shared: &'a Shared,
+        snap: &'a Snapshot,
+        worker: &'a crate::proxy::WorkerSide,
+        client: &'a ClientSide,
+        request_id: &'a HeaderValue,
+        principal: &'a Principal,
+        ctx: &'a crate::policy::Context,
+    ) -> Fetcher<'a> {
+        Fetcher {
+            shared,
+            snap,
+            worker,
+            client,
+            request_id,
+            principal,
+            viewer: Viewer {
+                grants: &principal.grants,
+                ctx,
+                policy: &snap.policy,
+                owners: None,
+            },
+        }
+    }
+}
+
 impl Fetcher<'_> {
     /// `GET [type]/[id]` from the upstream: the resource and its version, `None` when it
     /// does not exist (404, 410).

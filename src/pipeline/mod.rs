@@ -309,12 +309,8 @@ async fn fhir(
 ) -> Result<Response<BoxBody>, GatewayError> {
     let req = admit(req).await?;
     // A signed export status URL (exports.rs): the signature is the gateway's, checked in
-    // the authorize stage and never forwarded. Without tokens nothing is signed, and the
-    // target is forwarded as it came.
-    let signed = snap
-        .auth
-        .as_ref()
-        .and_then(|_| exports::split_signature(rel));
+    // the authorize stage and never forwarded. Without tokens nothing is signed.
+    let signed = snap.auth.as_ref().and(exports::split_signature(rel));
     let mut upstream_uri = snap.upstream.uri_for(signed.map_or(rel, |(t, _)| t))?;
 
     // authenticate
@@ -330,9 +326,8 @@ async fn fhir(
             authorize::classify_and_authorize(shared, snap, req, p, form, rel, signed, ctx).await?
         }
     };
-    let limit = snap.config.server.max_request_body.0;
     // The length hyper frames the body by (its Content-Length), or a buffered body's.
-    if req.body().size_hint().exact().is_some_and(|n| n > limit) {
+    if (req.body().size_hint().exact()).is_some_and(|n| n > snap.config.server.max_request_body.0) {
         return Err(GatewayError::PayloadTooLarge);
     }
 
@@ -342,23 +337,10 @@ async fn fhir(
         .as_deref()
         .filter(|_| !plan.is_pass_through())
         .map(|p| authorize::context(snap, p));
-    let fetcher = principal
-        .as_deref()
-        .zip(context.as_ref())
-        .map(|(principal, ctx)| checks::Fetcher {
-            shared,
-            snap,
-            worker: &conn.worker,
-            client: &client,
-            request_id,
-            principal,
-            viewer: Viewer {
-                grants: &principal.grants,
-                ctx,
-                policy: &snap.policy,
-                owners: None,
-            },
-        });
+    let (worker, client_ref) = (&conn.worker, &client);
+    let fetcher = (principal.as_deref().zip(context.as_ref())).map(|(principal, ctx)| {
+        checks::Fetcher::new(shared, snap, worker, client_ref, request_id, principal, ctx)
+    });
     let mut shape = Shape::default();
     if let Some(fetcher) = &fetcher {
         let narrowed = narrow(snap, fetcher, &plan, req, rel, search_form.as_deref()).await?;
@@ -387,14 +369,11 @@ async fn fhir(
     // An error answer's body is the server speaking about the request, in free text the
     // gateway cannot check: only what of it carries no record data goes to a token that
     // cannot read everything.
-    let resp = if !resp.status().is_success()
-        && principal
-            .as_deref()
-            .is_some_and(|p| !authorize::sees_everything(snap, p))
-    {
-        Box::pin(error_answer(shared, snap, &ctx.seen, &method, resp)).await
-    } else {
-        resp
+    let resp = match principal.as_deref() {
+        Some(p) if !resp.status().is_success() && !authorize::sees_everything(snap, p) => {
+            Box::pin(error_answer(shared, snap, &ctx.seen, &method, resp)).await
+        }
+        _ => resp,
     };
 
     // verify, respond
@@ -412,16 +391,21 @@ async fn fhir(
     if let Some((status, client)) = export_status {
         bind_export_status(shared, snap, &status, &client, &mut resp);
     }
-    // What a token was shown is not for a shared cache to show others.
-    if principal.is_some() {
+    Ok(finish(resp, principal.is_some(), shape.head))
+}
+
+/// What a token was shown is not for a shared cache to show others; a HEAD asked as GET
+/// goes back without the body.
+fn finish(mut resp: Response<BoxBody>, token: bool, head: bool) -> Response<BoxBody> {
+    if token {
         crate::proxy::headers::keep_private(resp.headers_mut());
     }
-    if shape.head {
+    if head {
         let (mut parts, _) = resp.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
-        return Ok(Response::from_parts(parts, crate::body::empty()));
+        return Response::from_parts(parts, crate::body::empty());
     }
-    Ok(resp)
+    resp
 }
 
 /// The admit stage: no body where FHIR has none, before anything else reads the request,

@@ -714,183 +714,25 @@ fn decide_perm(
     if let Err(needed) = probe_targets(grants, ctx, policy, req) {
         return deny(DenyReason::InsufficientScope, needed);
     }
-    let reaches = reaches_other_resources(req);
     if limited.is_empty() {
-        // Full access to every type asked for; what else the response may carry
-        // (includes, contained) is verified unless the token can read everything.
-        let mut plan = Plan::pass_through();
-        // A system-level search or history leans on the upstream honouring `_type`; one
-        // that ignores it would return every type. Checked unless the token sees all.
-        let across_types = matches!(
-            req.interaction,
-            Interaction::SearchSystem | Interaction::HistorySystem
-        );
-        if (reaches || across_types) && !sees_everything(grants, ctx, policy) {
-            plan.verify = Verify::Bundle { narrowed: true };
-        }
-        return Decision::Allow(plan);
+        return Decision::Allow(unconfined_plan(grants, ctx, req, policy));
     }
-    if req
-        .params
-        .iter()
-        .any(|(k, v)| k.contains(';') || v.contains(';'))
-    {
-        return deny(
-            DenyReason::Unverifiable("';' in a parameter of a confined request"),
-            String::new(),
-        );
-    }
-    let starts = |k: &str, prefix: &str| {
-        k.as_bytes()
-            .get(..prefix.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()))
-    };
-    if req
-        .params
-        .iter()
-        .any(|(k, _)| starts(k, "_filter") || starts(k, "_query"))
-    {
-        return deny(
-            DenyReason::Unverifiable("_filter and _query cannot be confined"),
-            String::new(),
-        );
+    if let Some(denied) = unconfinable_params(req) {
+        return denied;
     }
     let (ty, apps) = &limited[0];
-    let sole = sole_patient(apps);
-    let level_needed = || narrowest(grants, types, perm);
-    use Interaction::*;
     let mut plan = Plan::pass_through();
-    match req.interaction {
-        Read | Vread | HistoryInstance => {
-            let id = req.id.as_deref().unwrap_or("");
-            if *ty == "Patient" && sole.is_some_and(|p| p != id) {
-                return deny(DenyReason::Compartment, String::new());
-            }
-            // The context patient's own record is verified too: what the upstream answers
-            // is checked, not what was asked (another Patient after a merge, an answer
-            // meant for another request).
-            plan.verify = if req.interaction == HistoryInstance {
-                Verify::Bundle { narrowed: true }
-            } else {
-                Verify::Resource(Perms::R)
-            };
-        }
-        SearchType | SearchCompartment => {
-            let mut narrowed = true;
-            if let Some(("Patient", id)) = req.compartment.as_ref().map(|(t, i)| (*t, i.as_str())) {
-                if sole.is_some_and(|p| p != id) {
-                    return deny(DenyReason::Compartment, String::new());
-                }
-                narrowed &= sole.is_some();
-            } else if let Some(p) = sole {
-                match names_patient(req, ty, p, &policy.bases) {
-                    Err(()) => return deny(DenyReason::Compartment, String::new()),
-                    Ok(true) => {}
-                    // No parameter names a Bundle's or a Subscription's patient: what
-                    // they hold is checked.
-                    Ok(false) if *ty == "*" || judged_by_content(ty) => narrowed = false,
-                    Ok(false) => plan.inject.push(policy.compartment_param(ty, p)),
-                }
-            } else if apps.iter().any(|a| a.confined_to.is_some()) {
-                narrowed = false;
-            }
-            match granular(req, apps) {
-                Err(()) => return deny(DenyReason::Granular, level_needed()),
-                Ok(Granular::None) => {}
-                Ok(Granular::Inject(extra)) => plan.inject.extend(extra),
-                Ok(Granular::Filter) => narrowed = false,
-            }
-            plan.verify = Verify::Bundle { narrowed };
-        }
-        HistoryType | HistorySystem | SearchSystem => {
-            plan.verify = Verify::Bundle { narrowed: false };
-        }
-        Create => {
-            plan.write = Some(Write::new(WriteCheck::Body, ty, None, perm));
-            // The answer (return=representation) is checked like a read: what the
-            // upstream answers, not what was written, is what leaves.
-            plan.verify = Verify::Resource(perm.union(Perms::R));
-            if req.conditional {
-                plan.strict = apps
-                    .iter()
-                    .any(|a| a.confined_to.is_some() || !a.constraints.is_empty());
-                // If-None-Exist may match an existing resource, which is then returned.
-                plan.verify = Verify::Resource(Perms::C.union(Perms::R));
-                match narrowing(req, ty, apps, policy) {
-                    Ok(extra) => plan.inject = extra,
-                    Err(reason) => return deny(reason, String::new()),
-                }
-            }
-        }
-        Update | Patch | Delete if !req.conditional => {
-            let check = match req.interaction {
-                Update => WriteCheck::StoredAndBody,
-                Patch => WriteCheck::Patch,
-                _ => WriteCheck::Stored,
-            };
-            plan.write = Some(Write::new(check, ty, req.id.clone(), perm));
-            plan.verify = Verify::Resource(perm.union(Perms::R));
-        }
-        Update | Delete => {
-            // Conditional: the condition is narrowed to what the token may write, or the
-            // request is refused. The server, not the gateway, resolves what it matches.
-            let confined = apps
-                .iter()
-                .any(|a| a.confined_to.is_some() || !a.constraints.is_empty());
-            if confined && !policy.narrow_conditional_writes {
-                return deny(
-                    DenyReason::Unverifiable(
-                        "a conditional update or delete under a patient context or granular \
-                         scopes (policy.confined_conditional_writes = \"deny\")",
-                    ),
-                    String::new(),
-                );
-            }
-            plan.strict = confined;
-            let extra = match narrowing(req, ty, apps, policy) {
-                Ok(extra) => extra,
-                Err(reason) => return deny(reason, String::new()),
-            };
-            plan.inject = extra;
-            plan.verify = Verify::Resource(perm.union(Perms::R));
-            if req.interaction == Update {
-                plan.write = Some(Write::new(WriteCheck::Body, ty, None, perm));
-            }
-        }
-        Patch => {
-            return deny(
-                DenyReason::Unverifiable("conditional patch of confined data"),
-                String::new(),
-            );
-        }
-        OperationSystem | OperationType | OperationInstance => {
-            let op = req.operation.as_deref().unwrap_or("");
-            if op == "export" {
-                return deny(
-                    DenyReason::Unverifiable("$export is not available to confined tokens"),
-                    String::new(),
-                );
-            }
-            // The answer is a Parameters holding the meta (versions, tags, security
-            // labels) of a resource, or of every resource of the type: nothing in it
-            // says whose it is, so nothing can be checked.
-            if op == "meta" {
-                return deny(
-                    DenyReason::Unverifiable("$meta is not available to confined tokens"),
-                    String::new(),
-                );
-            }
-            if req.interaction == OperationInstance
-                && req.resource_type == Some("Patient")
-                && sole.is_some_and(|p| Some(p) != req.id.as_deref())
-            {
-                return deny(DenyReason::Compartment, String::new());
-            }
-            plan.verify = Verify::Bundle {
-                narrowed: op == "everything" && sole.is_some(),
-            };
-        }
-        Capabilities | Batch | Transaction => {}
+    let confined = Confined {
+        req,
+        ty,
+        apps,
+        sole: sole_patient(apps),
+        policy,
+        level_needed: &|| narrowest(grants, types, perm),
+        perm,
+    };
+    if let Err((reason, needed)) = confined.plan(&mut plan) {
+        return deny(reason, needed);
     }
     if plan.verify != Verify::None
         && req
@@ -906,9 +748,228 @@ fn decide_perm(
             constrained.map(|(k, _)| k.as_str()),
         );
     }
-    plan.binary_read =
-        plan.verify != Verify::None && *ty == "Binary" && matches!(req.interaction, Read | Vread);
+    plan.binary_read = plan.verify != Verify::None
+        && *ty == "Binary"
+        && matches!(req.interaction, Interaction::Read | Interaction::Vread);
     Decision::Allow(plan)
+}
+
+/// Full access to every type asked for: what else the response may carry (includes,
+/// contained) is verified unless the token can read everything.
+fn unconfined_plan(grants: &Grants, ctx: &Context, req: &FhirRequest, policy: &Policy) -> Plan {
+    let mut plan = Plan::pass_through();
+    // A system-level search or history leans on the upstream honouring `_type`; one that
+    // ignores it would return every type. Checked unless the token sees all.
+    let across_types = matches!(
+        req.interaction,
+        Interaction::SearchSystem | Interaction::HistorySystem
+    );
+    if (reaches_other_resources(req) || across_types) && !sees_everything(grants, ctx, policy) {
+        plan.verify = Verify::Bundle { narrowed: true };
+    }
+    plan
+}
+
+/// Parameters a confined request cannot carry: `;` (read as a separator by some
+/// servers), `_filter` and `_query` (whose meaning the gateway cannot narrow).
+fn unconfinable_params(req: &FhirRequest) -> Option<Decision> {
+    if req
+        .params
+        .iter()
+        .any(|(k, v)| k.contains(';') || v.contains(';'))
+    {
+        return Some(deny(
+            DenyReason::Unverifiable("';' in a parameter of a confined request"),
+            String::new(),
+        ));
+    }
+    let starts = |k: &str, prefix: &str| {
+        k.as_bytes()
+            .get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()))
+    };
+    if req
+        .params
+        .iter()
+        .any(|(k, _)| starts(k, "_filter") || starts(k, "_query"))
+    {
+        return Some(deny(
+            DenyReason::Unverifiable("_filter and _query cannot be confined"),
+            String::new(),
+        ));
+    }
+    None
+}
+
+/// Why a confined request is refused, and the scope that would have allowed it.
+type Refusal = (DenyReason, String);
+
+/// A request on a type the token reaches only in part (a patient's compartment, granular
+/// constraints): how it is narrowed, checked before it is forwarded, and verified after.
+struct Confined<'a> {
+    req: &'a FhirRequest,
+    ty: &'a str,
+    apps: &'a [Applies<'a>],
+    /// The one patient every applicable scope is confined to, if there is one.
+    sole: Option<&'a str>,
+    policy: &'a Policy,
+    /// The scope that would have allowed the request, for a denial's `needed`.
+    level_needed: &'a dyn Fn() -> String,
+    perm: Perms,
+}
+
+impl Confined<'_> {
+    /// Fills `plan` for the interaction, or says why it is refused.
+    fn plan(&self, plan: &mut Plan) -> Result<(), Refusal> {
+        use Interaction::*;
+        let (req, ty, perm) = (self.req, self.ty, self.perm);
+        match req.interaction {
+            Read | Vread | HistoryInstance => {
+                let id = req.id.as_deref().unwrap_or("");
+                if ty == "Patient" && self.sole.is_some_and(|p| p != id) {
+                    return Err((DenyReason::Compartment, String::new()));
+                }
+                // The context patient's own record is verified too: what the upstream
+                // answers is checked, not what was asked (another Patient after a merge,
+                // an answer meant for another request).
+                plan.verify = if req.interaction == HistoryInstance {
+                    Verify::Bundle { narrowed: true }
+                } else {
+                    Verify::Resource(Perms::R)
+                };
+            }
+            SearchType | SearchCompartment => self.search(plan)?,
+            HistoryType | HistorySystem | SearchSystem => {
+                plan.verify = Verify::Bundle { narrowed: false };
+            }
+            Create => self.create(plan)?,
+            Update | Patch | Delete if !req.conditional => {
+                let check = match req.interaction {
+                    Update => WriteCheck::StoredAndBody,
+                    Patch => WriteCheck::Patch,
+                    _ => WriteCheck::Stored,
+                };
+                plan.write = Some(Write::new(check, ty, req.id.clone(), perm));
+                plan.verify = Verify::Resource(perm.union(Perms::R));
+            }
+            Update | Delete => self.conditional_write(plan)?,
+            Patch => {
+                return Err((
+                    DenyReason::Unverifiable("conditional patch of confined data"),
+                    String::new(),
+                ));
+            }
+            OperationSystem | OperationType | OperationInstance => self.operation(plan)?,
+            Capabilities | Batch | Transaction => {}
+        }
+        Ok(())
+    }
+
+    fn search(&self, plan: &mut Plan) -> Result<(), Refusal> {
+        let (req, ty, apps, policy) = (self.req, self.ty, self.apps, self.policy);
+        let mut narrowed = true;
+        if let Some(("Patient", id)) = req.compartment.as_ref().map(|(t, i)| (*t, i.as_str())) {
+            if self.sole.is_some_and(|p| p != id) {
+                return Err((DenyReason::Compartment, String::new()));
+            }
+            narrowed &= self.sole.is_some();
+        } else if let Some(p) = self.sole {
+            match names_patient(req, ty, p, &policy.bases) {
+                Err(()) => return Err((DenyReason::Compartment, String::new())),
+                Ok(true) => {}
+                // No parameter names a Bundle's or a Subscription's patient: what they
+                // hold is checked.
+                Ok(false) if ty == "*" || judged_by_content(ty) => narrowed = false,
+                Ok(false) => plan.inject.push(policy.compartment_param(ty, p)),
+            }
+        } else if apps.iter().any(|a| a.confined_to.is_some()) {
+            narrowed = false;
+        }
+        match granular(req, apps) {
+            Err(()) => return Err((DenyReason::Granular, (self.level_needed)())),
+            Ok(Granular::None) => {}
+            Ok(Granular::Inject(extra)) => plan.inject.extend(extra),
+            Ok(Granular::Filter) => narrowed = false,
+        }
+        plan.verify = Verify::Bundle { narrowed };
+        Ok(())
+    }
+
+    fn create(&self, plan: &mut Plan) -> Result<(), Refusal> {
+        let (req, ty, apps, perm) = (self.req, self.ty, self.apps, self.perm);
+        plan.write = Some(Write::new(WriteCheck::Body, ty, None, perm));
+        // The answer (return=representation) is checked like a read: what the upstream
+        // answers, not what was written, is what leaves.
+        plan.verify = Verify::Resource(perm.union(Perms::R));
+        if req.conditional {
+            plan.strict = apps
+                .iter()
+                .any(|a| a.confined_to.is_some() || !a.constraints.is_empty());
+            // If-None-Exist may match an existing resource, which is then returned.
+            plan.verify = Verify::Resource(Perms::C.union(Perms::R));
+            match narrowing(req, ty, apps, self.policy) {
+                Ok(extra) => plan.inject = extra,
+                Err(reason) => return Err((reason, String::new())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Conditional update or delete: the condition is narrowed to what the token may
+    /// write, or the request is refused. The server, not the gateway, resolves what it
+    /// matches.
+    fn conditional_write(&self, plan: &mut Plan) -> Result<(), Refusal> {
+        let (req, ty, apps, perm) = (self.req, self.ty, self.apps, self.perm);
+        let confined = apps
+            .iter()
+            .any(|a| a.confined_to.is_some() || !a.constraints.is_empty());
+        if confined && !self.policy.narrow_conditional_writes {
+            return Err((
+                DenyReason::Unverifiable(
+                    "a conditional update or delete under a patient context or granular \
+                     scopes (policy.confined_conditional_writes = \"deny\")",
+                ),
+                String::new(),
+            ));
+        }
+        plan.strict = confined;
+        plan.inject = narrowing(req, ty, apps, self.policy).map_err(|r| (r, String::new()))?;
+        plan.verify = Verify::Resource(perm.union(Perms::R));
+        if req.interaction == Interaction::Update {
+            plan.write = Some(Write::new(WriteCheck::Body, ty, None, perm));
+        }
+        Ok(())
+    }
+
+    fn operation(&self, plan: &mut Plan) -> Result<(), Refusal> {
+        let req = self.req;
+        let op = req.operation.as_deref().unwrap_or("");
+        if op == "export" {
+            return Err((
+                DenyReason::Unverifiable("$export is not available to confined tokens"),
+                String::new(),
+            ));
+        }
+        // The answer is a Parameters holding the meta (versions, tags, security labels)
+        // of a resource, or of every resource of the type: nothing in it says whose it
+        // is, so nothing can be checked.
+        if op == "meta" {
+            return Err((
+                DenyReason::Unverifiable("$meta is not available to confined tokens"),
+                String::new(),
+            ));
+        }
+        if req.interaction == Interaction::OperationInstance
+            && req.resource_type == Some("Patient")
+            && self.sole.is_some_and(|p| Some(p) != req.id.as_deref())
+        {
+            return Err((DenyReason::Compartment, String::new()));
+        }
+        plan.verify = Verify::Bundle {
+            narrowed: op == "everything" && self.sole.is_some(),
+        };
+        Ok(())
+    }
 }
 
 /// Whether every resource the upstream could return is visible to the token: an

@@ -30,17 +30,46 @@ const KNOWN_CAPABILITIES: &[&str] = &[
     "smart-app-state",
 ];
 
+type KeyError = (String, String);
+
+fn url(k: &str, v: &str) -> Result<(), KeyError> {
+    BaseUrl::parse(v)
+        .map(|_| ())
+        .map_err(|m| (format!("smart.{k}"), m))
+}
+
+fn err<T>(k: &str, m: impl Into<String>) -> Result<T, KeyError> {
+    Err((format!("smart.{k}"), m.into()))
+}
+
 /// Builds the document, or says which key breaks the specification.
-pub fn document(cfg: &SmartConfig) -> Result<Value, (String, String)> {
-    let err = |k: &str, m: String| Err((format!("smart.{k}"), m));
-    let url = |k: &str, v: &str| -> Result<(), (String, String)> {
-        BaseUrl::parse(v)
-            .map(|_| ())
-            .map_err(|m| (format!("smart.{k}"), m))
-    };
+pub fn document(cfg: &SmartConfig) -> Result<Value, KeyError> {
+    let launch = check_endpoints(cfg)?;
+    let methods = cfg
+        .code_challenge_methods_supported
+        .clone()
+        .unwrap_or_else(|| vec!["S256".to_owned()]);
+    if !methods.iter().any(|m| m == "S256") || methods.iter().any(|m| m == "plain") {
+        return err(
+            "code_challenge_methods_supported",
+            format!("{methods:?} must contain \"S256\" and must not contain \"plain\""),
+        );
+    }
+    let grants = grant_types(cfg, launch)?;
+    for c in &cfg.capabilities {
+        if !KNOWN_CAPABILITIES.contains(&c.as_str()) {
+            tracing::warn!(capability = %c, "smart.capabilities: not a SMART 2.2 capability (typo?)");
+        }
+    }
+    Ok(assemble(cfg, grants, methods))
+}
+
+/// The endpoints and what the capabilities require of them (SMART App Launch 2.2
+/// conformance): whether a launch capability is listed.
+fn check_endpoints(cfg: &SmartConfig) -> Result<bool, KeyError> {
     url("token_endpoint", &cfg.token_endpoint)?;
     if cfg.capabilities.is_empty() {
-        return err("capabilities", "must list at least one capability".into());
+        return err("capabilities", "must list at least one capability");
     }
     let launch = cfg.capabilities.iter().any(|c| c.starts_with("launch-"));
     match (&cfg.authorization_endpoint, launch) {
@@ -48,7 +77,7 @@ pub fn document(cfg: &SmartConfig) -> Result<Value, (String, String)> {
         (None, true) => {
             return err(
                 "authorization_endpoint",
-                "is required when a launch-* capability is listed".into(),
+                "is required when a launch-* capability is listed",
             );
         }
         (None, false) => {}
@@ -62,14 +91,14 @@ pub fn document(cfg: &SmartConfig) -> Result<Value, (String, String)> {
         (_, _, true) => {
             return err(
                 "issuer",
-                "issuer and jwks_uri are required with sso-openid-connect".into(),
+                "issuer and jwks_uri are required with sso-openid-connect",
             );
         }
         (None, None, false) => {}
         (_, _, false) => {
             return err(
                 "issuer",
-                "issuer and jwks_uri belong only with the sso-openid-connect capability".into(),
+                "issuer and jwks_uri belong only with the sso-openid-connect capability",
             );
         }
     }
@@ -78,24 +107,16 @@ pub fn document(cfg: &SmartConfig) -> Result<Value, (String, String)> {
             url(k, v)?;
         }
     }
-    let methods = cfg
-        .code_challenge_methods_supported
-        .clone()
-        .unwrap_or_else(|| vec!["S256".to_owned()]);
-    if !methods.iter().any(|m| m == "S256") || methods.iter().any(|m| m == "plain") {
-        return err(
-            "code_challenge_methods_supported",
-            format!("{methods:?} must contain \"S256\" and must not contain \"plain\""),
-        );
-    }
-    let grants = match &cfg.grant_types_supported {
+    Ok(launch)
+}
+
+/// `grant_types_supported` as configured, or derived from the capabilities.
+fn grant_types(cfg: &SmartConfig, launch: bool) -> Result<Vec<String>, KeyError> {
+    match &cfg.grant_types_supported {
         Some(g) if g.is_empty() => {
-            return err(
-                "grant_types_supported",
-                "must list at least one grant type".into(),
-            );
+            err("grant_types_supported", "must list at least one grant type")
         }
-        Some(g) => g.clone(),
+        Some(g) => Ok(g.clone()),
         None => {
             let mut g = Vec::new();
             if launch {
@@ -110,18 +131,16 @@ pub fn document(cfg: &SmartConfig) -> Result<Value, (String, String)> {
             if g.is_empty() {
                 return err(
                     "grant_types_supported",
-                    "cannot be derived from the capabilities; list it".into(),
+                    "cannot be derived from the capabilities; list it",
                 );
             }
-            g
-        }
-    };
-    for c in &cfg.capabilities {
-        if !KNOWN_CAPABILITIES.contains(&c.as_str()) {
-            tracing::warn!(capability = %c, "smart.capabilities: not a SMART 2.2 capability (typo?)");
+            Ok(g)
         }
     }
+}
 
+/// The document's members, from checked parts.
+fn assemble(cfg: &SmartConfig, grants: Vec<String>, methods: Vec<String>) -> Value {
     let mut doc = Map::new();
     let mut put = |k: &str, v: Value| {
         doc.insert(k.to_owned(), v);
@@ -160,7 +179,7 @@ pub fn document(cfg: &SmartConfig) -> Result<Value, (String, String)> {
             put(k, json!(v));
         }
     }
-    Ok(Value::Object(doc))
+    Value::Object(doc)
 }
 
 #[cfg(test)]
