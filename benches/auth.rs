@@ -128,6 +128,9 @@ algorithms = ["RS256", "ES384"]
         &outbound,
         &Metrics::new().jwks_fetches,
         Default::default(),
+        &std::sync::Arc::new(smartgate::store::Store::Memory(
+            smartgate::store::MemoryStore::new(16),
+        )),
     )
     .unwrap();
     let client = clients.get("app").unwrap();

@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod server;
 pub mod smart;
 pub mod state;
+pub mod store;
 pub mod timer;
 
 use std::future::Future;

@@ -137,15 +137,30 @@ impl Issuer {
         json!({"keys": [self.jwk]})
     }
 
-    /// A new access token for `client_id` with `scope`.
+    /// A new access token for `client_id` (acting for itself) with `scope`.
     pub fn issue(&self, client_id: &str, scope: &str) -> Result<Issued, String> {
+        self.issue_for(client_id, client_id, scope, Map::new())
+    }
+
+    /// A new access token for `client_id` acting for the user `sub`, with `scope` and
+    /// the launch context in `extra` (`patient`, `fhirUser`).
+    pub fn issue_for(
+        &self,
+        client_id: &str,
+        sub: &str,
+        scope: &str,
+        extra: Map<String, Value>,
+    ) -> Result<Issued, String> {
         let now = jsonwebtoken::get_current_timestamp();
         let exp = now + self.lifetime.as_secs();
         let header = json!({"alg": self.alg, "typ": "at+jwt", "kid": self.kid});
-        let claims = json!({
-            "iss": self.issuer, "sub": client_id, "aud": self.issuer, "client_id": client_id,
+        let mut claims = json!({
+            "iss": self.issuer, "sub": sub, "aud": self.issuer, "client_id": client_id,
             "scope": scope, "jti": uuid::Uuid::new_v4().to_string(), "iat": now, "exp": exp,
         });
+        for (k, v) in extra {
+            claims[k] = v;
+        }
         let input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header.to_string()),

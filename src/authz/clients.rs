@@ -33,6 +33,8 @@ enum Credential {
     },
     /// SHA-256 of its secret.
     Secret([u8; 32]),
+    /// None: a public app, bound by PKCE alone.
+    Public,
 }
 
 /// One registered client.
@@ -41,7 +43,16 @@ pub struct Client {
     pub id: String,
     /// The scopes it may be granted at most.
     pub scope: String,
+    /// Where an app may be sent back with a code (empty: a backend client).
+    pub redirect_uris: Vec<String>,
     credential: Credential,
+}
+
+impl Client {
+    /// A public app: no credentials.
+    pub fn is_public(&self) -> bool {
+        matches!(self.credential, Credential::Public)
+    }
 }
 
 /// The registry, the replay cache and the rate limiter.
@@ -58,6 +69,9 @@ pub struct Clients {
     /// the number of registered clients plus one.
     buckets: Mutex<HashMap<Option<String>, (f64, Instant)>>,
     rate: f64,
+    /// With a shared store (Valkey/Redis), assertion ids are also kept there, so one used
+    /// on another replica is refused here.
+    shared: Option<Arc<crate::store::Store>>,
 }
 
 /// Parses `sha256:<64 hex>`.
@@ -81,6 +95,7 @@ impl Clients {
         outbound: &Outbound,
         fetches: &prometheus::IntCounterVec,
         replay: Arc<super::replay::ReplayGuard>,
+        store: &Arc<crate::store::Store>,
     ) -> Result<Clients, String> {
         let mut clients = HashMap::new();
         for (i, c) in cfg.clients.iter().enumerate() {
@@ -105,6 +120,7 @@ impl Clients {
             replay_per_client: usize::try_from(cfg.replay_cache_max_entries).unwrap_or(usize::MAX),
             buckets: Mutex::new(HashMap::new()),
             rate: f64::from(cfg.rate_limit),
+            shared: matches!(**store, crate::store::Store::Redis(_)).then(|| store.clone()),
         })
     }
 
@@ -288,17 +304,59 @@ impl Clients {
             .filter(|j| !j.is_empty())
             .ok_or_else(|| invalid("the client assertion has no jti"))?;
         // Remembered until the assertion can no longer be used anyway (exp + leeway).
+        self.remember(&client.id, jti, exp + LEEWAY, now).await
+    }
+}
+
+impl Clients {
+    /// An assertion id, kept until `until` in this process and, with a shared store,
+    /// there too; one seen before is a replay.
+    async fn remember(
+        &self,
+        client: &str,
+        jti: &str,
+        until: u64,
+        now: u64,
+    ) -> Result<(), OAuthError> {
         match self
             .replay
-            .remember(&client.id, jti, exp + LEEWAY, now, self.replay_per_client)
+            .remember(client, jti, until, now, self.replay_per_client)
         {
-            Ok(()) => Ok(()),
-            Err(super::replay::Refusal::Replay) => Err(invalid(
+            Ok(()) => self.remember_shared(client, jti, until - now).await,
+            Err(super::replay::Refusal::Replay) => Err(OAuthError::invalid_client(
                 "the client assertion was already used (jti replay)",
             )),
             Err(super::replay::Refusal::Full) => Err(OAuthError::temporarily_unavailable(
                 "too many live client assertions for this client; retry when some expire",
             )),
+        }
+    }
+
+    /// Marks an assertion id used in the shared store, atomically (`SET NX`): `false`
+    /// there means another replica saw it first. A store that cannot answer refuses.
+    async fn remember_shared(&self, client: &str, jti: &str, ttl: u64) -> Result<(), OAuthError> {
+        let Some(store) = &self.shared else {
+            return Ok(());
+        };
+        let key = format!(
+            "jti:{client}:{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(ring::digest::digest(&ring::digest::SHA256, jti.as_bytes()))
+        );
+        match store
+            .insert_new(&key, "1", std::time::Duration::from_secs(ttl.max(1)))
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(OAuthError::invalid_client(
+                "the client assertion was already used (jti replay)",
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "state store unavailable for assertion ids");
+                Err(OAuthError::temporarily_unavailable(
+                    "assertion ids cannot be checked now",
+                ))
+            }
         }
     }
 }
@@ -343,6 +401,7 @@ fn client(
             Ok(s)
         };
     let credential = match (&c.client_secret_hash, &c.jwks, &c.jwks_uri) {
+        _ if c.public => Credential::Public,
         (Some(h), _, _) => {
             Credential::Secret(parse_secret_hash(h).ok_or("client_secret_hash: malformed")?)
         }
@@ -360,6 +419,7 @@ fn client(
     Ok(Client {
         id: c.client_id.clone(),
         scope: c.scope.clone(),
+        redirect_uris: c.redirect_uris.clone(),
         credential,
     })
 }
@@ -384,6 +444,9 @@ mod tests {
             &Outbound::new(None).unwrap(),
             &crate::metrics::Metrics::new().jwks_fetches,
             Default::default(),
+            &Arc::new(crate::store::Store::Memory(crate::store::MemoryStore::new(
+                10,
+            ))),
         )
         .unwrap();
         let mut allowed = 0;

@@ -12,14 +12,20 @@ fn covers(g: &ResourceScope, r: &ResourceScope) -> bool {
         && g.constraints.iter().all(|c| r.constraints.contains(c))
 }
 
-/// The granted scope string: each requested scope that a registered one covers, as
-/// requested; for a requested scope wider than the registration, the registered scopes
-/// it covers. Order kept, duplicates dropped.
+/// The granted scope string for a backend client: `system/` scopes (see [`grant_at`]).
 pub fn grant(requested: &str, registered: &str) -> String {
+    grant_at(requested, registered, &[Level::System])
+}
+
+/// The granted scope string: each requested resource scope at one of `levels` that a
+/// registered one covers, as requested; for a requested scope wider than the
+/// registration, the registered scopes it covers. Other scopes only when registered
+/// verbatim. Order kept, duplicates dropped.
+pub fn grant_at(requested: &str, registered: &str, levels: &[Level]) -> String {
     let reg: Vec<(&str, Option<ResourceScope>)> = crate::smart::scope::split(registered)
         .map(|s| {
             let parsed = match parse(s) {
-                Ok(Scope::Resource(r)) if r.level == Level::System => Some(r),
+                Ok(Scope::Resource(r)) if levels.contains(&r.level) => Some(r),
                 _ => None,
             };
             (s, parsed)
@@ -34,7 +40,7 @@ pub fn grant(requested: &str, registered: &str) -> String {
     for want in crate::smart::scope::split(requested) {
         match parse(want) {
             Ok(Scope::Resource(r)) => {
-                if r.level != Level::System {
+                if !levels.contains(&r.level) {
                     continue;
                 }
                 if reg

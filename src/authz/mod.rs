@@ -5,6 +5,7 @@
 
 pub mod clients;
 pub mod grant;
+pub mod launch;
 pub mod replay;
 
 use std::sync::Arc;
@@ -101,6 +102,8 @@ pub struct AuthServer {
     introspection_scope: Option<String>,
     leeway: u64,
     issued: prometheus::IntCounterVec,
+    /// SMART App Launch, when `[authorization_server.login]` is set.
+    launch: Option<launch::Launch>,
 }
 
 impl AuthServer {
@@ -118,19 +121,45 @@ impl AuthServer {
         let base = config.server.public_base_url.as_string();
         let base = base.trim_end_matches('/');
         let issuer = Issuer::from_config(config)?.ok_or("authorization_server: not enabled")?;
+        let store = Arc::new(crate::store::Store::from_config(&a.store)?);
         let clients = Clients::new(
             a,
             &format!("{base}/auth/token"),
             outbound,
             &metrics.jwks_fetches,
             replay,
+            &store,
         )?;
+        let launch = launch::Launch::new(config, outbound, store, &metrics.jwks_fetches)?;
         Ok(Some(AuthServer {
             issuer: Arc::new(issuer),
             clients,
             introspection_scope: a.introspection_scope.clone(),
             leeway: config.auth.leeway.0.as_secs(),
             issued: metrics.tokens_issued.clone(),
+            launch,
+        }))
+    }
+
+    /// The OpenID Connect provider configuration (`/.well-known/openid-configuration`),
+    /// when users sign in through this server (SMART `sso-openid-connect`).
+    pub fn openid_configuration(&self, smart: &crate::config::SmartConfig) -> Option<Value> {
+        self.launch.as_ref()?;
+        let base = self.issuer.issuer();
+        Some(json!({
+            "issuer": base,
+            "authorization_endpoint": format!("{base}/auth/authorize"),
+            "token_endpoint": format!("{base}/auth/token"),
+            "jwks_uri": format!("{base}/auth/jwks"),
+            "revocation_endpoint": format!("{base}/auth/revoke"),
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "code_challenge_methods_supported": ["S256"],
+            "grant_types_supported": smart.grant_types_supported,
+            "scopes_supported": smart.scopes_supported,
+            "token_endpoint_auth_methods_supported": smart.token_endpoint_auth_methods_supported,
+            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "nonce", "fhirUser"],
         }))
     }
 
@@ -148,10 +177,25 @@ impl AuthServer {
         rel: &str,
         note: &mut AuthzNote,
     ) -> Result<Response<BoxBody>, GatewayError> {
-        let path = rel.split('?').next().unwrap_or(rel);
+        let (path, query) = rel.split_once('?').unwrap_or((rel, ""));
+        if let Some(launch) = &self.launch {
+            let cookie = signin_cookie(req.headers());
+            if path == "/auth/consent" && req.method() == Method::POST {
+                let form = read_form(req).await.map(|(_, f)| f).unwrap_or_default();
+                return Ok(launch.consent(cookie.as_deref(), &form).await);
+            }
+            let method = req.method().clone();
+            if let Some(resp) = self.launch_page(launch, path, query, &method, cookie).await {
+                return Ok(resp);
+            }
+        }
         let result = match (path, req.method()) {
             ("/auth/jwks", &Method::GET | &Method::HEAD) => {
-                let mut resp = json_response(StatusCode::OK, &self.issuer.jwks());
+                let mut keys = self.issuer.jwks();
+                if let (Some(launch), Some(list)) = (&self.launch, keys["keys"].as_array_mut()) {
+                    list.push(launch.jwk().clone());
+                }
+                let mut resp = json_response(StatusCode::OK, &keys);
                 resp.headers_mut().insert(
                     header::CACHE_CONTROL,
                     HeaderValue::from_static("public, max-age=300"),
@@ -166,7 +210,11 @@ impl AuthServer {
                 note.endpoint = "introspect";
                 self.introspect(auth, req, note).await
             }
-            ("/auth/token" | "/auth/introspect" | "/auth/jwks", _) => {
+            ("/auth/revoke", &Method::POST) if self.launch.is_some() => {
+                note.endpoint = "revoke";
+                self.revoke(req, note).await
+            }
+            ("/auth/token" | "/auth/introspect" | "/auth/jwks" | "/auth/revoke", _) => {
                 return Err(GatewayError::MethodNotAllowed);
             }
             _ => return Err(GatewayError::NotFound),
@@ -193,14 +241,26 @@ impl AuthServer {
         note: &mut AuthzNote,
     ) -> Result<Response<BoxBody>, OAuthError> {
         let (basic, form) = read_form(req).await?;
-        match one(&form, "grant_type")? {
-            None => return Err(OAuthError::invalid_request("grant_type is required")),
-            Some("client_credentials") => {}
-            Some(_) => {
+        match (one(&form, "grant_type")?, &self.launch) {
+            (None, _) => return Err(OAuthError::invalid_request("grant_type is required")),
+            (Some("client_credentials"), _) => {}
+            (Some(grant @ ("authorization_code" | "refresh_token")), Some(launch)) => {
+                let client = self.app_client(basic.as_deref(), &form).await?;
+                note.client_id = Some(client.id.clone());
+                let answer = if grant == "authorization_code" {
+                    launch.redeem_code(&self.issuer, client, &form).await?
+                } else {
+                    launch.refresh(&self.issuer, client, &form).await?
+                };
+                note.scope = answer["scope"].as_str().map(str::to_owned);
+                note.result = "issued";
+                return Ok(json_response(StatusCode::OK, &answer));
+            }
+            (Some(_), _) => {
                 return Err(OAuthError::new(
                     StatusCode::BAD_REQUEST,
                     "unsupported_grant_type",
-                    "only client_credentials is supported",
+                    "only client_credentials, authorization_code and refresh_token are supported",
                 ));
             }
         }
@@ -284,6 +344,71 @@ impl AuthServer {
                 self.limit(&id)?;
                 self.clients.authenticate_secret(&id, &secret)
             }
+        }
+    }
+
+    /// The app a code or refresh request comes from: a confidential client authenticates
+    /// as at any token request; a public one names itself (`client_id`) and has nothing
+    /// to prove, its code being bound by PKCE.
+    async fn app_client(
+        &self,
+        basic: Option<&str>,
+        form: &[(String, String)],
+    ) -> Result<&clients::Client, OAuthError> {
+        let named = one(form, "client_id")?;
+        let authenticates = basic.is_some() || one(form, "client_assertion")?.is_some();
+        if !authenticates
+            && let Some(client) = named.and_then(|id| self.clients.get(id))
+            && client.is_public()
+        {
+            self.limit(&client.id)?;
+            return Ok(client);
+        }
+        let client = self.authenticate_client(basic, form).await?;
+        if named.is_some_and(|id| id != client.id) {
+            return Err(OAuthError::invalid_request(
+                "client_id does not match the authenticated client",
+            ));
+        }
+        Ok(client)
+    }
+
+    /// `POST /auth/revoke` (RFC 7009).
+    async fn revoke(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        note: &mut AuthzNote,
+    ) -> Result<Response<BoxBody>, OAuthError> {
+        let launch = self
+            .launch
+            .as_ref()
+            .ok_or_else(|| OAuthError::invalid_request("not offered"))?;
+        let (basic, form) = read_form(req).await?;
+        let client = self.app_client(basic.as_deref(), &form).await?;
+        note.client_id = Some(client.id.clone());
+        launch.revoke(client, &form).await?;
+        note.result = "revoked";
+        let mut resp = Response::new(crate::body::empty());
+        *resp.status_mut() = StatusCode::OK;
+        Ok(resp)
+    }
+
+    /// The sign-in pages and redirects of SMART App Launch; `None` for any other path.
+    async fn launch_page(
+        &self,
+        launch: &launch::Launch,
+        path: &str,
+        query: &str,
+        method: &Method,
+        cookie: Option<String>,
+    ) -> Option<Response<BoxBody>> {
+        match (path, method) {
+            ("/auth/authorize", &Method::GET) => Some(launch.authorize(&self.clients, query).await),
+            ("/auth/callback", &Method::GET) => {
+                Some(launch.callback(cookie.as_deref(), query).await)
+            }
+            ("/auth/style.css", &Method::GET) => Some(launch::Launch::stylesheet()),
+            _ => None,
         }
     }
 
@@ -406,6 +531,17 @@ impl AuthServer {
         };
         Ok(json_response(StatusCode::OK, &body))
     }
+}
+
+/// The sign-in cookie, if the browser sent one.
+fn signin_cookie(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix("smartgate_signin="))
+        .map(str::to_owned)
 }
 
 /// The Basic `Authorization` header (if any) and the form parameters of a request.

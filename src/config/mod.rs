@@ -300,6 +300,66 @@ pub struct AuthorizationServerConfig {
     /// Registered clients.
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
+    /// RS256 key (PKCS#8 PEM) for OpenID Connect id_tokens (SMART App Launch). Unset: a
+    /// key generated at start, kept across reloads.
+    pub id_token_key: Option<PathBuf>,
+    /// How long a refresh token (offline_access, online_access) stays usable.
+    #[serde(default = "defaults::refresh_token_lifetime")]
+    pub refresh_token_lifetime: Dur,
+    /// Where users sign in for SMART App Launch: an OpenID Connect provider.
+    pub login: Option<LoginConfig>,
+    /// Where state shared by replicas lives.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// `[authorization_server.login]`: the OpenID Connect provider users sign in at.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoginConfig {
+    /// The provider's issuer; its `/.well-known/openid-configuration` is read.
+    pub issuer: String,
+    /// The gateway's client id at the provider.
+    pub client_id: String,
+    /// Its secret (client_secret_basic).
+    pub client_secret: String,
+    /// The id_token claim that names the user's FHIR resource (`Patient/123`,
+    /// `Practitioner/9`, or an absolute URL).
+    #[serde(default = "defaults::fhir_user_claim")]
+    pub fhir_user_claim: String,
+    /// Scopes asked of the provider.
+    #[serde(default = "defaults::login_scopes")]
+    pub scopes: Vec<String>,
+}
+
+/// `[authorization_server.store]`: authorization codes, refresh tokens, pending sign-ins
+/// and (with a server) client assertion ids.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `redis://host:port` of a Valkey/Redis server shared by every replica; unset: in
+    /// this process only.
+    pub url: Option<String>,
+    /// Prefix of every key.
+    #[serde(default = "defaults::store_prefix")]
+    pub key_prefix: String,
+    /// Time allowed for each command; then the request that needs it is refused (503).
+    #[serde(default = "defaults::store_timeout")]
+    pub timeout: Dur,
+    /// Most live entries in memory (without a server).
+    #[serde(default = "defaults::store_max_entries")]
+    pub max_entries: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: None,
+            key_prefix: defaults::store_prefix(),
+            timeout: defaults::store_timeout(),
+            max_entries: defaults::store_max_entries(),
+        }
+    }
 }
 
 impl Default for AuthorizationServerConfig {
@@ -314,6 +374,10 @@ impl Default for AuthorizationServerConfig {
             replay_cache_max_entries: defaults::replay_cache_max_entries(),
             introspection_scope: None,
             clients: Vec::new(),
+            id_token_key: None,
+            refresh_token_lifetime: defaults::refresh_token_lifetime(),
+            login: None,
+            store: StoreConfig::default(),
         }
     }
 }
@@ -335,6 +399,12 @@ pub struct ClientConfig {
     /// `jku` header values this client may use (else a `jku` is refused).
     #[serde(default)]
     pub jku_allow: Vec<String>,
+    /// A public app (SMART `client-public`): no credentials; PKCE alone binds its code.
+    #[serde(default)]
+    pub public: bool,
+    /// Where the app may be sent back with a code (SMART App Launch), compared exactly.
+    #[serde(default)]
+    pub redirect_uris: Vec<String>,
 }
 
 /// `[smart]`: SMART App Launch 2.2 conformance.html fields.
@@ -889,6 +959,24 @@ mod defaults {
     pub fn shutdown_grace() -> Dur {
         Dur(Duration::from_secs(20))
     }
+    pub fn refresh_token_lifetime() -> Dur {
+        Dur(Duration::from_secs(30 * 86_400))
+    }
+    pub fn fhir_user_claim() -> String {
+        "fhirUser".into()
+    }
+    pub fn login_scopes() -> Vec<String> {
+        vec!["openid".into(), "profile".into()]
+    }
+    pub fn store_prefix() -> String {
+        "smartgate:".into()
+    }
+    pub fn store_timeout() -> Dur {
+        Dur(Duration::from_secs(2))
+    }
+    pub fn store_max_entries() -> usize {
+        100_000
+    }
     pub fn shutdown_delay() -> Dur {
         Dur(Duration::ZERO)
     }
@@ -1223,7 +1311,13 @@ impl Config {
         s.introspection_endpoint
             .get_or_insert_with(|| format!("{base}/auth/introspect"));
         let symmetric = a.clients.iter().any(|c| c.client_secret_hash.is_some());
-        let asymmetric = a.clients.iter().any(|c| c.client_secret_hash.is_none());
+        let asymmetric = a
+            .clients
+            .iter()
+            .any(|c| c.client_secret_hash.is_none() && !c.public);
+        if a.login.is_some() {
+            app_launch_discovery(&mut s, base, a.clients.iter().any(|c| c.public));
+        }
         let mut caps = Vec::new();
         if asymmetric || !symmetric {
             caps.push("client-confidential-asymmetric");
@@ -1244,6 +1338,9 @@ impl Config {
         if symmetric {
             methods.push("client_secret_basic".to_owned());
         }
+        if a.clients.iter().any(|c| c.public) {
+            methods.push("none".to_owned());
+        }
         s.token_endpoint_auth_methods_supported
             .get_or_insert(methods);
         s.token_endpoint_auth_signing_alg_values_supported
@@ -1253,8 +1350,13 @@ impl Config {
                     .map(|alg| alg.as_str().to_owned())
                     .collect()
             });
-        s.grant_types_supported
-            .get_or_insert_with(|| vec!["client_credentials".to_owned()]);
+        s.grant_types_supported.get_or_insert_with(|| {
+            let mut grants = vec!["client_credentials".to_owned()];
+            if a.login.is_some() {
+                grants.insert(0, "authorization_code".to_owned());
+            }
+            grants
+        });
         if s.scopes_supported.is_none() {
             let mut scopes: Vec<String> = a
                 .clients
@@ -1306,6 +1408,28 @@ impl Config {
         if a.rate_limit == 0 {
             return err("rate_limit", "must be at least 1".into());
         }
+        if let Some(login) = &a.login {
+            if let Err(m) = BaseUrl::parse(&login.issuer) {
+                return err("login.issuer", m);
+            }
+            if login.client_id.is_empty() {
+                return err("login.client_id", "must not be empty".into());
+            }
+            if !login.scopes.iter().any(|s| s == "openid") {
+                return err("login.scopes", "must include openid".into());
+            }
+        }
+        if let Some(url) = &a.store.url
+            && !url.starts_with("redis://")
+        {
+            return err(
+                "store.url",
+                format!("{url:?} is not a redis://host:port URL"),
+            );
+        }
+        if a.store.max_entries == 0 {
+            return err("store.max_entries", "must be greater than 0".into());
+        }
         if a.assertion_algorithms.contains(&JwsAlgorithm::EdDSA) {
             return err(
                 "assertion_algorithms",
@@ -1314,57 +1438,106 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, c) in a.clients.iter().enumerate() {
-            let key = |k: &str| format!("clients[{i}].{k}");
-            if c.client_id.is_empty() || !seen.insert(c.client_id.as_str()) {
+            if !seen.insert(c.client_id.as_str()) {
                 return err(
-                    &key("client_id"),
+                    &format!("clients[{i}].client_id"),
                     format!("{:?} is empty or registered twice", c.client_id),
                 );
             }
-            let sources = [
-                c.jwks.is_some(),
-                c.jwks_uri.is_some(),
-                c.client_secret_hash.is_some(),
-            ]
-            .iter()
-            .filter(|b| **b)
-            .count();
-            if sources != 1 {
+            self.validate_client(i, c)?;
+        }
+        Ok(())
+    }
+
+    /// One `[[authorization_server.clients]]` entry.
+    fn validate_client(&self, i: usize, c: &ClientConfig) -> Result<(), (String, String)> {
+        let a = &self.authorization_server;
+        let err = |k: &str, m: String| Err((format!("authorization_server.{k}"), m));
+        let key = |k: &str| format!("clients[{i}].{k}");
+        if c.client_id.is_empty() {
+            return err(&key("client_id"), "must not be empty".into());
+        }
+        let sources = [
+            c.jwks.is_some(),
+            c.jwks_uri.is_some(),
+            c.client_secret_hash.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if c.public && sources != 0 {
+            return err(
+                &key("public"),
+                "a public client has no jwks, jwks_uri or client_secret_hash".into(),
+            );
+        }
+        if !c.public && sources != 1 {
+            return err(
+                &key("jwks"),
+                "set exactly one of jwks, jwks_uri, client_secret_hash (or public = true)".into(),
+            );
+        }
+        if c.public && c.redirect_uris.is_empty() {
+            return err(
+                &key("redirect_uris"),
+                "a public client signs users in, and needs at least one".into(),
+            );
+        }
+        for (j, uri) in c.redirect_uris.iter().enumerate() {
+            let u = BaseUrl::parse(uri).map_err(|m| {
+                (
+                    format!(
+                        "authorization_server.{}",
+                        key(&format!("redirect_uris[{j}]"))
+                    ),
+                    m,
+                )
+            })?;
+            let local = ["localhost", "127.0.0.1", "[::1]"]
+                .iter()
+                .any(|h| u.authority == *h || u.authority.starts_with(&format!("{h}:")));
+            if u.scheme != "https" && !local || uri.contains('#') {
                 return err(
-                    &key("jwks"),
-                    "set exactly one of jwks, jwks_uri, client_secret_hash".into(),
+                    &key(&format!("redirect_uris[{j}]")),
+                    format!("{uri:?} must be https (http only for localhost) with no fragment"),
                 );
             }
-            if let Some(u) = &c.jwks_uri
-                && let Err(e) = BaseUrl::parse(u)
-            {
-                return err(&key("jwks_uri"), e);
-            }
-            if let Some(h) = &c.client_secret_hash
-                && !h.strip_prefix("sha256:").is_some_and(|hex| {
-                    hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
-                })
-            {
-                return err(
-                    &key("client_secret_hash"),
-                    "must be sha256:<64 hex digits> (echo -n SECRET | sha256sum)".into(),
-                );
-            }
-            if c.scope.split(' ').all(str::is_empty) {
-                return err(&key("scope"), "must grant at least one scope".into());
-            }
-            // RFC 6749 §3.3: scope tokens of %x21 / %x23-5B / %x5D-7E, separated by SP
-            // only. A tab or a line break would make the registration one malformed scope.
-            if !c
-                .scope
-                .bytes()
-                .all(|b| matches!(b, b' ' | 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
-            {
-                return err(
-                    &key("scope"),
-                    "scopes are separated by single spaces and hold only the characters RFC 6749 §3.3 allows".into(),
-                );
-            }
+        }
+        if !c.redirect_uris.is_empty() && a.login.is_none() {
+            return err(
+                &key("redirect_uris"),
+                "apps sign users in: [authorization_server.login] is required".into(),
+            );
+        }
+        if let Some(u) = &c.jwks_uri
+            && let Err(e) = BaseUrl::parse(u)
+        {
+            return err(&key("jwks_uri"), e);
+        }
+        if let Some(h) = &c.client_secret_hash
+            && !h
+                .strip_prefix("sha256:")
+                .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return err(
+                &key("client_secret_hash"),
+                "must be sha256:<64 hex digits> (echo -n SECRET | sha256sum)".into(),
+            );
+        }
+        if c.scope.split(' ').all(str::is_empty) {
+            return err(&key("scope"), "must grant at least one scope".into());
+        }
+        // RFC 6749 §3.3: scope tokens of %x21 / %x23-5B / %x5D-7E, separated by SP
+        // only. A tab or a line break would make the registration one malformed scope.
+        if !c
+            .scope
+            .bytes()
+            .all(|b| matches!(b, b' ' | 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
+        {
+            return err(
+                &key("scope"),
+                "scopes are separated by single spaces and hold only the characters RFC 6749 §3.3 allows".into(),
+            );
         }
         Ok(())
     }
@@ -1497,6 +1670,36 @@ impl Config {
             }
         }
         toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// What SMART App Launch through the embedded server adds to discovery.
+fn app_launch_discovery(s: &mut SmartConfig, base: &str, public_clients: bool) {
+    s.authorization_endpoint
+        .get_or_insert_with(|| format!("{base}/auth/authorize"));
+    s.revocation_endpoint
+        .get_or_insert_with(|| format!("{base}/auth/revoke"));
+    s.issuer.get_or_insert_with(|| base.to_owned());
+    s.jwks_uri
+        .get_or_insert_with(|| format!("{base}/auth/jwks"));
+    s.response_types_supported
+        .get_or_insert_with(|| vec!["code".to_owned()]);
+    let mut launch = vec![
+        "launch-standalone",
+        "context-standalone-patient",
+        "permission-offline",
+        "permission-online",
+        "permission-patient",
+        "permission-user",
+        "sso-openid-connect",
+    ];
+    if public_clients {
+        launch.push("client-public");
+    }
+    for c in launch {
+        if !s.capabilities.iter().any(|x| x == c) {
+            s.capabilities.push(c.to_owned());
+        }
     }
 }
 

@@ -273,6 +273,16 @@ async fn serve(
         ctx.route = Route::Discovery;
         return public::discovery(snap, req.method());
     }
+    if path == "/.well-known/openid-configuration"
+        && let Some(doc) = snap
+            .authz
+            .as_ref()
+            .zip(snap.smart.as_ref())
+            .and_then(|(a, smart)| a.openid_configuration(smart))
+    {
+        ctx.route = Route::Discovery;
+        return Ok(public::json_document(&doc));
+    }
     if read && path == "/metadata" {
         ctx.route = Route::Metadata;
         // Boxed, like the other rare routes: their futures would otherwise make every
@@ -1296,7 +1306,7 @@ fn log(ctx: &mut Ctx<'_>, status: Option<StatusCode>) {
     let authz = (ctx.route == Route::Auth && !ctx.authz.endpoint.is_empty()).then_some(&ctx.authz);
     let (event, decision, reason) = match authz {
         Some(a) => {
-            let granted = matches!(a.result, "issued" | "active" | "inactive");
+            let granted = matches!(a.result, "issued" | "active" | "inactive" | "revoked");
             (
                 a.endpoint,
                 if granted { "allow" } else { "deny" },

@@ -235,3 +235,22 @@ pub(super) fn discovery(
     }
     Ok(resp)
 }
+
+/// A public JSON document (the OpenID Connect configuration), readable cross-origin.
+pub(super) fn json_document(doc: &serde_json::Value) -> Response<BoxBody> {
+    let mut resp = Response::new(full(doc.to_string()));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    resp
+}

@@ -12,6 +12,7 @@ mod generator;
 mod support;
 
 mod answers;
+mod app_launch;
 mod audit;
 mod auth_introspection;
 mod auth_jwt;

@@ -1,0 +1,1173 @@
+//! SMART App Launch in the embedded authorization server (standalone launch): the app
+//! sends the user to `/auth/authorize`; the user signs in at the configured OpenID
+//! Connect provider (authorization code + PKCE from the gateway to the provider, the
+//! id_token verified against its JWKS); a consent page lets the user uncheck scopes; the
+//! app gets a single-use code bound to its client, redirect URI and PKCE challenge, and
+//! trades it at `/auth/token` for an access token (with the patient in context), an
+//! RS256 id_token when it asked for `openid`, and a refresh token that rotates on every
+//! use (reusing a rotated one revokes its family). `/auth/revoke` is RFC 7009.
+//!
+//! Every step's state lives in the [`Store`]: one replica may start a sign-in another
+//! finishes, and single use (codes, refresh tokens) holds across replicas.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::OAuthError;
+use super::clients::{Client, Clients};
+use crate::auth::issuer::Issuer;
+use crate::body::{BoxBody, full};
+use crate::config::{Config, LoginConfig};
+use crate::outbound::Outbound;
+use crate::smart::scope::{Level, Scope, parse, split};
+use crate::store::{Store, StoreError};
+
+/// How long a sign-in may take, from `/authorize` to the consent.
+const SIGN_IN_TIME: Duration = Duration::from_secs(600);
+/// How long an authorization code lives (SMART: short).
+const CODE_LIFE: Duration = Duration::from_secs(60);
+/// The cookie binding a sign-in to the browser that started it.
+const COOKIE: &str = "smartgate_signin";
+
+/// Scopes an app may ask for besides resource scopes (SMART App Launch 2.2 scopes).
+const CONTEXT_SCOPES: &[&str] = &[
+    "launch/patient",
+    "openid",
+    "fhirUser",
+    "profile",
+    "offline_access",
+    "online_access",
+];
+
+/// The pages, from auto-escaping templates.
+struct Pages(minijinja::Environment<'static>);
+
+impl Pages {
+    fn new() -> Pages {
+        let mut env = minijinja::Environment::new();
+        for (name, text) in [
+            ("layout.html", include_str!("pages/layout.html")),
+            ("consent.html", include_str!("pages/consent.html")),
+            ("error.html", include_str!("pages/error.html")),
+        ] {
+            env.add_template(name, text)
+                .expect("the page templates parse (a test renders each)");
+        }
+        Pages(env)
+    }
+
+    fn render(&self, name: &str, ctx: minijinja::Value) -> Result<String, String> {
+        self.0
+            .get_template(name)
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The RS256 key id_tokens are signed with (OpenID Connect requires RS256 support).
+struct IdTokenKey {
+    encoding: jsonwebtoken::EncodingKey,
+    jwk: Value,
+    kid: String,
+}
+
+impl IdTokenKey {
+    fn new(config: &crate::config::AuthorizationServerConfig) -> Result<IdTokenKey, String> {
+        let encoding = match &config.id_token_key {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    format!("authorization_server.id_token_key: {}: {e}", path.display())
+                })?;
+                jsonwebtoken::EncodingKey::from_rsa_pem(&pem).map_err(|e| {
+                    format!("authorization_server.id_token_key: {}: {e}", path.display())
+                })?
+            }
+            None => jsonwebtoken::EncodingKey::from_rsa_der(&ephemeral_rsa_der()?),
+        };
+        let jwk =
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, jsonwebtoken::Algorithm::RS256)
+                .map_err(|e| format!("authorization_server.id_token_key: {e}"))?;
+        let mut jwk = serde_json::to_value(jwk).map_err(|e| e.to_string())?;
+        // RFC 7638 thumbprint as the key id: stable for the key, whatever replica.
+        let canonical = format!(
+            r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
+            jwk["e"].as_str().unwrap_or_default(),
+            jwk["n"].as_str().unwrap_or_default()
+        );
+        let kid = URL_SAFE_NO_PAD.encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            canonical.as_bytes(),
+        ));
+        jwk["kid"] = json!(kid);
+        jwk["use"] = json!("sig");
+        jwk["alg"] = json!("RS256");
+        Ok(IdTokenKey { encoding, jwk, kid })
+    }
+}
+
+/// The process's RS256 key when `id_token_key` is unset: made once, kept across reloads.
+fn ephemeral_rsa_der() -> Result<Vec<u8>, String> {
+    static KEY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    if let Some(k) = KEY.get() {
+        return Ok(k.clone());
+    }
+    use rsa::Generate as _;
+    use rsa::pkcs1::EncodeRsaPrivateKey as _;
+    let key = rsa::PrivateKey::generate();
+    let der = key.to_pkcs1_der().map_err(|e| e.to_string())?;
+    tracing::warn!(
+        "authorization_server.id_token_key is not set: id_tokens are signed with a key made now"
+    );
+    Ok(KEY.get_or_init(|| der.as_bytes().to_vec()).clone())
+}
+
+/// The sign-in provider's endpoints, read from its discovery document once.
+#[derive(Clone, Deserialize)]
+struct Provider {
+    authorization_endpoint: String,
+    token_endpoint: String,
+}
+
+/// An app's sign-in in progress, from `/authorize` to the consent.
+#[derive(Serialize, Deserialize)]
+struct SignIn {
+    client_id: String,
+    redirect_uri: String,
+    state: String,
+    code_challenge: String,
+    /// What the app asked for, within its registration.
+    scope: String,
+    nonce: Option<String>,
+    /// The gateway's own PKCE verifier and nonce at the provider.
+    idp_verifier: String,
+    idp_nonce: String,
+    csrf: String,
+    user: Option<User>,
+}
+
+/// Who signed in.
+#[derive(Clone, Serialize, Deserialize)]
+struct User {
+    sub: String,
+    fhir_user: Option<String>,
+}
+
+/// A checked authorization request: state, PKCE challenge, scopes, nonce.
+type Checked = (String, String, String, Option<String>);
+
+/// What a code (and then a refresh token) stands for.
+#[derive(Serialize, Deserialize)]
+struct Granted {
+    client_id: String,
+    redirect_uri: String,
+    code_challenge: String,
+    scope: String,
+    patient: Option<String>,
+    user: User,
+    nonce: Option<String>,
+    /// The refresh token family, once there is one.
+    family: Option<String>,
+}
+
+/// SMART App Launch for apps registered with redirect URIs.
+pub struct Launch {
+    base: String,
+    base_path: String,
+    realm: String,
+    login: LoginConfig,
+    provider: tokio::sync::OnceCell<Provider>,
+    id_verifier: crate::auth::jwt::JwtVerifier,
+    outbound: Outbound,
+    store: Arc<Store>,
+    pages: Pages,
+    id_key: IdTokenKey,
+    refresh_life: Duration,
+    secure_cookie: bool,
+}
+
+impl Launch {
+    /// App Launch for `config`, or `None` without `[authorization_server.login]`.
+    pub fn new(
+        config: &Config,
+        outbound: &Outbound,
+        store: Arc<Store>,
+        fetches: &prometheus::IntCounterVec,
+    ) -> Result<Option<Launch>, String> {
+        let a = &config.authorization_server;
+        let Some(login) = &a.login else {
+            return Ok(None);
+        };
+        let cfg = crate::config::JwtConfig {
+            issuer: login.issuer.trim_end_matches('/').to_owned(),
+            audience: login.client_id.clone(),
+            ..crate::config::JwtConfig::for_client_keys()
+        };
+        let keys = Arc::new(crate::auth::jwks::KeySource::new(
+            &cfg,
+            outbound.clone(),
+            fetches.clone(),
+        )?);
+        let base = config.server.public_base_url.as_string();
+        let base = base.trim_end_matches('/').to_owned();
+        Ok(Some(Launch {
+            base_path: config
+                .server
+                .public_base_url
+                .path
+                .trim_end_matches('/')
+                .to_owned(),
+            secure_cookie: base.starts_with("https://"),
+            base,
+            realm: config.auth.realm.clone(),
+            login: login.clone(),
+            provider: tokio::sync::OnceCell::new(),
+            id_verifier: crate::auth::jwt::JwtVerifier::new(&cfg, config.auth.leeway.0, keys),
+            outbound: outbound.clone(),
+            store,
+            pages: Pages::new(),
+            id_key: IdTokenKey::new(a)?,
+            refresh_life: a.refresh_token_lifetime.0,
+        }))
+    }
+
+    /// The id_token key, for `/auth/jwks`.
+    pub fn jwk(&self) -> &Value {
+        &self.id_key.jwk
+    }
+
+    /// `GET /auth/authorize`: checks the app's request and sends the user to sign in.
+    /// Until the redirect URI is known good, errors are a page (never a redirect to a URI
+    /// nobody registered); after, they go back to the app (RFC 6749 §4.1.2.1).
+    pub async fn authorize(&self, clients: &Clients, query: &str) -> Response<BoxBody> {
+        let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let one = |name: &str| -> Result<Option<&str>, String> {
+            let mut it = params.iter().filter(|(k, _)| k == name);
+            let first = it.next().map(|(_, v)| v.as_str());
+            if it.next().is_some() {
+                return Err(format!("{name} is repeated"));
+            }
+            Ok(first)
+        };
+        let client = match one("client_id").map(|id| id.and_then(|id| clients.get(id))) {
+            Ok(Some(c)) if !c.redirect_uris.is_empty() => c,
+            Ok(_) => {
+                return self.error_page(
+                    StatusCode::BAD_REQUEST,
+                    "The app is not registered for sign-in.",
+                );
+            }
+            Err(e) => return self.error_page(StatusCode::BAD_REQUEST, &e),
+        };
+        let redirect_uri = match one("redirect_uri") {
+            Ok(Some(r)) if client.redirect_uris.iter().any(|u| u == r) => r.to_owned(),
+            Ok(None) if client.redirect_uris.len() == 1 => client.redirect_uris[0].clone(),
+            _ => {
+                return self.error_page(
+                    StatusCode::BAD_REQUEST,
+                    "The app's redirect address is not one it registered.",
+                );
+            }
+        };
+        let state = one("state").ok().flatten().map(str::to_owned);
+        let (state, code_challenge, scope, nonce) = match self.check_request(client, &params) {
+            Ok(v) => v,
+            Err((error, description)) => {
+                return redirect_error(&redirect_uri, error, &description, state.as_deref());
+            }
+        };
+        let app_state = state.clone();
+        let back = |error: &str, description: &str| {
+            redirect_error(&redirect_uri, error, description, Some(&app_state))
+        };
+        let txn = random_token();
+        let sign_in = SignIn {
+            client_id: client.id.clone(),
+            redirect_uri: redirect_uri.clone(),
+            state,
+            code_challenge,
+            scope,
+            nonce,
+            idp_verifier: random_token(),
+            idp_nonce: random_token(),
+            csrf: random_token(),
+            user: None,
+        };
+        let provider = match self.provider().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "sign-in provider unavailable");
+                return back(
+                    "temporarily_unavailable",
+                    "the sign-in provider cannot be reached",
+                );
+            }
+        };
+        if let Err(e) = self.save(&txn, &sign_in).await {
+            tracing::warn!(error = %e, "cannot keep the sign-in");
+            return back("temporarily_unavailable", "sign-in state cannot be kept");
+        }
+        let challenge = pkce_challenge(&sign_in.idp_verifier);
+        let scope = self.login.scopes.join(" ");
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("response_type", "code")
+            .append_pair("client_id", &self.login.client_id)
+            .append_pair("redirect_uri", &self.callback_uri())
+            .append_pair("scope", &scope)
+            .append_pair("state", &txn)
+            .append_pair("nonce", &sign_in.idp_nonce)
+            .append_pair("code_challenge", &challenge)
+            .append_pair("code_challenge_method", "S256")
+            .finish();
+        let sep = if provider.authorization_endpoint.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let mut resp = redirect(&format!("{}{sep}{query}", provider.authorization_endpoint));
+        if let Ok(v) = HeaderValue::from_str(&self.cookie(&txn, SIGN_IN_TIME)) {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+        }
+        resp
+    }
+
+    /// The app's request, checked after its client and redirect URI: the state, the PKCE
+    /// challenge, the scopes granted within the registration, the nonce; or the OAuth
+    /// error to send back.
+    fn check_request(
+        &self,
+        client: &Client,
+        params: &[(String, String)],
+    ) -> Result<Checked, (&'static str, String)> {
+        let bad = |m: &str| ("invalid_request", m.to_owned());
+        let one = |name: &str| -> Result<Option<&str>, (&'static str, String)> {
+            let mut it = params.iter().filter(|(k, _)| k == name);
+            let first = it.next().map(|(_, v)| v.as_str());
+            if it.next().is_some() {
+                return Err(bad(&format!("{name} is repeated")));
+            }
+            Ok(first)
+        };
+        if one("response_type")? != Some("code") {
+            return Err((
+                "unsupported_response_type",
+                "response_type must be code".into(),
+            ));
+        }
+        let state = one("state")?.ok_or(bad("state is required"))?;
+        let challenge = one("code_challenge")?.ok_or(bad("PKCE is required: code_challenge"))?;
+        if one("code_challenge_method")? != Some("S256") {
+            return Err(bad("code_challenge_method must be S256"));
+        }
+        if !(43..=128).contains(&challenge.len())
+            || !challenge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(bad("code_challenge is not a base64url SHA-256"));
+        }
+        let aud = one("aud")?.ok_or(bad("aud is required"))?;
+        if aud.trim_end_matches('/') != self.base {
+            return Err(bad("aud is not this FHIR server"));
+        }
+        if one("launch")?.is_some() {
+            return Err(bad("EHR launch is not offered here"));
+        }
+        let scope = app_grant(one("scope")?.unwrap_or(""), &client.scope);
+        if scope.is_empty() {
+            return Err((
+                "invalid_scope",
+                "no requested scope is registered for this app".into(),
+            ));
+        }
+        let nonce = one("nonce")?.map(str::to_owned);
+        Ok((state.to_owned(), challenge.to_owned(), scope, nonce))
+    }
+
+    /// `GET /auth/callback`: the provider's answer. The user is known; the consent page
+    /// follows.
+    pub async fn callback(&self, cookie: Option<&str>, query: &str) -> Response<BoxBody> {
+        let params: Map<String, Value> = form_urlencoded::parse(query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), json!(v)))
+            .collect();
+        let txn = params.get("state").and_then(Value::as_str).unwrap_or("");
+        if txn.is_empty() || cookie != Some(txn) {
+            return self.error_page(
+                StatusCode::BAD_REQUEST,
+                "This sign-in was not started in this browser.",
+            );
+        }
+        let Ok(Some(mut sign_in)) = self.load(txn).await else {
+            return self.error_page(
+                StatusCode::BAD_REQUEST,
+                "This sign-in has expired. Start again from the app.",
+            );
+        };
+        if params.contains_key("error") {
+            return redirect_error(
+                &sign_in.redirect_uri,
+                "access_denied",
+                "sign-in was not completed",
+                Some(&sign_in.state),
+            );
+        }
+        let code = params.get("code").and_then(Value::as_str).unwrap_or("");
+        let user = match self.sign_in_user(code, &sign_in).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::info!(error = %e, "sign-in refused");
+                return self.error_page(
+                    StatusCode::BAD_REQUEST,
+                    "The sign-in could not be verified.",
+                );
+            }
+        };
+        let patient = context_patient(&sign_in.scope, &user);
+        if sign_in.scope.split(' ').any(|s| s == "launch/patient") && patient.is_none() {
+            return redirect_error(
+                &sign_in.redirect_uri,
+                "access_denied",
+                "no patient context: the signed-in user is not a Patient, and choosing a patient is not offered",
+                Some(&sign_in.state),
+            );
+        }
+        sign_in.user = Some(user);
+        if let Err(e) = self.save(txn, &sign_in).await {
+            tracing::warn!(error = %e, "cannot keep the sign-in");
+            return self.error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-in state cannot be kept right now.",
+            );
+        }
+        self.consent_page(txn, &sign_in, patient.as_deref())
+    }
+
+    /// `POST /auth/consent`: the user's choice; the app gets a code for what was approved.
+    pub async fn consent(
+        &self,
+        cookie: Option<&str>,
+        form: &[(String, String)],
+    ) -> Response<BoxBody> {
+        let field = |name: &str| {
+            form.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let txn = field("txn").unwrap_or("");
+        if txn.is_empty() || cookie != Some(txn) {
+            return self.error_page(
+                StatusCode::BAD_REQUEST,
+                "This sign-in was not started in this browser.",
+            );
+        }
+        // Taken, not read: a form submitted twice gets one code.
+        let sign_in = match self.store.take(&format!("signin:{txn}")).await {
+            Ok(Some(text)) => serde_json::from_str::<SignIn>(&text).ok(),
+            _ => None,
+        };
+        let Some(sign_in) = sign_in else {
+            return self.error_page(
+                StatusCode::BAD_REQUEST,
+                "This sign-in has expired. Start again from the app.",
+            );
+        };
+        let csrf_ok = field("csrf").is_some_and(|c| same(c.as_bytes(), sign_in.csrf.as_bytes()));
+        let Some(user) = sign_in.user.clone().filter(|_| csrf_ok) else {
+            return self.error_page(
+                StatusCode::FORBIDDEN,
+                "The form did not come from this sign-in.",
+            );
+        };
+        if field("decision") != Some("approve") {
+            return redirect_error(
+                &sign_in.redirect_uri,
+                "access_denied",
+                "the user declined",
+                Some(&sign_in.state),
+            );
+        }
+        // What stays checked, and never more than was asked.
+        let approved: Vec<&str> = split(&sign_in.scope)
+            .filter(|s| form.iter().any(|(k, v)| k == "scope" && v == s))
+            .collect();
+        let scope = approved.join(" ");
+        let granted = Granted {
+            client_id: sign_in.client_id.clone(),
+            redirect_uri: sign_in.redirect_uri.clone(),
+            code_challenge: sign_in.code_challenge.clone(),
+            patient: context_patient(&scope, &user),
+            scope,
+            user,
+            nonce: sign_in.nonce.clone(),
+            family: None,
+        };
+        let code = random_token();
+        let stored = serde_json::to_string(&granted).unwrap_or_default();
+        if let Err(e) = self
+            .store
+            .put(&format!("code:{}", digest(&code)), &stored, CODE_LIFE)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot keep the code");
+            return redirect_error(
+                &sign_in.redirect_uri,
+                "temporarily_unavailable",
+                "the code cannot be kept",
+                Some(&sign_in.state),
+            );
+        }
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("code", &code)
+            .append_pair("state", &sign_in.state)
+            .append_pair("iss", &self.base)
+            .finish();
+        let sep = if sign_in.redirect_uri.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let mut resp = redirect(&format!("{}{sep}{query}", sign_in.redirect_uri));
+        if let Ok(v) = HeaderValue::from_str(&self.cookie("", Duration::ZERO)) {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+        }
+        resp
+    }
+
+    /// `grant_type=authorization_code`: the code, once, by the client it was issued to,
+    /// with its redirect URI and PKCE verifier.
+    pub async fn redeem_code(
+        &self,
+        issuer: &Issuer,
+        client: &Client,
+        form: &[(String, String)],
+    ) -> Result<Value, OAuthError> {
+        let field = |name: &str| super::one(form, name);
+        let code = field("code")?.ok_or_else(|| OAuthError::invalid_request("code is required"))?;
+        let taken = self
+            .store
+            .take(&format!("code:{}", digest(code)))
+            .await
+            .map_err(unavailable)?;
+        let invalid = || {
+            OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "the code is unknown, used or expired",
+            )
+        };
+        let granted: Granted = taken
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .ok_or_else(invalid)?;
+        if granted.client_id != client.id {
+            return Err(invalid());
+        }
+        if field("redirect_uri")? != Some(granted.redirect_uri.as_str()) {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "redirect_uri does not match",
+            ));
+        }
+        let verifier = field("code_verifier")?.unwrap_or("");
+        let matches = (43..=128).contains(&verifier.len())
+            && same(
+                pkce_challenge(verifier).as_bytes(),
+                granted.code_challenge.as_bytes(),
+            );
+        if !matches {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "code_verifier does not match the challenge",
+            ));
+        }
+        self.tokens(issuer, granted, None).await
+    }
+
+    /// `grant_type=refresh_token`: the token, once; a new one in its place. A token
+    /// already used revokes its whole family (someone holds a copy).
+    pub async fn refresh(
+        &self,
+        issuer: &Issuer,
+        client: &Client,
+        form: &[(String, String)],
+    ) -> Result<Value, OAuthError> {
+        let token = super::one(form, "refresh_token")?
+            .ok_or_else(|| OAuthError::invalid_request("refresh_token is required"))?;
+        let invalid = || {
+            OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "the refresh token is unknown, used, revoked or expired",
+            )
+        };
+        let key = digest(token);
+        let taken = self
+            .store
+            .take(&format!("rt:{key}"))
+            .await
+            .map_err(unavailable)?;
+        let Some(granted) = taken.and_then(|t| serde_json::from_str::<Granted>(&t).ok()) else {
+            // Used before? Then a copy is in other hands: end the family.
+            if let Ok(Some(family)) = self.store.get(&format!("rtused:{key}")).await {
+                let _ = self.store.delete(&format!("family:{family}")).await;
+                tracing::warn!(client = %client.id, "a rotated refresh token was used again; its family is revoked");
+            }
+            return Err(invalid());
+        };
+        let family = granted.family.clone().unwrap_or_default();
+        let alive = self
+            .store
+            .get(&format!("family:{family}"))
+            .await
+            .map_err(unavailable)?;
+        if granted.client_id != client.id || alive.is_none() {
+            return Err(invalid());
+        }
+        self.store
+            .put(&format!("rtused:{key}"), &family, self.refresh_life)
+            .await
+            .map_err(unavailable)?;
+        // A narrower scope may be asked for, never a wider one.
+        let scope = match super::one(form, "scope")? {
+            Some(asked) => {
+                let within: Vec<&str> = split(asked)
+                    .filter(|s| split(&granted.scope).any(|g| g == *s))
+                    .collect();
+                if within.len() != split(asked).count() {
+                    return Err(OAuthError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_scope",
+                        "a refresh cannot widen the scopes",
+                    ));
+                }
+                within.join(" ")
+            }
+            None => granted.scope.clone(),
+        };
+        self.tokens(issuer, Granted { scope, ..granted }, Some(family))
+            .await
+    }
+
+    /// `POST /auth/revoke` (RFC 7009): a refresh token's family ends. Answered 200 alike
+    /// for any token, known or not.
+    pub async fn revoke(
+        &self,
+        client: &Client,
+        form: &[(String, String)],
+    ) -> Result<(), OAuthError> {
+        let token = super::one(form, "token")?
+            .ok_or_else(|| OAuthError::invalid_request("token is required"))?;
+        let key = digest(token);
+        if let Some(granted) = self
+            .store
+            .get(&format!("rt:{key}"))
+            .await
+            .map_err(unavailable)?
+            .and_then(|t| serde_json::from_str::<Granted>(&t).ok())
+            && granted.client_id == client.id
+            && let Some(family) = &granted.family
+        {
+            self.store
+                .delete(&format!("family:{family}"))
+                .await
+                .map_err(unavailable)?;
+            self.store
+                .delete(&format!("rt:{key}"))
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// The token answer for what was granted: access token, id_token when `openid` was
+    /// granted, refresh token when offline or online access was.
+    async fn tokens(
+        &self,
+        issuer: &Issuer,
+        mut granted: Granted,
+        family: Option<String>,
+    ) -> Result<Value, OAuthError> {
+        let scopes: Vec<&str> = split(&granted.scope).collect();
+        let has = |s: &str| scopes.contains(&s);
+        let mut extra = Map::new();
+        if let Some(p) = &granted.patient {
+            extra.insert("patient".into(), json!(p));
+        }
+        if let Some(f) = granted
+            .user
+            .fhir_user
+            .as_deref()
+            .filter(|_| has("fhirUser"))
+        {
+            extra.insert("fhirUser".into(), json!(f));
+        }
+        let issued = issuer
+            .issue_for(&granted.client_id, &granted.user.sub, &granted.scope, extra)
+            .map_err(OAuthError::temporarily_unavailable)?;
+        let mut answer = json!({
+            "access_token": issued.token, "token_type": "Bearer",
+            "expires_in": issued.expires_in, "scope": granted.scope,
+        });
+        if let Some(p) = &granted.patient {
+            answer["patient"] = json!(p);
+            answer["need_patient_banner"] = json!(true);
+        }
+        if has("openid") {
+            answer["id_token"] = json!(self.id_token(&granted)?);
+        }
+        if has("offline_access") || has("online_access") {
+            let family = match family {
+                Some(f) => f,
+                None => {
+                    let f = random_token();
+                    self.store
+                        .put(&format!("family:{f}"), "1", self.refresh_life)
+                        .await
+                        .map_err(unavailable)?;
+                    f
+                }
+            };
+            granted.family = Some(family);
+            let refresh = random_token();
+            let stored = serde_json::to_string(&granted).unwrap_or_default();
+            self.store
+                .put(
+                    &format!("rt:{}", digest(&refresh)),
+                    &stored,
+                    self.refresh_life,
+                )
+                .await
+                .map_err(unavailable)?;
+            answer["refresh_token"] = json!(refresh);
+        }
+        Ok(answer)
+    }
+
+    /// An OpenID Connect id_token (RS256), for the app (`aud` = its client id).
+    fn id_token(&self, granted: &Granted) -> Result<String, OAuthError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut claims = json!({
+            "iss": self.base, "sub": granted.user.sub, "aud": granted.client_id,
+            "iat": now, "exp": now + 300,
+        });
+        if let Some(f) = &granted.user.fhir_user {
+            claims["fhirUser"] = json!(self.absolute(f));
+        }
+        if let Some(n) = &granted.nonce {
+            claims["nonce"] = json!(n);
+        }
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(self.id_key.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.id_key.encoding)
+            .map_err(|e| OAuthError::temporarily_unavailable(e.to_string()))
+    }
+
+    /// `fhirUser` as an absolute URL on this server (OpenID: a resolvable URL).
+    fn absolute(&self, reference: &str) -> String {
+        if reference.contains("://") {
+            reference.to_owned()
+        } else {
+            format!("{}/{}", self.base, reference.trim_start_matches('/'))
+        }
+    }
+
+    /// Trades the provider's code for its id_token, and verifies it.
+    async fn sign_in_user(&self, code: &str, sign_in: &SignIn) -> Result<User, String> {
+        let provider = self.provider().await?;
+        let body = form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", "authorization_code")
+            .append_pair("code", code)
+            .append_pair("redirect_uri", &self.callback_uri())
+            .append_pair("code_verifier", &sign_in.idp_verifier)
+            .finish();
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            form_urlencoded::byte_serialize(self.login.client_id.as_bytes()).collect::<String>(),
+            form_urlencoded::byte_serialize(self.login.client_secret.as_bytes())
+                .collect::<String>()
+        ));
+        let req = Request::post(&provider.token_endpoint)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json")
+            .header(header::AUTHORIZATION, format!("Basic {basic}"))
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let answer = self
+            .outbound
+            .call(req, Duration::from_secs(10))
+            .await
+            .map_err(|e| format!("token endpoint: {e}"))?;
+        if answer.status != StatusCode::OK {
+            return Err(format!("token endpoint answered {}", answer.status));
+        }
+        let doc: Value =
+            crate::json::parse(&answer.body).map_err(|_| "token answer is not JSON")?;
+        let id_token = doc["id_token"].as_str().ok_or("no id_token")?;
+        let claims = self
+            .id_verifier
+            .verify(id_token)
+            .await
+            .map_err(|_| "the provider's keys cannot be had")?
+            .map_err(|e| format!("id_token: {e}"))?;
+        if claims.get("nonce").and_then(Value::as_str) != Some(sign_in.idp_nonce.as_str()) {
+            return Err("id_token nonce does not match".into());
+        }
+        let sub = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .ok_or("id_token has no sub")?;
+        let fhir_user = claims
+            .get(&self.login.fhir_user_claim)
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Ok(User {
+            sub: sub.to_owned(),
+            fhir_user,
+        })
+    }
+
+    async fn provider(&self) -> Result<&Provider, String> {
+        self.provider
+            .get_or_try_init(|| async {
+                let url = format!(
+                    "{}/.well-known/openid-configuration",
+                    self.login.issuer.trim_end_matches('/')
+                );
+                let answer = self
+                    .outbound
+                    .get_json(&url, Duration::from_secs(5))
+                    .await
+                    .map_err(|e| format!("{url}: {e}"))?;
+                if answer.status != StatusCode::OK {
+                    return Err(format!("{url}: {}", answer.status));
+                }
+                crate::json::parse_as::<Provider>(&answer.body)
+                    .map_err(|_| format!("{url}: not a discovery document"))
+            })
+            .await
+    }
+
+    async fn save(&self, txn: &str, sign_in: &SignIn) -> Result<(), StoreError> {
+        let text = serde_json::to_string(sign_in).unwrap_or_default();
+        self.store
+            .put(&format!("signin:{txn}"), &text, SIGN_IN_TIME)
+            .await
+    }
+
+    async fn load(&self, txn: &str) -> Result<Option<SignIn>, StoreError> {
+        Ok(self
+            .store
+            .get(&format!("signin:{txn}"))
+            .await?
+            .and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
+    fn callback_uri(&self) -> String {
+        format!("{}/auth/callback", self.base)
+    }
+
+    fn cookie(&self, value: &str, life: Duration) -> String {
+        let secure = if self.secure_cookie { "; Secure" } else { "" };
+        format!(
+            "{COOKIE}={value}; Path={}/auth/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+            self.base_path,
+            life.as_secs()
+        )
+    }
+
+    fn consent_page(
+        &self,
+        txn: &str,
+        sign_in: &SignIn,
+        patient: Option<&str>,
+    ) -> Response<BoxBody> {
+        let scopes: minijinja::Value = split(&sign_in.scope)
+            .map(|s| scope_item(s, &describe(s)))
+            .collect();
+        let user = sign_in
+            .user
+            .as_ref()
+            .map(|u| u.fhir_user.clone().unwrap_or_else(|| u.sub.clone()));
+        let ctx = minijinja::context! {
+            realm => self.realm.clone(), base_path => self.base_path.clone(),
+            action => format!("{}/auth/consent", self.base_path),
+            client_id => sign_in.client_id.clone(), txn => txn, csrf => sign_in.csrf.clone(),
+            scopes => scopes, user => user, patient => patient,
+        };
+        self.page(StatusCode::OK, "consent.html", ctx)
+    }
+
+    fn error_page(&self, status: StatusCode, message: &str) -> Response<BoxBody> {
+        let ctx = minijinja::context! {
+            realm => self.realm.clone(), base_path => self.base_path.clone(), message => message,
+        };
+        self.page(status, "error.html", ctx)
+    }
+
+    fn page(&self, status: StatusCode, name: &str, ctx: minijinja::Value) -> Response<BoxBody> {
+        let html = self.pages.render(name, ctx).unwrap_or_else(|e| {
+            tracing::error!(error = %e, page = name, "page failed to render");
+            "<!doctype html><title>Error</title><p>Something went wrong.</p>".to_owned()
+        });
+        let mut resp = Response::new(full(html));
+        *resp.status_mut() = status;
+        page_headers(resp.headers_mut());
+        resp
+    }
+
+    /// `/auth/style.css`, the pages' stylesheet (CSP allows only this origin's).
+    pub fn stylesheet() -> Response<BoxBody> {
+        let mut resp = Response::new(full(include_str!("pages/style.css")));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/css; charset=utf-8"),
+        );
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=3600"),
+        );
+        resp
+    }
+}
+
+/// Headers of every page: no script, no framing, nothing from elsewhere, nothing kept.
+fn page_headers(h: &mut http::HeaderMap) {
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        ),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+}
+
+/// The scopes an app gets: resource scopes at patient or user level within its
+/// registration (as `grant` does for system scopes), and context scopes registered
+/// verbatim.
+pub fn app_grant(requested: &str, registered: &str) -> String {
+    let granted = super::grant::grant_at(requested, registered, &[Level::Patient, Level::User]);
+    split(&granted)
+        .filter(|s| CONTEXT_SCOPES.contains(s) || matches!(parse(s), Ok(Scope::Resource(_))))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The patient in context: the signed-in Patient, for `launch/patient`.
+fn context_patient(scope: &str, user: &User) -> Option<String> {
+    if !scope.split(' ').any(|s| s == "launch/patient") {
+        return None;
+    }
+    let reference = user.fhir_user.as_deref()?;
+    let tail = reference.rsplit_once("Patient/").map(|(_, id)| id)?;
+    let id = tail.split(['/', '?', '#']).next()?;
+    (!id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+    .then(|| id.to_owned())
+}
+
+/// One scope of the consent page's list.
+fn scope_item(value: &str, label: &str) -> minijinja::Value {
+    minijinja::Value::from_pairs([("value", value), ("label", label)])
+}
+
+/// Words for a scope on the consent page.
+fn describe(scope: &str) -> String {
+    match parse(scope) {
+        Ok(Scope::Resource(_)) => {
+            let (level, rest) = scope.split_once('/').unwrap_or(("", scope));
+            let (ty, perms) = rest.rsplit_once('.').unwrap_or((rest, ""));
+            let ty = if ty == "*" {
+                "all kinds of records"
+            } else {
+                ty
+            };
+            let perms = perms.split('?').next().unwrap_or(perms);
+            let verbs: Vec<&str> = match perms {
+                "read" | "*" => vec!["read", "search"],
+                "write" => vec!["create", "change", "delete"],
+                letters => letters
+                    .chars()
+                    .filter_map(|c| match c {
+                        'c' => Some("create"),
+                        'r' => Some("read"),
+                        'u' => Some("change"),
+                        'd' => Some("delete"),
+                        's' => Some("search"),
+                        _ => None,
+                    })
+                    .collect(),
+            };
+            let whose = if level == "patient" { "your" } else { "the" };
+            format!("{} {whose} {ty}", verbs.join(", "))
+        }
+        _ => match scope {
+            "launch/patient" => "know which patient you are".into(),
+            "openid" | "fhirUser" | "profile" => "know who you are".into(),
+            "offline_access" => "keep access when you are not using it".into(),
+            "online_access" => "keep access while you use it".into(),
+            other => other.into(),
+        },
+    }
+}
+
+fn redirect(location: &str) -> Response<BoxBody> {
+    let mut resp = Response::new(crate::body::empty());
+    *resp.status_mut() = StatusCode::FOUND;
+    match HeaderValue::from_str(location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
+    }
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// An OAuth error sent back to the app's (registered) redirect URI.
+fn redirect_error(
+    redirect_uri: &str,
+    error: &str,
+    description: &str,
+    state: Option<&str>,
+) -> Response<BoxBody> {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    q.append_pair("error", error)
+        .append_pair("error_description", description);
+    if let Some(s) = state {
+        q.append_pair("state", s);
+    }
+    let sep = if redirect_uri.contains('?') { '&' } else { '?' };
+    redirect(&format!("{redirect_uri}{sep}{}", q.finish()))
+}
+
+fn unavailable(e: StoreError) -> OAuthError {
+    tracing::warn!(error = %e, "state store unavailable");
+    OAuthError::temporarily_unavailable("state cannot be read or kept now")
+}
+
+/// 256 random bits, base64url.
+fn random_token() -> String {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 32];
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Whether two secrets are equal, in time that depends on their length only.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// RFC 7636 S256: base64url(SHA-256(verifier)).
+pub fn pkce_challenge(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        verifier.as_bytes(),
+    ))
+}
+
+/// What a secret is stored under: its SHA-256, so the store never holds one usable as is.
+fn digest(secret: &str) -> String {
+    URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        secret.as_bytes(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pkce_s256_matches_rfc7636() {
+        // RFC 7636 appendix B.
+        assert_eq!(
+            pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
+    }
+
+    #[test]
+    fn apps_get_patient_and_user_scopes_within_registration() {
+        let reg = "launch/patient openid fhirUser offline_access patient/*.rs user/Patient.r";
+        assert_eq!(
+            app_grant(
+                "launch/patient openid patient/Observation.rs system/*.rs profile",
+                reg
+            ),
+            "launch/patient openid patient/Observation.rs"
+        );
+        assert_eq!(app_grant("patient/*.cruds", reg), "patient/*.rs");
+        assert_eq!(app_grant("launch user/Observation.rs", reg), "");
+    }
+
+    #[test]
+    fn the_patient_comes_from_a_patient_user_only() {
+        let user = |f: &str| User {
+            sub: "s".into(),
+            fhir_user: Some(f.into()),
+        };
+        let scope = "launch/patient patient/*.rs";
+        assert_eq!(
+            context_patient(scope, &user("Patient/123")).as_deref(),
+            Some("123")
+        );
+        assert_eq!(
+            context_patient(scope, &user("https://f.example/r4/Patient/p-1")).as_deref(),
+            Some("p-1")
+        );
+        assert_eq!(context_patient(scope, &user("Practitioner/9")), None);
+        assert_eq!(context_patient("patient/*.rs", &user("Patient/123")), None);
+        assert_eq!(context_patient(scope, &user("Patient/a b")), None);
+    }
+
+    #[test]
+    fn pages_render_escaped() {
+        let pages = Pages::new();
+        let html = pages
+            .render(
+                "error.html",
+                minijinja::context! { realm => "r", base_path => "/r4", message => "<script>x</script>" },
+            )
+            .unwrap();
+        assert!(
+            html.contains("&lt;script&gt;x&lt;&#x2f;script&gt;"),
+            "{html}"
+        );
+        assert!(!html.contains("<script>"));
+        let html = pages
+            .render(
+                "consent.html",
+                minijinja::context! {
+                    realm => "r", base_path => "/r4", action => "/r4/auth/consent",
+                    client_id => "\"><img src=x>", txn => "t", csrf => "c",
+                    scopes => [scope_item("patient/*.rs", "your *.rs")].into_iter().collect::<minijinja::Value>(),
+                    user => "Patient/1", patient => "1",
+                },
+            )
+            .unwrap();
+        assert!(!html.contains("<img"), "{html}");
+        assert!(html.contains(r#"name="csrf" value="c""#), "{html}");
+    }
+}
