@@ -77,6 +77,26 @@ fn letter_per_interaction() {
     }
 }
 
+/// A Patient compartment search by a token not confined to one patient (a granular user
+/// scope) is not narrowed to what the token sees: the answer is filtered.
+#[test]
+fn compartment_search_without_a_sole_patient_is_filtered() {
+    let p = plan(
+        "user/Observation.rs?category=laboratory",
+        None,
+        "GET",
+        "/Patient/123/Observation",
+    );
+    assert_eq!(p.verify, Verify::Bundle { narrowed: false });
+    let p = plan(
+        "patient/Observation.rs",
+        Some("123"),
+        "GET",
+        "/Patient/123/Observation",
+    );
+    assert_eq!(p.verify, Verify::Bundle { narrowed: true });
+}
+
 /// The denial names the narrowest scope that would have allowed the request.
 #[test]
 fn denial_names_needed_scope() {
@@ -389,6 +409,22 @@ fn confined_searches() {
         ["category"]
     );
     assert!(plan(s, p, "GET", "/Observation?code=x").elements.is_empty());
+    // `_summary=text` narrows what is returned like `_elements`; other values of
+    // `_summary`, and the value "text" of another parameter, do not.
+    assert_eq!(
+        plan(s, p, "GET", "/Observation?_summary=text").elements,
+        ["performer", "subject"]
+    );
+    assert!(
+        plan(s, p, "GET", "/Observation?_summary=count")
+            .elements
+            .is_empty()
+    );
+    assert!(
+        plan(s, p, "GET", "/Observation?code=text")
+            .elements
+            .is_empty()
+    );
     // A verified Binary read may be answered in native form; nothing else is marked so.
     assert!(plan("patient/Binary.r", p, "GET", "/Binary/1").binary_read);
     assert!(plan("patient/Binary.r", p, "GET", "/Binary/1/_history/2").binary_read);
