@@ -905,7 +905,12 @@ impl Launch {
             client_id => sign_in.client_id.clone(), txn => txn, csrf => sign_in.csrf.clone(),
             scopes => scopes, user => user, patient => patient,
         };
-        self.page(StatusCode::OK, "consent.html", ctx)
+        self.page_to(
+            StatusCode::OK,
+            "consent.html",
+            ctx,
+            Some(&sign_in.redirect_uri),
+        )
     }
 
     fn error_page(&self, status: StatusCode, message: &str) -> Response<BoxBody> {
@@ -916,6 +921,18 @@ impl Launch {
     }
 
     fn page(&self, status: StatusCode, name: &str, ctx: minijinja::Value) -> Response<BoxBody> {
+        self.page_to(status, name, ctx, None)
+    }
+
+    /// A page whose form may lead to `app` (the app's redirect URI): CSP `form-action`
+    /// covers where a form's answer redirects, so that origin is allowed beside ours.
+    fn page_to(
+        &self,
+        status: StatusCode,
+        name: &str,
+        ctx: minijinja::Value,
+        app: Option<&str>,
+    ) -> Response<BoxBody> {
         let html = self.pages.render(name, ctx).unwrap_or_else(|e| {
             tracing::error!(error = %e, page = name, "page failed to render");
             "<!doctype html><title>Error</title><p>Something went wrong.</p>".to_owned()
@@ -923,6 +940,16 @@ impl Launch {
         let mut resp = Response::new(full(html));
         *resp.status_mut() = status;
         page_headers(resp.headers_mut());
+        let form_action = app
+            .and_then(origin)
+            .map_or_else(|| "'self'".to_owned(), |o| format!("'self' {o}"));
+        let csp = format!(
+            "default-src 'self'; frame-ancestors 'none'; form-action {form_action}; base-uri 'none'"
+        );
+        if let Ok(v) = HeaderValue::from_str(&csp) {
+            resp.headers_mut()
+                .insert(header::CONTENT_SECURITY_POLICY, v);
+        }
         resp
     }
 
@@ -941,14 +968,21 @@ impl Launch {
     }
 }
 
-/// Headers of every page: no script, no framing, nothing from elsewhere, nothing kept.
+/// `scheme://authority` of an absolute URL.
+fn origin(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let clean = authority
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    (clean && !authority.is_empty()).then(|| format!("{scheme}://{authority}"))
+}
+
+/// Headers of every page: no script, no framing, nothing from elsewhere, nothing kept (the
+/// CSP is set by the caller).
 fn page_headers(h: &mut http::HeaderMap) {
     for (name, value) in [
         (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-        (
-            header::CONTENT_SECURITY_POLICY,
-            "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
-        ),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::REFERRER_POLICY, "no-referrer"),
@@ -1098,6 +1132,22 @@ fn digest(secret: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins_of_redirect_uris() {
+        assert_eq!(
+            origin("https://app.example.org/cb?x=1").as_deref(),
+            Some("https://app.example.org")
+        );
+        assert_eq!(
+            origin("http://127.0.0.1:8000/cb").as_deref(),
+            Some("http://127.0.0.1:8000")
+        );
+        // Nothing that could end the CSP directive or add a source.
+        assert_eq!(origin("https://a.example; script-src *"), None);
+        assert_eq!(origin("https://a b/"), None);
+        assert_eq!(origin("no-scheme"), None);
+    }
 
     #[test]
     fn pkce_s256_matches_rfc7636() {

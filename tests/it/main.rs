@@ -21,6 +21,7 @@ mod authz_server;
 mod binary;
 mod compartment;
 mod discovery;
+mod e2e_browser;
 mod e2e_fhir;
 mod e2e_oidc;
 mod generated_tables;
