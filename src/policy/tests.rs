@@ -1341,3 +1341,40 @@ fn records_reached_through_another_resource_are_each_judged() {
         );
     }
 }
+
+/// A conditional create or write under a confined or a constrained scope goes with
+/// `Prefer: handling=strict`, each kind alone enough; an instance operation is refused
+/// for another patient only on Patient.
+#[test]
+fn confined_or_constrained_writes_are_strict() {
+    let create = |scopes: &str, patient: Option<&str>| {
+        let mut h = HeaderMap::new();
+        h.insert("if-none-exist", "identifier=x".parse().unwrap());
+        let r = classify(&Method::POST, "/Observation", None, &h, None, None).unwrap();
+        let grants = Grants::parse(scopes.split_whitespace());
+        let ctx = Context::new(patient, None, false);
+        match authorize(&grants, &ctx, &r, &Policy::default()) {
+            Decision::Allow(p) => p,
+            d => panic!("{scopes}: {d:?}"),
+        }
+    };
+    assert!(create("patient/Observation.c", Some("123")).strict);
+    assert!(create("user/Observation.c?category=laboratory", None).strict);
+    let narrow = Policy {
+        narrow_conditional_writes: true,
+        ..Policy::default()
+    };
+    let grants = Grants::parse(["user/Observation.u?category=laboratory"]);
+    let ctx = Context::new(None, None, false);
+    match authorize(&grants, &ctx, &req("PUT", "/Observation?code=x"), &narrow) {
+        Decision::Allow(plan) => assert!(plan.strict),
+        d => panic!("{d:?}"),
+    }
+    let p = plan(
+        "patient/Observation.cu",
+        Some("123"),
+        "POST",
+        "/Observation/1/$validate",
+    );
+    assert_ne!(p.verify, Verify::None);
+}

@@ -248,3 +248,52 @@ fn method_override_refused() {
         ));
     }
 }
+
+/// Each special path is what it is for its methods only: any other method falls through to
+/// the next reading of the path (a type named "metadata", an id named "_history"), which
+/// fails, or is refused as a method FHIR has nowhere there.
+#[test]
+fn special_paths_by_method() {
+    use ClassifyError::*;
+    let err = |method: &str, path: &str| c(method, path).unwrap_err();
+    for (method, path, want) in [
+        ("PUT", "", MethodNotAllowed),
+        ("DELETE", "", MethodNotAllowed),
+        ("POST", "/metadata", UnknownType),
+        ("POST", "/_history", UnknownType),
+        ("PUT", "/_search", UnknownType),
+        ("DELETE", "/_search", UnknownType),
+        ("DELETE", "/Observation/1/_history", MethodNotAllowed),
+        ("PUT", "/Observation/1/_history/2", MethodNotAllowed),
+        ("DELETE", "/Patient/1/Observation", MethodNotAllowed),
+    ] {
+        assert_eq!(err(method, path), want, "{method} {path}");
+    }
+    // An id may not start with '_': a write to [type]/_search or [type]/_history is a
+    // malformed instance, not a search or a history.
+    for (method, path) in [
+        ("PUT", "/Observation/_search"),
+        ("PATCH", "/Observation/_search"),
+        ("DELETE", "/Observation/_history"),
+        ("PUT", "/Observation/_history"),
+    ] {
+        assert!(
+            matches!(err(method, path), BadRequest(_)),
+            "{method} {path}"
+        );
+    }
+    // POST where FHIR has no POST, and paths too long for any interaction: 400; a path of
+    // up to four segments with a method FHIR has nowhere there: 405.
+    for (method, path) in [
+        ("POST", "/Observation/1/_history"),
+        ("POST", "/Patient/1/Observation"),
+        ("GET", "/Observation/1/_history/2/x"),
+        ("DELETE", "/Observation/1/_history/2/x"),
+    ] {
+        assert!(
+            matches!(err(method, path), BadRequest(_)),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(err("PATCH", "/Observation/1/_history/2"), MethodNotAllowed);
+}
