@@ -234,19 +234,7 @@ impl RedisStore {
     }
 
     async fn insert_new(&self, key: &str, value: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let ms = ttl.as_millis().max(1).to_string();
-        let key = self.key(key);
-        match self
-            .command(&[
-                b"SET",
-                key.as_bytes(),
-                value.as_bytes(),
-                b"NX",
-                b"PX",
-                ms.as_bytes(),
-            ])
-            .await?
-        {
+        match self.set(key, value, ttl, true).await? {
             Reply::Simple(ok) if ok == "OK" => Ok(true),
             Reply::Bulk(None) => Ok(false),
             other => Err(unexpected(other)),
@@ -254,21 +242,28 @@ impl RedisStore {
     }
 
     async fn put(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
-        let ms = ttl.as_millis().max(1).to_string();
-        let key = self.key(key);
-        match self
-            .command(&[
-                b"SET",
-                key.as_bytes(),
-                value.as_bytes(),
-                b"PX",
-                ms.as_bytes(),
-            ])
-            .await?
-        {
+        match self.set(key, value, ttl, false).await? {
             Reply::Simple(ok) if ok == "OK" => Ok(()),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// `SET key value [NX] PX ttl`.
+    async fn set(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+        nx: bool,
+    ) -> Result<Reply, StoreError> {
+        let ms = ttl.as_millis().max(1).to_string();
+        let key = self.key(key);
+        let mut args: Vec<&[u8]> = vec![b"SET", key.as_bytes(), value.as_bytes()];
+        if nx {
+            args.push(b"NX");
+        }
+        args.extend([&b"PX"[..], ms.as_bytes()]);
+        self.command(&args).await
     }
 
     async fn take(&self, key: &str) -> Result<Option<String>, StoreError> {

@@ -217,18 +217,7 @@ pub(super) fn discovery(
             HeaderValue::from_static("Accept, Content-Type"),
         );
     } else {
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_ORIGIN,
-            HeaderValue::from_static("*"),
-        );
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("public, max-age=300"),
-        );
+        public_json_headers(h);
         if *method == Method::HEAD {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(doc.len()));
         }
@@ -239,18 +228,23 @@ pub(super) fn discovery(
 /// A public JSON document (the OpenID Connect configuration), readable cross-origin.
 pub(super) fn json_document(doc: &serde_json::Value) -> Response<BoxBody> {
     let mut resp = Response::new(full(doc.to_string()));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    public_json_headers(resp.headers_mut());
+    resp
+}
+
+/// The headers of a public JSON document: any origin may read it, caches may keep it
+/// five minutes.
+fn public_json_headers(h: &mut http::HeaderMap) {
     h.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
     );
     h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=300"),
     );
-    resp
 }
