@@ -45,6 +45,8 @@ pub struct Client {
     pub scope: String,
     /// Where an app may be sent back with a code (empty: a backend client).
     pub redirect_uris: Vec<String>,
+    /// An EHR, which may mint launch contexts.
+    pub ehr: bool,
     credential: Credential,
 }
 
@@ -420,6 +422,7 @@ fn client(
         id: c.client_id.clone(),
         scope: c.scope.clone(),
         redirect_uris: c.redirect_uris.clone(),
+        ehr: c.ehr,
         credential,
     })
 }

@@ -33,6 +33,8 @@ use crate::store::{Store, StoreError};
 
 /// How long a sign-in may take, from `/authorize` to the consent.
 const SIGN_IN_TIME: Duration = Duration::from_secs(600);
+/// How long an EHR launch context may wait for the app.
+const LAUNCH_LIFE: Duration = Duration::from_secs(300);
 /// How long an authorization code lives (SMART: short).
 const CODE_LIFE: Duration = Duration::from_secs(60);
 /// The cookie binding a sign-in to the browser that started it.
@@ -40,6 +42,7 @@ const COOKIE: &str = "smartgate_signin";
 
 /// Scopes an app may ask for besides resource scopes (SMART App Launch 2.2 scopes).
 const CONTEXT_SCOPES: &[&str] = &[
+    "launch",
     "launch/patient",
     "openid",
     "fhirUser",
@@ -152,6 +155,17 @@ struct SignIn {
     idp_nonce: String,
     csrf: String,
     user: Option<User>,
+    /// The EHR's launch context, for an EHR launch.
+    launch: Option<LaunchContext>,
+}
+
+/// What an EHR said the app is launched for (`POST /auth/launch`).
+#[derive(Clone, Serialize, Deserialize)]
+struct LaunchContext {
+    /// The EHR client that minted it.
+    ehr: String,
+    patient: Option<String>,
+    encounter: Option<String>,
 }
 
 /// Who signed in.
@@ -161,8 +175,8 @@ struct User {
     fhir_user: Option<String>,
 }
 
-/// A checked authorization request: state, PKCE challenge, scopes, nonce.
-type Checked = (String, String, String, Option<String>);
+/// A checked authorization request: state, PKCE challenge, scopes, nonce, launch id.
+type Checked = (String, String, String, Option<String>, Option<String>);
 
 /// What a code (and then a refresh token) stands for.
 #[derive(Serialize, Deserialize)]
@@ -172,6 +186,7 @@ struct Granted {
     code_challenge: String,
     scope: String,
     patient: Option<String>,
+    encounter: Option<String>,
     user: User,
     nonce: Option<String>,
     /// The refresh token family, once there is one.
@@ -280,15 +295,21 @@ impl Launch {
             }
         };
         let state = one("state").ok().flatten().map(str::to_owned);
-        let (state, code_challenge, scope, nonce) = match self.check_request(client, &params) {
-            Ok(v) => v,
-            Err((error, description)) => {
-                return redirect_error(&redirect_uri, error, &description, state.as_deref());
-            }
-        };
+        let (state, code_challenge, scope, nonce, launch) =
+            match self.check_request(client, &params) {
+                Ok(v) => v,
+                Err((error, description)) => {
+                    return redirect_error(&redirect_uri, error, &description, state.as_deref());
+                }
+            };
         let app_state = state.clone();
         let back = |error: &str, description: &str| {
             redirect_error(&redirect_uri, error, description, Some(&app_state))
+        };
+        // An EHR launch: the context the EHR minted, used once.
+        let launch = match self.take_launch(launch.as_deref()).await {
+            Ok(l) => l,
+            Err((error, description)) => return back(error, description),
         };
         let txn = random_token();
         let sign_in = SignIn {
@@ -302,6 +323,7 @@ impl Launch {
             idp_nonce: random_token(),
             csrf: random_token(),
             user: None,
+            launch,
         };
         let provider = match self.provider().await {
             Ok(p) => p,
@@ -339,6 +361,29 @@ impl Launch {
             resp.headers_mut().insert(header::SET_COOKIE, v);
         }
         resp
+    }
+
+    /// The EHR launch context `id` names, taken (it serves one launch); `None` without one.
+    async fn take_launch(
+        &self,
+        id: Option<&str>,
+    ) -> Result<Option<LaunchContext>, (&'static str, &'static str)> {
+        let Some(id) = id else {
+            return Ok(None);
+        };
+        match self.store.take(&format!("launch:{}", digest(id))).await {
+            Ok(Some(text)) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|_| ("invalid_request", "the launch context is unreadable")),
+            Ok(None) => Err(("invalid_request", "unknown or expired launch")),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the launch context");
+                Err((
+                    "temporarily_unavailable",
+                    "the launch context cannot be read",
+                ))
+            }
+        }
     }
 
     /// The app's request, checked after its client and redirect URI: the state, the PKCE
@@ -380,9 +425,7 @@ impl Launch {
         if aud.trim_end_matches('/') != self.base {
             return Err(bad("aud is not this FHIR server"));
         }
-        if one("launch")?.is_some() {
-            return Err(bad("EHR launch is not offered here"));
-        }
+        let launch = one("launch")?.map(str::to_owned);
         let scope = app_grant(one("scope")?.unwrap_or(""), &client.scope);
         if scope.is_empty() {
             return Err((
@@ -390,8 +433,13 @@ impl Launch {
                 "no requested scope is registered for this app".into(),
             ));
         }
+        if launch.is_some() != split(&scope).any(|s| s == "launch") {
+            return Err(bad(
+                "an EHR launch comes with the launch parameter and the launch scope, together",
+            ));
+        }
         let nonce = one("nonce")?.map(str::to_owned);
-        Ok((state.to_owned(), challenge.to_owned(), scope, nonce))
+        Ok((state.to_owned(), challenge.to_owned(), scope, nonce, launch))
     }
 
     /// `GET /auth/callback`: the provider's answer. The user is known; the consent page
@@ -432,7 +480,7 @@ impl Launch {
                 );
             }
         };
-        let patient = context_patient(&sign_in.scope, &user);
+        let patient = launch_patient(&sign_in, &user);
         if sign_in.scope.split(' ').any(|s| s == "launch/patient") && patient.is_none() {
             return redirect_error(
                 &sign_in.redirect_uri,
@@ -501,11 +549,18 @@ impl Launch {
             .filter(|s| form.iter().any(|(k, v)| k == "scope" && v == s))
             .collect();
         let scope = approved.join(" ");
+        let in_context = |s: &str| approved.contains(&s);
+        let ehr = sign_in.launch.as_ref().filter(|_| in_context("launch"));
+        let patient = match ehr {
+            Some(l) => l.patient.clone(),
+            None => context_patient(&scope, &user),
+        };
         let granted = Granted {
             client_id: sign_in.client_id.clone(),
             redirect_uri: sign_in.redirect_uri.clone(),
             code_challenge: sign_in.code_challenge.clone(),
-            patient: context_patient(&scope, &user),
+            patient,
+            encounter: ehr.and_then(|l| l.encounter.clone()),
             scope,
             user,
             nonce: sign_in.nonce.clone(),
@@ -690,6 +745,42 @@ impl Launch {
         Ok(())
     }
 
+    /// `POST /auth/launch`: an EHR mints the context an app is launched for (patient,
+    /// encounter); the app brings the returned `launch` to `/auth/authorize`, once, within
+    /// five minutes.
+    pub async fn mint_launch(
+        &self,
+        ehr: &Client,
+        form: &[(String, String)],
+    ) -> Result<Value, OAuthError> {
+        let id_of = |name: &str| -> Result<Option<String>, OAuthError> {
+            match super::one(form, name)? {
+                None => Ok(None),
+                Some(v) if fhir_id(v) => Ok(Some(v.to_owned())),
+                Some(_) => Err(OAuthError::invalid_request(format!(
+                    "{name} is not a FHIR id"
+                ))),
+            }
+        };
+        let context = LaunchContext {
+            ehr: ehr.id.clone(),
+            patient: id_of("patient")?,
+            encounter: id_of("encounter")?,
+        };
+        if context.patient.is_none() && context.encounter.is_none() {
+            return Err(OAuthError::invalid_request(
+                "a launch names a patient, an encounter or both",
+            ));
+        }
+        let launch = random_token();
+        let text = serde_json::to_string(&context).unwrap_or_default();
+        self.store
+            .put(&format!("launch:{}", digest(&launch)), &text, LAUNCH_LIFE)
+            .await
+            .map_err(unavailable)?;
+        Ok(json!({"launch": launch, "expires_in": LAUNCH_LIFE.as_secs()}))
+    }
+
     /// The token answer for what was granted: access token, id_token when `openid` was
     /// granted, refresh token when offline or online access was.
     async fn tokens(
@@ -703,6 +794,9 @@ impl Launch {
         let mut extra = Map::new();
         if let Some(p) = &granted.patient {
             extra.insert("patient".into(), json!(p));
+        }
+        if let Some(e) = &granted.encounter {
+            extra.insert("encounter".into(), json!(e));
         }
         if let Some(f) = granted
             .user
@@ -722,6 +816,9 @@ impl Launch {
         if let Some(p) = &granted.patient {
             answer["patient"] = json!(p);
             answer["need_patient_banner"] = json!(true);
+        }
+        if let Some(e) = &granted.encounter {
+            answer["encounter"] = json!(e);
         }
         if has("openid") {
             answer["id_token"] = json!(self.id_token(&granted)?);
@@ -1003,6 +1100,22 @@ pub fn app_grant(requested: &str, registered: &str) -> String {
         .join(" ")
 }
 
+/// The patient of a sign-in: the EHR's, for an EHR launch; else the signed-in Patient.
+fn launch_patient(sign_in: &SignIn, user: &User) -> Option<String> {
+    match &sign_in.launch {
+        Some(l) => l.patient.clone(),
+        None => context_patient(&sign_in.scope, user),
+    }
+}
+
+/// A FHIR id: `[A-Za-z0-9\-\.]{1,64}`.
+fn fhir_id(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 /// The patient in context: the signed-in Patient, for `launch/patient`.
 fn context_patient(scope: &str, user: &User) -> Option<String> {
     if !scope.split(' ').any(|s| s == "launch/patient") {
@@ -1011,12 +1124,7 @@ fn context_patient(scope: &str, user: &User) -> Option<String> {
     let reference = user.fhir_user.as_deref()?;
     let tail = reference.rsplit_once("Patient/").map(|(_, id)| id)?;
     let id = tail.split(['/', '?', '#']).next()?;
-    (!id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
-    .then(|| id.to_owned())
+    fhir_id(id).then(|| id.to_owned())
 }
 
 /// One scope of the consent page's list.
@@ -1056,6 +1164,7 @@ fn describe(scope: &str) -> String {
         }
         _ => match scope {
             "launch/patient" => "know which patient you are".into(),
+            "launch" => "know what you opened it for in your record system".into(),
             "openid" | "fhirUser" | "profile" => "know who you are".into(),
             "offline_access" => "keep access when you are not using it".into(),
             "online_access" => "keep access while you use it".into(),

@@ -214,7 +214,14 @@ impl AuthServer {
                 note.endpoint = "revoke";
                 self.revoke(req, note).await
             }
-            ("/auth/token" | "/auth/introspect" | "/auth/jwks" | "/auth/revoke", _) => {
+            ("/auth/launch", &Method::POST) if self.launch.is_some() => {
+                note.endpoint = "launch";
+                self.mint_launch(req, note).await
+            }
+            (
+                "/auth/token" | "/auth/introspect" | "/auth/jwks" | "/auth/revoke" | "/auth/launch",
+                _,
+            ) => {
                 return Err(GatewayError::MethodNotAllowed);
             }
             _ => return Err(GatewayError::NotFound),
@@ -371,6 +378,32 @@ impl AuthServer {
             ));
         }
         Ok(client)
+    }
+
+    /// `POST /auth/launch`: a registered EHR (`ehr = true`, authenticated) mints a launch
+    /// context.
+    async fn mint_launch(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        note: &mut AuthzNote,
+    ) -> Result<Response<BoxBody>, OAuthError> {
+        let launch = self
+            .launch
+            .as_ref()
+            .ok_or_else(|| OAuthError::invalid_request("not offered"))?;
+        let (basic, form) = read_form(req).await?;
+        let client = self.authenticate_client(basic.as_deref(), &form).await?;
+        note.client_id = Some(client.id.clone());
+        if !client.ehr {
+            return Err(OAuthError::new(
+                StatusCode::FORBIDDEN,
+                "unauthorized_client",
+                "this client is not registered as an EHR (ehr = true)",
+            ));
+        }
+        let answer = launch.mint_launch(client, &form).await?;
+        note.result = "issued";
+        Ok(json_response(StatusCode::OK, &answer))
     }
 
     /// `POST /auth/revoke` (RFC 7009).

@@ -405,6 +405,9 @@ pub struct ClientConfig {
     /// Where the app may be sent back with a code (SMART App Launch), compared exactly.
     #[serde(default)]
     pub redirect_uris: Vec<String>,
+    /// An EHR: may mint launch contexts at `/auth/launch` (SMART EHR launch).
+    #[serde(default)]
+    pub ehr: bool,
 }
 
 /// `[smart]`: SMART App Launch 2.2 conformance.html fields.
@@ -1477,6 +1480,12 @@ impl Config {
                 "set exactly one of jwks, jwks_uri, client_secret_hash (or public = true)".into(),
             );
         }
+        if c.ehr && c.public {
+            return err(
+                &key("ehr"),
+                "an EHR mints launch contexts and must authenticate: not public".into(),
+            );
+        }
         if c.public && c.redirect_uris.is_empty() {
             return err(
                 &key("redirect_uris"),
@@ -1685,6 +1694,9 @@ fn app_launch_discovery(s: &mut SmartConfig, base: &str, public_clients: bool) {
     s.response_types_supported
         .get_or_insert_with(|| vec!["code".to_owned()]);
     let mut launch = vec![
+        "launch-ehr",
+        "context-ehr-patient",
+        "context-ehr-encounter",
         "launch-standalone",
         "context-standalone-patient",
         "permission-offline",

@@ -86,6 +86,14 @@ impl Provider {
     }
 }
 
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn basic_auth(id: &str, secret: &str) -> String {
     use base64::Engine;
     format!(
@@ -140,9 +148,16 @@ client_secret = "idp-secret"
 client_id = "{APP}"
 public = true
 redirect_uris = ["{REDIRECT}"]
-scope = "launch/patient openid fhirUser offline_access patient/*.rs"
+scope = "launch launch/patient openid fhirUser offline_access patient/*.rs"
+
+[[authorization_server.clients]]
+client_id = "ehr"
+ehr = true
+client_secret_hash = "sha256:{}"
+scope = "system/Patient.r"
 "#,
-        idp.issuer()
+        idp.issuer(),
+        sha256_hex("ehr-secret")
     );
     config_auth(&fhir.base(), "[auth]\nmode = \"embedded\"\n", &extra)
 }
@@ -841,4 +856,114 @@ async fn refresh_like_token_request(gw: &TestGateway) -> (StatusCode, http::Head
         None,
     )
     .await
+}
+
+/// An EHR launch: the EHR mints the context (patient, encounter) at /auth/launch, the app
+/// brings it to /authorize with the launch scope, and the token carries that context
+/// whoever signs in (a clinician here). The context is used once; only a registered,
+/// authenticated EHR may mint one.
+#[tokio::test]
+async fn ehr_launch() {
+    let e = env().await;
+    let mint = |auth: Option<String>, pairs: Vec<(&'static str, &'static str)>| {
+        let url = e.gw.url("/r4/auth/launch");
+        async move {
+            let mut s = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in pairs {
+                s.append_pair(k, v);
+            }
+            let mut req =
+                Request::post(url).header("content-type", "application/x-www-form-urlencoded");
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let (st, h, b) = send(req.body(body(s.finish())).unwrap()).await;
+            (
+                st,
+                h,
+                serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let ehr = Some(basic_auth("ehr", "ehr-secret"));
+    let (st, h, minted) = mint(ehr.clone(), vec![("patient", "456"), ("encounter", "e1")]).await;
+    assert_eq!(st, StatusCode::OK, "{minted}");
+    assert_eq!(h["cache-control"], "no-store");
+    let launch = minted["launch"].as_str().unwrap().to_owned();
+    // Not an EHR, not authenticated, not an id.
+    assert_eq!(
+        mint(None, vec![("patient", "456"), ("client_id", APP)])
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        mint(Some(basic_auth("ehr", "wrong")), vec![("patient", "456")])
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        mint(ehr.clone(), vec![("patient", "../456")]).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(mint(ehr.clone(), vec![]).await.0, StatusCode::BAD_REQUEST);
+
+    let scope = "launch openid fhirUser patient/*.rs";
+    let url = authorize_url(&e, &[("scope", scope), ("launch", &launch)]);
+    let (st, h, _) = get_with(&url, None).await;
+    assert_eq!(st, StatusCode::FOUND);
+    let q = query_of(&location(&h));
+    let txn = q["state"].clone();
+    e.idp.codes.lock().unwrap().insert(
+        "idp-code".into(),
+        (
+            "doc-1".into(),
+            "Practitioner/9".into(),
+            q["nonce"].clone(),
+            q["code_challenge"].clone(),
+        ),
+    );
+    let (st, _, page) = get_with(
+        &e.gw
+            .url(&format!("/r4/auth/callback?code=idp-code&state={txn}")),
+        Some(&txn),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{page}");
+    let code = approve(
+        &e,
+        &txn,
+        &page,
+        &["launch", "openid", "fhirUser", "patient/*.rs"],
+    )
+    .await;
+    let (st, _, t) = redeem(&e, &code, VERIFIER).await;
+    assert_eq!(st, StatusCode::OK, "{t}");
+    assert_eq!(t["patient"], "456");
+    assert_eq!(t["encounter"], "e1");
+    let access = t["access_token"].as_str().unwrap();
+    assert_eq!(
+        get_with_token(&e.gw.url("/r4/Patient/456"), access).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_with_token(&e.gw.url("/r4/Patient/123"), access).await.0,
+        StatusCode::FORBIDDEN
+    );
+
+    // Used once; and the launch parameter and scope go together.
+    for bad in [
+        vec![("scope", scope), ("launch", launch.as_str())],
+        vec![("scope", "launch openid patient/*.rs")],
+        vec![("scope", "openid patient/*.rs"), ("launch", "x")],
+    ] {
+        let (st, h, _) = get_with(&authorize_url(&e, &bad), None).await;
+        assert_eq!(st, StatusCode::FOUND);
+        assert_eq!(
+            query_of(&location(&h))["error"],
+            "invalid_request",
+            "{bad:?}"
+        );
+    }
 }
