@@ -157,6 +157,9 @@ struct SignIn {
     user: Option<User>,
     /// The EHR's launch context, for an EHR launch.
     launch: Option<LaunchContext>,
+    /// The patients a practitioner was offered to choose from (the picker).
+    #[serde(default)]
+    choices: Vec<String>,
 }
 
 /// What an EHR said the app is launched for (`POST /auth/launch`).
@@ -207,6 +210,8 @@ pub struct Launch {
     id_key: IdTokenKey,
     refresh_life: Duration,
     secure_cookie: bool,
+    /// The FHIR server, for the patient picker: its base URL and the gateway's headers.
+    upstream: (String, Vec<(String, String)>),
 }
 
 impl Launch {
@@ -251,6 +256,20 @@ impl Launch {
             pages: Pages::new(),
             id_key: IdTokenKey::new(a)?,
             refresh_life: a.refresh_token_lifetime.0,
+            upstream: (
+                config
+                    .upstream
+                    .url
+                    .as_string()
+                    .trim_end_matches('/')
+                    .to_owned(),
+                config
+                    .upstream
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
         }))
     }
 
@@ -324,6 +343,7 @@ impl Launch {
             csrf: random_token(),
             user: None,
             launch,
+            choices: Vec::new(),
         };
         let provider = match self.provider().await {
             Ok(p) => p,
@@ -339,6 +359,12 @@ impl Launch {
             tracing::warn!(error = %e, "cannot keep the sign-in");
             return back("temporarily_unavailable", "sign-in state cannot be kept");
         }
+        self.to_provider(provider, &txn, &sign_in)
+    }
+
+    /// The browser sent to the provider to sign in (the gateway's own PKCE, state and
+    /// nonce), with the cookie binding the sign-in to it.
+    fn to_provider(&self, provider: &Provider, txn: &str, sign_in: &SignIn) -> Response<BoxBody> {
         let challenge = pkce_challenge(&sign_in.idp_verifier);
         let scope = self.login.scopes.join(" ");
         let query = form_urlencoded::Serializer::new(String::new())
@@ -346,18 +372,15 @@ impl Launch {
             .append_pair("client_id", &self.login.client_id)
             .append_pair("redirect_uri", &self.callback_uri())
             .append_pair("scope", &scope)
-            .append_pair("state", &txn)
+            .append_pair("state", txn)
             .append_pair("nonce", &sign_in.idp_nonce)
             .append_pair("code_challenge", &challenge)
             .append_pair("code_challenge_method", "S256")
             .finish();
-        let sep = if provider.authorization_endpoint.contains('?') {
-            '&'
-        } else {
-            '?'
-        };
-        let mut resp = redirect(&format!("{}{sep}{query}", provider.authorization_endpoint));
-        if let Ok(v) = HeaderValue::from_str(&self.cookie(&txn, SIGN_IN_TIME)) {
+        let endpoint = &provider.authorization_endpoint;
+        let sep = if endpoint.contains('?') { '&' } else { '?' };
+        let mut resp = redirect(&format!("{endpoint}{sep}{query}"));
+        if let Ok(v) = HeaderValue::from_str(&self.cookie(txn, SIGN_IN_TIME)) {
             resp.headers_mut().insert(header::SET_COOKIE, v);
         }
         resp
@@ -481,7 +504,28 @@ impl Launch {
             }
         };
         let patient = launch_patient(&sign_in, &user);
-        if sign_in.scope.split(' ').any(|s| s == "launch/patient") && patient.is_none() {
+        let wants_patient = split(&sign_in.scope).any(|s| s == "launch/patient");
+        if wants_patient && patient.is_none() && may_pick(&sign_in.scope, &user) {
+            match self.patients().await {
+                Ok(list) if !list.is_empty() => {
+                    sign_in.choices = list.iter().map(|(id, _)| id.clone()).collect();
+                    sign_in.user = Some(user);
+                    if let Err(e) = self.save(txn, &sign_in).await {
+                        tracing::warn!(error = %e, "cannot keep the sign-in");
+                        return self.error_page(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "Sign-in state cannot be kept right now.",
+                        );
+                    }
+                    return self.consent_page_with(txn, &sign_in, None, &list);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "patient picker: the FHIR server did not answer")
+                }
+            }
+        }
+        if wants_patient && patient.is_none() {
             return redirect_error(
                 &sign_in.redirect_uri,
                 "access_denied",
@@ -549,12 +593,13 @@ impl Launch {
             .filter(|s| form.iter().any(|(k, v)| k == "scope" && v == s))
             .collect();
         let scope = approved.join(" ");
-        let in_context = |s: &str| approved.contains(&s);
-        let ehr = sign_in.launch.as_ref().filter(|_| in_context("launch"));
-        let patient = match ehr {
-            Some(l) => l.patient.clone(),
-            None => context_patient(&scope, &user),
+        let Some(patient) = chosen_patient(&sign_in, &user, &approved, field("patient")) else {
+            return self.error_page(StatusCode::FORBIDDEN, "Choose one of the patients offered.");
         };
+        let ehr = sign_in
+            .launch
+            .as_ref()
+            .filter(|_| approved.contains(&"launch"));
         let granted = Granted {
             client_id: sign_in.client_id.clone(),
             redirect_uri: sign_in.redirect_uri.clone(),
@@ -989,8 +1034,23 @@ impl Launch {
         sign_in: &SignIn,
         patient: Option<&str>,
     ) -> Response<BoxBody> {
+        self.consent_page_with(txn, sign_in, patient, &[])
+    }
+
+    /// The consent page; with `choices`, a patient picker in it.
+    fn consent_page_with(
+        &self,
+        txn: &str,
+        sign_in: &SignIn,
+        patient: Option<&str>,
+        choices: &[(String, String)],
+    ) -> Response<BoxBody> {
         let scopes: minijinja::Value = split(&sign_in.scope)
             .map(|s| scope_item(s, &describe(s)))
+            .collect();
+        let choices: minijinja::Value = choices
+            .iter()
+            .map(|(id, name)| scope_item(id, name))
             .collect();
         let user = sign_in
             .user
@@ -1000,7 +1060,7 @@ impl Launch {
             realm => self.realm.clone(), base_path => self.base_path.clone(),
             action => format!("{}/auth/consent", self.base_path),
             client_id => sign_in.client_id.clone(), txn => txn, csrf => sign_in.csrf.clone(),
-            scopes => scopes, user => user, patient => patient,
+            scopes => scopes, user => user, patient => patient, choices => choices,
         };
         self.page_to(
             StatusCode::OK,
@@ -1008,6 +1068,43 @@ impl Launch {
             ctx,
             Some(&sign_in.redirect_uri),
         )
+    }
+
+    /// Patients for the picker: the first page of a search at the FHIR server (ids and
+    /// names only), with the gateway's own credentials. Offered only to a practitioner
+    /// whose granted scopes read every Patient ([`may_pick`]).
+    async fn patients(&self) -> Result<Vec<(String, String)>, String> {
+        let (base, headers) = &self.upstream;
+        let mut req = Request::get(format!("{base}/Patient?_count=50&_elements=id,name"))
+            .header(header::ACCEPT, "application/fhir+json");
+        for (k, v) in headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let answer = self
+            .outbound
+            .call(req, Duration::from_secs(10))
+            .await
+            .map_err(|e| e.to_string())?;
+        if answer.status != StatusCode::OK {
+            return Err(format!("Patient search answered {}", answer.status));
+        }
+        let doc: Value = crate::json::parse(&answer.body).map_err(|_| "not JSON".to_owned())?;
+        let entries = doc["entry"].as_array().cloned().unwrap_or_default();
+        Ok(entries
+            .iter()
+            .map(|e| &e["resource"])
+            .filter(|r| r["resourceType"] == "Patient")
+            .filter_map(|r| {
+                let id = r["id"].as_str().filter(|id| fhir_id(id))?;
+                Some((
+                    id.to_owned(),
+                    display_name(r).unwrap_or_else(|| format!("Patient {id}")),
+                ))
+            })
+            .collect())
     }
 
     fn error_page(&self, status: StatusCode, message: &str) -> Response<BoxBody> {
@@ -1098,6 +1195,73 @@ pub fn app_grant(requested: &str, registered: &str) -> String {
         .filter(|s| CONTEXT_SCOPES.contains(s) || matches!(parse(s), Ok(Scope::Resource(_))))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The patient a consent grants: the EHR's for an EHR launch, the one picked from those
+/// offered, or the signed-in Patient; `None` (outer) when the pick was not offered.
+fn chosen_patient(
+    sign_in: &SignIn,
+    user: &User,
+    approved: &[&str],
+    picked: Option<&str>,
+) -> Option<Option<String>> {
+    if let Some(l) = sign_in
+        .launch
+        .as_ref()
+        .filter(|_| approved.contains(&"launch"))
+    {
+        return Some(l.patient.clone());
+    }
+    if sign_in.choices.is_empty() {
+        return Some(context_patient(&approved.join(" "), user));
+    }
+    let picked = picked.filter(|p| sign_in.choices.iter().any(|c| c == p))?;
+    Some(
+        approved
+            .contains(&"launch/patient")
+            .then(|| picked.to_owned()),
+    )
+}
+
+/// Whether a signed-in user may pick the patient: a Practitioner whose scopes read every
+/// Patient (user level, unconstrained), so that the list holds only what they may read.
+fn may_pick(scope: &str, user: &User) -> bool {
+    let practitioner = user
+        .fhir_user
+        .as_deref()
+        .is_some_and(|f| f.starts_with("Practitioner/") || f.contains("/Practitioner/"));
+    practitioner
+        && split(scope).any(|s| {
+            matches!(
+                s,
+                "user/Patient.r"
+                    | "user/Patient.rs"
+                    | "user/Patient.read"
+                    | "user/*.r"
+                    | "user/*.rs"
+                    | "user/*.read"
+                    | "user/Patient.cruds"
+                    | "user/*.cruds"
+                    | "user/Patient.*"
+                    | "user/*.*"
+            )
+        })
+}
+
+/// A Patient's name for the picker: `given family`, from its first name.
+fn display_name(patient: &Value) -> Option<String> {
+    let name = patient["name"].as_array()?.first()?;
+    if let Some(text) = name["text"].as_str() {
+        return Some(text.to_owned());
+    }
+    let given: Vec<&str> = name["given"]
+        .as_array()
+        .map(|g| g.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let family = name["family"].as_str().unwrap_or("");
+    let full = format!("{} {family}", given.join(" "));
+    let full = full.trim();
+    (!full.is_empty()).then(|| full.to_owned())
 }
 
 /// The patient of a sign-in: the EHR's, for an EHR launch; else the signed-in Patient.

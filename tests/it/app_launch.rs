@@ -102,14 +102,21 @@ fn basic_auth(id: &str, secret: &str) -> String {
     )
 }
 
-/// A FHIR server with patients 123 and 456.
+/// A FHIR server with patients 123 (Ann Smith) and 456 (Bo Lee).
 async fn fhir() -> FakeUpstream {
     FakeUpstream::start(Arc::new(|seen: &Seen| {
-        let id = seen.uri.rsplit('/').next().unwrap_or("").to_owned();
-        Box::pin(std::future::ready(json_response(
-            StatusCode::OK,
-            &json!({"resourceType": "Patient", "id": id}),
-        )))
+        let body = if seen.uri.contains("/Patient?") {
+            let patient = |id: &str, given: &str, family: &str| {
+                json!({"resource": {"resourceType": "Patient", "id": id,
+                    "name": [{"given": [given], "family": family}]}})
+            };
+            json!({"resourceType": "Bundle", "type": "searchset",
+                "entry": [patient("123", "Ann", "Smith"), patient("456", "Bo", "Lee")]})
+        } else {
+            let id = seen.uri.rsplit('/').next().unwrap_or("").to_owned();
+            json!({"resourceType": "Patient", "id": id})
+        };
+        Box::pin(std::future::ready(json_response(StatusCode::OK, &body)))
     }))
     .await
 }
@@ -966,4 +973,85 @@ async fn ehr_launch() {
             "{bad:?}"
         );
     }
+}
+
+/// A practitioner standalone launch with launch/patient picks the patient from the ones
+/// the FHIR server lists (their scopes read every Patient); a patient not offered is
+/// refused (picker tampering).
+#[tokio::test]
+async fn practitioner_picks_the_patient() {
+    let idp = Provider::start().await;
+    let fhir = fhir().await;
+    let text = env_config(&idp, &fhir, "").replace(
+        "scope = \"launch launch/patient openid fhirUser offline_access patient/*.rs\"",
+        "scope = \"launch/patient openid user/Patient.rs patient/*.rs\"",
+    );
+    let e = Env {
+        gw: TestGateway::boot(&text).await,
+        idp,
+        _fhir: fhir,
+    };
+    let scope = "launch/patient openid user/Patient.rs patient/*.rs";
+    let start = |e: &Env| {
+        let url = authorize_url(e, &[("scope", scope)]);
+        let codes = e.idp.codes.clone();
+        let gw = e.gw.url("/r4/auth/callback");
+        async move {
+            let (_, h, _) = get_with(&url, None).await;
+            let q = query_of(&location(&h));
+            codes.lock().unwrap().insert(
+                "idp-code".into(),
+                (
+                    "doc-1".into(),
+                    "Practitioner/9".into(),
+                    q["nonce"].clone(),
+                    q["code_challenge"].clone(),
+                ),
+            );
+            let txn = q["state"].clone();
+            let (st, _, page) =
+                get_with(&format!("{gw}?code=idp-code&state={txn}"), Some(&txn)).await;
+            assert_eq!(st, StatusCode::OK, "{page}");
+            (txn, page)
+        }
+    };
+    let (txn, page) = start(&e).await;
+    assert!(
+        page.contains(r#"type="radio" name="patient" value="123""#),
+        "{page}"
+    );
+    assert!(page.contains("Bo Lee"), "{page}");
+    let csrf = field(&page, "csrf");
+    let form = |patient: &'static str, txn: String, csrf: String| {
+        vec![
+            ("txn".to_owned(), txn),
+            ("csrf".to_owned(), csrf),
+            ("decision".to_owned(), "approve".to_owned()),
+            ("scope".to_owned(), "launch/patient".to_owned()),
+            ("scope".to_owned(), "patient/*.rs".to_owned()),
+            ("patient".to_owned(), patient.to_owned()),
+        ]
+    };
+    let post = |pairs: Vec<(String, String)>, cookie: String| {
+        let url = e.gw.url("/r4/auth/consent");
+        async move {
+            let borrowed: Vec<(&str, &str)> = pairs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            post_form(&url, &borrowed, Some(&cookie)).await
+        }
+    };
+    let (st, _, _) = post(form("999", txn.clone(), csrf.clone()), txn.clone()).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "a patient not offered");
+
+    let (txn, page) = start(&e).await;
+    let csrf = field(&page, "csrf");
+    let (st, h, _) = post(form("456", txn.clone(), csrf), txn).await;
+    assert_eq!(st, StatusCode::FOUND);
+    let code = query_of(&location(&h))["code"].clone();
+    let (st, _, t) = redeem(&e, &code, VERIFIER).await;
+    assert_eq!(st, StatusCode::OK, "{t}");
+    assert_eq!(t["patient"], "456");
+    assert_eq!(t["scope"], "launch/patient patient/*.rs");
 }
