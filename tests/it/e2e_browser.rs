@@ -1,7 +1,9 @@
 //! SMART App Launch in a real browser, against real servers: headless Chromium (Debian
 //! `chromium`, driven by npm `playwright-core`) signs a patient in at npm `oidc-provider`,
 //! approves on the gateway's consent page, and the app trades its code and reads through
-//! the gateway from the Medplum FHIR engine: its own patient, and not the other.
+//! the gateway from the Medplum FHIR engine: its own patient, and not the other. Then the
+//! same with an app built on npm `fhirclient`, the SMART project's own client: an
+//! independent check of the flows.
 
 use std::time::Duration;
 
@@ -28,6 +30,7 @@ async fn standalone_patient_launch_in_a_browser() {
     let fhir = NodeServer::start("fhir-server.mjs", &[], &[]);
     // The browser follows real addresses: the gateway and the provider on known ports.
     let (gw_port, idp_port, app_port) = (free_port(), free_port(), free_port());
+    let fhirclient_port = free_port();
     let base = format!("http://127.0.0.1:{gw_port}/r4");
     let idp = NodeServer::start(
         "login-provider.mjs",
@@ -61,7 +64,7 @@ scopes = ["openid", "fhirUser"]
 [[authorization_server.clients]]
 client_id = "browser-app"
 public = true
-redirect_uris = ["http://127.0.0.1:{app_port}/callback"]
+redirect_uris = ["http://127.0.0.1:{app_port}/callback", "http://127.0.0.1:{fhirclient_port}/callback.html"]
 scope = "launch/patient openid fhirUser offline_access patient/*.rs"
 "#,
         fhir = fhir.address,
@@ -70,28 +73,7 @@ scope = "launch/patient openid fhirUser offline_access patient/*.rs"
     let gw = TestGateway::boot(&text).await;
     let _ = Config::parse(&text, "browser", Vec::new()).unwrap();
 
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("node")
-            .arg("browser-launch.mjs")
-            .current_dir(e2e_dir())
-            .env("GATEWAY", &base)
-            .env("CLIENT_ID", "browser-app")
-            .env("APP_PORT", app_port.to_string())
-            .env("LOGIN", "p1")
-            .env("OTHER_PATIENT", "p2")
-            .env("CHROMIUM", chromium)
-            .output()
-            .unwrap()
-    });
-    let out = tokio::time::timeout(Duration::from_secs(120), out)
-        .await
-        .expect("the browser run took over two minutes")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "browser run failed: {stderr}");
-    let line = String::from_utf8_lossy(&out.stdout);
-    let seen: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap())
-        .unwrap_or_else(|e| panic!("{e}: {line} {stderr}"));
+    let seen = run_in_browser("browser-launch.mjs", &base, app_port, chromium).await;
 
     // The consent page, as the browser got it.
     assert_eq!(seen["consent_title"], "Allow access · smartgate", "{seen}");
@@ -136,6 +118,45 @@ scope = "launch/patient openid fhirUser offline_access patient/*.rs"
             && l["reason"] == "issued"),
         "{lines:#?}"
     );
+
+    // The same launch by the SMART project's own client library (npm fhirclient) in the
+    // page: discovery, PKCE, the token over CORS, the patient in context.
+    let report = run_in_browser("fhirclient-app.mjs", &base, fhirclient_port, chromium).await;
+    assert_eq!(report["patient"], "p1", "{report}");
+    assert_eq!(report["own"], "Patient/p1");
+    assert_eq!(report["other"], 403);
     gw.stop().await;
     drop(idp);
+}
+
+/// Runs a browser script from tests/e2e against the gateway at `base`: its JSON report.
+async fn run_in_browser(
+    script: &str,
+    base: &str,
+    app_port: u16,
+    chromium: &str,
+) -> serde_json::Value {
+    let (script, base, chromium) = (script.to_owned(), base.to_owned(), chromium.to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(&script)
+            .current_dir(e2e_dir())
+            .env("GATEWAY", &base)
+            .env("CLIENT_ID", "browser-app")
+            .env("APP_PORT", app_port.to_string())
+            .env("LOGIN", "p1")
+            .env("OTHER_PATIENT", "p2")
+            .env("CHROMIUM", &chromium)
+            .output()
+            .unwrap()
+    });
+    let out = tokio::time::timeout(Duration::from_secs(120), out)
+        .await
+        .expect("the browser run took over two minutes")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "browser run failed: {stderr}");
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim().lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {line} {stderr}"))
 }
