@@ -7,7 +7,8 @@
 #   ./deploy/demo.sh
 #
 # Needs Node.js 20+, npm and a Rust toolchain. Ports: GATEWAY_PORT (8080), ADMIN_PORT (9090),
-# FHIR_PORT (8081). SMARTGATE_BIN uses an existing binary instead of building one.
+# FHIR_PORT (8081), IDP_PORT (8082: the sign-in provider, npm oidc-provider), APP_PORT (8083:
+# a patient app built on SMART's fhirclient). SMARTGATE_BIN uses an existing binary.
 # DEMO_SELFTEST=1 runs the printed commands itself, checks their answers and exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ ROOT=$(pwd)
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
 ADMIN_PORT=${ADMIN_PORT:-9090}
 FHIR_PORT=${FHIR_PORT:-8081}
+IDP_PORT=${IDP_PORT:-8082}
+APP_PORT=${APP_PORT:-8083}
 BASE="http://127.0.0.1:$GATEWAY_PORT/r4"
 
 for tool in node npm curl; do
@@ -45,6 +48,16 @@ trap 'exit 130' INT TERM
 (cd tests/e2e && PORT=$FHIR_PORT exec node fhir-server.mjs) >"$WORK/fhir.log" 2>&1 &
 PIDS+=($!)
 
+# The sign-in provider for the patient app (npm oidc-provider: any password).
+IDP_SECRET=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+(cd tests/e2e && PORT=$IDP_PORT GATEWAY_CALLBACK="$BASE/auth/callback" GATEWAY_SECRET="$IDP_SECRET" \
+  exec node login-provider.mjs) >"$WORK/idp.log" 2>&1 &
+PIDS+=($!)
+# The patient app, served for a browser.
+(cd tests/e2e && GATEWAY="$BASE" CLIENT_ID=demo-app APP_PORT=$APP_PORT OTHER_PATIENT=p2 \
+  exec node fhirclient-app.mjs) >"$WORK/app.log" 2>&1 &
+PIDS+=($!)
+
 # Keys: the gateway's signing key, and the demo client's key pair.
 "$SMARTGATE_BIN" keygen --alg ES384 --out "$WORK/gateway.pem" >/dev/null 2>&1
 "$SMARTGATE_BIN" keygen --alg ES384 --out "$WORK/client.pem" 2>/dev/null >"$WORK/client-jwks.json"
@@ -67,6 +80,10 @@ mode = "embedded"
 [log]
 level = "info"
 
+[audit]
+sink = "file"
+path = "$WORK/audit.jsonl"
+
 [authorization_server]
 enabled = true
 signing_key = "$WORK/gateway.pem"
@@ -75,6 +92,18 @@ signing_key = "$WORK/gateway.pem"
 client_id = "demo-client"
 jwks = '$CLIENT_JWKS'
 scope = "system/Patient.rs system/Observation.rs"
+
+[authorization_server.login]
+issuer = "http://127.0.0.1:$IDP_PORT"
+client_id = "smartgate"
+client_secret = "$IDP_SECRET"
+scopes = ["openid", "fhirUser"]
+
+[[authorization_server.clients]]
+client_id = "demo-app"
+public = true
+redirect_uris = ["http://127.0.0.1:$APP_PORT/callback.html", "http://127.0.0.1:$((APP_PORT + 1))/callback.html"]
+scope = "launch/patient openid fhirUser patient/*.rs"
 TOML
 
 "$SMARTGATE_BIN" serve --config "$WORK/smartgate.toml" 2>"$WORK/smartgate.log" &
@@ -82,7 +111,9 @@ PIDS+=($!)
 
 for _ in $(seq 150); do
   if curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/readyz" 2>/dev/null \
-    && curl -fsS -o /dev/null "http://127.0.0.1:$FHIR_PORT/fhir/metadata" 2>/dev/null; then
+    && curl -fsS -o /dev/null "http://127.0.0.1:$FHIR_PORT/fhir/metadata" 2>/dev/null \
+    && curl -fsS -o /dev/null "http://127.0.0.1:$IDP_PORT/.well-known/openid-configuration" 2>/dev/null \
+    && curl -fsS -o /dev/null "http://127.0.0.1:$APP_PORT/launch.html" 2>/dev/null; then
     READY=1
     break
   fi
@@ -90,7 +121,7 @@ for _ in $(seq 150); do
 done
 if [ -z "${READY:-}" ]; then
   echo "demo: did not start" >&2
-  tail -n 20 "$WORK/fhir.log" "$WORK/smartgate.log" >&2
+  tail -n 20 "$WORK/fhir.log" "$WORK/smartgate.log" "$WORK/idp.log" "$WORK/app.log" >&2
   exit 1
 fi
 
@@ -106,6 +137,7 @@ smartgate demo is running
   smartgate (FHIR base)                  $BASE
   discovery                              $BASE/.well-known/smart-configuration
   metrics                                http://127.0.0.1:$ADMIN_PORT/metrics
+  audit trail (who read what)            tail -f $WORK/audit.jsonl
 
 Get a Backend Services token (a fresh signed client assertion each time):
 
@@ -120,6 +152,13 @@ A refusal (the token has no scope for Condition): 403 insufficient_scope
 
   curl -s -i -H "Authorization: Bearer \$TOKEN" '$BASE/Condition'
 
+A patient app (SMART App Launch, built on SMART's own fhirclient): open
+
+  http://127.0.0.1:$APP_PORT/launch.html
+
+sign in as p1 (any password), allow, and the app shows patient p1's record, and the
+refusal of p2's.
+
 Ctrl-C stops everything.
 EOF
 
@@ -130,6 +169,13 @@ if [ -n "${DEMO_SELFTEST:-}" ]; then
   entries=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1])).get("entry", [])))' "$WORK/read.json")
   echo "selftest: read $read_status ($entries entries), refusal $deny_status"
   [ "$read_status" = 200 ] && [ "$entries" = 3 ] && [ "$deny_status" = 403 ] || exit 1
+  # The patient app, in a headless browser where one is installed.
+  if command -v chromium >/dev/null; then
+    app=$(cd tests/e2e && GATEWAY="$BASE" CLIENT_ID=demo-app APP_PORT=$((APP_PORT + 1)) LOGIN=p1 \
+      OTHER_PATIENT=p2 CHROMIUM="$(command -v chromium)" node fhirclient-app.mjs 2>/dev/null | tail -1)
+    echo "selftest: patient app $app"
+    [ "$app" = '{"patient":"p1","own":"Patient/p1","other":403}' ] || exit 1
+  fi
   exit 0
 fi
 wait

@@ -4,8 +4,10 @@
 // other patient, and reports what it got. The browser is driven by playwright-core through
 // the provider's sign-in page and the gateway's consent page.
 //
-// Environment: GATEWAY, CLIENT_ID, APP_PORT, LOGIN, OTHER_PATIENT, CHROMIUM.
-// Prints one JSON line with the report.
+// Environment: GATEWAY, CLIENT_ID, APP_PORT, OTHER_PATIENT, and for the automated run
+// LOGIN and CHROMIUM. Without CHROMIUM it only serves the app (for a person's browser:
+// deploy/demo.sh), prints "LISTENING <launch page>" and each report as a JSON line.
+// With it, it drives the browser itself and prints one JSON line with the report.
 
 import { createServer } from 'node:http';
 import { readFileSync } from 'node:fs';
@@ -47,11 +49,12 @@ const callback = page(`
     } catch (e) {
       out.other = e.status || String(e);
     }
+    document.body.textContent = JSON.stringify(out);
     await report(out);
   }).catch((e) => report({ error: String(e) }));`);
 
 let done;
-const reported = new Promise((r) => (done = r));
+let reported = new Promise((r) => (done = r));
 const server = createServer((req, res) => {
   const path = new URL(req.url, origin).pathname;
   if (path === '/fhir-client.js') return res.writeHead(200, { 'content-type': 'text/javascript' }).end(library);
@@ -69,6 +72,14 @@ const server = createServer((req, res) => {
   res.writeHead(404).end();
 });
 await new Promise((r) => server.listen(appPort, '127.0.0.1', r));
+
+if (!process.env.CHROMIUM) {
+  console.log(`LISTENING ${origin}/launch.html`);
+  for (;;) {
+    console.log(JSON.stringify(await reported));
+    reported = new Promise((r) => (done = r));
+  }
+}
 
 const browser = await chromium.launch({ executablePath: env('CHROMIUM'), args: ['--no-sandbox'] });
 let out;

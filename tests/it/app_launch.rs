@@ -1055,3 +1055,51 @@ async fn practitioner_picks_the_patient() {
     assert_eq!(t["patient"], "456");
     assert_eq!(t["scope"], "launch/patient patient/*.rs");
 }
+
+/// A confidential app (registered with a secret) must authenticate when it redeems its
+/// code; naming itself is not enough.
+#[tokio::test]
+async fn confidential_apps_authenticate() {
+    let idp = Provider::start().await;
+    let fhir = fhir().await;
+    let text = env_config(&idp, &fhir, "").replace(
+        "client_id = \"patient-app\"\npublic = true",
+        &format!(
+            "client_id = \"patient-app\"\nclient_secret_hash = \"sha256:{}\"",
+            sha256_hex("app-secret")
+        ),
+    );
+    let e = Env {
+        gw: TestGateway::boot(&text).await,
+        idp,
+        _fhir: fhir,
+    };
+    let (txn, page) = sign_in(&e, "Patient/123").await;
+    let code = approve(&e, &txn, &page, &["launch/patient", "patient/*.rs"]).await;
+    // Named only: refused, and the code is still good for the authenticated client.
+    let (st, _, t) = redeem(&e, &code, VERIFIER).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "{t}");
+    let redeem_as = |secret: &'static str| {
+        let url = e.gw.url("/r4/auth/token");
+        let code = code.clone();
+        async move {
+            let mut s = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in [
+                ("grant_type", "authorization_code"),
+                ("code", code.as_str()),
+                ("redirect_uri", REDIRECT),
+                ("code_verifier", VERIFIER),
+            ] {
+                s.append_pair(k, v);
+            }
+            let req = Request::post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("authorization", basic_auth(APP, secret))
+                .body(body(s.finish()))
+                .unwrap();
+            send(req).await.0
+        }
+    };
+    assert_eq!(redeem_as("wrong").await, StatusCode::UNAUTHORIZED);
+    assert_eq!(redeem_as("app-secret").await, StatusCode::OK);
+}

@@ -534,6 +534,8 @@ fn demo_commands_work() {
         .env("GATEWAY_PORT", free_port().to_string())
         .env("ADMIN_PORT", free_port().to_string())
         .env("FHIR_PORT", free_port().to_string())
+        .env("IDP_PORT", free_port().to_string())
+        .env("APP_PORT", free_port().to_string())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -547,6 +549,11 @@ fn demo_commands_work() {
         "{stdout}"
     );
     assert!(stdout.contains("client-assertion --key"), "{stdout}");
+    // The patient app's launch, in a headless browser.
+    assert!(
+        stdout.contains(r#"selftest: patient app {"patient":"p1","own":"Patient/p1","other":403}"#),
+        "{stdout}"
+    );
 }
 
 /// Ctrl-C stops everything the demo started.
@@ -562,6 +569,8 @@ fn demo_stops_on_ctrl_c() {
         .env("GATEWAY_PORT", gw.to_string())
         .env("ADMIN_PORT", free_port().to_string())
         .env("FHIR_PORT", fhir.to_string())
+        .env("IDP_PORT", free_port().to_string())
+        .env("APP_PORT", free_port().to_string())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
