@@ -94,6 +94,15 @@ impl Store {
         }
     }
 
+    /// Adds one to the counter `key`, which starts at 0 and lasts `ttl` from its first
+    /// count: the count so far (a fixed-window rate limit shared by replicas).
+    pub async fn count(&self, key: &str, ttl: Duration) -> Result<u64, StoreError> {
+        match self {
+            Store::Memory(m) => m.count(key, ttl),
+            Store::Redis(r) => r.count(key, ttl).await,
+        }
+    }
+
     /// Entries held in memory (0 for Redis: the server keeps them).
     pub fn len(&self) -> usize {
         match self {
@@ -167,6 +176,24 @@ impl MemoryStore {
         }
         map.insert(key.to_owned(), (value.to_owned(), Instant::now() + ttl));
         Ok(())
+    }
+
+    fn count(&self, key: &str, ttl: Duration) -> Result<u64, StoreError> {
+        let mut map = self.lock();
+        let now = Instant::now();
+        let live = map
+            .get(key)
+            .filter(|(_, until)| *until > now)
+            .map(|(v, u)| (v.parse::<u64>().unwrap_or(0), *u));
+        let (n, until) = match live {
+            Some((n, until)) => (n + 1, until),
+            None => {
+                Self::make_room(&mut map, self.max)?;
+                (1, now + ttl)
+            }
+        };
+        map.insert(key.to_owned(), (n.to_string(), until));
+        Ok(n)
     }
 
     fn take(&self, key: &str) -> Option<String> {
@@ -269,6 +296,19 @@ impl RedisStore {
     async fn take(&self, key: &str) -> Result<Option<String>, StoreError> {
         let key = self.key(key);
         bulk(self.command(&[b"GETDEL", key.as_bytes()]).await?)
+    }
+
+    /// `SET key 0 NX PX ttl`, then `INCR key` (which keeps the expiry).
+    async fn count(&self, key: &str, ttl: Duration) -> Result<u64, StoreError> {
+        match self.set(key, "0", ttl, true).await? {
+            Reply::Simple(_) | Reply::Bulk(None) => {}
+            other => return Err(unexpected(other)),
+        }
+        let key = self.key(key);
+        match self.command(&[b"INCR", key.as_bytes()]).await? {
+            Reply::Integer(n) => u64::try_from(n).map_err(|_| unexpected(Reply::Integer(n))),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {

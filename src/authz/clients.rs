@@ -150,6 +150,28 @@ impl Clients {
         }
     }
 
+    /// [`Clients::allow`], counted in the shared store when there is one, so that the
+    /// rate holds for the client across every replica (a one-second window of `rate`
+    /// requests). A store that cannot answer refuses.
+    pub async fn admit(&self, id: &str) -> Result<bool, crate::store::StoreError> {
+        let Some(store) = &self.shared else {
+            return Ok(self.allow(id));
+        };
+        let who = if self.clients.contains_key(id) {
+            id
+        } else {
+            "*"
+        };
+        let second = jsonwebtoken::get_current_timestamp();
+        let n = store
+            .count(
+                &format!("rate:{who}:{second}"),
+                std::time::Duration::from_secs(2),
+            )
+            .await?;
+        Ok(n as f64 <= self.rate)
+    }
+
     /// Whether the shared bucket of unregistered ids and failed attempts has a token left,
     /// without taking it: checked before work a garbage request could make costly.
     pub fn unregistered_budget_left(&self) -> bool {

@@ -340,7 +340,7 @@ impl AuthServer {
                     .clients
                     .get(&id)
                     .ok_or_else(|| OAuthError::invalid_client("unknown client"))?;
-                self.limit(&client.id)?;
+                self.limit(&client.id).await?;
                 self.clients.verify_assertion(client, a).await?;
                 Ok(client)
             }
@@ -348,7 +348,7 @@ impl AuthServer {
                 let (id, secret) = Clients::basic_credentials(h).ok_or_else(|| {
                     OAuthError::invalid_client_basic("client authentication failed")
                 })?;
-                self.limit(&id)?;
+                self.limit(&id).await?;
                 self.clients.authenticate_secret(&id, &secret)
             }
         }
@@ -368,7 +368,7 @@ impl AuthServer {
             && let Some(client) = named.and_then(|id| self.clients.get(id))
             && client.is_public()
         {
-            self.limit(&client.id)?;
+            self.limit(&client.id).await?;
             return Ok(client);
         }
         let client = self.authenticate_client(basic, form).await?;
@@ -445,15 +445,20 @@ impl AuthServer {
         }
     }
 
-    fn limit(&self, id: &str) -> Result<(), OAuthError> {
-        if self.clients.allow(id) {
-            Ok(())
-        } else {
-            Err(OAuthError::new(
+    async fn limit(&self, id: &str) -> Result<(), OAuthError> {
+        match self.clients.admit(id).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(OAuthError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "slow_down",
                 "too many token requests for this client",
-            ))
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "state store unavailable for rate limits");
+                Err(OAuthError::temporarily_unavailable(
+                    "rate limits cannot be checked now",
+                ))
+            }
         }
     }
 

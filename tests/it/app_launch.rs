@@ -728,7 +728,7 @@ async fn replicas_share_state_through_redis() {
     let fhir = fhir().await;
     let backend = TestKey::ec384("backend-1");
     let extra = format!(
-        "[authorization_server.store]\nurl = \"{}\"\ntimeout = \"500ms\"\n",
+        "rate_limit = 2\n[authorization_server.store]\nurl = \"{}\"\ntimeout = \"500ms\"\n",
         redis.url()
     );
     let clients = format!(
@@ -826,6 +826,61 @@ async fn replicas_share_state_through_redis() {
     let (st, _, replay) = ask(&on_b.gw).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED, "{replay}");
     assert!(replay.contains("replay"), "{replay}");
+
+    // The rate limit holds across replicas: 2 a second for a client, wherever it asks. (Kept
+    // by each replica alone, A and B would each allow 2 in the same second.)
+    // Each replica's own bucket would be full again by now.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let local = tokio::task::LocalSet::new();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let fresh = {
+            let mut header = Header::new(Algorithm::ES384);
+            header.kid = Some("backend-1".into());
+            let claims = json!({
+                "iss": "backend", "sub": "backend", "aud": "http://gateway.test/r4/auth/token",
+                "jti": uuid::Uuid::new_v4().to_string(), "iat": now(), "exp": now() + 240,
+            });
+            jsonwebtoken::encode(&header, &claims, &backend.encoding).unwrap()
+        };
+        let url = if i % 2 == 0 { &a.gw } else { &on_b.gw }.url("/r4/auth/token");
+        // All at once: in one second, or two at most.
+        tasks.push(local.spawn_local(async move {
+            let before = now();
+            let (st, _, _) = post_form(
+                &url,
+                &[
+                    ("grant_type", "client_credentials"),
+                    ("scope", "system/Patient.rs"),
+                    (
+                        "client_assertion_type",
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    ),
+                    ("client_assertion", &fresh),
+                ],
+                None,
+            )
+            .await;
+            (before, now(), st.as_u16())
+        }));
+    }
+    let statuses = local
+        .run_until(async move {
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        })
+        .await;
+    assert!(statuses.iter().any(|s| s.2 == 429), "{statuses:?}");
+    for second in statuses.iter().map(|s| s.0) {
+        let allowed = statuses
+            .iter()
+            .filter(|(b, a, st)| *b == second && *a == second && *st == 200)
+            .count();
+        assert!(allowed <= 2, "second {second}: {statuses:?}");
+    }
 
     // The store goes away: token requests are refused (503), FHIR requests with the
     // tokens already issued are not.
