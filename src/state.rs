@@ -21,6 +21,10 @@ pub struct Snapshot {
     /// Client assertion ids seen by the embedded authorization server: handed from each
     /// snapshot to the next, so no reload forgets one before its assertion expires.
     pub replay: Arc<crate::authz::replay::ReplayGuard>,
+    /// The embedded authorization server's state (sign-ins, codes, refresh tokens):
+    /// handed from each snapshot to the next while `[authorization_server.store]` is
+    /// unchanged, so a reload forgets no code or refresh token kept in memory.
+    pub store: Arc<crate::store::Store>,
     /// Who the resources Provenance points at belong to (`Type/id` → patients), as the
     /// upstream last said, for 30 s: the lookups a Provenance read or revinclude needs
     /// (pipeline/checks.rs). At most 10,000 entries, about 150 bytes each (1.5 MiB).
@@ -211,6 +215,15 @@ impl Snapshot {
             &config.upstream.aliases,
         );
         let replay = previous.map(|p| p.replay.clone()).unwrap_or_default();
+        let store = match previous {
+            Some(p) if p.config.authorization_server.store == config.authorization_server.store => {
+                p.store.clone()
+            }
+            _ => Arc::new(
+                crate::store::Store::from_config(&config.authorization_server.store)
+                    .map_err(|e| CompileError::keyed("authorization_server.store", e))?,
+            ),
+        };
         // Reused when its configuration is unchanged, so a reload keeps its rate limits
         // (the replay guard is kept whatever changes).
         let same_authz = |p: &Snapshot| {
@@ -220,9 +233,15 @@ impl Snapshot {
         };
         let authz = match previous {
             Some(p) if same_authz(p) => p.authz.clone(),
-            _ => crate::authz::AuthServer::new(&config, outbound, metrics, replay.clone())
-                .map_err(|e| CompileError::keyed("authorization_server", e))?
-                .map(Arc::new),
+            _ => crate::authz::AuthServer::new(
+                &config,
+                outbound,
+                metrics,
+                replay.clone(),
+                store.clone(),
+            )
+            .map_err(|e| CompileError::keyed("authorization_server", e))?
+            .map(Arc::new),
         };
         let auth = match previous {
             Some(p)
@@ -258,6 +277,7 @@ impl Snapshot {
                 .time_to_live(std::time::Duration::from_secs(30))
                 .build(),
             replay,
+            store,
             generation,
             config,
             urls,

@@ -113,6 +113,7 @@ impl AuthServer {
         outbound: &Outbound,
         metrics: &crate::metrics::Metrics,
         replay: Arc<replay::ReplayGuard>,
+        store: Arc<crate::store::Store>,
     ) -> Result<Option<AuthServer>, String> {
         let a = &config.authorization_server;
         if !a.enabled {
@@ -121,7 +122,6 @@ impl AuthServer {
         let base = config.server.public_base_url.as_string();
         let base = base.trim_end_matches('/');
         let issuer = Issuer::from_config(config)?.ok_or("authorization_server: not enabled")?;
-        let store = Arc::new(crate::store::Store::from_config(&a.store)?);
         let clients = Clients::new(
             a,
             &format!("{base}/auth/token"),

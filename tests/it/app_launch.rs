@@ -1158,3 +1158,33 @@ async fn confidential_apps_authenticate() {
     assert_eq!(redeem_as("wrong").await, StatusCode::UNAUTHORIZED);
     assert_eq!(redeem_as("app-secret").await, StatusCode::OK);
 }
+
+/// A reload that changes the authorization server (a client added) keeps the state in
+/// memory: a refresh token issued before it still works after it.
+#[tokio::test]
+async fn a_reload_forgets_no_refresh_token() {
+    let idp = Provider::start().await;
+    let fhir = fhir().await;
+    let text = env_config(&idp, &fhir, "");
+    let e = Env {
+        gw: TestGateway::boot(&text).await,
+        idp,
+        _fhir: fhir,
+    };
+    let (txn, page) = sign_in(&e, "Patient/123").await;
+    let code = approve(
+        &e,
+        &txn,
+        &page,
+        &["launch/patient", "offline_access", "patient/*.rs"],
+    )
+    .await;
+    let (_, _, t) = redeem(&e, &code, VERIFIER).await;
+    let rt = t["refresh_token"].as_str().unwrap().to_owned();
+    e.gw.rewrite_config(&format!(
+        "{text}\n[[authorization_server.clients]]\nclient_id = \"late-app\"\npublic = true\nredirect_uris = [\"https://late.test/cb\"]\nscope = \"patient/*.rs\"\n"
+    ));
+    e.gw.handle.reload().unwrap();
+    let (st, r) = refresh(&e, &rt).await;
+    assert_eq!(st, StatusCode::OK, "{r}");
+}
