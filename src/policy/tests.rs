@@ -1343,13 +1343,14 @@ fn records_reached_through_another_resource_are_each_judged() {
 }
 
 /// A conditional create or write under a confined or a constrained scope goes with
-/// `Prefer: handling=strict`, each kind alone enough; an instance operation is refused
-/// for another patient only on Patient.
+/// `Prefer: handling=strict`, each kind alone enough, also when the condition already
+/// names the constraint (nothing injected, which would make it strict anyway); an
+/// instance operation is refused for another patient only on Patient.
 #[test]
 fn confined_or_constrained_writes_are_strict() {
-    let create = |scopes: &str, patient: Option<&str>| {
+    let create = |scopes: &str, patient: Option<&str>, condition: &str| {
         let mut h = HeaderMap::new();
-        h.insert("if-none-exist", "identifier=x".parse().unwrap());
+        h.insert("if-none-exist", condition.parse().unwrap());
         let r = classify(&Method::POST, "/Observation", None, &h, None, None).unwrap();
         let grants = Grants::parse(scopes.split_whitespace());
         let ctx = Context::new(patient, None, false);
@@ -1358,17 +1359,34 @@ fn confined_or_constrained_writes_are_strict() {
             d => panic!("{scopes}: {d:?}"),
         }
     };
-    assert!(create("patient/Observation.c", Some("123")).strict);
-    assert!(create("user/Observation.c?category=laboratory", None).strict);
+    let confined = "patient/Observation.c";
+    let constrained = "user/Observation.c?category=laboratory";
+    assert!(create(confined, Some("123"), "identifier=x").strict);
+    assert!(create(constrained, None, "identifier=x").strict);
+    // A constrained conditional write is refused by default, as a confined one is.
+    match authorize(
+        &Grants::parse(["user/Observation.u?category=laboratory"]),
+        &Context::new(None, None, false),
+        &req("PUT", "/Observation?category=laboratory&code=x"),
+        &Policy::default(),
+    ) {
+        Decision::Deny { reason, .. } => assert!(matches!(reason, DenyReason::Unverifiable(_))),
+        d => panic!("{d:?}"),
+    }
     let narrow = Policy {
         narrow_conditional_writes: true,
         ..Policy::default()
     };
     let grants = Grants::parse(["user/Observation.u?category=laboratory"]);
     let ctx = Context::new(None, None, false);
-    match authorize(&grants, &ctx, &req("PUT", "/Observation?code=x"), &narrow) {
-        Decision::Allow(plan) => assert!(plan.strict),
-        d => panic!("{d:?}"),
+    for path in [
+        "/Observation?code=x",
+        "/Observation?category=laboratory&code=x",
+    ] {
+        match authorize(&grants, &ctx, &req("PUT", path), &narrow) {
+            Decision::Allow(plan) => assert!(plan.strict, "{path}"),
+            d => panic!("{d:?}"),
+        }
     }
     let p = plan(
         "patient/Observation.cu",
