@@ -1394,5 +1394,13 @@ fn confined_or_constrained_writes_are_strict() {
         "POST",
         "/Observation/1/$validate",
     );
-    assert_ne!(p.verify, Verify::None);
+    // Only $everything for the sole patient counts as narrowed to what the token sees.
+    assert_eq!(p.verify, Verify::Bundle { narrowed: false });
+    let p = plan(
+        "patient/*.rs",
+        Some("123"),
+        "GET",
+        "/Patient/123/$everything",
+    );
+    assert_eq!(p.verify, Verify::Bundle { narrowed: true });
 }
