@@ -505,27 +505,17 @@ impl Launch {
         };
         let patient = launch_patient(&sign_in, &user);
         let wants_patient = split(&sign_in.scope).any(|s| s == "launch/patient");
+        // A practitioner picks the patient from those the FHIR server lists.
+        let mut offered = Vec::new();
         if wants_patient && patient.is_none() && may_pick(&sign_in.scope, &user) {
             match self.patients().await {
-                Ok(list) if !list.is_empty() => {
-                    sign_in.choices = list.iter().map(|(id, _)| id.clone()).collect();
-                    sign_in.user = Some(user);
-                    if let Err(e) = self.save(txn, &sign_in).await {
-                        tracing::warn!(error = %e, "cannot keep the sign-in");
-                        return self.error_page(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "Sign-in state cannot be kept right now.",
-                        );
-                    }
-                    return self.consent_page_with(txn, &sign_in, None, &list);
-                }
-                Ok(_) => {}
+                Ok(list) => offered = list,
                 Err(e) => {
                     tracing::warn!(error = %e, "patient picker: the FHIR server did not answer")
                 }
             }
         }
-        if wants_patient && patient.is_none() {
+        if wants_patient && patient.is_none() && offered.is_empty() {
             return redirect_error(
                 &sign_in.redirect_uri,
                 "access_denied",
@@ -533,6 +523,7 @@ impl Launch {
                 Some(&sign_in.state),
             );
         }
+        sign_in.choices = offered.iter().map(|(id, _)| id.clone()).collect();
         sign_in.user = Some(user);
         if let Err(e) = self.save(txn, &sign_in).await {
             tracing::warn!(error = %e, "cannot keep the sign-in");
@@ -541,7 +532,7 @@ impl Launch {
                 "Sign-in state cannot be kept right now.",
             );
         }
-        self.consent_page(txn, &sign_in, patient.as_deref())
+        self.consent_page_with(txn, &sign_in, patient.as_deref(), &offered)
     }
 
     /// `POST /auth/consent`: the user's choice; the app gets a code for what was approved.
@@ -1026,15 +1017,6 @@ impl Launch {
             self.base_path,
             life.as_secs()
         )
-    }
-
-    fn consent_page(
-        &self,
-        txn: &str,
-        sign_in: &SignIn,
-        patient: Option<&str>,
-    ) -> Response<BoxBody> {
-        self.consent_page_with(txn, sign_in, patient, &[])
     }
 
     /// The consent page; with `choices`, a patient picker in it.

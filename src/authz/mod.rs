@@ -387,13 +387,7 @@ impl AuthServer {
         req: Request<hyper::body::Incoming>,
         note: &mut AuthzNote,
     ) -> Result<Response<BoxBody>, OAuthError> {
-        let launch = self
-            .launch
-            .as_ref()
-            .ok_or_else(|| OAuthError::invalid_request("not offered"))?;
-        let (basic, form) = read_form(req).await?;
-        let client = self.authenticate_client(basic.as_deref(), &form).await?;
-        note.client_id = Some(client.id.clone());
+        let (launch, client, form) = self.launch_form(req, note, false).await?;
         if !client.ehr {
             return Err(OAuthError::new(
                 StatusCode::FORBIDDEN,
@@ -412,18 +406,34 @@ impl AuthServer {
         req: Request<hyper::body::Incoming>,
         note: &mut AuthzNote,
     ) -> Result<Response<BoxBody>, OAuthError> {
-        let launch = self
-            .launch
-            .as_ref()
-            .ok_or_else(|| OAuthError::invalid_request("not offered"))?;
-        let (basic, form) = read_form(req).await?;
-        let client = self.app_client(basic.as_deref(), &form).await?;
-        note.client_id = Some(client.id.clone());
+        let (launch, client, form) = self.launch_form(req, note, true).await?;
         launch.revoke(client, &form).await?;
         note.result = "revoked";
         let mut resp = Response::new(crate::body::empty());
         *resp.status_mut() = StatusCode::OK;
         Ok(resp)
+    }
+
+    /// What an App Launch form post brings: its form, and its client, authenticated (an
+    /// app may be public when `app`), noted for the audit line.
+    async fn launch_form(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        note: &mut AuthzNote,
+        app: bool,
+    ) -> Result<(&launch::Launch, &clients::Client, Vec<(String, String)>), OAuthError> {
+        let launch = self
+            .launch
+            .as_ref()
+            .ok_or_else(|| OAuthError::invalid_request("not offered"))?;
+        let (basic, form) = read_form(req).await?;
+        let client = if app {
+            self.app_client(basic.as_deref(), &form).await?
+        } else {
+            self.authenticate_client(basic.as_deref(), &form).await?
+        };
+        note.client_id = Some(client.id.clone());
+        Ok((launch, client, form))
     }
 
     /// The sign-in pages and redirects of SMART App Launch; `None` for any other path.

@@ -792,15 +792,7 @@ async fn replicas_share_state_through_redis() {
     );
 
     // A client assertion used on A is a replay on B.
-    let assertion = {
-        let mut header = Header::new(Algorithm::ES384);
-        header.kid = Some("backend-1".into());
-        let claims = json!({
-            "iss": "backend", "sub": "backend", "aud": "http://gateway.test/r4/auth/token",
-            "jti": uuid::Uuid::new_v4().to_string(), "iat": now(), "exp": now() + 240,
-        });
-        jsonwebtoken::encode(&header, &claims, &backend.encoding).unwrap()
-    };
+    let assertion = backend_assertion(&backend);
     let ask = |gw: &TestGateway| {
         let url = gw.url("/r4/auth/token");
         let assertion = assertion.clone();
@@ -834,15 +826,7 @@ async fn replicas_share_state_through_redis() {
     let local = tokio::task::LocalSet::new();
     let mut tasks = Vec::new();
     for i in 0..10 {
-        let fresh = {
-            let mut header = Header::new(Algorithm::ES384);
-            header.kid = Some("backend-1".into());
-            let claims = json!({
-                "iss": "backend", "sub": "backend", "aud": "http://gateway.test/r4/auth/token",
-                "jti": uuid::Uuid::new_v4().to_string(), "iat": now(), "exp": now() + 240,
-            });
-            jsonwebtoken::encode(&header, &claims, &backend.encoding).unwrap()
-        };
+        let fresh = backend_assertion(&backend);
         let url = if i % 2 == 0 { &a.gw } else { &on_b.gw }.url("/r4/auth/token");
         // All at once: in one second, or two at most.
         tasks.push(local.spawn_local(async move {
@@ -898,6 +882,17 @@ async fn replicas_share_state_through_redis() {
         StatusCode::FOUND,
         "the app is sent back with temporarily_unavailable"
     );
+}
+
+/// A fresh client assertion of the backend client "backend" (ES384, new jti).
+fn backend_assertion(key: &TestKey) -> String {
+    let mut header = Header::new(Algorithm::ES384);
+    header.kid = Some("backend-1".into());
+    let claims = json!({
+        "iss": "backend", "sub": "backend", "aud": "http://gateway.test/r4/auth/token",
+        "jti": uuid::Uuid::new_v4().to_string(), "iat": now(), "exp": now() + 240,
+    });
+    jsonwebtoken::encode(&header, &claims, &key.encoding).unwrap()
 }
 
 async fn fhir_again() -> FakeUpstream {
