@@ -10,6 +10,7 @@
 //! Every step's state lives in the [`Store`]: one replica may start a sign-in another
 //! finishes, and single use (codes, refresh tokens) holds across replicas.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +40,8 @@ const LAUNCH_LIFE: Duration = Duration::from_secs(300);
 const CODE_LIFE: Duration = Duration::from_secs(60);
 /// The cookie binding a sign-in to the browser that started it.
 const COOKIE: &str = "smartgate_signin";
+/// The longest name the picker's search box sends to the FHIR server (characters).
+const MAX_NAME_SEARCH: usize = 100;
 
 /// Scopes an app may ask for besides resource scopes (SMART App Launch 2.2 scopes).
 const CONTEXT_SCOPES: &[&str] = &[
@@ -209,6 +212,8 @@ pub struct Launch {
     pages: Pages,
     id_key: IdTokenKey,
     refresh_life: Duration,
+    /// `smart_style_url` of the token answers.
+    style_url: String,
     secure_cookie: bool,
     /// The FHIR server, for the patient picker: its base URL and the gateway's headers.
     upstream: (String, Vec<(String, String)>),
@@ -238,7 +243,12 @@ impl Launch {
         )?);
         let base = config.server.public_base_url.as_string();
         let base = base.trim_end_matches('/').to_owned();
+        let style_url = a.smart_style_url.as_ref().map_or_else(
+            || format!("{base}/auth/smart-style.json"),
+            |u| u.as_string(),
+        );
         Ok(Some(Launch {
+            style_url,
             base_path: config
                 .server
                 .public_base_url
@@ -508,12 +518,7 @@ impl Launch {
         // A practitioner picks the patient from those the FHIR server lists.
         let mut offered = Vec::new();
         if wants_patient && patient.is_none() && may_pick(&sign_in.scope, &user) {
-            match self.patients().await {
-                Ok(list) => offered = list,
-                Err(e) => {
-                    tracing::warn!(error = %e, "patient picker: the FHIR server did not answer")
-                }
-            }
+            offered = self.picker_list(None).await;
         }
         if wants_patient && patient.is_none() && offered.is_empty() {
             return redirect_error(
@@ -533,6 +538,64 @@ impl Launch {
             );
         }
         self.consent_page_with(txn, &sign_in, patient.as_deref(), &offered)
+    }
+
+    /// `GET /auth/consent?txn=…&name=…`: the picker's search box. The practitioner's
+    /// sign-in (this browser's, signed in, offered the picker) gets the patients whose
+    /// name matches; the choices accepted by the consent form become those. No match
+    /// keeps the previous list.
+    pub async fn search_patients(&self, cookie: Option<&str>, query: &str) -> Response<BoxBody> {
+        let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        let txn = params.get("txn").map_or("", String::as_str);
+        if txn.is_empty() || cookie != Some(txn) {
+            return self.error_page(
+                StatusCode::BAD_REQUEST,
+                "This sign-in was not started in this browser.",
+            );
+        }
+        let mut sign_in = match self.load(txn).await {
+            Ok(Some(s)) => s,
+            _ => {
+                return self.error_page(
+                    StatusCode::BAD_REQUEST,
+                    "This sign-in has expired. Start again from the app.",
+                );
+            }
+        };
+        let picking = sign_in
+            .user
+            .as_ref()
+            .is_some_and(|u| !sign_in.choices.is_empty() && may_pick(&sign_in.scope, u));
+        if !picking {
+            return self.error_page(StatusCode::FORBIDDEN, "There is no patient to choose here.");
+        }
+        let name = params.get("name").map_or("", |n| n.trim());
+        if name.chars().count() > MAX_NAME_SEARCH {
+            return self.error_page(StatusCode::BAD_REQUEST, "That name is too long.");
+        }
+        let mut notice = None;
+        let mut offered = self.picker_list(Some(name).filter(|n| !n.is_empty())).await;
+        if offered.is_empty() {
+            notice = Some(format!("No patient matches \"{name}\"."));
+            offered = self.picker_list(None).await;
+        }
+        if offered.is_empty() {
+            return self.error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The patient list cannot be had right now.",
+            );
+        }
+        sign_in.choices = offered.iter().map(|(id, _)| id.clone()).collect();
+        if let Err(e) = self.save(txn, &sign_in).await {
+            tracing::warn!(error = %e, "cannot keep the sign-in");
+            return self.error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-in state cannot be kept right now.",
+            );
+        }
+        self.render_consent(txn, &sign_in, None, &offered, name, notice.as_deref())
     }
 
     /// `POST /auth/consent`: the user's choice; the app gets a code for what was approved.
@@ -856,6 +919,7 @@ impl Launch {
         if let Some(e) = &granted.encounter {
             answer["encounter"] = json!(e);
         }
+        answer["smart_style_url"] = json!(self.style_url);
         if has("openid") {
             answer["id_token"] = json!(self.id_token(&granted)?);
         }
@@ -1027,6 +1091,20 @@ impl Launch {
         patient: Option<&str>,
         choices: &[(String, String)],
     ) -> Response<BoxBody> {
+        self.render_consent(txn, sign_in, patient, choices, "", None)
+    }
+
+    /// The consent page; with a picker, the search box holds `searched` and `notice`
+    /// says what the search found.
+    fn render_consent(
+        &self,
+        txn: &str,
+        sign_in: &SignIn,
+        patient: Option<&str>,
+        choices: &[(String, String)],
+        searched: &str,
+        notice: Option<&str>,
+    ) -> Response<BoxBody> {
         let scopes: minijinja::Value = split(&sign_in.scope)
             .map(|s| scope_item(s, &describe(s)))
             .collect();
@@ -1043,6 +1121,7 @@ impl Launch {
             action => format!("{}/auth/consent", self.base_path),
             client_id => sign_in.client_id.clone(), txn => txn, csrf => sign_in.csrf.clone(),
             scopes => scopes, user => user, patient => patient, choices => choices,
+            searched => searched, notice => notice,
         };
         self.page_to(
             StatusCode::OK,
@@ -1052,12 +1131,29 @@ impl Launch {
         )
     }
 
+    /// [`Launch::patients`], or none (logged) when the FHIR server does not answer.
+    async fn picker_list(&self, name: Option<&str>) -> Vec<(String, String)> {
+        self.patients(name).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "patient picker: the FHIR server did not answer");
+            Vec::new()
+        })
+    }
+
     /// Patients for the picker: the first page of a search at the FHIR server (ids and
     /// names only), with the gateway's own credentials. Offered only to a practitioner
     /// whose granted scopes read every Patient ([`may_pick`]).
-    async fn patients(&self) -> Result<Vec<(String, String)>, String> {
+    async fn patients(&self, name: Option<&str>) -> Result<Vec<(String, String)>, String> {
         let (base, headers) = &self.upstream;
-        let mut req = Request::get(format!("{base}/Patient?_count=50&_elements=id,name"))
+        let query = {
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            if let Some(n) = name {
+                q.append_pair("name", n);
+            }
+            q.append_pair("_count", "50")
+                .append_pair("_elements", "id,name")
+                .finish()
+        };
+        let mut req = Request::get(format!("{base}/Patient?{query}"))
             .header(header::ACCEPT, "application/fhir+json");
         for (k, v) in headers {
             req = req.header(k.as_str(), v.as_str());
@@ -1126,6 +1222,25 @@ impl Launch {
             resp.headers_mut()
                 .insert(header::CONTENT_SECURITY_POLICY, v);
         }
+        resp
+    }
+
+    /// `/auth/smart-style.json`: the look of the gateway's pages, for apps that match it
+    /// (SMART App Launch `smart_style_url`, style version 1.0).
+    pub fn smart_style() -> Response<BoxBody> {
+        let mut resp = Response::new(full(include_str!("pages/smart-style.json")));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=3600"),
+        );
+        resp.headers_mut().insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
         resp
     }
 

@@ -450,7 +450,11 @@ impl AuthServer {
             ("/auth/callback", &Method::GET) => {
                 Some(launch.callback(cookie.as_deref(), query).await)
             }
+            ("/auth/consent", &Method::GET) => {
+                Some(launch.search_patients(cookie.as_deref(), query).await)
+            }
             ("/auth/style.css", &Method::GET) => Some(launch::Launch::stylesheet()),
+            ("/auth/smart-style.json", &Method::GET) => Some(launch::Launch::smart_style()),
             _ => None,
         }
     }

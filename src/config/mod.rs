@@ -311,6 +311,9 @@ pub struct AuthorizationServerConfig {
     /// Where state shared by replicas lives.
     #[serde(default)]
     pub store: StoreConfig,
+    /// The `smart_style_url` of App Launch token answers: where an app finds the look of
+    /// the host it is embedded in. Unset: the gateway's own `{base}/auth/smart-style.json`.
+    pub smart_style_url: Option<BaseUrl>,
 }
 
 /// `[authorization_server.login]`: the OpenID Connect provider users sign in at.
@@ -378,6 +381,7 @@ impl Default for AuthorizationServerConfig {
             refresh_token_lifetime: defaults::refresh_token_lifetime(),
             login: None,
             store: StoreConfig::default(),
+            smart_style_url: None,
         }
     }
 }

@@ -110,8 +110,21 @@ async fn fhir() -> FakeUpstream {
                 json!({"resource": {"resourceType": "Patient", "id": id,
                     "name": [{"given": [given], "family": family}]}})
             };
-            json!({"resourceType": "Bundle", "type": "searchset",
-                "entry": [patient("123", "Ann", "Smith"), patient("456", "Bo", "Lee")]})
+            // `name=` matches the start of a given or family name, as FHIR's string search.
+            let query = seen.uri.split_once('?').map_or("", |(_, q)| q);
+            let name = form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "name")
+                .map(|(_, v)| v.to_lowercase());
+            let entry: Vec<Value> = [("123", "Ann", "Smith"), ("456", "Bo", "Lee")]
+                .iter()
+                .filter(|(_, g, f)| {
+                    name.as_ref().is_none_or(|n| {
+                        g.to_lowercase().starts_with(n) || f.to_lowercase().starts_with(n)
+                    })
+                })
+                .map(|(id, g, f)| patient(id, g, f))
+                .collect();
+            json!({"resourceType": "Bundle", "type": "searchset", "entry": entry})
         } else {
             let id = seen.uri.rsplit('/').next().unwrap_or("").to_owned();
             json!({"resourceType": "Patient", "id": id})
@@ -365,6 +378,17 @@ async fn standalone_patient_launch() {
         t["scope"],
         "launch/patient openid offline_access patient/*.rs"
     );
+    // The style the app may match: served by the gateway, SMART style version 1.0.
+    assert_eq!(
+        t["smart_style_url"],
+        "http://gateway.test/r4/auth/smart-style.json"
+    );
+    let (st, h, style) = get_with(&e.gw.url("/r4/auth/smart-style.json"), None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(h["content-type"], "application/json");
+    let style: Value = serde_json::from_str(&style).unwrap();
+    assert_eq!(style["sim_version"], "1.0");
+    assert!(style["color_background"].as_str().unwrap().starts_with('#'));
     assert!(t["expires_in"].as_u64().unwrap() > 0);
     // The id_token: RS256, a key of /auth/jwks, for this app.
     let id_token = t["id_token"].as_str().unwrap();
@@ -557,6 +581,14 @@ async fn consent_refusals() {
     let e = env().await;
     let (txn, page) = sign_in(&e, "Patient/123").await;
     let csrf = field(&page, "csrf");
+    // A Patient picks no patient: the picker's search is not theirs to use.
+    assert!(!page.contains(r#"name="name""#), "{page}");
+    let (st, _, body) = get_with(
+        &e.gw.url(&format!("/r4/auth/consent?txn={txn}&name=lee")),
+        Some(&txn),
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{body}");
     // Another browser (no cookie), then a forged CSRF token.
     let form = [
         ("txn", txn.as_str()),
@@ -1094,6 +1126,68 @@ async fn practitioner_picks_the_patient() {
     };
     let (st, _, _) = post(form("999", txn.clone(), csrf.clone()), txn.clone()).await;
     assert_eq!(st, StatusCode::FORBIDDEN, "a patient not offered");
+
+    // The search box narrows the list; what it offers is what the form then accepts.
+    let (txn, page) = start(&e).await;
+    assert!(page.contains(r#"<label for="name">"#), "{page}");
+    let search = |txn: &str, cookie: Option<&str>, name: &str| {
+        let url = e.gw.url(&format!(
+            "/r4/auth/consent?{}",
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("txn", txn)
+                .append_pair("name", name)
+                .finish()
+        ));
+        let cookie = cookie.map(str::to_owned);
+        async move { get_with(&url, cookie.as_deref()).await }
+    };
+    let (st, h, found) = search(&txn, Some(&txn), "lee").await;
+    assert_eq!(st, StatusCode::OK, "{found}");
+    assert!(
+        h["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'self'")
+    );
+    assert!(found.contains(r#"value="456""#), "{found}");
+    assert!(!found.contains(r#"value="123""#), "{found}");
+    assert!(
+        found.contains(r#"value="lee""#),
+        "the box keeps the search: {found}"
+    );
+    let csrf = field(&found, "csrf");
+    let (st, _, _) = post(form("123", txn.clone(), csrf.clone()), txn.clone()).await;
+    assert_eq!(
+        st,
+        StatusCode::FORBIDDEN,
+        "no longer offered after the search"
+    );
+    // No match: said so, and the first page is offered again.
+    let (txn, _) = start(&e).await;
+    let (st, _, none) = search(&txn, Some(&txn), "<zed>").await;
+    assert_eq!(st, StatusCode::OK, "{none}");
+    assert!(
+        none.contains("No patient matches &quot;&lt;zed&gt;&quot;"),
+        "escaped: {none}"
+    );
+    assert!(
+        none.contains(r#"value="123""#) && none.contains(r#"value="456""#),
+        "{none}"
+    );
+    // Refused: another browser's sign-in, a name too long, a user offered no picker.
+    assert_eq!(
+        search(&txn, Some("other"), "lee").await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(search(&txn, None, "lee").await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        search(&txn, Some(&txn), &"a".repeat(101)).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        search("nope", Some("nope"), "lee").await.0,
+        StatusCode::BAD_REQUEST
+    );
 
     let (txn, page) = start(&e).await;
     let csrf = field(&page, "csrf");
