@@ -134,8 +134,19 @@ async fn fhir() -> FakeUpstream {
     .await
 }
 
-struct Env {
-    gw: TestGateway,
+/// A gateway the flows can be run against: in this process, or a `smartgate` process.
+trait Gw {
+    fn url(&self, path: &str) -> String;
+}
+
+impl Gw for TestGateway {
+    fn url(&self, path: &str) -> String {
+        TestGateway::url(self, path)
+    }
+}
+
+struct Env<G: Gw = TestGateway> {
+    gw: G,
     idp: Provider,
     _fhir: FakeUpstream,
 }
@@ -219,7 +230,7 @@ fn location(h: &http::HeaderMap) -> String {
 }
 
 /// The app's authorize URL with `overrides` in place of the defaults.
-fn authorize_url(e: &Env, overrides: &[(&str, &str)]) -> String {
+fn authorize_url<G: Gw>(e: &Env<G>, overrides: &[(&str, &str)]) -> String {
     let mut params: Vec<(&str, &str)> = vec![
         ("response_type", "code"),
         ("client_id", APP),
@@ -247,7 +258,7 @@ fn authorize_url(e: &Env, overrides: &[(&str, &str)]) -> String {
 }
 
 /// Authorize, sign in as `fhir_user`: the sign-in id (cookie) and the consent page.
-async fn sign_in(e: &Env, fhir_user: &str) -> (String, String) {
+async fn sign_in<G: Gw>(e: &Env<G>, fhir_user: &str) -> (String, String) {
     let (st, h, _) = get_with(&authorize_url(e, &[]), None).await;
     assert_eq!(st, StatusCode::FOUND);
     let to_idp = location(&h);
@@ -296,7 +307,7 @@ fn field(page: &str, name: &str) -> String {
 }
 
 /// Approves `scopes` on the consent page: the code sent to the app.
-async fn approve(e: &Env, txn: &str, page: &str, scopes: &[&str]) -> String {
+async fn approve<G: Gw>(e: &Env<G>, txn: &str, page: &str, scopes: &[&str]) -> String {
     let csrf = field(page, "csrf");
     let mut pairs = vec![
         ("txn", txn),
@@ -316,7 +327,11 @@ async fn approve(e: &Env, txn: &str, page: &str, scopes: &[&str]) -> String {
     q["code"].clone()
 }
 
-async fn redeem(e: &Env, code: &str, verifier: &str) -> (StatusCode, http::HeaderMap, Value) {
+async fn redeem<G: Gw>(
+    e: &Env<G>,
+    code: &str,
+    verifier: &str,
+) -> (StatusCode, http::HeaderMap, Value) {
     let (st, h, b) = post_form(
         &e.gw.url("/r4/auth/token"),
         &[
@@ -332,7 +347,7 @@ async fn redeem(e: &Env, code: &str, verifier: &str) -> (StatusCode, http::Heade
     (st, h, serde_json::from_str(&b).unwrap_or(Value::Null))
 }
 
-async fn refresh(e: &Env, token: &str) -> (StatusCode, Value) {
+async fn refresh<G: Gw>(e: &Env<G>, token: &str) -> (StatusCode, Value) {
     let (st, _, b) = post_form(
         &e.gw.url("/r4/auth/token"),
         &[
@@ -1276,4 +1291,150 @@ async fn a_reload_forgets_no_refresh_token() {
     e.gw.handle.reload().unwrap();
     let (st, r) = refresh(&e, &rt).await;
     assert_eq!(st, StatusCode::OK, "{r}");
+}
+
+/// `smartgate serve` processes on one configuration; `url` goes to the one chosen with
+/// [`Processes::on`].
+struct Processes {
+    children: Vec<std::process::Child>,
+    public: Vec<String>,
+    at: std::cell::Cell<usize>,
+}
+
+impl Processes {
+    fn start(config: &std::path::Path, n: usize) -> Processes {
+        let mut children = Vec::new();
+        let mut public = Vec::new();
+        for _ in 0..n {
+            let (child, _log, addr, _admin) = crate::binary::spawn_gateway(config);
+            children.push(child);
+            public.push(addr);
+        }
+        Processes {
+            children,
+            public,
+            at: std::cell::Cell::new(0),
+        }
+    }
+
+    fn on(&self, i: usize) -> &Processes {
+        self.at.set(i);
+        self
+    }
+}
+
+impl Gw for Processes {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.public[self.at.get()])
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Two `smartgate` processes (the binary, as deployed) on one Valkey/Redis and one signing
+/// key: a sign-in begun on one is approved on the other; a code is redeemed once across
+/// both; a refresh token rotated on one is a reuse on the other, which revokes its family
+/// there too; a client assertion used on one is a replay on the other; an access token
+/// from one is good on the other.
+#[tokio::test]
+async fn two_processes_share_state_through_redis() {
+    let redis = Redis::start();
+    let idp = Provider::start().await;
+    let fhir = fhir().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("gateway.pem");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smartgate"))
+        .args(["keygen", "--alg", "ES384", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let backend = TestKey::ec384("backend-1");
+    let extra = format!(
+        "signing_key = \"{}\"\n[authorization_server.store]\nurl = \"{}\"\n",
+        key.display(),
+        redis.url()
+    );
+    let clients = format!(
+        "\n[[authorization_server.clients]]\nclient_id = \"backend\"\njwks = '{}'\nscope = \"system/Patient.rs\"\n",
+        jwks(&[&backend])
+    );
+    let config = dir.path().join("smartgate.toml");
+    std::fs::write(&config, env_config(&idp, &fhir, &extra) + &clients).unwrap();
+    let e = Env {
+        gw: Processes::start(&config, 2),
+        idp,
+        _fhir: fhir,
+    };
+    assert_ne!(e.gw.public[0], e.gw.public[1]);
+
+    e.gw.on(0);
+    let (txn, page) = sign_in(&e, "Patient/123").await;
+    e.gw.on(1);
+    let code = approve(
+        &e,
+        &txn,
+        &page,
+        &["launch/patient", "offline_access", "patient/*.rs"],
+    )
+    .await;
+    e.gw.on(0);
+    let (st, _, t) = redeem(&e, &code, VERIFIER).await;
+    assert_eq!(st, StatusCode::OK, "{t}");
+    e.gw.on(1);
+    assert_eq!(redeem(&e, &code, VERIFIER).await.0, StatusCode::BAD_REQUEST);
+
+    // The access token minted by one process reads the patient through the other.
+    let access = t["access_token"].as_str().unwrap();
+    let (st, _, _) = get_with_token(&e.gw.on(1).url("/r4/Patient/123"), access).await;
+    assert_eq!(st, StatusCode::OK);
+
+    let first = t["refresh_token"].as_str().unwrap();
+    let (st, r1) = refresh(&e, first).await;
+    assert_eq!(st, StatusCode::OK, "{r1}");
+    e.gw.on(0);
+    assert_eq!(
+        refresh(&e, first).await.0,
+        StatusCode::BAD_REQUEST,
+        "rotated on B"
+    );
+    let second = r1["refresh_token"].as_str().unwrap();
+    assert_eq!(
+        refresh(&e, second).await.0,
+        StatusCode::BAD_REQUEST,
+        "the family ended with the reuse"
+    );
+
+    let assertion = backend_assertion(&backend);
+    let ask = |url: String| {
+        let assertion = assertion.clone();
+        async move {
+            post_form(
+                &url,
+                &[
+                    ("grant_type", "client_credentials"),
+                    ("scope", "system/Patient.rs"),
+                    (
+                        "client_assertion_type",
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    ),
+                    ("client_assertion", &assertion),
+                ],
+                None,
+            )
+            .await
+        }
+    };
+    let (st, _, body) = ask(e.gw.on(0).url("/r4/auth/token")).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let (st, _, body) = ask(e.gw.on(1).url("/r4/auth/token")).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("replay"), "{body}");
 }

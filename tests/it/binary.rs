@@ -106,7 +106,7 @@ fn check_config_messages() {
 /// Starts `smartgate serve` and waits for its JSON "listening" line, which carries the
 /// ports chosen for 127.0.0.1:0. Returns the child, its log lines, and both addresses.
 #[allow(clippy::zombie_processes)] // the callers wait for (or kill and wait for) the child
-fn spawn_gateway(
+pub(crate) fn spawn_gateway(
     path: &std::path::Path,
 ) -> (
     std::process::Child,
