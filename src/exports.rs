@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
+use aws_lc_rs::hmac;
 use base64::Engine as _;
-use ring::hmac;
 
 use crate::auth::Principal;
 use crate::config::BulkDataConfig;
@@ -29,11 +29,14 @@ pub struct Exports {
 
 impl Default for Exports {
     fn default() -> Self {
-        use ring::rand::SecureRandom as _;
+        use aws_lc_rs::rand::SecureRandom as _;
         let mut fallback = [0u8; 32];
         // A system without randomness cannot serve TLS either; an all-zero key would
         // still bind URLs to clients, only predictably, so it is logged, not fatal.
-        if ring::rand::SystemRandom::new().fill(&mut fallback).is_err() {
+        if aws_lc_rs::rand::SystemRandom::new()
+            .fill(&mut fallback)
+            .is_err()
+        {
             tracing::error!("no system randomness for the export status key");
         }
         Exports { fallback }

@@ -1,13 +1,13 @@
 //! `smartgate keygen`: a signing key for the gateway (or a test client), as a PKCS#8 PEM
 //! file, and its public JWKS.
 
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair,
+};
 use base64::Engine;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey};
-use ring::rand::SystemRandom;
-use ring::signature::{
-    ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair,
-};
 
 /// A new key: the PEM private key and the public JWKS (with a `kid` derived from the
 /// key's RFC 7638 thumbprint).

@@ -18,8 +18,10 @@ use crate::outbound::{Outbound, max_age};
 pub struct Key {
     /// `kid`, if the JWKS gave one.
     pub kid: Option<String>,
-    /// The key material.
+    /// The key material, for `jsonwebtoken` (client assertions).
     pub decoding: DecodingKey,
+    /// The key parsed once for each algorithm it may verify (access tokens).
+    pub verifying: super::jws::VerifyingKey,
     /// What kind of key, to check it fits the token's `alg`.
     pub kind: KeyKind,
     /// The JWK's own `alg`, when it names one.
@@ -83,7 +85,10 @@ impl KeySet {
                 // Symmetric ("oct") keys never verify tokens here.
                 _ => continue,
             };
-            let Ok(decoding) = DecodingKey::from_jwk(jwk) else {
+            let (Ok(decoding), Some(verifying)) = (
+                DecodingKey::from_jwk(jwk),
+                super::jws::VerifyingKey::from_jwk(jwk),
+            ) else {
                 continue;
             };
             let alg = jwk
@@ -93,6 +98,7 @@ impl KeySet {
             keys.push(Key {
                 kid: jwk.common.key_id.clone(),
                 decoding,
+                verifying,
                 kind,
                 alg,
             });

@@ -3,12 +3,12 @@
 use std::sync::Arc;
 
 use base64::Engine;
-use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, Validation};
+use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
 
 use super::TokenError;
 use super::jwks::{KeySet, KeySource, NoKeys};
+use super::jws::{Compact, numeric_date};
 use crate::config::JwtConfig;
 
 /// Verifies tokens from one issuer for one audience.
@@ -54,14 +54,17 @@ impl JwtVerifier {
         &self,
         token: &str,
     ) -> Result<Result<Map<String, Value>, TokenError>, NoKeys> {
-        let header = match self.header(token) {
-            Ok(h) => h,
+        let (compact, header) = match Compact::parse(token).and_then(|c| {
+            let h = self.header(&c.header)?;
+            Ok((c, h))
+        }) {
+            Ok(parsed) => parsed,
             Err(e) => return Ok(Err(e)),
         };
         let keys = self.keys.keys().await?;
-        let result = match self.verify_with(token, &header, &keys) {
+        let result = match self.verify_with(&compact, &header, &keys) {
             Err(TokenError::UnknownKey) => match self.keys.refetch_for_unknown_kid(&keys).await {
-                Some(newer) => self.verify_with(token, &header, &newer),
+                Some(newer) => self.verify_with(&compact, &header, &newer),
                 None => Err(TokenError::UnknownKey),
             },
             other => other,
@@ -69,17 +72,9 @@ impl JwtVerifier {
         Ok(result)
     }
 
-    /// Checks the JOSE header before any cryptography: three parts, a JSON object, an
-    /// allowed asymmetric `alg` (never `none`, never HS*), a token `typ`.
-    fn header(&self, token: &str) -> Result<JoseHeader, TokenError> {
-        let mut parts = token.split('.');
-        let (Some(h), Some(_), Some(_), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(TokenError::Malformed);
-        };
-        let v: Value = decode_segment(h).ok_or(TokenError::Malformed)?;
-        let obj = v.as_object().ok_or(TokenError::Malformed)?;
+    /// Checks the JOSE header before any cryptography: an allowed asymmetric `alg` (never
+    /// `none`, never HS*), a token `typ`, a string `kid` if any.
+    fn header(&self, obj: &Map<String, Value>) -> Result<JoseHeader, TokenError> {
         let alg = obj
             .get("alg")
             .and_then(Value::as_str)
@@ -106,59 +101,62 @@ impl JwtVerifier {
 
     fn verify_with(
         &self,
-        token: &str,
+        compact: &Compact<'_>,
         header: &JoseHeader,
         keys: &KeySet,
     ) -> Result<Map<String, Value>, TokenError> {
         let key = keys
             .find(header.kid.as_deref(), header.alg)
             .ok_or(TokenError::UnknownKey)?;
-        let mut v = Validation::new(header.alg);
-        v.algorithms = vec![header.alg];
-        v.leeway = self.leeway;
-        v.validate_exp = true;
-        v.validate_nbf = true;
-        v.set_issuer(&[&self.issuer]);
-        v.set_audience(&[&self.audience]);
-        v.set_required_spec_claims(&["exp", "iss", "aud"]);
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &v)
-            .map_err(|e| map_error(e.kind()))?;
-        let claims = data.claims;
-        if claims.contains_key("cnf") {
-            return Err(TokenError::SenderConstrained);
+        let claims = compact.verify(&key.verifying, header.alg)?;
+        self.check_claims(&claims)?;
+        Ok(claims)
+    }
+
+    /// RFC 7519 §4.1 and RFC 9068 §4: `exp`, `iss` and `aud` present; not expired, not
+    /// before `nbf` or `iat` (with the leeway); our issuer; our audience among `aud`; not
+    /// bound to a key (`cnf`).
+    fn check_claims(&self, claims: &Map<String, Value>) -> Result<(), TokenError> {
+        let (Some(exp), Some(iss), Some(aud)) =
+            (claims.get("exp"), claims.get("iss"), claims.get("aud"))
+        else {
+            return Err(TokenError::MissingClaim);
+        };
+        let now = jsonwebtoken::get_current_timestamp();
+        if numeric_date(exp)?.saturating_add(self.leeway) < now {
+            return Err(TokenError::Expired);
         }
-        if let Some(iat) = claims.get("iat") {
-            let iat = iat.as_u64().ok_or(TokenError::Malformed)?;
-            if iat > jsonwebtoken::get_current_timestamp() + self.leeway {
+        for name in ["nbf", "iat"] {
+            if let Some(v) = claims.get(name)
+                && numeric_date(v)? > now.saturating_add(self.leeway)
+            {
                 return Err(TokenError::NotYetValid);
             }
         }
-        Ok(claims)
+        if iss.as_str() != Some(self.issuer.as_str()) {
+            return Err(TokenError::Issuer);
+        }
+        let ours = |v: &Value| v.as_str() == Some(self.audience.as_str());
+        let audience_ok = match aud {
+            Value::String(_) => ours(aud),
+            Value::Array(items) => items.iter().any(ours),
+            _ => false,
+        };
+        if !audience_ok {
+            return Err(TokenError::Audience);
+        }
+        if claims.contains_key("cnf") {
+            return Err(TokenError::SenderConstrained);
+        }
+        Ok(())
     }
 }
 
-/// One base64url JSON segment of a compact JWS (header or claims), unverified.
+/// One base64url JSON segment of a compact JWS (header or claims), unverified, parsed
+/// strictly (a repeated member name is refused).
 pub fn decode_segment<T: serde::de::DeserializeOwned>(segment: &str) -> Option<T> {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(segment)
         .ok()?;
-    serde_json::from_slice(&raw).ok()
-}
-
-fn map_error(kind: &ErrorKind) -> TokenError {
-    match kind {
-        ErrorKind::InvalidSignature
-        | ErrorKind::InvalidEcdsaKey
-        | ErrorKind::InvalidRsaKey(_)
-        | ErrorKind::InvalidEddsaKey => TokenError::Signature,
-        ErrorKind::ExpiredSignature => TokenError::Expired,
-        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
-        ErrorKind::InvalidIssuer => TokenError::Issuer,
-        ErrorKind::InvalidAudience => TokenError::Audience,
-        ErrorKind::MissingRequiredClaim(_) => TokenError::MissingClaim,
-        ErrorKind::InvalidAlgorithm
-        | ErrorKind::MissingAlgorithm
-        | ErrorKind::InvalidAlgorithmName => TokenError::Algorithm,
-        _ => TokenError::Malformed,
-    }
+    crate::json::parse_as(&raw).ok()
 }

@@ -11,6 +11,7 @@ pub mod explain;
 pub mod introspection;
 pub mod issuer;
 pub mod jwks;
+pub mod jws;
 pub mod jwt;
 
 use std::cell::RefCell;

@@ -198,10 +198,11 @@ impl Clients {
         let Credential::Secret(want) = &client.credential else {
             return Err(bad());
         };
-        let got: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes())
-            .as_ref()
-            .try_into()
-            .map_err(|_| bad())?;
+        let got: [u8; 32] =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes())
+                .as_ref()
+                .try_into()
+                .map_err(|_| bad())?;
         // Constant time: every byte compared whatever the first difference.
         let diff = want
             .iter()
@@ -364,8 +365,10 @@ impl Clients {
         };
         let key = format!(
             "jti:{client}:{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .encode(ring::digest::digest(&ring::digest::SHA256, jti.as_bytes()))
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                jti.as_bytes()
+            ))
         );
         match store
             .insert_new(&key, "1", std::time::Duration::from_secs(ttl.max(1)))

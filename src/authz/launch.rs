@@ -109,8 +109,8 @@ impl IdTokenKey {
             jwk["e"].as_str().unwrap_or_default(),
             jwk["n"].as_str().unwrap_or_default()
         );
-        let kid = URL_SAFE_NO_PAD.encode(ring::digest::digest(
-            &ring::digest::SHA256,
+        let kid = URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
             canonical.as_bytes(),
         ));
         jwk["kid"] = json!(kid);
@@ -1472,9 +1472,9 @@ fn unavailable(e: StoreError) -> OAuthError {
 
 /// 256 random bits, base64url.
 fn random_token() -> String {
-    use ring::rand::SecureRandom as _;
+    use aws_lc_rs::rand::SecureRandom as _;
     let mut bytes = [0u8; 32];
-    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut bytes);
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
@@ -1485,16 +1485,16 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 /// RFC 7636 S256: base64url(SHA-256(verifier)).
 pub fn pkce_challenge(verifier: &str) -> String {
-    URL_SAFE_NO_PAD.encode(ring::digest::digest(
-        &ring::digest::SHA256,
+    URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
         verifier.as_bytes(),
     ))
 }
 
 /// What a secret is stored under: its SHA-256, so the store never holds one usable as is.
 fn digest(secret: &str) -> String {
-    URL_SAFE_NO_PAD.encode(ring::digest::digest(
-        &ring::digest::SHA256,
+    URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
         secret.as_bytes(),
     ))
 }

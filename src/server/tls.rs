@@ -59,13 +59,14 @@ fn server_config_and_expiry(cfg: &TlsConfig) -> Result<(ServerConfig, i64), Stri
     let not_after = certs.first().and_then(|c| not_after(c)).unwrap_or(0);
     let key = PrivateKeyDer::from_pem_file(&cfg.key)
         .map_err(|e| format!("server.tls.key: {}: {e}", cfg.key.display()))?;
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("server.tls: {e}"))?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| format!("server.tls: certificate and key do not fit: {e}"))?;
+    let mut config = ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("server.tls: {e}"))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("server.tls: certificate and key do not fit: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((config, not_after))
 }

@@ -144,6 +144,28 @@ async fn hostile_tokens_refused() {
             jsonwebtoken::crypto::sign(msg.as_bytes(), &s.rsa.encoding, Algorithm::RS256).unwrap();
         format!("{msg}.{sig}")
     };
+    // Signed as written: header and payload JSON exactly as given.
+    let raw = |header: &str, payload: &str| {
+        let msg = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
+        let sig =
+            jsonwebtoken::crypto::sign(msg.as_bytes(), &s.rsa.encoding, Algorithm::RS256).unwrap();
+        format!("{msg}.{sig}")
+    };
+    let good_claims = claims().to_string();
+    let rs256 = r#"{"alg":"RS256","kid":"rsa-1"}"#;
+    // Read first-wins, it names our issuer's patient 123; read last-wins, patient 456.
+    let duplicate_claim = raw(
+        rs256,
+        &good_claims.replacen('{', r#"{"patient":"Patient/456","#, 1),
+    );
+    let duplicate_header = raw(
+        r#"{"alg":"none","alg":"RS256","kid":"rsa-1"}"#,
+        &good_claims,
+    );
+    let crit_header = raw(
+        r#"{"alg":"RS256","kid":"rsa-1","crit":["b64"],"b64":false}"#,
+        &good_claims,
+    );
     let kid_injection = s.rsa.with_kid("../../../../etc/passwd").sign(&claims());
     let id_token_typ = {
         let mut h = Header::new(Algorithm::RS256);
@@ -232,6 +254,21 @@ async fn hostile_tokens_refused() {
             "malformed",
         ),
         ("typ of another token kind", id_token_typ, "token type"),
+        ("a claim named twice", duplicate_claim, "malformed"),
+        ("a header member named twice", duplicate_header, "malformed"),
+        ("a crit extension", crit_header, "malformed"),
+        (
+            "exp as a string",
+            with(&|c| c["exp"] = json!((now() + 300).to_string())),
+            "malformed",
+        ),
+        (
+            "missing iss",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("iss");
+            }),
+            "malformed",
+        ),
         (
             "DPoP-bound (cnf), presented as a bearer token",
             with(&|c| c["cnf"] = json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"})),
