@@ -2,16 +2,22 @@
 # builds, a scratch directory cleaned up on exit, free ports, the upstream's FHIR
 # resources, nginx configurations and a bench JWT.
 
-# BIN: the gateway; FLOOR_BIN: benches/hyper_floor.rs.
+# BIN: the gateway; FLOOR_BIN: benches/hyper_floor.rs; MINT_BIN: benches/mint_tokens.rs.
 build_binaries() {
   cargo build --release --quiet
   BIN=target/release/smartgate
-  FLOOR_BIN=$(cargo build --release --quiet --bench hyper_floor --message-format=json \
+  FLOOR_BIN=$(bench_binary hyper_floor)
+  MINT_BIN=$(bench_binary mint_tokens)
+}
+
+# The executable of bench target $1 (built in release mode).
+bench_binary() {
+  cargo build --release --quiet --bench "$1" --message-format=json \
     | python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "hyper_floor" and m.get("executable"):
-        print(m["executable"])')
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"):
+        print(m["executable"])' "$1"
 }
 
 # WORK: a scratch directory; every PID added to PIDS is killed on exit.

@@ -9,7 +9,10 @@
 #   4. through benches/hyper_floor.rs: the same stack (tokio, hyper's server, a stack of
 #      hyper connection-level senders per worker) with none of smartgate's work, the floor
 #      a hyper proxy stands on,
-# and any extra smartgate configurations given as scenarios (see SCENARIOS below).
+# and any extra smartgate configurations given as scenarios (see SCENARIOS below);
+# then (benches/cold.sh, COLD=0 skips it) cold tokens: RS256, ES256 and ES384 JWTs never
+# seen before through smartgate and through HAProxy's jwt_verify on the same token files,
+# nginx alongside, and each process's peak memory.
 # Opt-in target floor_slow: the hyper floor made slower on purpose (FLOOR_SPIN rounds of
 # arithmetic per request, default 1500), which shows how p99 at saturation on a machine
 # shared with the load generator moves with the proxy's cost:
@@ -34,7 +37,7 @@
 # The targets are measured in interleaved rounds and each figure is the median over the
 # rounds: on a shared 2-core machine one run can be off by 10 %.
 #
-# Needs nginx and wrk (Debian: apt-get install -y nginx wrk) and a release build
+# Needs nginx, wrk and haproxy (Debian: apt-get install -y nginx wrk haproxy) and a release build
 # (the script runs `cargo build --release`). Everything listens on 127.0.0.1 only and
 # every run is bounded by DURATION. Machines here are shared and noisy: read the ratios,
 # not the absolute numbers, and compare only figures from the same run.
@@ -375,3 +378,9 @@ for target in ${TARGETS:-direct nginx nginx_pinned nginx_same floor smartgate jw
   printf '%-16s p99 ms by round: %s\n' "$target" "${P99[$target]:-}"
 done
 echo "(medians of $ROUNDS interleaved rounds, ${DURATION}s per target each, $CONNECTIONS connections, $THREADS wrk threads, $(nproc) cores, layout $LAYOUT)"
+# Cold tokens against HAProxy's jwt_verify, and the memory rows (benches/cold.sh).
+if [ "${COLD:-1}" = 1 ]; then
+  # shellcheck source=benches/cold.sh
+  . benches/cold.sh
+  echo "(cold rows: medians of $ROUNDS interleaved rounds, ${COLD_DURATION}s per target each)"
+fi
