@@ -25,7 +25,9 @@ enum Signer {
 impl Signer {
     fn new(alg: Algorithm, der: &[u8]) -> Signer {
         match alg {
-            Algorithm::RS256 => Signer::Rsa(RsaKeyPair::from_pkcs8(der).expect("an RSA PKCS#8 key")),
+            Algorithm::RS256 => {
+                Signer::Rsa(RsaKeyPair::from_pkcs8(der).expect("an RSA PKCS#8 key"))
+            }
             Algorithm::ES256 => Signer::Ec(
                 EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der)
                     .expect("a P-256 PKCS#8 key"),
@@ -86,9 +88,8 @@ fn main() {
     // Signed with aws-lc-rs directly, the key parsed once (jsonwebtoken parses it per token).
     let der = pem_der(&pem);
     let signer = Signer::new(alg, &der);
-    let header = URL_SAFE_NO_PAD.encode(
-        json!({"alg": args[0], "typ": "at+jwt", "kid": kid}).to_string(),
-    );
+    let header =
+        URL_SAFE_NO_PAD.encode(json!({"alg": args[0], "typ": "at+jwt", "kid": kid}).to_string());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunks: Vec<String> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)

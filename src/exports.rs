@@ -104,11 +104,8 @@ fn message(client: &str, rel: &str, expires: u64) -> Vec<u8> {
 /// no client: nothing to bind the job to, and no status URL is signed. Never the subject:
 /// a user whose `sub` equals a client's id would poll that client's exports.
 pub fn client_of(principal: &Principal) -> Option<String> {
-    let who = principal.client_id.as_deref()?;
-    Some(format!(
-        "{}\n{who}",
-        principal.issuer.as_deref().unwrap_or_default()
-    ))
+    let who = principal.client_id()?;
+    Some(format!("{}\n{who}", principal.issuer().unwrap_or_default()))
 }
 
 /// The parameters of a `POST $export` body (Bulk Data 2.0: a FHIR `Parameters` resource),
@@ -318,19 +315,18 @@ mod tests {
 
     #[test]
     fn clients_are_told_apart_by_issuer_and_client() {
-        let p = |iss: Option<&str>, client: Option<&str>, sub: Option<&str>| Principal {
-            issuer: iss.map(str::to_owned),
-            client_id: client.map(str::to_owned),
-            subject: sub.map(str::to_owned),
-            scopes: Vec::new(),
-            patient: None,
-            encounter: None,
-            fhir_user: None,
-            fhir_context: None,
-            expires_at: None,
-            token_id: None,
-            grants: std::sync::Arc::default(),
-            id: 0,
+        let p = |iss: Option<&str>, client: Option<&str>, sub: Option<&str>| {
+            Principal::new(
+                0,
+                None,
+                std::sync::Arc::default(),
+                iss.map(std::sync::Arc::from),
+                client.map(std::sync::Arc::from),
+                crate::auth::claims::Identity {
+                    subject: sub,
+                    ..Default::default()
+                },
+            )
         };
         let a = client_of(&p(Some("https://as"), Some("exporter"), Some("x")));
         assert_eq!(a.as_deref(), Some("https://as\nexporter"));

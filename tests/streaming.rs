@@ -8,11 +8,12 @@
 //! That allocator counts every allocation of its process, so this file is a test binary of
 //! its own: in the shared suite (tests/it) other tests' bodies would count as its growth.
 
+#[path = "support/counting.rs"]
+mod counting;
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -20,41 +21,8 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use support::*;
 
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size >= layout.size() {
-                let now = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed)
-                    + (new_size - layout.size());
-                PEAK.fetch_max(now, Ordering::Relaxed);
-            } else {
-                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-            }
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting::Counting = counting::Counting;
 
 const TOTAL: usize = 20 << 20;
 const CHUNK: usize = 64 << 10;
@@ -120,8 +88,8 @@ async fn twenty_mib_streams_both_ways_without_buffering() {
     // Warm up pools and lazily allocated state before measuring.
     get(&gw.url("/r4/metadata")).await;
 
-    let baseline = LIVE.load(Ordering::Relaxed);
-    PEAK.store(baseline, Ordering::Relaxed);
+    let baseline = counting::LIVE.load(Ordering::Relaxed);
+    counting::PEAK.store(baseline, Ordering::Relaxed);
 
     let client = client();
     let req = Request::post(gw.url("/r4/Binary"))
@@ -131,17 +99,17 @@ async fn twenty_mib_streams_both_ways_without_buffering() {
     let resp = client.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
     drain(resp.into_body()).await;
-    let upload_peak = PEAK.load(Ordering::Relaxed) - baseline;
+    let upload_peak = counting::PEAK.load(Ordering::Relaxed) - baseline;
 
-    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
-    let base2 = LIVE.load(Ordering::Relaxed);
+    counting::PEAK.store(counting::LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+    let base2 = counting::LIVE.load(Ordering::Relaxed);
     let req = Request::get(gw.url("/r4/Binary/big"))
         .body(smartgate::body::empty())
         .unwrap();
     let resp = client.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(drain(resp.into_body()).await, TOTAL);
-    let download_peak = PEAK.load(Ordering::Relaxed) - base2;
+    let download_peak = counting::PEAK.load(Ordering::Relaxed) - base2;
 
     let seen = up.requests();
     let upload = seen

@@ -6,6 +6,7 @@
 //! lookups of one token share one verification.
 
 pub mod bearer;
+pub mod cache;
 pub mod claims;
 pub mod explain;
 pub mod introspection;
@@ -20,8 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use moka::Expiry;
-use moka::future::Cache;
 use prometheus::{IntCounter, IntCounterVec};
 use sha2::{Digest, Sha256};
 
@@ -160,31 +159,10 @@ enum Verifier {
 }
 
 /// A cached verdict: the principal, or the refusal.
-type Verdict = Result<Arc<Principal>, TokenError>;
-
-/// Cached entries live until the token expires (capped), refusals briefly.
-struct VerdictExpiry {
-    max_ttl: Duration,
-    negative_ttl: Duration,
-}
-
-impl Expiry<[u8; 32], Verdict> for VerdictExpiry {
-    fn expire_after_create(&self, _: &[u8; 32], v: &Verdict, _: Instant) -> Option<Duration> {
-        Some(match v {
-            Ok(p) => match p.expires_at {
-                Some(exp) => {
-                    Duration::from_secs(exp.saturating_sub(jsonwebtoken::get_current_timestamp()))
-                        .min(self.max_ttl)
-                }
-                None => self.max_ttl,
-            },
-            Err(_) => self.negative_ttl,
-        })
-    }
-}
+pub type Verdict = Result<Arc<Principal>, TokenError>;
 
 /// Most valid verdicts a worker keeps in its own first-level cache.
-const LOCAL_MAX: usize = 4096;
+const LOCAL_MAX: usize = 1024;
 /// Longest token kept there (longer ones use the shared cache only).
 const LOCAL_TOKEN_MAX: usize = 4096;
 
@@ -248,8 +226,11 @@ pub struct Authenticator {
     /// Hashed with every token, so one token string never matches across verifiers
     /// (Oathkeeper CVE-2026-33496: a cache shared across issuers).
     cache_scope: String,
-    cache: Cache<[u8; 32], Verdict>,
+    cache: cache::VerdictCache,
+    negative_ttl: Duration,
     claims: ClaimsConfig,
+    /// Scope claims, issuers and client ids shared by this verifier's principals.
+    shared: claims::Interner,
     validations: IntCounterVec,
     cache_events: IntCounterVec,
     /// The hot-path series, resolved once.
@@ -303,19 +284,6 @@ impl Authenticator {
         for result in results {
             metrics.token_validations.with_label_values(&[mode, result]);
         }
-        let evictions = metrics.token_cache.clone();
-        let cache = Cache::builder()
-            .max_capacity(auth.cache_max_entries)
-            .expire_after(VerdictExpiry {
-                max_ttl: auth.cache_max_ttl.0,
-                negative_ttl: auth.negative_ttl.0,
-            })
-            .eviction_listener(move |_, _, cause| {
-                if cause.was_evicted() && cause == moka::notification::RemovalCause::Size {
-                    evictions.with_label_values(&["eviction"]).inc();
-                }
-            })
-            .build();
         Ok(Some(Arc::new(Authenticator {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             embedded,
@@ -324,8 +292,10 @@ impl Authenticator {
             mode,
             verifier,
             cache_scope,
-            cache,
+            cache: cache::VerdictCache::new(auth.cache_max_entries),
+            negative_ttl: auth.negative_ttl.0,
             claims: auth.claims.clone(),
+            shared: claims::Interner::default(),
             validations: metrics.token_validations.clone(),
             cache_events: metrics.token_cache.clone(),
             hit: metrics.token_cache.with_label_values(&["hit"]),
@@ -344,17 +314,30 @@ impl Authenticator {
             return Ok(p);
         }
         let key = self.cache_key(token);
-        let verdict = match self.cache.get(&key).await {
+        let mut hit = false;
+        let verdict = match self.cache.get(&key) {
             Some(v) => {
                 self.hit.inc();
+                hit = true;
                 v
             }
             None => {
                 self.cache_events.with_label_values(&["miss"]).inc();
                 // Concurrent misses for one key wait for this one verification. Boxed: the
-                // cache's future is large and rare, and would otherwise sit inline in
-                // every request's future.
-                match Box::pin(self.cache.try_get_with(key, self.verify(token))).await {
+                // future is large and rare, and would otherwise sit inline in every
+                // request's future.
+                let verified = Box::pin(self.cache.get_or_verify(
+                    key,
+                    self.verify(token),
+                    |_, inserted| {
+                        if inserted == cache::Inserted::Evicted {
+                            self.cache_events.with_label_values(&["eviction"]).inc();
+                        }
+                    },
+                    |v| self.time_to_live(v),
+                ))
+                .await;
+                match verified {
                     Ok(v) => v,
                     Err(_) => {
                         self.count("unavailable");
@@ -373,7 +356,12 @@ impl Authenticator {
                     return Err(AuthFailure::Invalid(TokenError::Expired));
                 }
                 self.valid.inc();
-                self.local_put(token, &p);
+                // A token seen once (the cold path) goes no further than the shared cache;
+                // its second use marks it and brings it to this worker's cache.
+                if hit {
+                    p.mark_used();
+                    self.local_put(token, &p);
+                }
                 Ok(p)
             }
             Err(e) => {
@@ -391,16 +379,25 @@ impl Authenticator {
         })
     }
 
+    /// How long a verdict is kept: a valid one until the token's `exp`, capped by
+    /// `cache_max_ttl`; a refusal for `negative_ttl`.
+    fn time_to_live(&self, v: &Verdict) -> Duration {
+        match v {
+            Ok(p) => match p.expires_at {
+                Some(exp) => {
+                    Duration::from_secs(exp.saturating_sub(jsonwebtoken::get_current_timestamp()))
+                        .min(self.max_ttl)
+                }
+                None => self.max_ttl,
+            },
+            Err(_) => self.negative_ttl,
+        }
+    }
+
     /// Keeps a valid verdict for this worker, as long as the shared cache would (capped
     /// by `cache_max_ttl` and the token's `exp`).
     fn local_put(&self, token: &str, p: &Arc<Principal>) {
-        let ttl = match p.expires_at {
-            Some(exp) => {
-                Duration::from_secs(exp.saturating_sub(jsonwebtoken::get_current_timestamp()))
-                    .min(self.max_ttl)
-            }
-            None => self.max_ttl,
-        };
+        let ttl = self.time_to_live(&Ok(p.clone()));
         // Bounded memory: at most LOCAL_MAX tokens of at most LOCAL_TOKEN_MAX bytes.
         if ttl.is_zero() || token.len() > LOCAL_TOKEN_MAX {
             return;
@@ -430,7 +427,7 @@ impl Authenticator {
             (None, v) => Self::verify_external(v, token).await?,
         };
         Ok(claims.map(|c| {
-            let p = claims::principal(&c, &self.claims);
+            let p = claims::principal(&c, &self.claims, &self.shared);
             // Counted once per verification (verdicts are cached), not per request.
             self.scopes_ignored.inc_by(p.grants.ignored.len() as u64);
             Arc::new(p)
@@ -462,9 +459,9 @@ impl Authenticator {
         }
     }
 
-    /// Token verdicts in the shared cache (approximate: moka counts lazily).
+    /// Token verdicts in the shared cache.
     pub fn cached_verdicts(&self) -> u64 {
-        self.cache.entry_count()
+        self.cache.len()
     }
 
     /// `jwt` or `introspection`.
@@ -472,12 +469,21 @@ impl Authenticator {
         self.mode
     }
 
-    fn cache_key(&self, token: &str) -> [u8; 32] {
+    /// 128 bits of SHA-256 over the verifier and the token: far beyond any collision a
+    /// client could search for (2^64 work for a birthday pair, which would still have to
+    /// be two tokens the issuer signed).
+    fn cache_key(&self, token: &str) -> cache::Key {
         let mut h = Sha256::new();
         h.update(self.cache_scope.as_bytes());
         h.update([0u8]);
         h.update(token.as_bytes());
-        h.finalize().into()
+        let d: [u8; 32] = h.finalize().into();
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&d[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        [word(0), word(1)]
     }
 
     fn count(&self, result: &str) {

@@ -513,7 +513,7 @@ impl AuthServer {
                     Some(a) => a
                         .authenticate(token.trim())
                         .await
-                        .is_ok_and(|p| p.scopes.iter().any(|s| s == scope)),
+                        .is_ok_and(|p| crate::smart::scope::split(p.scope()).any(|s| s == scope)),
                     None => self
                         .issuer
                         .verify(token.trim(), self.leeway)

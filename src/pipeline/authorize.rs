@@ -85,6 +85,9 @@ pub(super) async fn classify_and_authorize(
     };
     if cacheable {
         shared.metrics.decision_cache_miss.inc();
+    }
+    // A token's first request caches no decision: most cold tokens have no second.
+    if cacheable && principal.used_again() {
         let shape = cache::RequestShape {
             method,
             target: rel.to_owned(),
@@ -244,8 +247,8 @@ pub(super) fn sees_everything(snap: &Snapshot, principal: &Principal) -> bool {
 /// The patient context of a caller, as the policy reads it.
 pub(super) fn context(snap: &Snapshot, principal: &Principal) -> Context {
     Context::new(
-        principal.patient.as_deref(),
-        principal.fhir_user.as_deref(),
+        principal.patient(),
+        principal.fhir_user(),
         snap.config.policy.confine_related_person,
     )
 }

@@ -938,13 +938,12 @@ fn identity<'a>(snap: &'a Snapshot, principal: Option<&Principal>) -> Identity<'
     let mut set = Vec::new();
     let cfg = &snap.config.auth.identity_headers;
     if let (true, Some(p)) = (cfg.enabled, principal) {
-        let scopes = p.scopes.join(" ");
         let values = [
-            p.client_id.as_deref(),
-            p.subject.as_deref(),
-            p.patient.as_deref(),
-            p.fhir_user.as_deref(),
-            Some(scopes.as_str()).filter(|s| !s.is_empty()),
+            p.client_id(),
+            p.subject(),
+            p.patient(),
+            p.fhir_user(),
+            Some(p.scope()).filter(|s| !s.is_empty()),
         ];
         for (name, value) in snap.identity_headers.iter().zip(values) {
             if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
@@ -1333,13 +1332,13 @@ fn log(ctx: &mut Ctx<'_>, status: Option<StatusCode>) {
         peer: ctx.conn.peer.to_string(),
         // A readable header value is visible ASCII: any byte is a boundary.
         forwarded_for: text(&ctx.forwarded_for).map(|v| &v[..v.len().min(256)]),
-        issuer: p.and_then(|p| p.issuer.as_deref()),
+        issuer: p.and_then(|p| p.issuer()),
         client_id: p
-            .and_then(|p| p.client_id.as_deref())
+            .and_then(|p| p.client_id())
             .or(authz.and_then(|a| a.client_id.as_deref())),
-        sub: p.and_then(|p| p.subject.as_deref()),
-        fhir_user: p.and_then(|p| p.fhir_user.as_deref()),
-        patient: p.and_then(|p| p.patient.as_deref()),
+        sub: p.and_then(|p| p.subject()),
+        fhir_user: p.and_then(|p| p.fhir_user()),
+        patient: p.and_then(|p| p.patient()),
         scope: authz.and_then(|a| a.scope.as_deref()),
         method: ctx.method.as_str(),
         route,

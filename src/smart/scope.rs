@@ -277,6 +277,8 @@ pub struct Grants {
     pub scopes: Vec<ResourceScope>,
     /// Malformed scope strings, with the reason each was ignored.
     pub ignored: Vec<(String, ScopeError)>,
+    /// Every scope string as granted, joined by single spaces (audit, identity headers).
+    pub text: String,
 }
 
 impl Grants {
@@ -284,6 +286,10 @@ impl Grants {
     pub fn parse<'a>(scopes: impl IntoIterator<Item = &'a str>) -> Grants {
         let mut g = Grants::default();
         for s in scopes {
+            if !g.text.is_empty() {
+                g.text.push(' ');
+            }
+            g.text.push_str(s);
             match parse(s) {
                 Ok(Scope::Resource(r)) => g.scopes.push(r),
                 Ok(Scope::NonResource) => {}
