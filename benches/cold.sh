@@ -208,3 +208,34 @@ printf '%-44s %10s\n' "HAProxy" "$(mib "$(hwm "$HAPROXY_PID")")"
 nginx_kb=0; for p in $(nginx_pids "$NGINX_PROXY"); do nginx_kb=$(( nginx_kb + $(hwm "$p") )); done
 printf '%-44s %10s\n' "nginx (master and workers)" "$(mib "$nginx_kb")"
 echo "smartgate token cache: $cache_entries entries (auth.cache_max_entries default 100000) after $COLD_REQUESTS distinct tokens; peak - idle = $(python3 -c "print(f'{($sg_peak - $IDLE_KB) * 1024 / max(${cache_entries:-1}, 1):.0f}')") bytes per cached token (an upper bound: everything else the run grew is counted in)"
+
+# SOAK=SECONDS: then a soak with rotating tokens through smartgate alone: the ES256 token
+# files of every round, sent over and over (the pool is larger than the token cache, so
+# the cache keeps evicting), with smartgate's RSS sampled every 10 s. Flat means the
+# samples after the first minute stay within ±10 % of their mean.
+if [ -n "${SOAK:-}" ]; then
+  cat "$WORK"/cold-ES256-*.tokens >"$WORK/soak.tokens"
+  echo "soak: ${SOAK}s, $(wc -l <"$WORK/soak.tokens") rotating ES256 tokens" >&2
+  (
+    for _ in $(seq $((SOAK / 10))); do
+      sleep 10
+      awk '/^VmRSS/ {print $2}' /proc/"$SMARTGATE_COLD_PID"/status
+    done
+  ) >"$WORK/soak.rss" &
+  sampler=$!
+  out=$("${ON_LOAD[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${SOAK}s" --latency -s benches/cold.lua "http://127.0.0.1:$SGC/r4$PATH_UNDER_BASE" -- "$WORK/soak.tokens" "$THREADS")
+  wait "$sampler" || true
+  if grep -q "Non-2xx" <<<"$out"; then echo "non-2xx answers during the soak" >&2; echo "$out" >&2; exit 1; fi
+  echo
+  echo "Soak: $(awk '/requests in/ {print $1}' <<<"$out") requests in ${SOAK}s, $(awk '/^Requests\/sec/ {print $2}' <<<"$out") req/s"
+  python3 - "$WORK/soak.rss" <<'PY'
+import sys
+kb = [int(l) for l in open(sys.argv[1]) if l.strip()]
+settled = kb[6:] or kb
+mean = sum(settled) / len(settled)
+print("RSS MiB every 10 s:", " ".join(f"{k / 1024:.1f}" for k in kb))
+print(f"after the first minute: min {min(settled) / 1024:.1f}, max {max(settled) / 1024:.1f}, "
+      f"mean {mean / 1024:.1f} MiB; spread {100 * (max(settled) - mean) / mean:+.1f} % / "
+      f"{100 * (min(settled) - mean) / mean:+.1f} % of the mean")
+PY
+fi

@@ -37,6 +37,7 @@
 # The targets are measured in interleaved rounds and each figure is the median over the
 # rounds: on a shared 2-core machine one run can be off by 10 %.
 #
+# SOAK=600 adds a 10-minute soak with rotating tokens after the cold rows (benches/cold.sh).
 # Needs nginx, wrk and haproxy (Debian: apt-get install -y nginx wrk haproxy) and a release build
 # (the script runs `cargo build --release`). Everything listens on 127.0.0.1 only and
 # every run is bounded by DURATION. Machines here are shared and noisy: read the ratios,

@@ -67,8 +67,9 @@ pub struct Identity<'a> {
 }
 
 impl Principal {
-    /// A principal for `who`; longer texts than 64 KiB in all are cut (none is that long
-    /// in a real token: the claims themselves are bounded by the header size limit).
+    /// A principal for `who`. Its own text (subject, patient id, fhirUser) is at most
+    /// [`TEXT_MAX`] bytes: a part that would pass it is left out, which fails closed (no
+    /// patient, no patient context). Real claims are a small fraction of that.
     pub fn new(
         id: u64,
         expires_at: Option<u64>,
@@ -82,7 +83,7 @@ impl Principal {
         let mut present = 0u8;
         for (i, part) in [who.subject, who.patient, who.fhir_user].iter().enumerate() {
             if let Some(part) = part
-                && text.len() + part.len() <= usize::from(u16::MAX)
+                && text.len() + part.len() <= TEXT_MAX
             {
                 text.push_str(part);
                 present |= 1 << i;
@@ -176,13 +177,19 @@ impl Serialize for Principal {
     }
 }
 
-/// Most distinct values an [`Interner`] keeps; past it, values are no longer shared
-/// (still correct, only larger).
-const INTERN_MAX: usize = 4096;
+/// Most bytes of text a principal holds of its own (subject, patient id, fhirUser).
+pub const TEXT_MAX: usize = 1024;
+
+/// Most distinct values an [`Interner`] keeps; past it, it starts over.
+const INTERN_MAX: usize = 1024;
+/// Longest value an [`Interner`] keeps (bytes); longer ones are not shared (still
+/// correct, only larger). With [`INTERN_MAX`], an interner holds at most about 2 MiB of
+/// text and the grants parsed from it.
+const INTERN_TEXT_MAX: usize = 2048;
 
 /// Shares one copy of each distinct value (scope claims → parsed grants, issuers, client
-/// ids) between the principals of a verifier. Bounded: at most [`INTERN_MAX`] values,
-/// then it starts over (principals keep what they hold).
+/// ids) between the principals of a verifier. Bounded: at most [`INTERN_MAX`] values of
+/// at most [`INTERN_TEXT_MAX`] bytes, then it starts over (principals keep what they hold).
 #[derive(Default)]
 pub struct Interner {
     grants: Mutex<HashMap<Box<str>, Arc<Grants>>>,
@@ -200,6 +207,9 @@ impl Interner {
             return g.clone();
         }
         let g = Arc::new(Grants::parse(crate::smart::scope::split(scope)));
+        if scope.len() > INTERN_TEXT_MAX {
+            return g;
+        }
         if map.len() >= INTERN_MAX {
             map.clear();
         }
@@ -217,6 +227,9 @@ impl Interner {
             return v.clone();
         }
         let v: Arc<str> = Arc::from(s);
+        if s.len() > INTERN_TEXT_MAX {
+            return v;
+        }
         if map.len() >= INTERN_MAX {
             map.clear();
         }
@@ -342,6 +355,18 @@ mod tests {
             (c.subject(), c.patient(), c.fhir_user()),
             (Some(""), Some("7"), None)
         );
+    }
+
+    /// A principal's own text is bounded: a part past the bound is left out, so an
+    /// oversized patient claim gives no patient context rather than a large entry.
+    #[test]
+    fn own_text_is_bounded() {
+        let names = ClaimsConfig::default();
+        let c = json!({"sub": "s".repeat(1000), "patient": format!("Patient/{}", "1".repeat(60))});
+        let p = principal(c.as_object().unwrap(), &names, &Interner::default());
+        assert_eq!(p.subject().map(str::len), Some(1000));
+        assert_eq!(p.patient(), None);
+        assert!(p.own_heap_bytes() <= std::mem::size_of::<Principal>() + TEXT_MAX);
     }
 
     /// Claims map to the principal; scope may be a string or (as `scp`) an array.

@@ -17,6 +17,9 @@ use crate::audit::Target;
 
 /// Most entries a worker keeps; the map starts over when full.
 const MAX: usize = 4096;
+/// Longest request target (path and query) whose decision is kept: with [`MAX`], a
+/// worker's decisions hold at most about 5 MiB. Longer targets are decided every time.
+pub const TARGET_MAX: usize = 1024;
 
 /// What a decision depends on besides the principal.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -65,6 +68,9 @@ pub fn get(
 
 /// Remembers a decision and what the request was classified as.
 pub fn put(principal: Decider, shape: RequestShape, decision: Decision, target: Target) {
+    if shape.target.len() > TARGET_MAX {
+        return;
+    }
     DECISIONS.with(|d| {
         let (map, len) = &mut *d.borrow_mut();
         if *len >= MAX {
@@ -124,5 +130,22 @@ mod tests {
         assert!(get(reloaded, "/Observation?code=a").is_none());
         assert!(get(d(1), "/Observation?code=b").is_none());
         assert!(super::get(d(1), &http::Method::DELETE, false, "/Observation?code=a").is_none());
+        // A target past the bound is not kept.
+        let long = format!("/Observation?code={}", "x".repeat(TARGET_MAX));
+        put(
+            d(1),
+            shape(&long),
+            Decision::Allow(Plan::pass_through()),
+            target_of(),
+        );
+        assert!(get(d(1), &long).is_none());
+    }
+
+    fn target_of() -> Target {
+        Target {
+            interaction: crate::fhir::request::Interaction::SearchType,
+            resource_type: Some("Observation"),
+            id: None,
+        }
     }
 }
