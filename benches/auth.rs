@@ -32,6 +32,10 @@ fn key(alg: Algorithm, kid: &str) -> (EncodingKey, serde_json::Value) {
                 .expect("openssl");
             EncodingKey::from_rsa_pem(&out.stdout).unwrap()
         }
+        Algorithm::ES256 => {
+            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap()
+        }
         _ => {
             let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
             EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap()
@@ -62,7 +66,8 @@ fn bench(c: &mut Criterion) {
     let _guard = rt.enter();
     let (rsa, rsa_jwk) = key(Algorithm::RS256, "rsa");
     let (ec, ec_jwk) = key(Algorithm::ES384, "ec");
-    let jwks = json!({"keys": [rsa_jwk, ec_jwk]})
+    let (p256, p256_jwk) = key(Algorithm::ES256, "p256");
+    let jwks = json!({"keys": [rsa_jwk, ec_jwk, p256_jwk]})
         .to_string()
         .replace('"', "\\\"");
     let text = format!(
@@ -78,7 +83,7 @@ mode = "jwt"
 issuer = "https://issuer.test"
 audience = "http://gateway.test/r4"
 jwks = "{jwks}"
-algorithms = ["RS256", "ES384"]
+algorithms = ["RS256", "ES256", "ES384"]
 "#
     );
     let config = Config::parse(&text, "bench", Vec::new()).unwrap();
@@ -90,6 +95,7 @@ algorithms = ["RS256", "ES384"]
 
     let rs256 = token(&rsa, Algorithm::RS256, "rsa");
     let es384 = token(&ec, Algorithm::ES384, "ec");
+    let es256 = token(&p256, Algorithm::ES256, "p256");
     rt.block_on(auth.authenticate(&rs256)).unwrap();
 
     let mut g = c.benchmark_group("token");
@@ -100,6 +106,10 @@ algorithms = ["RS256", "ES384"]
     g.bench_function("cold_rs256", |b| {
         b.to_async(&rt)
             .iter(|| async { black_box(auth.verify(black_box(&rs256)).await.unwrap().unwrap()) })
+    });
+    g.bench_function("cold_es256", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(auth.verify(black_box(&es256)).await.unwrap().unwrap()) })
     });
     g.bench_function("cold_es384", |b| {
         b.to_async(&rt)
