@@ -65,12 +65,7 @@ issuer = "$ISS"
 audience = "$AUD"
 jwks = '$JWKS'
 algorithms = [$(for a in $COLD_ALGS; do printf '"%s",' "$a"; done)]
-[audit]
-sink = "off"
-[log]
-level = "warn"
-[reload]
-watch = false
+$(quiet_tail)
 TOML
 "${ON_PROXY[@]}" "$BIN" serve --config "$WORK/smartgate-cold.toml" 2>"$WORK/smartgate-cold.log" &
 PIDS+=($!)

@@ -20,6 +20,10 @@ for line in sys.stdin:
         print(m["executable"])' "$1"
 }
 
+# The end of every bench configuration: like nginx here (access_log off), no audit line
+# per request; warnings only; no file watching.
+quiet_tail() { printf '[audit]\nsink = "off"\n[log]\nlevel = "warn"\n[reload]\nwatch = false\n'; }
+
 # WORK: a scratch directory; every PID added to PIDS is killed on exit.
 WORK=$(mktemp -d)
 PIDS=()

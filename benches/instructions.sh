@@ -56,13 +56,7 @@ public_base_url = "http://127.0.0.1:$PORT/r4"
 listen = "127.0.0.1:$ADMIN"
 [upstream]
 url = "http://127.0.0.1:$UP/fhir"
-# Like nginx here (access_log off): no audit line per request.
-[audit]
-sink = "off"
-[log]
-level = "warn"
-[reload]
-watch = false
+$(quiet_tail)
 $1
 TOML
 }

@@ -113,13 +113,7 @@ url = "http://127.0.0.1:$UP/fhir"
 pool_max_idle_per_host = 128
 [auth]
 mode = "none"
-# Like nginx here (access_log off): no audit line per request.
-[audit]
-sink = "off"
-[log]
-level = "warn"
-[reload]
-watch = false
+$(quiet_tail)
 TOML
 "${ON_PROXY[@]}" "$BIN" serve --config "$WORK/smartgate.toml" 2>"$WORK/smartgate.log" &
 PIDS+=($!)
@@ -152,13 +146,7 @@ issuer = "https://issuer.bench"
 audience = "http://127.0.0.1:$SGJ/r4"
 jwks = "$JWKS"
 algorithms = ["RS256"]
-# Like nginx here (access_log off): no audit line per request.
-[audit]
-sink = "off"
-[log]
-level = "warn"
-[reload]
-watch = false
+$(quiet_tail)
 TOML
 "${ON_PROXY[@]}" "$BIN" serve --config "$WORK/smartgate-jwt.toml" 2>"$WORK/smartgate-jwt.log" &
 PIDS+=($!)
@@ -181,13 +169,7 @@ listen = "127.0.0.1:$SGTA"
 url = "http://127.0.0.1:$UP/fhir"
 [auth]
 mode = "embedded"
-# Like nginx here (access_log off): no audit line per request.
-[audit]
-sink = "off"
-[log]
-level = "warn"
-[reload]
-watch = false
+$(quiet_tail)
 [authorization_server]
 enabled = true
 signing_key = "$WORK/gateway-${1,,}.pem"

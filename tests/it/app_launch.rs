@@ -843,22 +843,7 @@ async fn replicas_share_state_through_redis() {
     let ask = |gw: &TestGateway| {
         let url = gw.url("/r4/auth/token");
         let assertion = assertion.clone();
-        async move {
-            post_form(
-                &url,
-                &[
-                    ("grant_type", "client_credentials"),
-                    ("scope", "system/Patient.rs"),
-                    (
-                        "client_assertion_type",
-                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                    ),
-                    ("client_assertion", &assertion),
-                ],
-                None,
-            )
-            .await
-        }
+        async move { backend_token_request(&url, &assertion).await }
     };
     let (st, _, first) = ask(&a.gw).await;
     assert_eq!(st, StatusCode::OK, "{first}");
@@ -878,20 +863,7 @@ async fn replicas_share_state_through_redis() {
         // All at once: in one second, or two at most.
         tasks.push(local.spawn_local(async move {
             let before = now();
-            let (st, _, _) = post_form(
-                &url,
-                &[
-                    ("grant_type", "client_credentials"),
-                    ("scope", "system/Patient.rs"),
-                    (
-                        "client_assertion_type",
-                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                    ),
-                    ("client_assertion", &fresh),
-                ],
-                None,
-            )
-            .await;
+            let (st, _, _) = backend_token_request(&url, &fresh).await;
             (before, now(), st.as_u16())
         }));
     }
@@ -940,6 +912,27 @@ fn backend_assertion(key: &TestKey) -> String {
         "jti": uuid::Uuid::new_v4().to_string(), "iat": now(), "exp": now() + 240,
     });
     jsonwebtoken::encode(&header, &claims, &key.encoding).unwrap()
+}
+
+/// `POST url` (a token endpoint): client_credentials for system/Patient.rs with `assertion`.
+async fn backend_token_request(
+    url: &str,
+    assertion: &str,
+) -> (StatusCode, http::HeaderMap, String) {
+    post_form(
+        url,
+        &[
+            ("grant_type", "client_credentials"),
+            ("scope", "system/Patient.rs"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", assertion),
+        ],
+        None,
+    )
+    .await
 }
 
 async fn fhir_again() -> FakeUpstream {
@@ -1415,22 +1408,7 @@ async fn two_processes_share_state_through_redis() {
     let assertion = backend_assertion(&backend);
     let ask = |url: String| {
         let assertion = assertion.clone();
-        async move {
-            post_form(
-                &url,
-                &[
-                    ("grant_type", "client_credentials"),
-                    ("scope", "system/Patient.rs"),
-                    (
-                        "client_assertion_type",
-                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                    ),
-                    ("client_assertion", &assertion),
-                ],
-                None,
-            )
-            .await
-        }
+        async move { backend_token_request(&url, &assertion).await }
     };
     let (st, _, body) = ask(e.gw.on(0).url("/r4/auth/token")).await;
     assert_eq!(st, StatusCode::OK, "{body}");
