@@ -181,11 +181,11 @@ impl Serialize for Principal {
 pub const TEXT_MAX: usize = 1024;
 
 /// Most distinct values an [`Interner`] keeps; past it, it starts over.
-const INTERN_MAX: usize = 1024;
+pub const INTERN_MAX: usize = 1024;
 /// Longest value an [`Interner`] keeps (bytes); longer ones are not shared (still
 /// correct, only larger). With [`INTERN_MAX`], an interner holds at most about 2 MiB of
 /// text and the grants parsed from it.
-const INTERN_TEXT_MAX: usize = 2048;
+pub const INTERN_TEXT_MAX: usize = 2048;
 
 /// Shares one copy of each distinct value (scope claims → parsed grants, issuers, client
 /// ids) between the principals of a verifier. Bounded: at most [`INTERN_MAX`] values of

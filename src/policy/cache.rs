@@ -16,7 +16,7 @@ use super::Decision;
 use crate::audit::Target;
 
 /// Most entries a worker keeps; the map starts over when full.
-const MAX: usize = 4096;
+pub const MAX: usize = 4096;
 /// Longest request target (path and query) whose decision is kept: with [`MAX`], a
 /// worker's decisions hold at most about 5 MiB. Longer targets are decided every time.
 pub const TARGET_MAX: usize = 1024;
