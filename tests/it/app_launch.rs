@@ -257,6 +257,24 @@ fn authorize_url<G: Gw>(e: &Env<G>, overrides: &[(&str, &str)]) -> String {
     e.gw.url(&format!("/r4/auth/authorize?{}", s.finish()))
 }
 
+/// Sends the browser to the authorize URL `url`, and has the provider sign in `sub` as
+/// `fhir_user` for that sign-in (what its pages would do): the sign-in id.
+async fn signed_in_at_provider(codes: &Codes, url: &str, sub: &str, fhir_user: &str) -> String {
+    let (st, h, _) = get_with(url, None).await;
+    assert_eq!(st, StatusCode::FOUND);
+    let q = query_of(&location(&h));
+    codes.lock().unwrap().insert(
+        "idp-code".into(),
+        (
+            sub.into(),
+            fhir_user.into(),
+            q["nonce"].clone(),
+            q["code_challenge"].clone(),
+        ),
+    );
+    q["state"].clone()
+}
+
 /// Authorize, sign in as `fhir_user`: the sign-in id (cookie) and the consent page.
 async fn sign_in<G: Gw>(e: &Env<G>, fhir_user: &str) -> (String, String) {
     let (st, h, _) = get_with(&authorize_url(e, &[]), None).await;
@@ -673,19 +691,13 @@ async fn consent_refusals() {
 #[tokio::test]
 async fn no_patient_context_for_a_practitioner() {
     let e = env().await;
-    let (st, h, _) = get_with(&authorize_url(&e, &[]), None).await;
-    assert_eq!(st, StatusCode::FOUND);
-    let q = query_of(&location(&h));
-    e.idp.codes.lock().unwrap().insert(
-        "idp-code".into(),
-        (
-            "doc-1".into(),
-            "Practitioner/9".into(),
-            q["nonce"].clone(),
-            q["code_challenge"].clone(),
-        ),
-    );
-    let txn = q["state"].clone();
+    let txn = signed_in_at_provider(
+        &e.idp.codes,
+        &authorize_url(&e, &[]),
+        "doc-1",
+        "Practitioner/9",
+    )
+    .await;
     let (st, h, _) = get_with(
         &e.gw
             .url(&format!("/r4/auth/callback?code=idp-code&state={txn}")),
@@ -791,19 +803,13 @@ async fn replicas_share_state_through_redis() {
     let b = TestGateway::boot(&text).await;
 
     // Signed in on A, the provider's answer arrives at B, the consent posted to B.
-    let (st, h, _) = get_with(&authorize_url(&a, &[]), None).await;
-    assert_eq!(st, StatusCode::FOUND);
-    let q = query_of(&location(&h));
-    let txn = q["state"].clone();
-    a.idp.codes.lock().unwrap().insert(
-        "idp-code".into(),
-        (
-            "user-1".into(),
-            "Patient/123".into(),
-            q["nonce"].clone(),
-            q["code_challenge"].clone(),
-        ),
-    );
+    let txn = signed_in_at_provider(
+        &a.idp.codes,
+        &authorize_url(&a, &[]),
+        "user-1",
+        "Patient/123",
+    )
+    .await;
     let (st, _, page) = get_with(
         &b.url(&format!("/r4/auth/callback?code=idp-code&state={txn}")),
         Some(&txn),
@@ -1008,19 +1014,7 @@ async fn ehr_launch() {
 
     let scope = "launch openid fhirUser patient/*.rs";
     let url = authorize_url(&e, &[("scope", scope), ("launch", &launch)]);
-    let (st, h, _) = get_with(&url, None).await;
-    assert_eq!(st, StatusCode::FOUND);
-    let q = query_of(&location(&h));
-    let txn = q["state"].clone();
-    e.idp.codes.lock().unwrap().insert(
-        "idp-code".into(),
-        (
-            "doc-1".into(),
-            "Practitioner/9".into(),
-            q["nonce"].clone(),
-            q["code_challenge"].clone(),
-        ),
-    );
+    let txn = signed_in_at_provider(&e.idp.codes, &url, "doc-1", "Practitioner/9").await;
     let (st, _, page) = get_with(
         &e.gw
             .url(&format!("/r4/auth/callback?code=idp-code&state={txn}")),
@@ -1087,18 +1081,7 @@ async fn practitioner_picks_the_patient() {
         let codes = e.idp.codes.clone();
         let gw = e.gw.url("/r4/auth/callback");
         async move {
-            let (_, h, _) = get_with(&url, None).await;
-            let q = query_of(&location(&h));
-            codes.lock().unwrap().insert(
-                "idp-code".into(),
-                (
-                    "doc-1".into(),
-                    "Practitioner/9".into(),
-                    q["nonce"].clone(),
-                    q["code_challenge"].clone(),
-                ),
-            );
-            let txn = q["state"].clone();
+            let txn = signed_in_at_provider(&codes, &url, "doc-1", "Practitioner/9").await;
             let (st, _, page) =
                 get_with(&format!("{gw}?code=idp-code&state={txn}"), Some(&txn)).await;
             assert_eq!(st, StatusCode::OK, "{page}");
