@@ -11,7 +11,7 @@
 # Exit status: non-zero when a mutant survives (or times out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-files=(src/smart/scope.rs src/policy/mod.rs src/policy/verify.rs src/fhir/request.rs src/json.rs)
+files=(src/smart/scope.rs src/policy/mod.rs src/policy/verify.rs src/fhir/request.rs src/json/mod.rs src/json/scan.rs)
 if ! command -v cargo-mutants >/dev/null; then
   cargo install cargo-mutants --locked --version 27.1.0
 fi

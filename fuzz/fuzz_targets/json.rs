@@ -81,6 +81,11 @@ fn first_wins(data: &[u8]) -> Option<Value> {
     Some(v)
 }
 
+fn spells_the_number_name(data: &[u8]) -> bool {
+    let has = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
+    has(b"private::Number") || has(b"\\u")
+}
+
 fuzz_target!(|data: &[u8]| {
     let gateway = parse(data);
     assert_eq!(gateway.is_ok(), validate(data).is_ok());
@@ -93,7 +98,12 @@ fuzz_target!(|data: &[u8]| {
         }
         // Refused at the repeat, before anything after it was read: refused either way.
         Err(JsonError::Duplicate(_)) => {}
-        Err(JsonError::Syntax(_)) => assert!(last.is_none(), "refused what serde_json reads"),
+        // serde_json's private name for a number spelled out is refused on purpose (it
+        // has two readings); spelling it takes the name or a `\u` escape.
+        Err(JsonError::Syntax(_)) => assert!(
+            last.is_none() || spells_the_number_name(data),
+            "refused what serde_json reads"
+        ),
     }
     if last.is_some() && first != last {
         assert!(gateway.is_err(), "two readings accepted");

@@ -158,15 +158,25 @@ impl Viewer<'_> {
     /// or is a Bundle or an OperationOutcome (the caller then parses it whole: an
     /// OperationOutcome is sanitised there).
     pub fn visible_bytes(&self, bytes: &[u8], any: Perms) -> Option<bool> {
-        use serde::Deserializer as _;
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let top = de.deserialize_map(TopLevel { viewer: self }).ok()?;
-        de.end().ok()?;
-        match top {
-            // Sanitised from the whole document (`verify`).
-            Top::Outcome => None,
-            Top::Resource(partial) => Some(self.visible(&Value::Object(partial), any)),
+        // Read strictly, whole (a repeat at any depth, or anything else the full reading
+        // refuses, is refused here); only the members the check needs are built.
+        let members = crate::json::members(bytes).ok()?;
+        // At most one: a repeated name was refused.
+        let (_, ty) = members.iter().find(|(name, _)| name == "resourceType")?;
+        let ty = crate::json::parse_value(ty).ok()?;
+        let ty = crate::fhir::request::resource_type(ty.as_str()?).ok()?;
+        if ty == "Bundle" || ty == "OperationOutcome" {
+            return None;
         }
+        let wanted = self.wanted(ty);
+        let mut partial = serde_json::Map::new();
+        for (name, text) in members {
+            if wanted.contains(&&*name) {
+                partial.insert(name.into_owned(), crate::json::parse_value(text).ok()?);
+            }
+        }
+        partial.insert("resourceType".to_owned(), Value::from(ty));
+        Some(self.visible(&Value::Object(partial), any))
     }
 
     /// The top-level elements [`Viewer::visible`] reads for a resource of type `ty`:
@@ -454,85 +464,6 @@ fn has_conditional_reference(ty: &str, resource: &Value) -> bool {
 }
 
 /// The `resourceType` of a resource, if it is an R4 type.
-/// What [`Viewer::visible_bytes`] read from the top level of a resource.
-enum Top {
-    /// An OperationOutcome.
-    Outcome,
-    /// `resourceType` and the elements the check reads; nothing else.
-    Resource(serde_json::Map<String, Value>),
-}
-
-/// Reads one JSON object in a single pass, keeping only the top-level elements the check
-/// needs and skipping (while still validating) the rest. `resourceType` decides what is
-/// needed: elements before it (servers write it first) are held unparsed until it comes.
-/// `resourceType` missing or repeated, a Bundle or an unknown type is an error, and the
-/// caller falls back to parsing the document whole. A repeated member name at any depth
-/// is an error too, as in [`crate::json`].
-struct TopLevel<'v, 'a> {
-    viewer: &'v Viewer<'a>,
-}
-
-impl<'de> serde::de::Visitor<'de> for TopLevel<'_, '_> {
-    type Value = Top;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a FHIR resource")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
-        use crate::json::{Name, Names, Skip, Strict};
-        use serde::de::Error;
-        use serde_json::value::RawValue;
-        let not_here = || A::Error::custom("not checked from the bytes");
-        let mut ty: Option<&'static str> = None;
-        let mut wanted = Vec::new();
-        let mut before: Vec<(Name<'de>, &'de RawValue)> = Vec::new();
-        let mut partial = serde_json::Map::new();
-        // Every name, at every depth, once (crate::json): a repeat is refused here, and
-        // the caller's whole-document reading refuses it again.
-        let mut names = Names::default();
-        while let Some(key) = map.next_key::<Name>()? {
-            names.insert::<A::Error>(key.0.clone())?;
-            if key.0 == "resourceType" {
-                let name = map.next_value::<Name>()?;
-                let t = crate::fhir::request::resource_type(&name.0).map_err(|_| not_here())?;
-                if t == "Bundle" {
-                    return Err(not_here());
-                }
-                if t != "OperationOutcome" {
-                    wanted = self.viewer.wanted(t);
-                }
-                for (key, raw) in before.drain(..) {
-                    let mut de = serde_json::Deserializer::from_str(raw.get());
-                    if wanted.contains(&&*key.0) {
-                        let value = serde::de::DeserializeSeed::deserialize(Strict, &mut de)
-                            .map_err(A::Error::custom)?;
-                        partial.insert(key.0.into_owned(), value);
-                    } else {
-                        serde::de::DeserializeSeed::deserialize(Skip, &mut de)
-                            .map_err(A::Error::custom)?;
-                    }
-                }
-                ty = Some(t);
-            } else if ty.is_none() {
-                before.push((key, map.next_value()?));
-            } else if wanted.contains(&&*key.0) {
-                partial.insert(key.0.into_owned(), map.next_value_seed(Strict)?);
-            } else {
-                map.next_value_seed(Skip)?;
-            }
-        }
-        match ty {
-            None => Err(not_here()),
-            Some("OperationOutcome") => Ok(Top::Outcome),
-            Some(t) => {
-                partial.insert("resourceType".to_owned(), Value::from(t));
-                Ok(Top::Resource(partial))
-            }
-        }
-    }
-}
-
 fn resource_type(v: &Value) -> Option<&'static str> {
     crate::fhir::request::resource_type(v.get("resourceType")?.as_str()?).ok()
 }
