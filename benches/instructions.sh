@@ -9,7 +9,7 @@
 #   KEEP_CALLGRIND=/tmp/cg TARGETS=jwt benches/instructions.sh   # keep the profiles
 #
 # Each target runs twice under callgrind, serving N1 and then N2 requests from 4
-# keep-alive connections; (instructions(N2) - instructions(N1)) / (N2 - N1) is the cost
+# keep-alive connections, counted from its first answer on; (instructions(N2) - instructions(N1)) / (N2 - N1) is the cost
 # of one request with start-up and shutdown taken out. Targets:
 #   nginx      nginx proxy_pass with upstream keepalive (one worker, no master)
 #   nginx_same the same nginx doing smartgate's per-request header work (common.sh)
@@ -104,15 +104,19 @@ run_once() {
     *) echo "unknown target $target" >&2; exit 2 ;;
   esac
   if [ "${cmd[0]}" = env ]; then
-    env "${cmd[1]}" valgrind --tool=callgrind --callgrind-out-file="$out" "${cmd[@]:2}" 2>"$WORK/valgrind.log" &
+    env "${cmd[1]}" valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" "${cmd[@]:2}" 2>"$WORK/valgrind.log" &
   else
-    valgrind --tool=callgrind --callgrind-out-file="$out" "${cmd[@]}" 2>"$WORK/valgrind.log" &
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" "${cmd[@]}" 2>"$WORK/valgrind.log" &
   fi
   local pid=$!
   for _ in $(seq 300); do
     curl -fsS -o /dev/null ${token:+-H "Authorization: Bearer $token"} "http://127.0.0.1:$PORT$path" 2>/dev/null && break
     sleep 0.2
   done
+  # Counted from here: start-up work varies from run to run (aws-lc seeds its random
+  # generator from timing jitter, hundreds of millions of instructions under valgrind)
+  # and would not cancel out between the two runs.
+  callgrind_control --instr=on "$pid" >/dev/null
   python3 "$WORK/client.py" "$n" "$PORT" "$path" "$token"
   kill -"$stop" "$pid"
   wait "$pid" || true
