@@ -122,21 +122,23 @@ pub fn checked_elements<'a>(
     out
 }
 
-/// Every value at a dotted element path, arrays flattened at every step.
+/// Every value at a dotted element path, arrays flattened at every step, in document
+/// order. Depth first, without a list per step: it runs for every path of every checked
+/// resource.
 pub fn values_at<'a>(resource: &'a Value, path: &str, out: &mut Vec<&'a Value>) {
-    let mut current: Vec<&Value> = vec![resource];
-    for seg in path.split('.') {
-        let mut next = Vec::new();
-        for v in current {
-            match v.get(seg) {
-                Some(Value::Array(items)) => next.extend(items.iter()),
-                Some(Value::Null) | None => {}
-                Some(x) => next.push(x),
-            }
-        }
-        current = next;
+    let (step, rest) = match path.split_once('.') {
+        Some((step, rest)) => (step, Some(rest)),
+        None => (path, None),
+    };
+    let mut take = |v: &'a Value| match rest {
+        Some(rest) => values_at(v, rest, out),
+        None => out.push(v),
+    };
+    match resource.get(step) {
+        Some(Value::Array(items)) => items.iter().for_each(&mut take),
+        Some(Value::Null) | None => {}
+        Some(v) => take(v),
     }
-    out.extend(current);
 }
 
 /// The bare ids of the patients a resource of type `ty` is in the compartment of: the
@@ -289,6 +291,27 @@ fn parse_reference<'a>(v: &'a str, bases: &[String]) -> Option<(Option<&'a str>,
 
 #[cfg(test)]
 mod tests {
+
+    /// Every value at a path, arrays flattened at every step, in document order; a
+    /// null, a missing step or a step into a scalar gives nothing.
+    #[test]
+    fn values_at_flattens_in_document_order() {
+        let r = serde_json::json!({
+            "a": [{"b": [1, 2]}, {"b": 3}, {"c": 9}, {"b": null}, {"b": [[4], 5]}],
+            "d": {"e": [6, 7]},
+            "s": "x"
+        });
+        let at = |path: &str| {
+            let mut out = Vec::new();
+            super::values_at(&r, path, &mut out);
+            serde_json::Value::from(out.into_iter().cloned().collect::<Vec<_>>())
+        };
+        assert_eq!(at("a.b"), serde_json::json!([1, 2, 3, [4], 5]));
+        assert_eq!(at("d.e"), serde_json::json!([6, 7]));
+        assert_eq!(at("a"), r["a"]);
+        assert_eq!(at("s.t"), serde_json::json!([]));
+        assert_eq!(at("missing.b"), serde_json::json!([]));
+    }
 
     /// Types outside the R4 compartment that name one patient are confined by it; types
     /// that name none stay outside.
