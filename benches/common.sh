@@ -100,15 +100,24 @@ NGINX
 
 b64url() { python3 -c 'import base64,sys; print(base64.urlsafe_b64encode(sys.stdin.buffer.read()).rstrip(b"=").decode())'; }
 
-# An RS256 key (MODULUS: its JWKS "n") and TOKEN, an hour-long patient/*.rs access token
-# for patient "example" from https://issuer.bench with audience $1.
+# An RS256 key (MODULUS: its JWKS "n") and two hour-long access tokens from
+# https://issuer.bench with audience $1: TOKEN, patient/*.rs for patient "example" (its
+# reads are checked against the compartment, answer included), and USER_TOKEN,
+# user/*.rs for a practitioner (a decision from the scopes alone, the answer passed on).
 bench_token() {
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$WORK/jwt.pem" 2>/dev/null
   MODULUS=$(openssl rsa -in "$WORK/jwt.pem" -noout -modulus | cut -d= -f2 | python3 -c 'import sys; sys.stdout.buffer.write(bytes.fromhex(sys.stdin.read().strip()))' | b64url)
-  local now header payload signature
+  local now
   now=$(date +%s)
+  TOKEN=$(sign_bench_token "$(printf '{"iss":"https://issuer.bench","aud":"%s","sub":"bench","client_id":"bench","scope":"launch/patient patient/*.rs","patient":"example","iat":%s,"exp":%s}' "$1" "$now" "$((now + 3600))")")
+  USER_TOKEN=$(sign_bench_token "$(printf '{"iss":"https://issuer.bench","aud":"%s","sub":"bench","client_id":"bench","scope":"openid fhirUser user/*.rs","fhirUser":"Practitioner/bench","iat":%s,"exp":%s}' "$1" "$now" "$((now + 3600))")")
+}
+
+# The compact JWS of claims $1, signed RS256 with $WORK/jwt.pem.
+sign_bench_token() {
+  local header payload signature
   header=$(printf '{"alg":"RS256","kid":"bench","typ":"at+jwt"}' | b64url)
-  payload=$(printf '{"iss":"https://issuer.bench","aud":"%s","sub":"bench","client_id":"bench","scope":"launch/patient patient/*.rs","patient":"example","iat":%s,"exp":%s}' "$1" "$now" "$((now + 3600))" | b64url)
+  payload=$(printf '%s' "$1" | b64url)
   signature=$(printf '%s.%s' "$header" "$payload" | openssl dgst -sha256 -sign "$WORK/jwt.pem" | b64url)
-  TOKEN="$header.$payload.$signature"
+  echo "$header.$payload.$signature"
 }

@@ -16,7 +16,8 @@
 #   floor      benches/hyper_floor.rs with hyper-util's pooled client
 #   floor_conn benches/hyper_floor.rs with hyper connection-level senders
 #   smartgate  smartgate pass-through (auth.mode = "none")
-#   jwt        smartgate with a JWT (RS256, cached after first use) and a SMART decision
+#   jwt        smartgate with a JWT (RS256, cached after first use) and a SMART decision:
+#              a user/ token, the answer passed on unread
 #   verified   smartgate, a patient/ token reading an Observation checked against the compartment
 #
 # Needs valgrind, nginx and python3 (Debian: apt-get install -y valgrind nginx).
@@ -99,7 +100,7 @@ run_once() {
     floor) cmd=("$FLOOR_BIN" "127.0.0.1:$PORT" "http://127.0.0.1:$UP/fhir" /r4) ;;
     floor_conn) cmd=(env FLOOR_CLIENT=conn "$FLOOR_BIN" "127.0.0.1:$PORT" "http://127.0.0.1:$UP/fhir" /r4) ;;
     smartgate) cmd=("$BIN" serve --config "$WORK/none.toml") ;;
-    jwt) cmd=("$BIN" serve --config "$WORK/jwt.toml"); token=$TOKEN ;;
+    jwt) cmd=("$BIN" serve --config "$WORK/jwt.toml"); token=$USER_TOKEN ;;
     verified) cmd=("$BIN" serve --config "$WORK/jwt.toml"); token=$TOKEN; path=/r4/Observation/obs-1 ;;
     *) echo "unknown target $target" >&2; exit 2 ;;
   esac

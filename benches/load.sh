@@ -125,8 +125,8 @@ FLOOR_SPIN=${FLOOR_SPIN:-1500} FLOOR_CLIENT=conn "${ON_PROXY[@]}" "$FLOOR_BIN" "
 PIDS+=($!)
 FLOOR_SLOW_PID=$!
 
-# JWT mode: an RS256 key, its JWKS inline in the configuration, and one token (cached by
-# the gateway after its first use, as a client's token is).
+# JWT mode: an RS256 key, its JWKS inline in the configuration, and the bench tokens
+# (each cached by the gateway after its first use, as a client's token is).
 bench_token "http://127.0.0.1:$SGJ/r4"
 JWKS="{\\\"keys\\\":[{\\\"kty\\\":\\\"RSA\\\",\\\"kid\\\":\\\"bench\\\",\\\"alg\\\":\\\"RS256\\\",\\\"n\\\":\\\"$MODULUS\\\",\\\"e\\\":\\\"AQAB\\\"}]}"
 
@@ -202,7 +202,7 @@ wait_up "http://127.0.0.1:$SG/r4$PATH_UNDER_BASE"
 wait_up "http://127.0.0.1:$FLR/r4$PATH_UNDER_BASE"
 wait_up "http://127.0.0.1:$FLS/r4$PATH_UNDER_BASE"
 for _ in $(seq 100); do
-  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$SGJ/r4$PATH_UNDER_BASE" || true)
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $USER_TOKEN" "http://127.0.0.1:$SGJ/r4$PATH_UNDER_BASE" || true)
   [ "$code" = 200 ] && break
   sleep 0.1
 done
@@ -255,14 +255,18 @@ print(f'{(u1 - u0 + s1 - s0) * 1e6 / n:.1f} {(u1 - u0) * 1e6 / n:.2f} {(s1 - s0)
 # nginx's master process does no request work; its workers are its children.
 nginx_pids() { echo "$1" $(pgrep -P "$1"); }
 # Every target gets the identical request, token included, so the JWT ratio measures
-# validation rather than the extra header bytes (nginx and pass-through ignore it).
-export WRK_HEADER="Authorization: Bearer $TOKEN"
+# validation rather than the extra header bytes (nginx and pass-through ignore it). The
+# jwt target's token is USER_TOKEN (user/*.rs: the decision alone, the answer passed on);
+# the verified read and its nginx baseline carry TOKEN (patient/*.rs: the answer is
+# checked against the patient's compartment).
+export WRK_HEADER="Authorization: Bearer $USER_TOKEN"
+PATIENT_HEADER="Authorization: Bearer $TOKEN"
 declare -A RPS P99 CPU USR SYS
 for round in $(seq "$ROUNDS"); do
   for target in ${TARGETS:-direct nginx nginx_pinned nginx_same floor smartgate jwt nginx_obs verified}; do
     case $target in
-      nginx_obs) out=$(measure "http://127.0.0.1:$NGX/r4$VERIFIED_PATH" $(nginx_pids "$NGINX_PROXY")) ;;
-      verified) out=$(measure "http://127.0.0.1:$SGJ/r4$VERIFIED_PATH" "$SMARTGATE_JWT_PID") ;;
+      nginx_obs) out=$(WRK_HEADER=$PATIENT_HEADER measure "http://127.0.0.1:$NGX/r4$VERIFIED_PATH" $(nginx_pids "$NGINX_PROXY")) ;;
+      verified) out=$(WRK_HEADER=$PATIENT_HEADER measure "http://127.0.0.1:$SGJ/r4$VERIFIED_PATH" "$SMARTGATE_JWT_PID") ;;
       direct) out=$(measure "http://127.0.0.1:$UP/fhir$PATH_UNDER_BASE" $(nginx_pids "$NGINX_UPSTREAM")) ;;
       nginx) out=$(measure "http://127.0.0.1:$NGX/r4$PATH_UNDER_BASE" $(nginx_pids "$NGINX_PROXY")) ;;
       nginx_pinned) out=$(measure "http://127.0.0.1:$NGP/r4$PATH_UNDER_BASE" $(nginx_pids "$NGINX_PROXY_PINNED")) ;;
@@ -319,12 +323,12 @@ printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx, same header work" "$e_rps" "
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "hyper floor (bare proxy)" "$f_rps" "$f_p99" "$(ratio "$f_rps" "$n_rps")" "$(ratio "$f_rps" "$d_rps")" "$f_cpu (proxy)"
 [ -n "${RPS[floor_slow]:-}" ] && printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "hyper floor, slowed" "$w_rps" "$w_p99" "$(ratio "$w_rps" "$n_rps")" "$(ratio "$w_rps" "$d_rps")" "$w_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate pass-through" "$s_rps" "$s_p99" "$(ratio "$s_rps" "$n_rps")" "$(ratio "$s_rps" "$d_rps")" "$s_cpu (proxy)"
-printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate JWT+decision" "$j_rps" "$j_p99" "$(ratio "$j_rps" "$n_rps")" "$(ratio "$j_rps" "$d_rps")" "$j_cpu (proxy)"
+printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate JWT, user/" "$j_rps" "$j_p99" "$(ratio "$j_rps" "$n_rps")" "$(ratio "$j_rps" "$d_rps")" "$j_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "nginx, Observation" "$o_rps" "$o_p99" 1.00 - "$o_cpu (proxy)"
 printf '%-24s %10.0f %8.2f %9s %10s %14s\n' "smartgate verified read" "$v_rps" "$v_p99" "$(ratio "$v_rps" "$o_rps")" - "$v_cpu (proxy)"
 echo
 echo "verified read (patient/ token, Observation checked against the compartment) / nginx: throughput $(ratio "$v_rps" "$o_rps"), p99 $(ratio "$v_p99" "$o_p99"), CPU per request $(ratio "$v_cpu" "$o_cpu")"
-echo "verified read / JWT pass-through read: throughput $(ratio "$v_rps" "$j_rps")"
+echo "verified read / JWT read with the answer passed on (user/ token): throughput $(ratio "$v_rps" "$j_rps")"
 echo "smartgate / nginx: throughput $(ratio "$s_rps" "$n_rps"), p99 $(ratio "$s_p99" "$n_p99"), CPU per request $(ratio "$s_cpu" "$n_cpu")"
 [ -n "${RPS[nginx_pinned]:-}" ] && echo "smartgate / nginx with workers pinned: throughput $(ratio "$s_rps" "$p_rps"), p99 $(ratio "$s_p99" "$p_p99"), CPU per request $(ratio "$s_cpu" "$p_cpu")"
 # Round by round (each pair measured minutes apart at most): the spread of the ratio.
@@ -340,8 +344,8 @@ print(f'median {statistics.median(r):.2f}, range {r[0]:.2f}-{r[-1]:.2f} over {le
 [ -n "${RPS[smartgate]:-}" ] && [ -n "${RPS[nginx_pinned]:-}" ] && echo "smartgate / nginx with workers pinned, round by round: throughput $(paired "${RPS[smartgate]}" "${RPS[nginx_pinned]}"); p99 $(paired "${P99[smartgate]}" "${P99[nginx_pinned]}")"
 [ -n "${RPS[smartgate]:-}" ] && [ -n "${RPS[nginx_same]:-}" ] && echo "smartgate / nginx doing the same header work: throughput $(ratio "$s_rps" "$e_rps"), p99 $(ratio "$s_p99" "$e_p99"), CPU per request $(ratio "$s_cpu" "$e_cpu"); round by round: $(paired "${RPS[smartgate]}" "${RPS[nginx_same]}")"
 [ -n "${RPS[floor]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "hyper floor / nginx throughput, round by round: $(paired "${RPS[floor]}" "${RPS[nginx]}")"
-[ -n "${RPS[jwt]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "JWT + decision / nginx throughput, round by round: $(paired "${RPS[jwt]}" "${RPS[nginx]}")"
-[ -n "${RPS[verified]:-}" ] && [ -n "${RPS[nginx_obs]:-}" ] && echo "verified read / nginx (same path) throughput, round by round: $(paired "${RPS[verified]}" "${RPS[nginx_obs]}")"
+[ -n "${RPS[jwt]:-}" ] && [ -n "${RPS[nginx]:-}" ] && echo "JWT + decision (user/ token) / nginx, round by round: throughput $(paired "${RPS[jwt]}" "${RPS[nginx]}"); p99 $(paired "${P99[jwt]}" "${P99[nginx]}")"
+[ -n "${RPS[verified]:-}" ] && [ -n "${RPS[nginx_obs]:-}" ] && echo "verified read / nginx (same path), round by round: throughput $(paired "${RPS[verified]}" "${RPS[nginx_obs]}"); p99 $(paired "${P99[verified]}" "${P99[nginx_obs]}")"
 echo "hyper floor / nginx: throughput $(ratio "$f_rps" "$n_rps"), p99 $(ratio "$f_p99" "$n_p99"), CPU per request $(ratio "$f_cpu" "$n_cpu")"
 [ -n "${RPS[floor_slow]:-}" ] && echo "slowed floor (FLOOR_SPIN=${FLOOR_SPIN:-1500}) / floor: throughput $(ratio "$w_rps" "$f_rps"), p99 $(ratio "$w_p99" "$f_p99"), CPU per request $(ratio "$w_cpu" "$f_cpu"); slowed floor / nginx: p99 $(ratio "$w_p99" "$n_p99")"
 echo "smartgate / hyper floor: throughput $(ratio "$s_rps" "$f_rps"), p99 $(ratio "$s_p99" "$f_p99"), CPU per request $(ratio "$s_cpu" "$f_cpu")"
