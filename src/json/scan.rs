@@ -144,11 +144,8 @@ impl<'a> Scan<'a> {
                 self.value()?;
                 let value = self.text.get(start..self.at).unwrap_or_default();
                 member(name, value);
-                if self.eat(b'}') {
+                if self.closes(b'}')? {
                     break;
-                }
-                if !self.eat(b',') {
-                    return Err(self.syntax("expected ',' or '}'"));
                 }
             }
         }
@@ -161,16 +158,25 @@ impl<'a> Scan<'a> {
         if !self.eat(b']') {
             loop {
                 self.value()?;
-                if self.eat(b']') {
+                if self.closes(b']')? {
                     break;
-                }
-                if !self.eat(b',') {
-                    return Err(self.syntax("expected ',' or ']'"));
                 }
             }
         }
         self.depth -= 1;
         Ok(())
+    }
+
+    /// After a member or an element: `true` at the container's `close`, `false` past a
+    /// comma (another must follow), an error otherwise.
+    fn closes(&mut self, close: u8) -> Result<bool, JsonError> {
+        if self.eat(close) {
+            Ok(true)
+        } else if self.eat(b',') {
+            Ok(false)
+        } else {
+            Err(self.syntax("expected ',' or the end of the object or array"))
+        }
     }
 
     fn literal(&mut self, word: &[u8]) -> Result<(), JsonError> {
