@@ -382,3 +382,15 @@ fn random_documents_agree_with_the_oracle() {
         })
         .unwrap();
 }
+
+/// Only containers open at once count as nesting: a document of hundreds of sibling
+/// objects and arrays, each closed before the next opens, is read.
+#[test]
+fn siblings_are_not_nesting() {
+    let objects = format!("[{}1]", r#"{"a":[{}]},"#.repeat(300));
+    let arrays = format!("{{\"a\":[{}[]]}}", "[[]],".repeat(300));
+    for doc in [objects, arrays] {
+        assert!(validate(doc.as_bytes()).is_ok());
+        assert!(agree(doc.as_bytes()));
+    }
+}
